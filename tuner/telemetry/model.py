@@ -1,0 +1,248 @@
+"""What infertop knows about the machine at one instant, as frozen dataclasses.
+
+Every field carries its unit in its name. A metric the device, driver or server does not provide is ``None``
+(shown as "n/a"), never a made-up zero. These types are the only thing the TUI, the recorder and the tuner see
+of NVML, psutil and vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class GpuState(str, enum.Enum):
+    """Whether the machine's GPUs can be read at all, and if not, why."""
+
+    OK = "ok"
+    NO_DRIVER = "no_driver"  # libnvidia-ml.so is missing: no NVIDIA driver on this machine
+    NO_GPU = "no_gpu"  # the driver loads but sees no GPU
+    PERMISSION_DENIED = "permission_denied"
+    DRIVER_MISMATCH = "driver_mismatch"  # kernel module and user-space library differ (needs a reboot)
+    ERROR = "error"  # any other NVML failure while starting up
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A process holding memory on a GPU."""
+
+    pid: int
+    gpu_index: int
+    vram_used_bytes: int | None  # None where the driver hides it (containers, some MIG setups)
+    kind: str  # "compute" or "graphics"
+    user: str | None = None
+    name: str | None = None
+    command: str | None = None
+    cpu_pct: float | None = None
+    host_rss_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """What does not change while a GPU is being watched."""
+
+    index: int
+    name: str
+    uuid: str
+    vram_total_bytes: int | None
+    peak_dram_bw_gbps: float | None  # GB/s (1e9 bytes/s) at 100 % DRAM_BW_UTIL
+    peak_dram_bw_source: str | None  # "datasheet" (known GPU) or "derived" (bus width x max memory clock)
+    gpm_supported: bool  # Hopper-and-newer GPU Performance Monitoring: true DRAM bandwidth
+    compute_capability: tuple[int, int] | None = None
+    fp8_supported: bool | None = None  # compute capability >= 8.9
+    power_limit_default_w: float | None = None
+    sm_clock_max_mhz: int | None = None
+    mem_clock_max_mhz: int | None = None
+    pcie_gen_max: int | None = None
+    pcie_width_max: int | None = None
+    nvlink_links: int | None = None
+    mig_enabled: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One reading of one GPU.
+
+    ``error`` is set when this GPU could not be read this tick (for example it fell off the bus); the other
+    fields are then None, and the GPU keeps its card with the error on it.
+    """
+
+    index: int
+    time_s: float  # wall clock, seconds since the epoch
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    gpu_util_pct: float | None = None  # duty cycle: % of time a kernel was running
+    mem_busy_pct: float | None = None  # duty cycle: % of time memory was read or written; NOT bandwidth
+    dram_bw_util_pct: float | None = None  # GPM: % of peak DRAM bandwidth actually used
+    dram_bw_gbps: float | None = None  # GPM: DRAM bandwidth in GB/s
+    sm_active_pct: float | None = None  # GPM: % of SMs busy, averaged
+    sm_occupancy_pct: float | None = None  # GPM: warps resident vs maximum
+    tensor_active_pct: float | None = None  # GPM: any tensor pipe active
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    energy_counter_j: float | None = None  # energy since the driver loaded; read at most once a second
+    energy_interval_j: float | None = None  # energy between the last two counter reads
+    energy_interval_s: float | None = None  # length of that interval
+    gpu_temp_c: float | None = None
+    mem_temp_c: float | None = None
+    fan_pct: float | None = None
+    sm_clock_mhz: int | None = None
+    mem_clock_mhz: int | None = None
+    clock_event_reasons: tuple[str, ...] | None = None  # decoded throttle reasons; () = running free
+    pstate: int | None = None
+    pcie_tx_bytes_per_s: float | None = None
+    pcie_rx_bytes_per_s: float | None = None
+    nvlink_tx_bytes_per_s: float | None = None
+    nvlink_rx_bytes_per_s: float | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    error: str | None = None
+
+    @property
+    def vram_used_pct(self) -> float | None:
+        if self.vram_used_bytes is None or not self.vram_total_bytes:
+            return None
+        return 100.0 * self.vram_used_bytes / self.vram_total_bytes
+
+    @property
+    def power_pct_of_limit(self) -> float | None:
+        if self.power_w is None or not self.power_limit_w:
+            return None
+        return 100.0 * self.power_w / self.power_limit_w
+
+    @property
+    def throttled(self) -> bool:
+        """True when a reason that costs performance is active (not just idle or app clocks)."""
+        return bool(self.clock_event_reasons) and any(
+            r not in BENIGN_CLOCK_EVENTS for r in self.clock_event_reasons or ()
+        )
+
+
+BENIGN_CLOCK_EVENTS = frozenset({"gpu_idle", "applications_clocks_setting", "sync_boost"})
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """The host the GPUs sit in."""
+
+    time_s: float
+    hostname: str
+    cpu_pct: float | None  # all cores, 0-100
+    cpu_count: int | None
+    ram_used_bytes: int | None
+    ram_total_bytes: int | None
+    load_avg_1m: float | None = None
+    load_avg_5m: float | None = None
+    load_avg_15m: float | None = None
+    swap_used_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    """What a vLLM server's /metrics says, with counters turned into rates over the last interval."""
+
+    url: str
+    time_s: float
+    error: str | None = None  # set when the endpoint could not be read this tick
+    model_name: str | None = None
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    kv_cache_usage_pct: float | None = None  # 0-100
+    generation_tokens_total: float | None = None
+    prompt_tokens_total: float | None = None
+    preemptions_total: float | None = None
+    requests_success_total: float | None = None
+    generation_tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    ttft_mean_s: float | None = None  # mean TTFT of requests that got their first token during the interval
+    ttft_p95_s: float | None = None  # estimated from histogram buckets over the interval
+    itl_mean_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SystemInfo:
+    """The GPU side of the machine as found at start-up."""
+
+    state: GpuState
+    message: str = ""  # one line for people when state is not OK
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    nvml_version: str | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    source: str = "nvml"  # "nvml", "scripted", or "replay: <file>"
+    label: str | None = None  # shown in the header, e.g. "recording of an H100 80GB HBM3, 2026-11-22"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything read in one sampler tick."""
+
+    time_s: float
+    host: HostSample | None
+    gpus: tuple[GpuSample, ...] = ()
+    engines: tuple[EngineSample, ...] = ()
+    gpu_error: str | None = None  # NVML failed for the whole machine this tick (driver gone)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- (de)serialisation for recordings -----------------------------------------------------------------
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses to plain dicts, dropping None fields to keep recordings small."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None:
+                continue
+            out[f.name] = to_jsonable(value)
+        return out
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def gpu_info_from_dict(d: dict[str, Any]) -> GpuInfo:
+    d = dict(d)
+    if d.get("compute_capability") is not None:
+        d["compute_capability"] = tuple(d["compute_capability"])
+    return _build(GpuInfo, d)  # type: ignore[no-any-return]
+
+
+def system_info_from_dict(d: dict[str, Any]) -> SystemInfo:
+    d = dict(d)
+    d["state"] = GpuState(d.get("state", "ok"))
+    d["gpus"] = tuple(gpu_info_from_dict(g) for g in d.get("gpus", ()))
+    return _build(SystemInfo, d)  # type: ignore[no-any-return]
+
+
+def gpu_sample_from_dict(d: dict[str, Any]) -> GpuSample:
+    d = dict(d)
+    if d.get("clock_event_reasons") is not None:
+        d["clock_event_reasons"] = tuple(d["clock_event_reasons"])
+    if d.get("processes") is not None:
+        d["processes"] = tuple(_build(GpuProcess, p) for p in d["processes"])
+    return _build(GpuSample, d)  # type: ignore[no-any-return]
+
+
+def snapshot_from_dict(d: dict[str, Any]) -> Snapshot:
+    host = _build(HostSample, d["host"]) if d.get("host") else None
+    return Snapshot(
+        time_s=d["time_s"],
+        host=host,
+        gpus=tuple(gpu_sample_from_dict(g) for g in d.get("gpus", ())),
+        engines=tuple(_build(EngineSample, e) for e in d.get("engines", ())),
+        gpu_error=d.get("gpu_error"),
+        extra=d.get("extra", {}),
+    )
