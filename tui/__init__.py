@@ -1,0 +1,1 @@
+"""infertop's Textual front end and the `infertop` command."""

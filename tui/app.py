@@ -1,0 +1,171 @@
+"""The one app factory, used by the CLI, the tests and the screenshot script."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+import psutil
+from textual.app import App
+from textual.binding import Binding
+
+from tui.messages import GpusFound, ReplayEnded, SnapshotTaken
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.help import HelpScreen
+from tui.screens.monitor import MonitorScreen
+from tui.widgets.process_table import ProcessTable
+from tui.widgets.status_bar import StatusBar
+from tuner.telemetry.model import Snapshot
+from tuner.telemetry.nvml import NvmlBackend
+from tuner.telemetry.recording import Recorder, ReplaySource
+from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig, SnapshotSource
+
+
+class InfertopApp(App[None]):
+    """The monitor. Telemetry arrives from the sampler thread as messages; the UI thread owns every widget."""
+
+    TITLE = "infertop"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("p,space", "toggle_pause", "Pause"),
+        Binding("R", "toggle_record", "Record"),
+        Binding("k", "terminate_process", "Kill", show=False),
+    ]
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        *,
+        rate_hz: float = 4.0,
+        record_dir: Path | None = None,
+        record_path: Path | None = None,
+        autostart: bool = True,
+    ) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.rate_hz = rate_hz
+        self.record_dir = record_dir or Path.cwd()
+        self.initial_record_path = record_path
+        self.autostart = autostart
+        self.recorder: Recorder | None = None
+        self.monitor = MonitorScreen(sampler.history)
+
+    async def on_mount(self) -> None:
+        await self.push_screen(self.monitor)
+        self.monitor.query_one(StatusBar).rate_hz = self.rate_hz
+        if self.autostart:
+            # nvmlInit and device discovery can take tens of ms per GPU: keep them off the UI thread.
+            self.run_worker(self._open_and_start, thread=True, name="sampler-open")
+
+    def _open_and_start(self) -> None:
+        info = self.sampler.open()
+        self.monitor.post_message(GpusFound(info))
+        if self.initial_record_path is not None:
+            self.call_from_thread(self.start_recording, self.initial_record_path)
+        self.sampler.add_listener(self._snapshot_taken)
+        self.sampler.on_ended = lambda: self.monitor.post_message(ReplayEnded())
+        self.sampler.start()
+
+    def _snapshot_taken(self, snap: Snapshot) -> None:
+        self.monitor.post_message(SnapshotTaken(snap))  # thread-safe
+
+    def on_unmount(self) -> None:
+        self.stop_recording()
+        self.sampler.stop()
+
+    # --- actions -------------------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_toggle_pause(self) -> None:
+        paused = not self.sampler.paused
+        self.sampler.set_paused(paused)
+        self.monitor.query_one(StatusBar).paused = paused
+
+    def action_toggle_record(self) -> None:
+        if self.recorder is not None:
+            path = self.recorder.path
+            self.stop_recording()
+            self.notify(f"Recording saved to {path}")
+        else:
+            name = time.strftime("infertop-%Y%m%d-%H%M%S.ndjson")
+            self.start_recording(self.record_dir / name)
+
+    def start_recording(self, path: Path) -> None:
+        try:
+            self.recorder = Recorder(path, self.sampler.info)
+        except OSError as exc:
+            self.notify(f"Cannot record to {path}: {exc.strerror or exc}", severity="error")
+            return
+        self.sampler.add_listener(self.recorder)
+        self.monitor.query_one(StatusBar).recording_to = path.name
+
+    def stop_recording(self) -> None:
+        if self.recorder is None:
+            return
+        self.sampler.remove_listener(self.recorder)
+        self.recorder.close()
+        self.recorder = None
+        self.monitor.query_one(StatusBar).recording_to = None
+
+    def action_terminate_process(self) -> None:
+        proc = self.monitor.query_one(ProcessTable).selected_process
+        if proc is None:
+            self.notify("No process selected", severity="warning")
+            return
+        label = f"{proc.pid} ({(proc.command or proc.name or '?')[:50]})"
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                psutil.Process(proc.pid).terminate()
+                self.notify(f"Sent SIGTERM to {label}")
+            except psutil.NoSuchProcess:
+                self.notify(f"Process {proc.pid} already ended")
+            except psutil.AccessDenied:
+                self.notify(f"Not allowed to signal {proc.pid} (run as its user or root)", severity="error")
+
+        self.push_screen(ConfirmScreen(f"Send SIGTERM to process {label}?"), answered)
+
+
+def make_live_sampler(
+    config: SamplerConfig | None = None,
+    *,
+    vllm_urls: Iterable[str] = (),
+    nvml_module: ModuleType | None = None,
+    source: SnapshotSource | None = None,
+) -> Sampler:
+    """A sampler over the real machine (NVML, psutil, vLLM), or over ``source`` when given."""
+    config = config or SamplerConfig()
+    if source is None:
+        source = LiveSource(NvmlBackend(nvml_module), config=config, vllm_urls=vllm_urls)
+    return Sampler(source, history_len=config.history_len)
+
+
+def make_app(
+    *,
+    config: SamplerConfig | None = None,
+    vllm_urls: Iterable[str] = (),
+    replay: Path | None = None,
+    replay_speed: float = 1.0,
+    replay_loop: bool = False,
+    nvml_module: ModuleType | None = None,
+    source: SnapshotSource | None = None,
+    record_path: Path | None = None,
+    record_dir: Path | None = None,
+    autostart: bool = True,
+) -> InfertopApp:
+    """Build the monitor app: live by default, over a recording with ``replay``, or over any ``source``."""
+    config = config or SamplerConfig()
+    if replay is not None:
+        source = ReplaySource(replay, speed=replay_speed, loop=replay_loop)
+    sampler = make_live_sampler(config, vllm_urls=vllm_urls, nvml_module=nvml_module, source=source)
+    rate_hz = 1.0 / config.interval_s if replay is None else 0.0
+    return InfertopApp(
+        sampler, rate_hz=rate_hz, record_path=record_path, record_dir=record_dir, autostart=autostart
+    )

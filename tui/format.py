@@ -1,0 +1,117 @@
+"""How numbers look on screen: always with a unit, and "n/a" for what the device does not report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+NA = "n/a"
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def pct(value: float | None, digits: int = 0) -> str:
+    return NA if value is None else f"{value:.{digits}f}%"
+
+
+def gib(n_bytes: float | None, digits: int = 1) -> str:
+    return NA if n_bytes is None else f"{n_bytes / 2**30:.{digits}f} GiB"
+
+
+def mib(n_bytes: float | None) -> str:
+    return NA if n_bytes is None else f"{n_bytes / 2**20:,.0f} MiB"
+
+
+def vram_short(n_bytes: float | None) -> str:
+    """Process memory: MiB below 10 GiB, GiB above, the way nvidia-smi users read it."""
+    if n_bytes is None:
+        return NA
+    if n_bytes >= 10 * 2**30:
+        return f"{n_bytes / 2**30:.1f} GiB"
+    return f"{n_bytes / 2**20:,.0f} MiB"
+
+
+def watts(value: float | None) -> str:
+    return NA if value is None else f"{value:.0f} W"
+
+
+def gbps(value: float | None) -> str:
+    """Bandwidth in GB/s (1e9 bytes/s)."""
+    if value is None:
+        return NA
+    return f"{value:,.0f} GB/s" if value >= 10 else f"{value:.1f} GB/s"
+
+
+def rate_bytes(value: float | None) -> str:
+    """A byte rate with a unit that fits."""
+    if value is None:
+        return NA
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B/s"
+
+
+def joules(value: float | None) -> str:
+    if value is None:
+        return NA
+    if value >= 3.6e6:
+        return f"{value / 3.6e6:.2f} kWh"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} kJ"
+    return f"{value:.0f} J"
+
+
+def celsius(value: float | None) -> str:
+    return NA if value is None else f"{value:.0f}°C"
+
+
+def mhz(value: float | None) -> str:
+    return NA if value is None else f"{value:,.0f} MHz"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return NA
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    return f"{value:.2f} s"
+
+
+def number(value: float | None, digits: int = 0) -> str:
+    return NA if value is None else f"{value:,.{digits}f}"
+
+
+def tokens_per_s(value: float | None) -> str:
+    return NA if value is None else f"{value:,.0f} tok/s"
+
+
+def sparkline(values: Sequence[float | None], width: int, lo: float = 0.0, hi: float | None = None) -> str:
+    """The last ``width`` values as block characters. Missing values are blanks; the scale is fixed
+    (0..hi) when ``hi`` is given, so 30 % always looks like 30 %, not like the maximum of the window."""
+    if width <= 0:
+        return ""
+    tail = list(values)[-width:]
+    known = [v for v in tail if v is not None and not math.isnan(v)]
+    top = hi if hi is not None else (max(known) if known else 1.0)
+    span = (top - lo) or 1.0
+    out = []
+    for v in tail:
+        if v is None or math.isnan(v):
+            out.append(" ")
+            continue
+        frac = min(1.0, max(0.0, (v - lo) / span))
+        out.append(_BLOCKS[1 + round(frac * (len(_BLOCKS) - 2))] if frac > 0 else _BLOCKS[1])
+    return " " * (width - len(out)) + "".join(out)
+
+
+def bar(fraction: float | None, width: int) -> str:
+    """A horizontal gauge such as ``█████▌    `` for 0-1."""
+    if width <= 0:
+        return ""
+    if fraction is None:
+        return "·" * width
+    frac = min(1.0, max(0.0, fraction))
+    eighths = round(frac * width * 8)
+    full, rem = divmod(eighths, 8)
+    partial = " ▏▎▍▌▋▊▉"[rem] if rem and full < width else ""
+    return ("█" * full + partial).ljust(width)

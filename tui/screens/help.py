@@ -1,0 +1,55 @@
+"""Keys, and what each number on screen means (the honest definitions matter more than the keys)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# infertop
+
+| key | does |
+|---|---|
+| `q` | quit |
+| `?` | this help (`esc` closes it) |
+| `p` / `space` | pause / resume sampling |
+| `c` | compact GPU rows / full cards |
+| `s` / `r` | process sort (VRAM, CPU, GPU, PID) / reverse it |
+| `↑` `↓` | select a process |
+| `k` | terminate the selected process (asks first) |
+| `R` | start / stop recording to NDJSON (replay with `infertop --replay FILE`) |
+
+## What the numbers are
+- **DRAM BW** — real DRAM bandwidth from NVML GPM (Hopper and newer): % of the GPU's peak, and GB/s
+  (10⁹ bytes/s) = % × peak. Decode is memory-bound, so this is the number that says how hard inference works
+  the GPU. `n/a` on GPUs without GPM (A100, L4…).
+- **mem busy** — NVML's older "memory utilization": the % of time memory was read or written (a duty cycle).
+  It is *not* bandwidth: 60 % busy is often 25 % of peak bandwidth.
+- **util** — % of time any kernel ran (duty cycle). **SM active** (GPM) — how many SMs were busy;
+  **tensor** — tensor-core pipes active.
+- **Power** — board power (W, NVML's 1 s average) against the enforced limit. **energy** — counter since the
+  driver loaded.
+- **throttle** — clock-event reasons: power cap, thermal, HW slowdown… `none` means clocks run free.
+- **vLLM** — from the server's `/metrics`: requests running and waiting, KV-cache use, generated tokens/s and
+  TTFT (mean and estimated p95 of requests in the last interval).
+
+`n/a` always means the GPU, driver or server does not report it: never a hidden zero.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll {
+        width: 90%; max-width: 100; height: 90%;
+        border: round $accent; background: $surface; padding: 0 1;
+    }
+    """
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(HELP)

@@ -1,0 +1,148 @@
+"""The monitor: status line, host bar, a card per GPU, the vLLM panel and the GPU process table."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from tui.messages import GpusFound, ReplayEnded, SnapshotTaken
+from tui.widgets.banner import HINTS, StateBanner
+from tui.widgets.engine_panel import EnginePanel
+from tui.widgets.gpu_card import GpuCard
+from tui.widgets.host_bar import HostBar
+from tui.widgets.process_table import ProcessTable
+from tui.widgets.status_bar import StatusBar
+from tuner.telemetry.model import GpuProcess, GpuState, Snapshot, SystemInfo
+from tuner.telemetry.sampler import GPU_SERIES, History
+
+FULL_CARD_ROWS = 8
+RESERVED_ROWS = 12  # status, host, footer, engine panel and a few process rows
+
+
+class MonitorScreen(Screen[None]):
+    """Live view of the machine. Receives snapshots as messages; never reads hardware itself."""
+
+    DEFAULT_CSS = """
+    MonitorScreen { layout: vertical; }
+    #gpus { height: auto; max-height: 70%; }
+    #gpus.compact { border: round $primary 60%; border-title-color: $text; }
+    #engines { display: none; }
+    #engines.attached { display: block; }
+    #banner { display: none; }
+    #banner.shown { display: block; }
+    """
+
+    BINDINGS = [
+        Binding("c", "toggle_compact", "Compact"),
+        Binding("s", "cycle_sort", "Sort"),
+        Binding("r", "reverse_sort", "Reverse", show=False),
+    ]
+
+    def __init__(self, history: History) -> None:
+        super().__init__()
+        self.history = history
+        self.info: SystemInfo | None = None
+        self.cards: dict[int, GpuCard] = {}
+        self.compact_forced: bool | None = None  # None = decide from the terminal size
+        self.last_snapshot: Snapshot | None = None
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        yield HostBar(id="host")
+        yield StateBanner(id="banner")
+        yield VerticalScroll(id="gpus")
+        yield EnginePanel(id="engines")
+        yield ProcessTable(id="processes")
+        yield Footer()
+
+    # --- messages ------------------------------------------------------------------------------------
+
+    def on_gpus_found(self, message: GpusFound) -> None:
+        self.show_system(message.info)
+
+    def show_system(self, info: SystemInfo) -> None:
+        self.info = info
+        self.query_one(StatusBar).info = info
+        container = self.query_one("#gpus", VerticalScroll)
+        container.remove_children()
+        self.cards = {g.index: GpuCard(g, id=f"gpu-{g.index}") for g in info.gpus}
+        if self.cards:
+            container.mount_all(self.cards.values())
+        if info.state is not GpuState.OK:
+            self.show_banner(f"⚠ {info.message}\n{HINTS.get(info.state, '')}".rstrip(), error=False)
+        self._apply_compact()
+
+    def show_banner(self, text: str, *, error: bool) -> None:
+        banner = self.query_one(StateBanner)
+        banner.update(text)
+        banner.set_class(True, "shown")
+        banner.set_class(error, "error")
+
+    def on_snapshot_taken(self, message: SnapshotTaken) -> None:
+        self.show_snapshot(message.snapshot)
+
+    def show_snapshot(self, snap: Snapshot) -> None:
+        self.last_snapshot = snap
+        if "replay_position_s" in snap.extra:
+            self.query_one(StatusBar).replay_position_s = snap.extra["replay_position_s"]
+        if snap.host is not None:
+            host = self.query_one(HostBar)
+            host.show(snap.host, self.history.host_cpu_series())
+        for sample in snap.gpus:
+            card = self.cards.get(sample.index)
+            if card is not None:
+                series = {name: self.history.gpu_series(sample.index, name) for name in GPU_SERIES}
+                card.show(sample, series)
+        if snap.gpu_error:
+            self.show_banner(
+                f"⚠ GPU telemetry stopped: {snap.gpu_error}. Last readings kept; host telemetry is live.",
+                error=True,
+            )
+        engines = self.query_one(EnginePanel)
+        engines.set_class(bool(snap.engines), "attached")
+        if snap.engines or engines.engines:
+            gen = {e.url: self.history.engine_series(e.url, "generation_tokens_per_s") for e in snap.engines}
+            engines.show(snap.engines, gen)
+        procs: list[GpuProcess] = []
+        for sample in snap.gpus:
+            procs.extend(sample.processes or ())
+        self.query_one(ProcessTable).set_processes(procs)
+
+    def on_replay_ended(self, message: ReplayEnded) -> None:
+        self.notify("End of recording. Press q to quit.", timeout=10)
+
+    # --- layout --------------------------------------------------------------------------------------
+
+    def on_resize(self) -> None:
+        self._apply_compact()
+
+    def _apply_compact(self) -> None:
+        if self.compact_forced is not None:
+            compact = self.compact_forced
+        else:
+            compact = len(self.cards) * FULL_CARD_ROWS > max(0, self.size.height - RESERVED_ROWS)
+        container = self.query_one("#gpus", VerticalScroll)
+        container.set_class(compact and bool(self.cards), "compact")
+        container.border_title = "GPUs" if compact else None
+        for card in self.cards.values():
+            card.compact = compact
+
+    @property
+    def compact(self) -> bool:
+        return any(card.compact for card in self.cards.values())
+
+    # --- actions -------------------------------------------------------------------------------------
+
+    def action_toggle_compact(self) -> None:
+        self.compact_forced = not self.compact
+        self._apply_compact()
+
+    def action_cycle_sort(self) -> None:
+        key = self.query_one(ProcessTable).cycle_sort()
+        self.notify(f"processes sorted by {key}", timeout=2)
+
+    def action_reverse_sort(self) -> None:
+        self.query_one(ProcessTable).reverse_sort()

@@ -1,0 +1,1 @@
+"""Widgets of the monitor and tuner screens, one per module."""

@@ -1,0 +1,210 @@
+"""A card per GPU: bandwidth, SM, VRAM and power with their history, then the details an operator checks."""
+
+from __future__ import annotations
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from tui import format as fmt
+from tuner.telemetry.model import GpuInfo, GpuSample
+
+Series = dict[str, list[float | None]]
+
+LABEL_W = 10
+VALUE_W = 24
+
+
+def _level_style(value: float | None, warn: float, crit: float) -> str:
+    if value is None:
+        return "dim"
+    if value >= crit:
+        return "bold red"
+    if value >= warn:
+        return "yellow"
+    return "bold"
+
+
+def reason_text(reasons: tuple[str, ...] | None) -> str:
+    """Throttle reasons for people: 'sw power cap, hw thermal slowdown'."""
+    if reasons is None:
+        return fmt.NA
+    costly = [r for r in reasons if r not in ("gpu_idle", "applications_clocks_setting", "sync_boost")]
+    if not costly:
+        return "idle" if "gpu_idle" in reasons else "none"
+    return ", ".join(r.replace("_", " ") for r in costly)
+
+
+class GpuCard(Widget):
+    """One GPU, full size (6 lines) or compact (1 line)."""
+
+    DEFAULT_CSS = """
+    GpuCard {
+        height: 8;
+        border: round $primary 60%;
+        border-title-color: $text;
+        border-title-style: bold;
+        padding: 0 1;
+    }
+    GpuCard.compact {
+        height: 1;
+        border: none;
+        padding: 0 1;
+    }
+    GpuCard.throttled { border: round $warning; }
+    GpuCard.lost { border: round $error; }
+    """
+
+    sample: reactive[GpuSample | None] = reactive(None, layout=False)
+    """The latest reading of this GPU."""
+
+    compact: reactive[bool] = reactive(False)
+    """One line instead of the full card (many GPUs on a small terminal)."""
+
+    def __init__(self, info: GpuInfo, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.info = info
+        self.series: Series = {}
+        self.border_title = f"GPU {info.index} · {info.name}"
+        self._update_subtitle()
+
+    def show(self, sample: GpuSample, series: Series) -> None:
+        """Take a new reading and its history; repaints."""
+        self.series = series
+        self.sample = sample
+
+    def watch_sample(self, sample: GpuSample | None) -> None:
+        self.set_class(bool(sample and sample.throttled), "throttled")
+        self.set_class(bool(sample and sample.error), "lost")
+        self._update_subtitle()
+
+    def watch_compact(self, compact: bool) -> None:
+        self.set_class(compact, "compact")
+
+    def _update_subtitle(self) -> None:
+        bits = []
+        if self.info.peak_dram_bw_gbps:
+            src = "" if self.info.peak_dram_bw_source == "datasheet" else " (derived)"
+            bits.append(f"peak {fmt.gbps(self.info.peak_dram_bw_gbps)}{src}")
+        if self.info.mig_enabled:
+            bits.append("MIG")
+        self.border_subtitle = " · ".join(bits)
+
+    def render(self) -> RenderableType:
+        s = self.sample
+        if s is None:
+            return Text("waiting for the first reading…", style="dim")
+        if s.error:
+            return Text.assemble(("⚠ ", "bold red"), (s.error, "red"))
+        width = max(20, self.size.width)
+        if self.compact:
+            return self._render_compact(s, width)
+        return self._render_full(s, width)
+
+    # --- full card -----------------------------------------------------------------------------------
+
+    def _spark(self, name: str, width: int, hi: float | None) -> str:
+        return fmt.sparkline(self.series.get(name, []), width, hi=hi)
+
+    def _row(self, label: str, value: Text, series: str | None, hi: float | None, width: int) -> Text:
+        line = Text(label.ljust(LABEL_W), style="dim")
+        value.truncate(VALUE_W, pad=True)
+        line.append_text(value)
+        spark_w = width - LABEL_W - VALUE_W - 1
+        if series and spark_w >= 6:
+            line.append(" " + self._spark(series, spark_w, hi), style="cyan")
+        return line
+
+    def _render_full(self, s: GpuSample, width: int) -> Text:
+        lines: list[Text] = []
+        if s.dram_bw_util_pct is not None:
+            value = Text.assemble((fmt.pct(s.dram_bw_util_pct).rjust(4), "bold"), "  ", fmt.gbps(s.dram_bw_gbps))
+            lines.append(self._row("DRAM BW", value, "dram_bw_util_pct", 100.0, width))
+        else:
+            why = "no GPM on this GPU" if not self.info.gpm_supported else "first GPM sample"
+            value = Text.assemble((fmt.NA, "dim"), f"  ({why})")
+            lines.append(self._row("DRAM BW", value, None, None, width))
+        if s.sm_active_pct is not None:
+            value = Text.assemble(
+                (fmt.pct(s.sm_active_pct).rjust(4), "bold"), f"  tensor {fmt.pct(s.tensor_active_pct)}"
+            )
+            lines.append(self._row("SM active", value, "sm_active_pct", 100.0, width))
+        else:
+            value = Text.assemble((fmt.pct(s.gpu_util_pct).rjust(4), "bold"), "  kernel running")
+            lines.append(self._row("GPU util", value, "gpu_util_pct", 100.0, width))
+        vram_pct = s.vram_used_pct
+        value = Text.assemble(
+            (f"{fmt.gib(s.vram_used_bytes)} / {fmt.gib(s.vram_total_bytes, 0)}", _level_style(vram_pct, 90, 98))
+        )
+        lines.append(self._row("VRAM", value, "vram_used_pct", 100.0, width))
+        power_pct = s.power_pct_of_limit
+        value = Text.assemble(
+            (fmt.watts(s.power_w), _level_style(power_pct, 90, 99)), f" / {fmt.watts(s.power_limit_w)}"
+        )
+        lines.append(self._row("Power", value, "power_w", s.power_limit_w, width))
+        lines.append(self._details_line(s))
+        lines.append(self._clocks_line(s))
+        return Text("\n").join(line[:width] if len(line) > width else line for line in lines)
+
+    def _details_line(self, s: GpuSample) -> Text:
+        line = Text()
+        line.append("util ", style="dim")
+        line.append(fmt.pct(s.gpu_util_pct), style="bold")
+        line.append("  mem busy ", style="dim")
+        line.append(fmt.pct(s.mem_busy_pct), style="bold")
+        line.append(" (duty cycle)", style="dim")
+        line.append("  temp ", style="dim")
+        line.append(fmt.celsius(s.gpu_temp_c), style=_level_style(s.gpu_temp_c, 80, 88))
+        line.append(" HBM ", style="dim")
+        line.append(fmt.celsius(s.mem_temp_c), style=_level_style(s.mem_temp_c, 85, 95))
+        if s.fan_pct is not None:
+            line.append("  fan ", style="dim")
+            line.append(fmt.pct(s.fan_pct))
+        line.append("  energy ", style="dim")
+        line.append(fmt.joules(s.energy_counter_j))
+        return line
+
+    def _clocks_line(self, s: GpuSample) -> Text:
+        line = Text()
+        line.append("SM ", style="dim")
+        line.append(fmt.mhz(s.sm_clock_mhz))
+        line.append("  mem ", style="dim")
+        line.append(fmt.mhz(s.mem_clock_mhz))
+        line.append("  throttle ", style="dim")
+        reasons = reason_text(s.clock_event_reasons)
+        line.append(reasons, style="bold red" if s.throttled else "green")
+        line.append("  PCIe ", style="dim")
+        line.append(f"↑{fmt.rate_bytes(s.pcie_tx_bytes_per_s)} ↓{fmt.rate_bytes(s.pcie_rx_bytes_per_s)}")
+        if s.nvlink_tx_bytes_per_s is not None or (self.info.nvlink_links or 0) > 0:
+            line.append("  NVLink ", style="dim")
+            line.append(f"↑{fmt.rate_bytes(s.nvlink_tx_bytes_per_s)} ↓{fmt.rate_bytes(s.nvlink_rx_bytes_per_s)}")
+        return line
+
+    # --- compact row ---------------------------------------------------------------------------------
+
+    def _render_compact(self, s: GpuSample, width: int) -> Text:
+        line = Text()
+        name = self.info.name.replace("NVIDIA ", "")
+        line.append(f"{self.info.index} ", style="bold")
+        line.append(f"{name[:14]:<14} ", style="dim")
+        if s.dram_bw_util_pct is not None:
+            line.append("DRAM ", style="dim")
+            line.append(f"{fmt.pct(s.dram_bw_util_pct):>4} {fmt.gbps(s.dram_bw_gbps):>10} ", style="bold")
+            line.append(self._spark("dram_bw_util_pct", 8, 100.0) + " ", style="cyan")
+            line.append("SM ", style="dim")
+            line.append(f"{fmt.pct(s.sm_active_pct):>4} ", style="bold")
+        else:
+            line.append("util ", style="dim")
+            line.append(f"{fmt.pct(s.gpu_util_pct):>4} ", style="bold")
+            line.append("mem busy ", style="dim")
+            line.append(f"{fmt.pct(s.mem_busy_pct):>4} ", style="bold")
+            line.append(self._spark("gpu_util_pct", 8, 100.0) + " ", style="cyan")
+        line.append("VRAM ", style="dim")
+        line.append(f"{fmt.pct(s.vram_used_pct):>4} ", style=_level_style(s.vram_used_pct, 90, 98))
+        line.append(f"{fmt.watts(s.power_w)}/{fmt.watts(s.power_limit_w)} ", style="bold")
+        line.append(fmt.celsius(s.gpu_temp_c), style=_level_style(s.gpu_temp_c, 80, 88))
+        if s.throttled:
+            line.append(" ⚠ " + reason_text(s.clock_event_reasons), style="bold red")
+        line.truncate(width)
+        return line

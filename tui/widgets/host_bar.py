@@ -1,0 +1,49 @@
+"""One line about the host: CPU, RAM and load, so a starved CPU is never mistaken for a slow GPU."""
+
+from __future__ import annotations
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from tui import format as fmt
+from tuner.telemetry.model import HostSample
+
+
+class HostBar(Widget):
+    DEFAULT_CSS = """
+    HostBar { height: 1; padding: 0 1; background: $boost; }
+    """
+
+    sample: reactive[HostSample | None] = reactive(None)
+    """The latest host reading."""
+
+    cpu_history: list[float | None]
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.cpu_history = []
+
+    def show(self, sample: HostSample, cpu_history: list[float | None]) -> None:
+        self.cpu_history = cpu_history
+        self.sample = sample
+
+    def render(self) -> RenderableType:
+        s = self.sample
+        if s is None:
+            return Text("host: reading…", style="dim")
+        line = Text()
+        line.append(s.hostname, style="bold")
+        line.append("  CPU ", style="dim")
+        line.append(fmt.pct(s.cpu_pct).rjust(4), style="bold red" if (s.cpu_pct or 0) > 90 else "bold")
+        if s.cpu_count:
+            line.append(f" of {s.cpu_count} cores ", style="dim")
+        line.append(fmt.sparkline(self.cpu_history, 10, hi=100.0), style="cyan")
+        line.append("  RAM ", style="dim")
+        line.append(f"{fmt.gib(s.ram_used_bytes)} / {fmt.gib(s.ram_total_bytes)}", style="bold")
+        if s.load_avg_1m is not None:
+            line.append("  load ", style="dim")
+            line.append(f"{s.load_avg_1m:.2f} {s.load_avg_5m:.2f} {s.load_avg_15m:.2f}")
+        line.truncate(max(1, self.size.width))
+        return line

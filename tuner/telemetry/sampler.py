@@ -1,0 +1,317 @@
+"""One thread, one cadence, bounded history: the only place that reads the machine.
+
+The monitor and the tuner both run a :class:`Sampler` over a :class:`SnapshotSource` (live NVML + psutil +
+vLLM, or a recording) and receive each :class:`Snapshot` through a listener callback on the sampler thread.
+History is kept in fixed-size ring buffers, so memory stays flat over hours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tuner.telemetry.backend import GpuBackend, GpuLostError
+from tuner.telemetry.host import HostReader
+from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
+from tuner.telemetry.vllm_metrics import EngineScraper
+
+log = logging.getLogger(__name__)
+
+# The per-GPU series kept for sparklines and tuner plots.
+GPU_SERIES = (
+    "dram_bw_util_pct",
+    "dram_bw_gbps",
+    "sm_active_pct",
+    "gpu_util_pct",
+    "mem_busy_pct",
+    "tensor_active_pct",
+    "power_w",
+    "vram_used_pct",
+    "gpu_temp_c",
+)
+ENGINE_SERIES = ("generation_tokens_per_s", "requests_running", "requests_waiting", "kv_cache_usage_pct")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How often the machine is read. Fast metrics every tick; expensive ones (energy, processes) every
+    ``slow_every`` ticks; vLLM /metrics on its own thread so a slow server never delays GPU readings."""
+
+    interval_s: float = 0.25  # 4 Hz
+    slow_every: int = 4  # energy counter and process list at 1 Hz
+    engine_interval_s: float = 1.0
+    discover_vllm: bool = True  # look for vLLM servers on this machine
+    discover_every_s: float = 5.0
+    history_len: int = 480  # 2 minutes at 4 Hz
+
+
+class SnapshotSource(Protocol):
+    """Produces snapshots: live readings or a recording."""
+
+    info: SystemInfo
+
+    def open(self) -> SystemInfo: ...
+
+    def next_snapshot(self) -> Snapshot | None:
+        """The next snapshot, or None when a recording has ended."""
+        ...
+
+    def next_delay_s(self) -> float:
+        """How long to wait before the next call."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class History:
+    """Fixed-size ring buffers of the series above, per GPU and per engine. Thread-safe."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.maxlen = maxlen
+        self._lock = threading.Lock()
+        self._gpu: dict[int, dict[str, deque[float | None]]] = {}
+        self._engine: dict[str, dict[str, deque[float | None]]] = {}
+        self._host_cpu: deque[float | None] = deque(maxlen=maxlen)
+
+    def add(self, snap: Snapshot) -> None:
+        with self._lock:
+            self._host_cpu.append(snap.host.cpu_pct if snap.host else None)
+            for g in snap.gpus:
+                series = self._gpu.setdefault(g.index, {n: deque(maxlen=self.maxlen) for n in GPU_SERIES})
+                for name, buf in series.items():
+                    buf.append(getattr(g, name))
+            for e in snap.engines:
+                eseries = self._engine.setdefault(
+                    e.url, {n: deque(maxlen=self.maxlen) for n in ENGINE_SERIES}
+                )
+                for name, buf in eseries.items():
+                    buf.append(getattr(e, name))
+
+    def gpu_series(self, index: int, name: str) -> list[float | None]:
+        with self._lock:
+            return list(self._gpu.get(index, {}).get(name, ()))
+
+    def host_cpu_series(self) -> list[float | None]:
+        with self._lock:
+            return list(self._host_cpu)
+
+    def engine_series(self, url: str, name: str) -> list[float | None]:
+        with self._lock:
+            return list(self._engine.get(url, {}).get(name, ()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return max((len(s["power_w"]) for s in self._gpu.values()), default=0)
+
+
+class EngineWatcher:
+    """Scrapes vLLM servers on its own thread; the sampler takes the latest readings each tick."""
+
+    def __init__(self, urls: Iterable[str], config: SamplerConfig) -> None:
+        self._fixed = [u.rstrip("/") for u in urls]
+        self._config = config
+        self._scrapers: dict[str, EngineScraper] = {}
+        self._latest: dict[str, EngineSample] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="infertop-engines", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def latest(self) -> tuple[EngineSample, ...]:
+        with self._lock:
+            return tuple(self._latest.values())
+
+    def _urls(self, last_discovery: list[float], discovered: list[str]) -> list[str]:
+        if (
+            self._config.discover_vllm
+            and time.monotonic() - last_discovery[0] >= self._config.discover_every_s
+        ):
+            from tuner.telemetry.discovery import discover_vllm_urls
+
+            discovered[:] = discover_vllm_urls()
+            last_discovery[0] = time.monotonic()
+        return self._fixed + [u for u in discovered if u not in self._fixed]
+
+    def _run(self) -> None:
+        last_discovery, discovered = [-1e9], list[str]()
+        while not self._stop.is_set():
+            urls = self._urls(last_discovery, discovered)
+            for url in urls:
+                scraper = self._scrapers.get(url)
+                if scraper is None:
+                    scraper = self._scrapers[url] = EngineScraper(url)
+                sample = scraper.scrape(time.time())
+                with self._lock:
+                    self._latest[url] = sample
+            with self._lock:  # a discovered server that went away disappears from the screen
+                for gone in set(self._latest) - set(urls):
+                    del self._latest[gone]
+            self._stop.wait(self._config.engine_interval_s)
+        for scraper in self._scrapers.values():
+            scraper.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+
+
+class LiveSource:
+    """Reads the machine now: GPUs through a :class:`GpuBackend`, the host through psutil, vLLM via /metrics."""
+
+    def __init__(
+        self,
+        backend: GpuBackend | None,
+        *,
+        config: SamplerConfig | None = None,
+        vllm_urls: Iterable[str] = (),
+        host: HostReader | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._backend = backend
+        self._config = config or SamplerConfig()
+        self._host = host
+        self._clock = clock
+        self._tick = 0
+        self._gpu_error: str | None = None
+        self._engines = EngineWatcher(vllm_urls, self._config)
+        self._watch_engines = bool(vllm_urls) or self._config.discover_vllm
+        self.info = SystemInfo(state=GpuState.NO_GPU, message="not opened")
+
+    def open(self) -> SystemInfo:
+        if self._host is None:
+            self._host = HostReader()
+        if self._backend is not None:
+            self.info = self._backend.open()
+        else:
+            self.info = SystemInfo(state=GpuState.NO_GPU, message="GPU telemetry disabled", source="none")
+        if self._watch_engines:
+            self._engines.start()
+        return self.info
+
+    def next_snapshot(self) -> Snapshot:
+        now = self._clock()
+        slow = self._tick % self._config.slow_every == 0
+        self._tick += 1
+        gpus: tuple[GpuSample, ...] = ()
+        if self._backend is not None and self.info.state is GpuState.OK and self._gpu_error is None:
+            try:
+                gpus = self._backend.read(now, slow=slow)
+            except GpuLostError as exc:
+                # The whole driver went away: say so once and stop calling it.
+                self._gpu_error = str(exc) or "NVIDIA driver stopped answering"
+                log.warning("GPU telemetry stopped: %s", self._gpu_error)
+        host = self._host.read(now) if self._host is not None else None
+        return Snapshot(
+            time_s=now, host=host, gpus=gpus, engines=self._engines.latest(), gpu_error=self._gpu_error
+        )
+
+    def next_delay_s(self) -> float:
+        return self._config.interval_s
+
+    def close(self) -> None:
+        self._engines.stop()
+        if self._backend is not None:
+            self._backend.close()
+
+
+Listener = Callable[[Snapshot], None]
+
+
+class Sampler:
+    """Runs a source on one background thread at its cadence, keeps history, and calls listeners."""
+
+    def __init__(self, source: SnapshotSource, *, history_len: int = 480) -> None:
+        self.source = source
+        self.history = History(history_len)
+        self.latest: Snapshot | None = None
+        self.ended = False  # a recording ran out
+        self.ticks = 0
+        self.on_ended: Callable[[], None] | None = None  # called on the sampler thread when a replay ends
+        self._listeners: list[Listener] = []
+        self._stop = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._thread: threading.Thread | None = None
+        self.info = source.info
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def open(self) -> SystemInfo:
+        """Open the source (discovers GPUs). Separate from :meth:`start` so callers can show state first."""
+        self.info = self.source.open()
+        return self.info
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="infertop-sampler", daemon=True)
+        self._thread.start()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause stops reading the machine altogether (and a replay stops advancing)."""
+        if paused:
+            self._resume.clear()
+        else:
+            self._resume.set()
+
+    def tick(self) -> Snapshot | None:
+        """Take one snapshot now, on the caller's thread (tests, benchmarks, the background loop)."""
+        snap = self.source.next_snapshot()
+        if snap is None:
+            self.ended = True
+            return None
+        self.latest = snap
+        self.ticks += 1
+        self.history.add(snap)
+        for listener in list(self._listeners):
+            try:
+                listener(snap)
+            except Exception:  # a broken listener must not stop telemetry
+                log.exception("sampler listener failed")
+        return snap
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self._resume.wait()
+            if self._stop.is_set():
+                break
+            try:
+                self.tick()
+            except Exception:
+                log.exception("sampler tick failed")
+            if self.ended:
+                if self.on_ended is not None:
+                    self.on_ended()
+                break
+            # Fixed cadence: a slow tick shortens the next wait instead of drifting.
+            next_at += self.source.next_delay_s()
+            delay = next_at - time.monotonic()
+            if delay < 0:
+                next_at = time.monotonic()
+                delay = 0
+            if self._stop.wait(delay):
+                break
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._resume.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=3.0)
+        self.source.close()
