@@ -50,3 +50,13 @@ def test_bar() -> None:
     assert fmt.bar(0.5, 4) == "██  "
     assert fmt.bar(None, 3) == "···"
     assert fmt.bar(1.7, 2) == "██"
+
+
+def test_downsample_averages_groups_with_the_partial_group_oldest() -> None:
+    assert fmt.downsample([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 2.5, 4.5]
+    assert fmt.downsample([None, None, 4.0, None], 2) == [None, 4.0]
+
+
+def test_sparkline_cells_cover_several_readings() -> None:
+    # 8 readings, 2 per cell, 4 cells: 0,0 | 100,100 | 0,100 | None,None
+    assert fmt.sparkline([0.0, 0.0, 100.0, 100.0, 0.0, 100.0, None, None], 4, hi=100.0, per_cell=2) == "▁█▅ "

@@ -85,12 +85,34 @@ def tokens_per_s(value: float | None) -> str:
     return NA if value is None else f"{value:,.0f} tok/s"
 
 
-def sparkline(values: Sequence[float | None], width: int, lo: float = 0.0, hi: float | None = None) -> str:
-    """The last ``width`` values as block characters. Missing values are blanks; the scale is fixed
-    (0..hi) when ``hi`` is given, so 30 % always looks like 30 %, not like the maximum of the window."""
+def downsample(values: Sequence[float | None], per_cell: int) -> list[float | None]:
+    """Mean of each group of ``per_cell`` readings (newest group last, possibly partial); None if all missing."""
+    if per_cell <= 1:
+        return list(values)
+    out: list[float | None] = []
+    n = len(values)
+    start = n % per_cell
+    if start:
+        out.append(_mean(values[:start]))
+    for i in range(start, n, per_cell):
+        out.append(_mean(values[i : i + per_cell]))
+    return out
+
+
+def _mean(chunk: Sequence[float | None]) -> float | None:
+    known = [v for v in chunk if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def sparkline(
+    values: Sequence[float | None], width: int, lo: float = 0.0, hi: float | None = None, per_cell: int = 1
+) -> str:
+    """The last ``width`` cells as block characters, each the mean of ``per_cell`` readings. Missing values
+    are blanks; the scale is fixed (0..hi) when ``hi`` is given, so 30 % always looks like 30 %, not like the
+    maximum of the window."""
     if width <= 0:
         return ""
-    tail = list(values)[-width:]
+    tail = downsample(values[-width * per_cell :], per_cell)[-width:]
     known = [v for v in tail if v is not None and not math.isnan(v)]
     top = hi if hi is not None else (max(known) if known else 1.0)
     span = (top - lo) or 1.0

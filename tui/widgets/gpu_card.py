@@ -14,6 +14,7 @@ Series = dict[str, list[float | None]]
 
 LABEL_W = 10
 VALUE_W = 24
+SPARK_MAX_W = 60  # wider history stops being readable: a minute at 4 Hz is 240 readings anyway
 
 
 def _level_style(value: float | None, warn: float, crit: float) -> str:
@@ -54,6 +55,7 @@ class GpuCard(Widget):
     }
     GpuCard.throttled { border: round $warning; }
     GpuCard.lost { border: round $error; }
+    GpuCard.compact.throttled, GpuCard.compact.lost { border: none; }
     """
 
     sample: reactive[GpuSample | None] = reactive(None, layout=False)
@@ -66,6 +68,7 @@ class GpuCard(Widget):
         super().__init__(id=id)
         self.info = info
         self.series: Series = {}
+        self.readings_per_cell = 4  # one sparkline cell per second at the default 4 Hz
         self.border_title = f"GPU {info.index} · {info.name}"
         self._update_subtitle()
 
@@ -105,39 +108,45 @@ class GpuCard(Widget):
     # --- full card -----------------------------------------------------------------------------------
 
     def _spark(self, name: str, width: int, hi: float | None) -> str:
-        return fmt.sparkline(self.series.get(name, []), width, hi=hi)
+        return fmt.sparkline(self.series.get(name, []), width, hi=hi, per_cell=self.readings_per_cell)
 
     def _row(self, label: str, value: Text, series: str | None, hi: float | None, width: int) -> Text:
         line = Text(label.ljust(LABEL_W), style="dim")
         value.truncate(VALUE_W, pad=True)
         line.append_text(value)
-        spark_w = width - LABEL_W - VALUE_W - 1
+        spark_w = min(SPARK_MAX_W, width - LABEL_W - VALUE_W - 1)
         if series and spark_w >= 6:
             line.append(" " + self._spark(series, spark_w, hi), style="cyan")
         return line
 
+    def _gauge_row(self, label: str, value: Text, fraction: float | None, width: int) -> Text:
+        line = self._row(label, value, None, None, width)
+        bar_w = min(SPARK_MAX_W, width - LABEL_W - VALUE_W - 1)
+        if bar_w >= 6:
+            line.append(" " + fmt.bar(fraction, bar_w), style="cyan")
+        return line
+
     def _render_full(self, s: GpuSample, width: int) -> Text:
         lines: list[Text] = []
-        if s.dram_bw_util_pct is not None:
+        if self.info.gpm_supported:
             value = Text.assemble((fmt.pct(s.dram_bw_util_pct).rjust(4), "bold"), "  ", fmt.gbps(s.dram_bw_gbps))
             lines.append(self._row("DRAM BW", value, "dram_bw_util_pct", 100.0, width))
-        else:
-            why = "no GPM on this GPU" if not self.info.gpm_supported else "first GPM sample"
-            value = Text.assemble((fmt.NA, "dim"), f"  ({why})")
-            lines.append(self._row("DRAM BW", value, None, None, width))
-        if s.sm_active_pct is not None:
             value = Text.assemble(
                 (fmt.pct(s.sm_active_pct).rjust(4), "bold"), f"  tensor {fmt.pct(s.tensor_active_pct)}"
             )
             lines.append(self._row("SM active", value, "sm_active_pct", 100.0, width))
         else:
-            value = Text.assemble((fmt.pct(s.gpu_util_pct).rjust(4), "bold"), "  kernel running")
+            # Without GPM there is no bandwidth counter: show the duty cycles, named as such.
+            value = Text.assemble((fmt.pct(s.mem_busy_pct).rjust(4), "bold"), ("  duty cycle, not BW", "dim"))
+            lines.append(self._row("Mem busy", value, "mem_busy_pct", 100.0, width))
+            value = Text.assemble((fmt.pct(s.gpu_util_pct).rjust(4), "bold"), ("  duty cycle", "dim"))
             lines.append(self._row("GPU util", value, "gpu_util_pct", 100.0, width))
         vram_pct = s.vram_used_pct
         value = Text.assemble(
-            (f"{fmt.gib(s.vram_used_bytes)} / {fmt.gib(s.vram_total_bytes, 0)}", _level_style(vram_pct, 90, 98))
+            (f"{fmt.gib(s.vram_used_bytes)} / {fmt.gib(s.vram_total_bytes)}", _level_style(vram_pct, 90, 98))
         )
-        lines.append(self._row("VRAM", value, "vram_used_pct", 100.0, width))
+        value.append(f"  {fmt.pct(vram_pct)}", style="dim")
+        lines.append(self._gauge_row("VRAM", value, vram_pct / 100 if vram_pct is not None else None, width))
         power_pct = s.power_pct_of_limit
         value = Text.assemble(
             (fmt.watts(s.power_w), _level_style(power_pct, 90, 99)), f" / {fmt.watts(s.power_limit_w)}"
@@ -149,14 +158,22 @@ class GpuCard(Widget):
 
     def _details_line(self, s: GpuSample) -> Text:
         line = Text()
+        if not self.info.gpm_supported:
+            line.append("DRAM BW ", style="dim")
+            line.append("n/a (no GPM)", style="dim")
+            line.append("  temp ", style="dim")
+            return self._temps(line, s)
         line.append("util ", style="dim")
         line.append(fmt.pct(s.gpu_util_pct), style="bold")
         line.append("  mem busy ", style="dim")
         line.append(fmt.pct(s.mem_busy_pct), style="bold")
         line.append(" (duty cycle)", style="dim")
         line.append("  temp ", style="dim")
+        return self._temps(line, s)
+
+    def _temps(self, line: Text, s: GpuSample) -> Text:
         line.append(fmt.celsius(s.gpu_temp_c), style=_level_style(s.gpu_temp_c, 80, 88))
-        line.append(" HBM ", style="dim")
+        line.append(" HBM " if "HBM" in self.info.name or self.info.gpm_supported else " mem ", style="dim")
         line.append(fmt.celsius(s.mem_temp_c), style=_level_style(s.mem_temp_c, 85, 95))
         if s.fan_pct is not None:
             line.append("  fan ", style="dim")
