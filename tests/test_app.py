@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import NO_DISCOVERY, prime, scripted_app
+
 from tui.app import make_app
 from tui.screens.help import HelpScreen
 from tui.widgets.banner import StateBanner
@@ -54,7 +54,9 @@ async def test_real_nvml_on_this_gpu_less_machine_shows_the_state_and_host_then_
         (scripted.driver_mismatch(), GpuState.DRIVER_MISMATCH, "mismatch"),
     ],
 )
-async def test_startup_states_are_one_clear_banner(nvml: scripted.ScriptedNvml, state: GpuState, words: str) -> None:
+async def test_startup_states_are_one_clear_banner(
+    nvml: scripted.ScriptedNvml, state: GpuState, words: str
+) -> None:
     clock = scripted.ManualClock()
     app = scripted_app(nvml, clock)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -69,7 +71,9 @@ async def test_startup_states_are_one_clear_banner(nvml: scripted.ScriptedNvml, 
 
 async def test_h100_card_shows_dram_bandwidth_in_percent_and_gb_s() -> None:
     clock = scripted.ManualClock()
-    app = scripted_app(scripted.h100_sxm(1, clock=clock, load=scripted.steady_load(dram_bw_util_pct=50.0)), clock)
+    app = scripted_app(
+        scripted.h100_sxm(1, clock=clock, load=scripted.steady_load(dram_bw_util_pct=50.0)), clock
+    )
     async with app.run_test(size=(100, 30)) as pilot:
         prime(app, clock, ticks=8)
         await pilot.pause()

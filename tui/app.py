@@ -66,8 +66,11 @@ class InfertopApp(App[None]):
         if self.initial_record_path is not None:
             self.call_from_thread(self.start_recording, self.initial_record_path)
         self.sampler.add_listener(self._snapshot_taken)
-        self.sampler.on_ended = lambda: self.monitor.post_message(ReplayEnded())
+        self.sampler.on_ended = self._replay_ended
         self.sampler.start()
+
+    def _replay_ended(self) -> None:
+        self.monitor.post_message(ReplayEnded())
 
     def _snapshot_taken(self, snap: Snapshot) -> None:
         self.monitor.post_message(SnapshotTaken(snap))  # thread-safe

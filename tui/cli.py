@@ -46,10 +46,16 @@ def monitor_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"infertop {_version()}")
     _common(parser)
-    parser.add_argument("--replay", type=Path, metavar="FILE", help="play a recording instead of live telemetry")
-    parser.add_argument("--speed", type=float, default=1.0, metavar="X", help="replay speed (default 1 = real time)")
+    parser.add_argument(
+        "--replay", type=Path, metavar="FILE", help="play a recording instead of live telemetry"
+    )
+    parser.add_argument(
+        "--speed", type=float, default=1.0, metavar="X", help="replay speed (default 1 = real time)"
+    )
     parser.add_argument("--loop", action="store_true", help="replay in a loop")
-    parser.add_argument("--record", type=Path, metavar="FILE", help="record to FILE (NDJSON) while monitoring")
+    parser.add_argument(
+        "--record", type=Path, metavar="FILE", help="record to FILE (NDJSON) while monitoring"
+    )
     return parser
 
 
@@ -134,7 +140,10 @@ def run_record(argv: Sequence[str]) -> int:
         sampler.stop()
         return _fail(f"cannot write {args.file}: {exc.strerror or exc}")
     what = ", ".join(g.name for g in info.gpus) or f"no GPUs ({info.message})"
-    print(f"infertop: recording {what} to {args.file} every {config.interval_s:g} s; Ctrl-C stops", file=sys.stderr)
+    print(
+        f"infertop: recording {what} to {args.file} every {config.interval_s:g} s; Ctrl-C stops",
+        file=sys.stderr,
+    )
     sampler.add_listener(recorder)
     stop = {"now": False}
 

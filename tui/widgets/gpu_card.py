@@ -129,7 +129,9 @@ class GpuCard(Widget):
     def _render_full(self, s: GpuSample, width: int) -> Text:
         lines: list[Text] = []
         if self.info.gpm_supported:
-            value = Text.assemble((fmt.pct(s.dram_bw_util_pct).rjust(4), "bold"), "  ", fmt.gbps(s.dram_bw_gbps))
+            value = Text.assemble(
+                (fmt.pct(s.dram_bw_util_pct).rjust(4), "bold"), "  ", fmt.gbps(s.dram_bw_gbps)
+            )
             lines.append(self._row("DRAM BW", value, "dram_bw_util_pct", 100.0, width))
             value = Text.assemble(
                 (fmt.pct(s.sm_active_pct).rjust(4), "bold"), f"  tensor {fmt.pct(s.tensor_active_pct)}"
@@ -195,7 +197,9 @@ class GpuCard(Widget):
         line.append(f"↑{fmt.rate_bytes(s.pcie_tx_bytes_per_s)} ↓{fmt.rate_bytes(s.pcie_rx_bytes_per_s)}")
         if s.nvlink_tx_bytes_per_s is not None or (self.info.nvlink_links or 0) > 0:
             line.append("  NVLink ", style="dim")
-            line.append(f"↑{fmt.rate_bytes(s.nvlink_tx_bytes_per_s)} ↓{fmt.rate_bytes(s.nvlink_rx_bytes_per_s)}")
+            line.append(
+                f"↑{fmt.rate_bytes(s.nvlink_tx_bytes_per_s)} ↓{fmt.rate_bytes(s.nvlink_rx_bytes_per_s)}"
+            )
         return line
 
     # --- compact row ---------------------------------------------------------------------------------

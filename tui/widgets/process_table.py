@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from rich.text import Text
 from textual.widgets import DataTable
+from textual.widgets.data_table import RowDoesNotExist
 
 from tui import format as fmt
 from tuner.telemetry.model import GpuProcess
@@ -111,7 +113,5 @@ class ProcessTable(DataTable[Text | str]):
                 key=f"{p.gpu_index}:{p.pid}",
             )
         if selected is not None:
-            try:
+            with contextlib.suppress(RowDoesNotExist):  # the selected process ended
                 self.move_cursor(row=self.get_row_index(f"{selected.gpu_index}:{selected.pid}"))
-            except Exception:
-                pass  # the selected process ended

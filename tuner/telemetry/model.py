@@ -217,14 +217,14 @@ def gpu_info_from_dict(d: dict[str, Any]) -> GpuInfo:
     d = dict(d)
     if d.get("compute_capability") is not None:
         d["compute_capability"] = tuple(d["compute_capability"])
-    return _build(GpuInfo, d)  # type: ignore[no-any-return]
+    return _build(GpuInfo, d)
 
 
 def system_info_from_dict(d: dict[str, Any]) -> SystemInfo:
     d = dict(d)
     d["state"] = GpuState(d.get("state", "ok"))
     d["gpus"] = tuple(gpu_info_from_dict(g) for g in d.get("gpus", ()))
-    return _build(SystemInfo, d)  # type: ignore[no-any-return]
+    return _build(SystemInfo, d)
 
 
 def gpu_sample_from_dict(d: dict[str, Any]) -> GpuSample:
@@ -233,7 +233,7 @@ def gpu_sample_from_dict(d: dict[str, Any]) -> GpuSample:
         d["clock_event_reasons"] = tuple(d["clock_event_reasons"])
     if d.get("processes") is not None:
         d["processes"] = tuple(_build(GpuProcess, p) for p in d["processes"])
-    return _build(GpuSample, d)  # type: ignore[no-any-return]
+    return _build(GpuSample, d)
 
 
 def snapshot_from_dict(d: dict[str, Any]) -> Snapshot:

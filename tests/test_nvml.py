@@ -1,0 +1,709 @@
+"""NvmlBackend against the scripted NVML: conversions, start-up states, faults, fallbacks, GPM, processes."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pynvml
+import pytest
+
+from tuner.telemetry import nvml, scripted
+from tuner.telemetry.backend import GpuLostError
+from tuner.telemetry.model import GpuSample, GpuState
+from tuner.telemetry.nvml import NvmlBackend
+from tuner.telemetry.scripted import MIB, ManualClock, ScriptedNvml, nvml_error, scripted_backend, steady_load
+
+GPM_FIELDS = (
+    "dram_bw_util_pct",
+    "dram_bw_gbps",
+    "sm_active_pct",
+    "sm_occupancy_pct",
+    "tensor_active_pct",
+    "pcie_tx_bytes_per_s",
+    "pcie_rx_bytes_per_s",
+    "nvlink_tx_bytes_per_s",
+    "nvlink_rx_bytes_per_s",
+)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(start_s=1_800_000_020.0)  # 20 s into the decode cycle: decode phase
+
+
+def opened(fake: ScriptedNvml) -> NvmlBackend:
+    backend = scripted_backend(fake)
+    info = backend.open()
+    assert info.state is GpuState.OK, info.message
+    return backend
+
+
+def tick(
+    backend: NvmlBackend, clock: ManualClock, *, slow: bool = False, dt_s: float = 0.25
+) -> tuple[GpuSample, ...]:
+    return backend.read(clock.advance(dt_s), slow=slow)
+
+
+# --- the names we rely on are pynvml's ----------------------------------------------------------------------
+
+
+def test_backend_constants_are_pynvml_constants() -> None:
+    for name, value in vars(nvml).items():
+        if name.startswith(
+            ("NVML_ERROR_", "NVML_FI_", "NVML_CLOCK_", "NVML_TEMPERATURE_", "NVML_DEVICE_MIG", "NVML_PSTATE_")
+        ):
+            assert getattr(pynvml, name) == value, name
+    assert nvml.NVML_GPM_METRICS_GET_VERSION == pynvml.NVML_GPM_METRICS_GET_VERSION
+    assert nvml.GPM_DRAM_BW_UTIL == pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL
+    assert nvml.GPM_SM_UTIL == pynvml.NVML_GPM_METRIC_SM_UTIL
+    assert nvml.GPM_SM_OCCUPANCY == pynvml.NVML_GPM_METRIC_SM_OCCUPANCY
+    assert nvml.GPM_ANY_TENSOR_UTIL == pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL
+    assert nvml.GPM_PCIE_TX_PER_SEC == pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC
+    assert nvml.GPM_PCIE_RX_PER_SEC == pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC
+    assert nvml.GPM_NVLINK_TOTAL_RX_PER_SEC == pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC
+    assert nvml.GPM_NVLINK_TOTAL_TX_PER_SEC == pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC
+
+
+def test_clock_event_reason_bits_are_pynvml_bits() -> None:
+    pynvml_names = {
+        "gpu_idle": "GpuIdle",
+        "applications_clocks_setting": "ApplicationsClocksSetting",
+        "sw_power_cap": "SwPowerCap",
+        "hw_slowdown": "HwSlowdown",
+        "sync_boost": "SyncBoost",
+        "sw_thermal_slowdown": "SwThermalSlowdown",
+        "hw_thermal_slowdown": "HwThermalSlowdown",
+        "hw_power_brake_slowdown": "HwPowerBrakeSlowdown",
+        "display_clock_setting": "DisplayClockSetting",
+    }
+    for bit, name in nvml.CLOCK_EVENT_REASONS:
+        assert getattr(pynvml, "nvmlClocksEventReason" + pynvml_names[name]) == bit
+        assert getattr(pynvml, "nvmlClocksThrottleReason" + pynvml_names[name]) == bit
+
+
+def test_scripted_module_mirrors_pynvml_names_and_values() -> None:
+    fake = scripted.h100_sxm()
+    functions = [n for n, _ in inspect.getmembers(ScriptedNvml, inspect.isfunction) if n.startswith("nvml")]
+    assert len(functions) > 30
+    for name in functions:
+        assert callable(getattr(pynvml, name, None)), f"pynvml has no {name}"
+    for name in dir(fake):
+        if name.startswith(("NVML_", "nvmlMemory_", "nvmlClocksEventReason")) and not name.endswith("_MAX"):
+            assert getattr(pynvml, name) == getattr(fake, name), name
+    for class_name in scripted.ERROR_CLASS_NAMES:
+        real, fake_class = getattr(pynvml, class_name), getattr(fake, class_name)
+        assert issubclass(fake_class, fake.NVMLError)
+        assert pynvml.NVMLError(fake_class.value).__class__ is real
+    struct_fields = {f[0] for f in pynvml.c_nvmlGpmMetricsGet_t._fields_}
+    assert {"version", "numMetrics", "sample1", "sample2", "metrics"} <= struct_fields
+    assert {"metricId", "nvmlReturn", "value"} <= {f[0] for f in pynvml.c_nvmlGpmMetric_t._fields_}
+
+
+def test_pynvml_documents_gpm_link_rates_in_mib_per_second() -> None:
+    source = inspect.getsource(pynvml)
+    for name in ("NVML_GPM_METRIC_PCIE_TX_PER_SEC", "NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC"):
+        line = next(line for line in source.splitlines() if line.startswith(name))
+        assert "MiB/sec" in line
+
+
+# --- conversions --------------------------------------------------------------------------------------------
+
+
+def test_unit_helpers() -> None:
+    assert nvml.mw_to_w(481_234) == pytest.approx(481.234)
+    assert nvml.mw_to_w(None) is None
+    assert nvml.gpm_dram_gbps(50.0, 3350.0) == pytest.approx(1675.0)
+    assert nvml.gpm_dram_gbps(None, 3350.0) is None
+    assert nvml.gpm_dram_gbps(50.0, None) is None
+    assert nvml.mib_per_s_to_bytes(2.0) == 2 * 1024 * 1024
+    assert nvml.mib_per_s_to_bytes(None) is None
+
+
+def test_clock_event_reasons_decode_to_names() -> None:
+    assert nvml.decode_clock_event_reasons(0) == ()
+    assert nvml.decode_clock_event_reasons(0x4 | 0x40) == ("sw_power_cap", "hw_thermal_slowdown")
+    assert nvml.decode_clock_event_reasons(0x1FF) == tuple(name for _, name in nvml.CLOCK_EVENT_REASONS)
+    assert nvml.decode_clock_event_reasons(0x200 | 0x8) == ("hw_slowdown",)  # unknown bits are ignored
+
+
+def test_readings_are_converted_to_the_models_units(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(dram_bw_util_pct=50.0, power_frac=0.7))
+    backend = opened(fake)
+    tick(backend, clock, slow=True)
+    (sample,) = tick(backend, clock)
+    total = scripted.H100_SXM.vram_total_bytes
+    assert sample.vram_total_bytes == total == 81_559 * MIB
+    assert sample.vram_used_bytes == int(total * 0.9)  # v2: driver-reserved memory not counted as used
+    assert sample.power_w == pytest.approx(490.0)  # 490,000 mW
+    assert sample.power_limit_w == pytest.approx(700.0)
+    assert sample.gpu_util_pct == 100.0
+    assert sample.mem_busy_pct == 64.0
+    assert sample.dram_bw_util_pct == pytest.approx(50.0)
+    assert sample.dram_bw_gbps == pytest.approx(1675.0)  # 50 % of the H100 SXM's 3350 GB/s
+    assert sample.pcie_tx_bytes_per_s == pytest.approx(10 * 1024 * 1024)
+    assert sample.pcie_rx_bytes_per_s == pytest.approx(20 * 1024 * 1024)
+    assert sample.gpu_temp_c == round(30 + 38 * 0.7)
+    assert sample.mem_temp_c == sample.gpu_temp_c + 7
+    assert sample.sm_clock_mhz == 1980 and sample.mem_clock_mhz == 2619
+    assert sample.clock_event_reasons == ()
+    assert sample.pstate == 0
+    assert sample.fan_pct is None  # SXM boards have no fan of their own
+    assert sample.error is None
+
+
+def test_unknown_pstate_is_none(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    backend = opened(fake)
+    fake.nvmlDeviceGetPerformanceState = lambda handle: pynvml.NVML_PSTATE_UNKNOWN  # type: ignore[method-assign]
+    (sample,) = tick(backend, clock)
+    assert sample.pstate is None
+    fake.nvmlDeviceGetPerformanceState = lambda handle: 2  # type: ignore[method-assign]
+    (sample,) = tick(backend, clock)
+    assert sample.pstate == 2
+
+
+def test_energy_interval_is_the_counter_delta_between_slow_reads(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(power_frac=0.7))
+    backend = opened(fake)
+    (first,) = tick(backend, clock, slow=True)
+    assert first.energy_counter_j == pytest.approx(int(fake.devices[0].energy_mj) / 1000)
+    assert first.energy_interval_j is None  # one counter reading is no interval
+    tick(backend, clock)
+    tick(backend, clock)
+    tick(backend, clock)
+    (second,) = tick(backend, clock, slow=True)
+    assert second.energy_interval_s == pytest.approx(1.0)
+    assert second.energy_interval_j == pytest.approx(490.0, abs=0.002)  # 490 W for 1 s, counter in whole mJ
+    assert first.energy_counter_j is not None and second.energy_counter_j is not None
+    assert second.energy_counter_j - first.energy_counter_j == pytest.approx(second.energy_interval_j)
+
+
+def test_energy_counter_going_backwards_gives_no_interval(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(power_frac=0.5))
+    backend = opened(fake)
+    tick(backend, clock, slow=True)
+    fake.devices[0].energy_mj = 1_000.0  # the driver was reloaded: the counter restarted
+    (after_reset,) = tick(backend, clock, slow=True, dt_s=1.0)
+    assert after_reset.energy_counter_j == pytest.approx(1.0 + 350.0, abs=0.002)  # restarted at 1 J
+    assert after_reset.energy_interval_j is None and after_reset.energy_interval_s is None
+    (next_one,) = tick(backend, clock, slow=True, dt_s=1.0)
+    assert next_one.energy_interval_j == pytest.approx(350.0, abs=0.002)
+
+
+def test_fast_ticks_repeat_the_last_slow_values(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    backend = opened(fake)
+    (slow,) = tick(backend, clock, slow=True)
+    energy_calls = fake.calls["nvmlDeviceGetTotalEnergyConsumption"]
+    (fast,) = tick(backend, clock)
+    assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == energy_calls
+    assert fast.energy_counter_j == slow.energy_counter_j is not None
+    assert fast.processes == slow.processes is not None
+
+
+def test_first_read_is_slow_even_when_asked_for_a_fast_one(clock: ManualClock) -> None:
+    backend = opened(scripted.h100_sxm(clock=clock))
+    (sample,) = tick(backend, clock, slow=False)
+    assert sample.energy_counter_j is not None
+    assert sample.processes is not None
+
+
+# --- start-up states ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fake", "state", "message_part"),
+    [
+        (scripted.no_library, GpuState.NO_DRIVER, "No NVIDIA driver found (libnvidia-ml.so not loadable)"),
+        (scripted.driver_not_loaded, GpuState.NO_DRIVER, "not loaded"),
+        (scripted.no_permission, GpuState.PERMISSION_DENIED, "Insufficient Permissions"),
+        (scripted.zero_gpus, GpuState.NO_GPU, "sees no GPU"),
+        (scripted.driver_mismatch, GpuState.DRIVER_MISMATCH, "versions differ"),
+        (
+            lambda: ScriptedNvml([scripted.H100_SXM], init_error=scripted.NVML_ERROR_UNKNOWN),
+            GpuState.ERROR,
+            "NVML failed to start: Unknown Error",
+        ),
+    ],
+)
+def test_startup_failures_become_states(fake: Any, state: GpuState, message_part: str) -> None:
+    module = fake()
+    backend = scripted_backend(module)
+    info = backend.open()
+    assert info.state is state
+    assert message_part in info.message
+    assert "\n" not in info.message
+    assert info.gpus == ()
+    assert backend.read(1.0, slow=True) == ()
+    assert module.initialized is False  # a failed start leaves NVML shut down
+    backend.close()
+
+
+def test_library_that_cannot_be_loaded_at_all_is_no_driver() -> None:
+    class Unloadable(ScriptedNvml):
+        def nvmlInit(self) -> None:
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    info = scripted_backend(Unloadable([])).open()
+    assert info.state is GpuState.NO_DRIVER
+    assert info.message == "No NVIDIA driver found (libnvidia-ml.so not loadable)"
+
+
+def test_missing_bindings_are_no_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    info = NvmlBackend().open()
+    assert info.state is GpuState.NO_DRIVER
+    assert "nvidia-ml-py" in info.message
+
+
+def test_real_pynvml_without_a_driver_is_no_driver() -> None:
+    backend = NvmlBackend()  # the installed nvidia-ml-py, for real
+    info = backend.open()
+    try:
+        if info.state is GpuState.OK:
+            pytest.skip("this machine has an NVIDIA driver")
+        assert info.state is GpuState.NO_DRIVER
+        assert info.message == "No NVIDIA driver found (libnvidia-ml.so not loadable)"
+    finally:
+        backend.close()
+
+
+def test_a_failed_start_is_retried_by_the_next_open() -> None:
+    module = scripted.no_permission()
+    backend = scripted_backend(module)
+    assert backend.open().state is GpuState.PERMISSION_DENIED
+    module.init_error = None  # the user fixed the permissions
+    info = backend.open()
+    assert info.state is GpuState.OK
+    assert len(info.gpus) == 1
+    backend.close()
+
+
+def test_open_reads_static_facts(clock: ManualClock) -> None:
+    backend = scripted_backend(scripted.h100_sxm(2, clock=clock))
+    info = backend.open()
+    assert info.state is GpuState.OK and info.source == "scripted"
+    assert (info.driver_version, info.cuda_driver_version, info.nvml_version) == (
+        "580.95.05",
+        "13.0",
+        "13.580.95.05",
+    )
+    assert [g.index for g in info.gpus] == [0, 1]
+    gpu = info.gpus[0]
+    assert gpu.name == "NVIDIA H100 80GB HBM3" and gpu.uuid.startswith("GPU-")
+    assert gpu.uuid != info.gpus[1].uuid
+    assert (gpu.peak_dram_bw_gbps, gpu.peak_dram_bw_source) == (3350.0, "datasheet")
+    assert gpu.gpm_supported and gpu.fp8_supported and gpu.compute_capability == (9, 0)
+    assert gpu.power_limit_default_w == 700.0
+    assert (gpu.sm_clock_max_mhz, gpu.mem_clock_max_mhz) == (1980, 2619)
+    assert (gpu.pcie_gen_max, gpu.pcie_width_max, gpu.nvlink_links) == (5, 16, 18)
+    assert gpu.mig_enabled is False
+    assert gpu.vram_total_bytes == 81_559 * MIB
+    assert backend.open() is info  # opening twice is harmless
+    backend.close()
+
+
+def test_unknown_gpu_gets_derived_peak_bandwidth() -> None:
+    spec = scripted.FakeGpuSpec(
+        name="NVIDIA Future GPU",
+        vram_total_bytes=96 * 1024 * MIB,
+        compute_capability=(12, 0),
+        power_limit_w=600,
+        sm_clock_max_mhz=2500,
+        mem_clock_max_mhz=3000,
+        bus_width_bits=4096,
+        pcie_gen=6,
+        pcie_width=16,
+        nvlink_links=None,
+        gpm=True,
+        mem_temp=True,
+        fan=False,
+        mig_capable=False,
+    )
+    info = scripted_backend(ScriptedNvml([spec])).open()
+    assert info.gpus[0].peak_dram_bw_source == "derived"
+    assert info.gpus[0].peak_dram_bw_gbps == pytest.approx(3072.0)
+    assert info.gpus[0].fp8_supported is True
+    assert info.gpus[0].mig_enabled is None  # not MIG-capable: NVML says "not supported"
+
+
+def test_a_gpu_whose_handle_cannot_be_had_keeps_a_card_with_an_error(clock: ManualClock) -> None:
+    class SecondGpuLost(ScriptedNvml):
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+            if index == 1:
+                raise nvml_error(scripted.NVML_ERROR_GPU_IS_LOST)
+            return super().nvmlDeviceGetHandleByIndex(index)
+
+    backend = scripted_backend(SecondGpuLost([scripted.H100_SXM] * 2, clock=clock))
+    info = backend.open()
+    assert info.state is GpuState.OK
+    assert len(info.gpus) == 2 and info.gpus[1].name == "NVIDIA GPU (unreadable)"
+    good, lost = tick(backend, clock)
+    assert good.error is None and good.power_w is not None
+    assert lost.error == "GPU 1 unreadable: GPU is lost" and lost.power_w is None
+    backend.close()
+
+
+def test_no_handle_at_all_is_a_startup_state() -> None:
+    class NoAccess(ScriptedNvml):
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+            raise nvml_error(scripted.NVML_ERROR_NO_PERMISSION)
+
+    assert scripted_backend(NoAccess([scripted.H100_SXM] * 2)).open().state is GpuState.PERMISSION_DENIED
+
+
+# --- faults while running -----------------------------------------------------------------------------------
+
+
+def test_gpu_lost_mid_run_marks_that_gpu_and_the_others_continue(clock: ManualClock) -> None:
+    fake = scripted.gpu_lost_after(3, gpu_index=1, n_gpus=2, clock=clock)
+    backend = opened(fake)
+    for _ in range(3):
+        assert all(s.error is None for s in tick(backend, clock))
+    good, lost = tick(backend, clock, slow=True)
+    assert good.error is None and good.power_w is not None and good.energy_counter_j is not None
+    assert lost.index == 1 and lost.error is not None and lost.error.startswith("GPU lost: GPU is lost")
+    assert all(getattr(lost, f) is None for f in ("power_w", "vram_used_bytes", "processes", *GPM_FIELDS))
+    memory_calls = fake.calls["nvmlDeviceGetMemoryInfo_v2"]  # the first call of every GPU's tick
+    good, lost = tick(backend, clock)
+    assert good.error is None and lost.error is not None and lost.error.startswith("GPU lost")
+    # Only GPU 0 was asked: a lost GPU stays lost until it is reset, so the backend stops calling it.
+    assert fake.calls["nvmlDeviceGetMemoryInfo_v2"] == memory_calls + 1
+    backend.close()
+
+
+def test_unknown_error_on_a_gpu_is_shown_for_that_tick_only(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(2, clock=clock)
+    backend = opened(fake)
+    tick(backend, clock)
+    real_power = fake.nvmlDeviceGetPowerUsage
+
+    def flaky(handle: Any) -> int:
+        if handle.index == 0:
+            raise nvml_error(scripted.NVML_ERROR_UNKNOWN)
+        return real_power(handle)
+
+    fake.nvmlDeviceGetPowerUsage = flaky  # type: ignore[method-assign]
+    first, second = tick(backend, clock)
+    assert first.error == "GPU lost: Unknown Error" and second.error is None
+    fake.nvmlDeviceGetPowerUsage = real_power  # type: ignore[method-assign]
+    first, _ = tick(backend, clock)
+    assert first.error is None and first.power_w is not None
+    assert first.dram_bw_util_pct is None  # GPM restarts after the gap: one sample is not an interval
+    first, _ = tick(backend, clock)
+    assert first.dram_bw_util_pct is not None
+
+
+def test_transient_error_gives_none_this_tick_and_is_asked_again(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    backend = opened(fake)
+    real_power = fake.nvmlDeviceGetPowerUsage
+    fake.nvmlDeviceGetPowerUsage = lambda handle: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        nvml_error(scripted.NVML_ERROR_TIMEOUT)
+    )
+    (sample,) = tick(backend, clock)
+    assert sample.power_w is None and sample.error is None and sample.gpu_util_pct is not None
+    fake.nvmlDeviceGetPowerUsage = real_power  # type: ignore[method-assign]
+    (sample,) = tick(backend, clock)
+    assert sample.power_w is not None
+
+
+def test_driver_gone_mid_run_raises_gpu_lost_error(clock: ManualClock) -> None:
+    fake = scripted.driver_gone_after(2, n_gpus=2, clock=clock)
+    backend = opened(fake)
+    tick(backend, clock)
+    tick(backend, clock)
+    with pytest.raises(GpuLostError, match="stopped answering"):
+        tick(backend, clock)
+    backend.close()  # the driver is gone: clean-up must not raise either
+    backend.close()
+
+
+def test_driver_not_loaded_mid_run_also_raises_gpu_lost_error(clock: ManualClock) -> None:
+    fake = scripted.driver_gone_after(1, clock=clock, driver_gone_error=scripted.NVML_ERROR_DRIVER_NOT_LOADED)
+    backend = opened(fake)
+    tick(backend, clock)
+    with pytest.raises(GpuLostError):
+        tick(backend, clock)
+
+
+# --- old drivers and old bindings ---------------------------------------------------------------------------
+
+
+def test_old_driver_falls_back_to_older_functions(clock: ManualClock) -> None:
+    fake = scripted.old_driver(clock=clock, load=steady_load())
+    backend = opened(fake)
+    assert backend.open().gpus[0].gpm_supported is False
+    for i in range(4):
+        (sample,) = tick(backend, clock, slow=i == 0)
+    total = scripted.A100_80GB.vram_total_bytes
+    assert sample.vram_used_bytes == int(total * 0.9) + 543 * MIB  # v1 counts reserved memory as used
+    assert sample.clock_event_reasons == ()  # read through the older ...ThrottleReasons name
+    assert sample.processes is not None and len(sample.processes) == 2  # through the _v2 process lists
+    assert all(getattr(sample, f) is None for f in GPM_FIELDS)
+    # Each missing function was tried once, then never again.
+    assert fake.calls["nvmlDeviceGetMemoryInfo_v2"] == 1
+    assert fake.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 1
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 1
+    assert fake.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 4
+    assert fake.calls["nvmlDeviceGetMemoryInfo"] == 5  # once at open, once per tick
+    assert fake.calls["nvmlGpmSampleGet"] == 0
+
+
+def test_old_bindings_without_functions_fall_back_too(clock: ManualClock) -> None:
+    fake = ScriptedNvml(
+        [scripted.H100_SXM],
+        clock=clock,
+        absent_functions=[
+            "nvmlDeviceGetCurrentClocksEventReasons",
+            "nvmlGpmQueryDeviceSupport",
+            "nvmlMemory_v2",
+            "nvmlDeviceGetTemperature",
+        ],
+    )
+    backend = opened(fake)
+    (sample,) = tick(backend, clock)
+    assert sample.clock_event_reasons is not None
+    assert sample.gpu_temp_c is not None  # through nvmlDeviceGetTemperatureV
+    assert sample.vram_used_bytes is not None
+    assert fake.calls["nvmlDeviceGetMemoryInfo_v2"] == 0
+    assert backend.open().gpus[0].gpm_supported is False
+
+
+# --- unsupported metrics, GPM -------------------------------------------------------------------------------
+
+
+def test_unsupported_metrics_are_none_and_not_asked_again(clock: ManualClock) -> None:
+    fake = scripted.l4(clock=clock)
+    backend = opened(fake)
+    (sample,) = tick(backend, clock)
+    after_first = dict(fake.calls)
+    for _ in range(5):
+        (sample,) = tick(backend, clock)
+    assert sample.fan_pct is None and sample.mem_temp_c is None
+    assert fake.calls["nvmlDeviceGetFanSpeed"] == after_first["nvmlDeviceGetFanSpeed"] == 1
+    assert fake.calls["nvmlDeviceGetFieldValues"] == after_first["nvmlDeviceGetFieldValues"]
+    assert fake.calls["nvmlDeviceGetPowerUsage"] == 6  # a supported metric is read every tick
+
+
+def test_l4_has_no_gpm_fields_but_has_the_duty_cycle(clock: ManualClock) -> None:
+    fake = scripted.l4(clock=clock, load=steady_load(power_frac=0.5))
+    backend = opened(fake)
+    info = backend.open().gpus[0]
+    assert not info.gpm_supported and info.fp8_supported and info.peak_dram_bw_gbps == 300.0
+    assert info.nvlink_links is None and info.mig_enabled is None
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.mem_busy_pct == 64.0 and sample.gpu_util_pct == 100.0
+    assert sample.power_w == pytest.approx(36.0)
+    assert all(getattr(sample, f) is None for f in GPM_FIELDS)
+    assert fake.calls["nvmlGpmSampleAlloc"] == 0 and fake.calls["nvmlGpmSampleGet"] == 0
+
+
+def test_gpm_first_tick_is_none_then_values(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(2, clock=clock, load=steady_load(dram_bw_util_pct=47.0, sm_active_pct=35.0))
+    backend = opened(fake)
+    first = tick(backend, clock)
+    assert all(getattr(s, f) is None for s in first for f in GPM_FIELDS)
+    second = tick(backend, clock)
+    for sample in second:
+        assert sample.dram_bw_util_pct == pytest.approx(47.0)
+        assert sample.dram_bw_gbps == pytest.approx(0.47 * 3350)
+        assert sample.sm_active_pct == pytest.approx(35.0)
+        assert sample.sm_occupancy_pct == pytest.approx(20.0)
+        assert sample.tensor_active_pct == pytest.approx(18.0)
+        assert sample.nvlink_rx_bytes_per_s == sample.nvlink_tx_bytes_per_s == pytest.approx(1000 * MIB)
+    assert fake.calls["nvmlGpmSampleAlloc"] == 4  # two per GPU, once
+    tick(backend, clock)
+    assert fake.calls["nvmlGpmSampleAlloc"] == 4
+    assert fake.calls["nvmlGpmMetricsGet"] == 4  # from the second tick on, one per GPU per tick
+
+
+def test_gpm_metric_a_gpu_lacks_is_none_and_dropped(clock: ManualClock) -> None:
+    pcie_h100 = scripted.FakeGpuSpec(**{**_spec_fields(scripted.H100_SXM), "nvlink_links": None})
+    fake = ScriptedNvml([pcie_h100], clock=clock, load=steady_load())
+    backend = opened(fake)
+    tick(backend, clock)
+    (sample,) = tick(backend, clock)
+    assert sample.nvlink_rx_bytes_per_s is None and sample.nvlink_tx_bytes_per_s is None
+    assert sample.dram_bw_util_pct == pytest.approx(50.0)
+
+    requested: list[list[int]] = []
+    real_get = fake.nvmlGpmMetricsGet
+
+    def spy(request: Any) -> Any:
+        requested.append([m.metricId for m in request.metrics[: request.numMetrics]])
+        return real_get(request)
+
+    fake.nvmlGpmMetricsGet = spy  # type: ignore[method-assign]
+    tick(backend, clock)
+    assert nvml.GPM_NVLINK_TOTAL_RX_PER_SEC not in requested[0]
+    assert nvml.GPM_DRAM_BW_UTIL in requested[0]
+
+
+def test_gpm_call_failing_as_a_whole_falls_back_to_the_core_metrics(clock: ManualClock) -> None:
+    class StrictGpm(ScriptedNvml):
+        def nvmlGpmMetricsGet(self, request: Any) -> Any:
+            if any(m.metricId >= 20 for m in request.metrics[: request.numMetrics]):
+                self.calls["nvmlGpmMetricsGet"] += 1
+                raise nvml_error(scripted.NVML_ERROR_NOT_SUPPORTED)
+            return super().nvmlGpmMetricsGet(request)
+
+    fake = StrictGpm([scripted.H100_SXM], clock=clock, load=steady_load())
+    backend = opened(fake)
+    tick(backend, clock)
+    (failed,) = tick(backend, clock)
+    assert failed.dram_bw_util_pct is None and failed.error is None
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct == pytest.approx(50.0) and sample.sm_active_pct == pytest.approx(35.0)
+    assert sample.pcie_rx_bytes_per_s is None and sample.nvlink_rx_bytes_per_s is None
+    assert fake.calls["nvmlGpmMetricsGet"] == 4  # one failure, then every tick
+
+
+def test_gpm_given_up_when_even_the_core_metrics_fail(clock: ManualClock) -> None:
+    class NoGpmMetrics(ScriptedNvml):
+        def nvmlGpmMetricsGet(self, request: Any) -> Any:
+            self.calls["nvmlGpmMetricsGet"] += 1
+            raise nvml_error(scripted.NVML_ERROR_NOT_SUPPORTED)
+
+    fake = NoGpmMetrics([scripted.H100_SXM], clock=clock)
+    backend = opened(fake)
+    for _ in range(6):
+        (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct is None and sample.power_w is not None
+    assert fake.calls["nvmlGpmMetricsGet"] == 2  # full set, core set, then never again
+
+
+def test_mig_mode_reports_gpm_unsupported(clock: ManualClock) -> None:
+    mig_h100 = scripted.FakeGpuSpec(**{**_spec_fields(scripted.H100_SXM), "mig_enabled": True})
+    fake = ScriptedNvml([mig_h100], clock=clock)
+    backend = opened(fake)
+    gpu = backend.open().gpus[0]
+    assert gpu.mig_enabled is True and gpu.gpm_supported is False
+    tick(backend, clock)
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct is None and sample.mem_busy_pct is not None
+    assert fake.calls["nvmlGpmSampleAlloc"] == 0
+
+
+def _spec_fields(spec: scripted.FakeGpuSpec) -> dict[str, Any]:
+    return {name: getattr(spec, name) for name in scripted.FakeGpuSpec.__dataclass_fields__}
+
+
+# --- processes ----------------------------------------------------------------------------------------------
+
+
+def test_processes_are_enriched_from_the_host(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    backend = opened(fake)
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.processes is not None
+    mine = next(p for p in sample.processes if p.pid == os.getpid())
+    me = psutil.Process()
+    assert mine.kind == "compute" and mine.gpu_index == 0
+    assert mine.user == me.username() and mine.name == me.name()
+    assert mine.command is not None and mine.command.startswith(me.cmdline()[0])
+    assert mine.host_rss_bytes is not None and mine.host_rss_bytes > 10 * MIB
+    assert mine.cpu_pct is None  # psutil's first cpu_percent() has nothing to compare with
+    assert mine.vram_used_bytes == int(scripted.H100_SXM.vram_total_bytes * 0.9) - 512 * MIB
+    sum(range(200_000))  # spend a little CPU between the two reads
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.processes is not None
+    mine = next(p for p in sample.processes if p.pid == os.getpid())
+    assert isinstance(mine.cpu_pct, float)
+
+
+def test_invisible_process_keeps_its_gpu_facts_with_host_fields_none(clock: ManualClock) -> None:
+    backend = opened(scripted.h100_sxm(clock=clock))
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.processes is not None
+    ghost = next(p for p in sample.processes if p.pid == scripted.INVISIBLE_PID)
+    assert ghost.vram_used_bytes == 512 * MIB
+    assert (ghost.user, ghost.name, ghost.command, ghost.cpu_pct, ghost.host_rss_bytes) == (None,) * 5
+
+
+def test_access_denied_fields_are_none(clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(self: psutil.Process) -> str:
+        raise psutil.AccessDenied(self.pid)
+
+    monkeypatch.setattr(psutil.Process, "username", denied)
+    backend = opened(scripted.h100_sxm(clock=clock))
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.processes is not None
+    mine = next(p for p in sample.processes if p.pid == os.getpid())
+    assert mine.user is None and mine.name is not None
+
+
+@pytest.fixture
+def long_command_process() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "x" * 500])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_long_command_lines_are_truncated_and_kinds_kept(
+    clock: ManualClock, long_command_process: subprocess.Popen[bytes]
+) -> None:
+    processes = [
+        scripted.FakeProcess(long_command_process.pid, 0, 2 * 1024 * MIB, "compute"),
+        scripted.FakeProcess(os.getpid(), 0, None, "graphics"),
+    ]
+    backend = opened(scripted.h100_sxm(clock=clock, processes=processes))
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.processes is not None
+    by_pid = {p.pid: p for p in sample.processes}
+    long = by_pid[long_command_process.pid]
+    assert long.command is not None and len(long.command) == nvml.COMMAND_MAX_CHARS
+    assert long.command.endswith("…") and "time.sleep(60)" in long.command
+    graphics = by_pid[os.getpid()]
+    assert graphics.kind == "graphics" and graphics.vram_used_bytes is None
+
+
+def test_a_process_on_several_gpus_appears_on_each(clock: ManualClock) -> None:
+    backend = opened(scripted.h100_sxm(4, clock=clock))
+    samples = tick(backend, clock, slow=True)
+    for sample in samples:
+        assert sample.processes is not None
+        assert [p.gpu_index for p in sample.processes if p.pid == os.getpid()] == [sample.index]
+
+
+# --- clean-up, the scripted load, the benchmark helper ------------------------------------------------------
+
+
+def test_close_frees_gpm_samples_and_shuts_down_once(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(2, clock=clock)
+    backend = opened(fake)
+    tick(backend, clock)
+    assert fake.gpm_samples_live == 4
+    backend.close()
+    backend.close()
+    assert fake.gpm_samples_live == 0
+    assert fake.initialized is False
+    assert fake.calls["nvmlShutdown"] == 1
+    assert backend.read(clock.advance(0.25), slow=True) == ()
+
+
+def test_decode_load_looks_like_a_busy_h100() -> None:
+    cycle_start = ManualClock(start_s=1_800_000_000.0)  # a multiple of the 60 s cycle: starts idle
+    backend = opened(scripted.h100_sxm(clock=cycle_start))
+    samples = [tick(backend, cycle_start)[0] for _ in range(240)]  # one 60 s cycle at 4 Hz
+    decode = [s for s in samples[40:] if s.gpu_util_pct == 100 and s.sm_active_pct and s.sm_active_pct < 50]
+    assert len(decode) > 150
+    assert all(44.0 <= (s.dram_bw_util_pct or 0) <= 51.0 for s in decode)
+    assert all(455.0 <= (s.power_w or 0) <= 505.0 for s in decode)
+    assert any(s.clock_event_reasons == ("gpu_idle",) for s in samples)
+    assert any(s.throttled for s in samples)  # the power cap and the thermal slowdown show up once a cycle
+    assert all(s.power_w is not None and s.power_w <= 700.0 for s in samples)
+
+
+def test_read_benchmark_helper_measures_cpu_per_tick() -> None:
+    per_tick_s = scripted.read_cpu_s_per_tick(2, ticks=20)
+    assert 0.0 < per_tick_s < 0.05
