@@ -215,3 +215,18 @@ async def test_k_terminates_the_selected_process_only_after_yes() -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+async def test_the_shipped_demo_recording_replays_with_dram_bandwidth() -> None:
+    demo = Path(__file__).resolve().parent.parent / "screenshots" / "demo-h100.ndjson"
+    app = make_app(config=NO_DISCOVERY, replay=demo, replay_speed=200.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.workers.wait_for_complete()
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if app.sampler.ended:
+                break
+        await pilot.pause(0.1)
+        assert app.sampler.info.label and "SYNTHETIC" in app.sampler.info.label  # never passed off as real
+        text = text_of(app.monitor.query_one(GpuCard))
+        assert "DRAM BW" in text and "GB/s" in text

@@ -30,7 +30,9 @@ def test_is_vllm_server(cmdline: list[str], expected: bool) -> None:
 
 def test_url_from_flags_listening_ports_and_default() -> None:
     assert url_from_cmdline(["vllm", "serve", "m", "--port", "9001"]) == "http://127.0.0.1:9001"
-    assert url_from_cmdline(["vllm", "serve", "m", "--port=9002", "--host=0.0.0.0"]) == "http://127.0.0.1:9002"
+    assert (
+        url_from_cmdline(["vllm", "serve", "m", "--port=9002", "--host=0.0.0.0"]) == "http://127.0.0.1:9002"
+    )
     assert url_from_cmdline(["vllm", "serve", "m", "--host", "10.1.2.3"]) == "http://10.1.2.3:8000"
     assert url_from_cmdline(["vllm", "serve", "m"], listening_ports=[8123]) == "http://127.0.0.1:8123"
     assert url_from_cmdline(["vllm", "serve", "m", "--host", "::1", "--port", "1"]) == "http://[::1]:1"

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from helpers import prime, scripted_app
+
 from tuner.telemetry import scripted
 
 # Processes in another pid namespace: psutil cannot see them, so nothing about this machine leaks in.
@@ -35,7 +35,9 @@ def _app(nvml_factory: Any, n_gpus: int) -> tuple[Any, scripted.ManualClock]:
         ("l4x2_100x30", scripted.l4, 2, (100, 30)),
     ],
 )
-def test_monitor_snapshot(snap_compare: Any, name: str, factory: Any, n_gpus: int, size: tuple[int, int]) -> None:
+def test_monitor_snapshot(
+    snap_compare: Any, name: str, factory: Any, n_gpus: int, size: tuple[int, int]
+) -> None:
     app, clock = _app(factory, n_gpus)
 
     async def run_before(pilot: Any) -> None:
@@ -58,7 +60,9 @@ def test_no_driver_snapshot(snap_compare: Any) -> None:
 
 def test_gpu_lost_snapshot(snap_compare: Any) -> None:
     clock = scripted.ManualClock()
-    app = scripted_app(scripted.gpu_lost_after(20, gpu_index=1, n_gpus=2, clock=clock, processes=CONTAINER_PROCS[:2]), clock)
+    app = scripted_app(
+        scripted.gpu_lost_after(20, gpu_index=1, n_gpus=2, clock=clock, processes=CONTAINER_PROCS[:2]), clock
+    )
 
     async def run_before(pilot: Any) -> None:
         prime(app, clock, ticks=40)

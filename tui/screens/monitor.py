@@ -72,7 +72,7 @@ class MonitorScreen(Screen[None]):
         if self.cards:
             container.mount_all(self.cards.values())
         if info.state is not GpuState.OK:
-            self.show_banner(f"⚠ {info.message}\n{HINTS.get(info.state, '')}".rstrip(), error=False)
+            self.show_banner(f"! {info.message}\n{HINTS.get(info.state, '')}".rstrip(), error=False)
         self._apply_compact()
 
     def show_banner(self, text: str, *, error: bool) -> None:
@@ -98,7 +98,7 @@ class MonitorScreen(Screen[None]):
                 card.show(sample, series)
         if snap.gpu_error:
             self.show_banner(
-                f"⚠ GPU telemetry stopped: {snap.gpu_error}. Last readings kept; host telemetry is live.",
+                f"! GPU telemetry stopped: {snap.gpu_error}. Last readings kept; host telemetry is live.",
                 error=True,
             )
         engines = self.query_one(EnginePanel)

@@ -46,7 +46,7 @@ class EnginePanel(Widget):
         if e.model_name:
             head.append(f"  {e.model_name}", style="dim")
         if e.error:
-            head.append(f"  ⚠ {e.error}", style="yellow")
+            head.append(f"  ! {e.error}", style="yellow")
             return head
         body = Text()
         body.append("running ", style="dim")

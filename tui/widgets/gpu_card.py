@@ -14,6 +14,7 @@ Series = dict[str, list[float | None]]
 
 LABEL_W = 10
 VALUE_W = 24
+COMPACT_FIXED_W = 66  # everything on a compact row but its sparkline
 SPARK_MAX_W = 60  # wider history stops being readable: a minute at 4 Hz is 240 readings anyway
 
 
@@ -99,7 +100,7 @@ class GpuCard(Widget):
         if s is None:
             return Text("waiting for the first reading…", style="dim")
         if s.error:
-            return Text.assemble(("⚠ ", "bold red"), (s.error, "red"))
+            return Text.assemble(("! ", "bold red"), (s.error, "red"))
         width = max(20, self.size.width)
         if self.compact:
             return self._render_compact(s, width)
@@ -206,26 +207,32 @@ class GpuCard(Widget):
 
     def _render_compact(self, s: GpuSample, width: int) -> Text:
         line = Text()
+        spark_w = max(4, min(40, width - COMPACT_FIXED_W))
         name = self.info.name.replace("NVIDIA ", "")
         line.append(f"{self.info.index} ", style="bold")
-        line.append(f"{name[:14]:<14} ", style="dim")
-        if s.dram_bw_util_pct is not None:
+        line.append(f"{name[:9]:<9} ", style="dim")
+        if self.info.gpm_supported:
             line.append("DRAM ", style="dim")
-            line.append(f"{fmt.pct(s.dram_bw_util_pct):>4} {fmt.gbps(s.dram_bw_gbps):>10} ", style="bold")
-            line.append(self._spark("dram_bw_util_pct", 8, 100.0) + " ", style="cyan")
-            line.append("SM ", style="dim")
-            line.append(f"{fmt.pct(s.sm_active_pct):>4} ", style="bold")
+            line.append(
+                f"{fmt.pct(s.dram_bw_util_pct):>4} {fmt.gbps(s.dram_bw_gbps).replace(' ', ''):>10} ",
+                style="bold",
+            )
+            line.append(self._spark("dram_bw_util_pct", spark_w, 100.0), style="cyan")
+            line.append(" SM ", style="dim")
+            line.append(f"{fmt.pct(s.sm_active_pct):>4}", style="bold")
         else:
-            line.append("util ", style="dim")
+            line.append("busy ", style="dim")
+            line.append(f"{fmt.pct(s.mem_busy_pct):>4}", style="bold")
+            line.append(" util ", style="dim")
             line.append(f"{fmt.pct(s.gpu_util_pct):>4} ", style="bold")
-            line.append("mem busy ", style="dim")
-            line.append(f"{fmt.pct(s.mem_busy_pct):>4} ", style="bold")
-            line.append(self._spark("gpu_util_pct", 8, 100.0) + " ", style="cyan")
-        line.append("VRAM ", style="dim")
+            line.append(self._spark("gpu_util_pct", spark_w + 2, 100.0), style="cyan")
+        line.append(" VRAM ", style="dim")
         line.append(f"{fmt.pct(s.vram_used_pct):>4} ", style=_level_style(s.vram_used_pct, 90, 98))
-        line.append(f"{fmt.watts(s.power_w)}/{fmt.watts(s.power_limit_w)} ", style="bold")
+        power = "n/a" if s.power_w is None else f"{s.power_w:.0f}"
+        limit = "n/a" if s.power_limit_w is None else f"{s.power_limit_w:.0f}"
+        line.append(f"{power:>3}/{limit} W ", style=_level_style(s.power_pct_of_limit, 90, 99))
         line.append(fmt.celsius(s.gpu_temp_c), style=_level_style(s.gpu_temp_c, 80, 88))
         if s.throttled:
-            line.append(" ⚠ " + reason_text(s.clock_event_reasons), style="bold red")
+            line.append(" ! " + reason_text(s.clock_event_reasons), style="bold red")
         line.truncate(width)
         return line

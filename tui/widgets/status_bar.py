@@ -34,6 +34,8 @@ class StatusBar(Widget):
         line = Text()
         line.append("infertop", style="bold")
         info = self.info
+        if info is not None and info.label:
+            line.append(f"  {info.label}", style="bold magenta")
         if info is not None:
             if info.driver_version:
                 line.append(f"  driver {info.driver_version}", style="dim")
@@ -46,8 +48,6 @@ class StatusBar(Widget):
                 line.append(f"  ▶ {info.source}", style="bold magenta")
                 if self.replay_position_s is not None:
                     line.append(f" {self.replay_position_s:5.0f} s", style="magenta")
-            if info.label:
-                line.append(f"  ({info.label})", style="magenta")
         if self.rate_hz > 0:
             line.append(f"  {self.rate_hz:g} Hz", style="dim")
         if self.recording_to:

@@ -1,0 +1,140 @@
+"""Make the demo recording and the screenshots in screenshots/ from the real app.
+
+    .venv/bin/python scripts/screenshots.py            # demo recording + SVG and PNG screenshots
+
+Without a GPU, the demo recording is *synthetic*: the real NVML backend running on the scripted NVML
+(tuner/telemetry/scripted.py, an H100 under a decode-like load), labelled as such in its header and on screen.
+The screenshots replay that recording through the real app (`infertop --replay`), so they show exactly what a
+user who replays it sees. PNGs need cairosvg and the Fira Code font (Debian: fonts-firacode) for even columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from textual.pilot import Pilot
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "screenshots"
+DEMO = OUT / "demo-h100.ndjson"
+SECONDS = 75.0
+RATE_HZ = 4.0
+
+
+def make_demo_recording(path: Path) -> None:
+    """75 s of a scripted H100 at 4 Hz, on a manual clock (takes well under a second)."""
+    from tuner.telemetry import scripted
+    from tuner.telemetry.host import HostReader
+    from tuner.telemetry.recording import Recorder
+    from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+
+    clock = scripted.ManualClock()
+    # A vLLM server in a container: the driver reports its pid and memory, psutil cannot see it.
+    procs = [scripted.FakeProcess(scripted.INVISIBLE_PID, 0, 71_600 * 2**20)]
+    nvml = scripted.h100_sxm(1, clock=clock, processes=procs)
+    config = SamplerConfig(discover_vllm=False)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
+    sampler = Sampler(source)
+    info = sampler.open()
+    label = "SYNTHETIC demo: scripted NVML, not a real GPU"
+    recorder = Recorder(path, info, label=label)
+    sampler.add_listener(recorder)
+    for _ in range(int(SECONDS * RATE_HZ)):
+        clock.advance(1 / RATE_HZ)
+        sampler.tick()
+    recorder.close()
+    sampler.stop()
+    print(f"wrote {path.relative_to(REPO)} ({recorder.snapshots_written} snapshots)")
+
+
+def _save(app: Any, name: str) -> None:
+    svg = app.export_screenshot(title=f"infertop — {name}")
+    (OUT / f"{name}.svg").write_text(svg)
+    try:
+        import cairosvg
+    except ImportError:
+        print("cairosvg not installed: SVG only")
+        return
+    cairosvg.svg2png(bytestring=svg.encode(), write_to=str(OUT / f"{name}.png"), output_width=1600)
+    print(f"wrote screenshots/{name}.svg and .png")
+
+
+async def replay_screenshot(name: str, size: tuple[int, int], keys: tuple[str, ...] = ()) -> None:
+    from tui.app import make_app
+    from tuner.telemetry.sampler import SamplerConfig
+
+    app = make_app(config=SamplerConfig(discover_vllm=False), replay=DEMO, replay_speed=50.0)
+    async with app.run_test(size=size) as pilot:
+        await _until(pilot, lambda: app.sampler.ended, 30.0)
+        for key in keys:
+            await pilot.press(key)
+        await pilot.pause(0.2)
+        _save(app, name)
+
+
+async def scripted_screenshot(name: str, size: tuple[int, int], n_gpus: int) -> None:
+    """Many GPUs: straight from the scripted backend (a recording of 8 GPUs would be a large file)."""
+    from tui.app import make_app
+    from tuner.telemetry import scripted
+    from tuner.telemetry.host import HostReader
+    from tuner.telemetry.sampler import LiveSource, SamplerConfig
+
+    clock = scripted.ManualClock()
+    procs = [scripted.FakeProcess(scripted.INVISIBLE_PID + i, i, 71_600 * 2**20) for i in range(n_gpus)]
+    nvml = scripted.h100_sxm(n_gpus, clock=clock, processes=procs)
+    config = SamplerConfig(discover_vllm=False)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
+    app = make_app(config=config, source=source, autostart=False)
+    async with app.run_test(size=size) as pilot:
+        info = app.sampler.open()
+        app.monitor.show_system(info)
+        for _ in range(240):
+            clock.advance(0.25)
+            app.sampler.tick()
+        assert app.sampler.latest is not None
+        app.monitor.show_snapshot(app.sampler.latest)
+        await pilot.pause(0.2)
+        _save(app, name)
+
+
+async def no_gpu_screenshot(name: str, size: tuple[int, int]) -> None:
+    """This machine as it is: the real NVML backend, which finds no driver here."""
+    from tui.app import make_app
+    from tuner.telemetry.sampler import SamplerConfig
+
+    app = make_app(config=SamplerConfig(discover_vllm=False))
+    async with app.run_test(size=size) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(1.5)
+        _save(app, name)
+
+
+async def _until(pilot: Pilot[Any], condition: Any, timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition() and loop.time() < deadline:
+        await pilot.pause(0.05)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep-recording", action="store_true", help="reuse screenshots/demo-h100.ndjson")
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    if not (args.keep_recording and DEMO.exists()):
+        make_demo_recording(DEMO)
+    asyncio.run(replay_screenshot("monitor-h100", (110, 32)))
+    asyncio.run(replay_screenshot("monitor-h100-80x24", (80, 24)))
+    asyncio.run(replay_screenshot("help", (100, 34), keys=("question_mark",)))
+    asyncio.run(scripted_screenshot("monitor-8xh100-80x24", (80, 24), 8))
+    asyncio.run(scripted_screenshot("monitor-8xh100-120x50", (120, 50), 8))
+    asyncio.run(no_gpu_screenshot("no-gpu", (80, 24)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
