@@ -121,7 +121,9 @@ async def _until(pilot: Pilot[Any], condition: Any, timeout_s: float) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keep-recording", action="store_true", help="reuse screenshots/demo-h100.ndjson")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""The load generator against the fake SSE emitter (a separate process), plus its statistics as pure functions."""
+"""The load generator against the fake SSE emitter (a separate process); its statistics as pure functions."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tuner.loadgen import (
     PhaseProgress,
     RequestResult,
     Timeouts,
+    Transport,
     _RawConnection,
     _RawPool,
     _Stream,
@@ -274,10 +275,12 @@ async def test_counts_and_timings_match_what_the_server_did(start_emitter: Start
 
 
 @pytest.mark.parametrize("transport", ["raw", "httpx"])
-async def test_concurrency_above_100_is_really_in_flight(start_emitter: StartEmitter, transport: str) -> None:
+async def test_concurrency_above_100_is_really_in_flight(
+    start_emitter: StartEmitter, transport: Transport
+) -> None:
     emitter = start_emitter(first_chunk_delay_s=0.3, chunk_interval_s=0.01)
     load = spec(concurrency=150, num_requests=150, output_len=5)
-    phase = await run_phase(emitter.base_url, load, transport=transport)  # type: ignore[arg-type]
+    phase = await run_phase(emitter.base_url, load, transport=transport)
     assert phase.stats.requests_ok == 150
     assert emitter.stats()["max_streams_open"] == 150  # seen by the server, not just claimed by the client
     assert phase.stats.max_in_flight == 150
@@ -370,9 +373,11 @@ async def test_silent_server_times_out(start_emitter: StartEmitter) -> None:
 
 
 @pytest.mark.parametrize("transport", ["raw", "httpx"])
-async def test_http_error_carries_the_servers_message(start_emitter: StartEmitter, transport: str) -> None:
+async def test_http_error_carries_the_servers_message(
+    start_emitter: StartEmitter, transport: Transport
+) -> None:
     emitter = start_emitter(reject_every=2)
-    phase = await run_phase(emitter.base_url, spec(num_requests=6), transport=transport)  # type: ignore[arg-type]
+    phase = await run_phase(emitter.base_url, spec(num_requests=6), transport=transport)
     assert phase.stats.requests_ok == 3
     assert phase.stats.errors[0].kind == "http_error"
     assert phase.stats.errors[0].example == "HTTP 400: rejected by the fake emitter"

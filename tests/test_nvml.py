@@ -37,8 +37,9 @@ def clock() -> ManualClock:
     return ManualClock(start_s=1_800_000_020.0)  # 20 s into the decode cycle: decode phase
 
 
-def opened(fake: ScriptedNvml) -> NvmlBackend:
-    backend = scripted_backend(fake)
+def opened(fake: ScriptedNvml, *, energy_interval_s: float = 0.0) -> NvmlBackend:
+    """The backend on a scripted NVML; by default it reads the energy counter on every slow tick."""
+    backend = NvmlBackend(fake, source="scripted", energy_interval_s=energy_interval_s)
     info = backend.open()
     assert info.state is GpuState.OK, info.message
     return backend
@@ -182,6 +183,18 @@ def test_energy_interval_is_the_counter_delta_between_slow_reads(clock: ManualCl
     assert second.energy_interval_j == pytest.approx(490.0, abs=0.002)  # 490 W for 1 s, counter in whole mJ
     assert first.energy_counter_j is not None and second.energy_counter_j is not None
     assert second.energy_counter_j - first.energy_counter_j == pytest.approx(second.energy_interval_j)
+
+
+def test_energy_counter_is_read_at_most_once_per_energy_interval(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(power_frac=0.7))
+    backend = opened(fake, energy_interval_s=5.0)
+    for _ in range(40):  # 10 s of slow ticks, 4 per second
+        tick(backend, clock, slow=True)
+    assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 2  # t = 0.25 s and 5.25 s
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 40  # processes stay on every slow tick
+    (last,) = tick(backend, clock, slow=True)
+    assert last.energy_interval_s == pytest.approx(5.0)
+    assert last.energy_interval_j == pytest.approx(490.0 * 5.0, abs=0.01)
 
 
 def test_energy_counter_going_backwards_gives_no_interval(clock: ManualClock) -> None:

@@ -43,6 +43,7 @@ class InfertopApp(App[None]):
         record_dir: Path | None = None,
         record_path: Path | None = None,
         autostart: bool = True,
+        redraw_interval_s: float = 0.5,
     ) -> None:
         super().__init__()
         self.sampler = sampler
@@ -51,7 +52,7 @@ class InfertopApp(App[None]):
         self.initial_record_path = record_path
         self.autostart = autostart
         self.recorder: Recorder | None = None
-        self.monitor = MonitorScreen(sampler.history)
+        self.monitor = MonitorScreen(sampler.history, redraw_interval_s=redraw_interval_s)
 
     async def on_mount(self) -> None:
         await self.push_screen(self.monitor)
@@ -162,6 +163,7 @@ def make_app(
     record_path: Path | None = None,
     record_dir: Path | None = None,
     autostart: bool = True,
+    redraw_interval_s: float = 0.5,
 ) -> InfertopApp:
     """Build the monitor app: live by default, over a recording with ``replay``, or over any ``source``."""
     config = config or SamplerConfig()
@@ -170,5 +172,10 @@ def make_app(
     sampler = make_live_sampler(config, vllm_urls=vllm_urls, nvml_module=nvml_module, source=source)
     rate_hz = 1.0 / config.interval_s if replay is None else 0.0
     return InfertopApp(
-        sampler, rate_hz=rate_hz, record_path=record_path, record_dir=record_dir, autostart=autostart
+        sampler,
+        rate_hz=rate_hz,
+        record_path=record_path,
+        record_dir=record_dir,
+        autostart=autostart,
+        redraw_interval_s=redraw_interval_s,
     )

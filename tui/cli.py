@@ -80,6 +80,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(
         {
             "interval_s": args.interval,
+            "redraw_interval_s": getattr(args, "redraw", None),
             "vllm_urls": tuple(args.vllm) if args.vllm else None,
             "discover_vllm": False if args.no_discover else None,
         }
@@ -119,6 +120,7 @@ def run_monitor(argv: Sequence[str]) -> int:
         replay_loop=args.loop,
         record_path=args.record,
         record_dir=Path(settings.record_dir),
+        redraw_interval_s=settings.redraw_interval_s,
     )
     app.run()
     return 0

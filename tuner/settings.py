@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class SettingsError(ValueError):
@@ -23,6 +24,9 @@ class SettingsError(ValueError):
 class Settings:
     interval_s: float = 0.25
     """Seconds between readings of the cheap GPU metrics (0.25 = 4 Hz)."""
+
+    redraw_interval_s: float = 0.5
+    """Seconds between screen redraws (the monitor's main CPU cost). Sampling and history keep interval_s."""
 
     slow_every: int = 4
     """Read the expensive metrics (energy counter ~4 ms, process list) every N-th tick."""
@@ -42,6 +46,10 @@ class Settings:
     def validate(self) -> Settings:
         if not 0.01 <= self.interval_s <= 60:
             raise SettingsError(f"interval_s must be between 0.01 and 60 seconds, not {self.interval_s}")
+        if not 0.05 <= self.redraw_interval_s <= 60:
+            raise SettingsError(
+                f"redraw_interval_s must be between 0.05 and 60 seconds, not {self.redraw_interval_s}"
+            )
         if self.slow_every < 1:
             raise SettingsError(f"slow_every must be at least 1, not {self.slow_every}")
         if not 10 <= self.history_len <= 100_000:

@@ -41,9 +41,11 @@ class MonitorScreen(Screen[None]):
         Binding("r", "reverse_sort", "Reverse", show=False),
     ]
 
-    def __init__(self, history: History) -> None:
+    def __init__(self, history: History, *, redraw_interval_s: float = 0.5) -> None:
         super().__init__()
         self.history = history
+        self.redraw_interval_s = redraw_interval_s
+        self._pending: Snapshot | None = None
         self.info: SystemInfo | None = None
         self.cards: dict[int, GpuCard] = {}
         self.compact_forced: bool | None = None  # None = decide from the terminal size
@@ -81,8 +83,21 @@ class MonitorScreen(Screen[None]):
         banner.set_class(True, "shown")
         banner.set_class(error, "error")
 
+    def on_mount(self) -> None:
+        # Redraws are paced separately from sampling: every reading still lands in the history (sparklines),
+        # but the screen is repainted at most this often, which is where most of the CPU goes (BENCHMARKS.md).
+        self.set_interval(self.redraw_interval_s, self._redraw_pending)
+
     def on_snapshot_taken(self, message: SnapshotTaken) -> None:
-        self.show_snapshot(message.snapshot)
+        if self.last_snapshot is None:
+            self.show_snapshot(message.snapshot)  # the first reading at once
+        else:
+            self._pending = message.snapshot
+
+    def _redraw_pending(self) -> None:
+        if self._pending is not None:
+            snap, self._pending = self._pending, None
+            self.show_snapshot(snap)
 
     def show_snapshot(self, snap: Snapshot) -> None:
         self.last_snapshot = snap

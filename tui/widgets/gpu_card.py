@@ -44,6 +44,8 @@ class GpuCard(Widget):
     DEFAULT_CSS = """
     GpuCard {
         height: 8;
+        text-wrap: nowrap;
+        text-overflow: clip;
         border: round $primary 60%;
         border-title-color: $text;
         border-title-style: bold;

@@ -1,0 +1,679 @@
+"""vLLM server lifecycle: build the command line, start it in its own process group, wait until it is healthy,
+classify why it failed, and stop it with every child gone.
+
+A server is described by a frozen :class:`ServerSpec` and run by :class:`VllmServer`::
+
+    spec = ServerSpec(model="/models/llama", args=("--max-num-seqs", "64"))
+    with VllmServer(spec) as server:       # start(): returns once GET /health answers 200
+        run_load(server.url)
+    # stop(): SIGTERM, then SIGKILL, to the whole group; no child left behind
+
+A server that cannot start raises :class:`LaunchError`, whose ``kind`` says why (read from the server's log)
+and whose ``summary`` is one line for people. Nothing here imports vLLM: the server may live in another
+environment (``command=("/opt/vllm-env/bin/python", "-m", "vllm.entrypoints.openai.api_server")``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import enum
+import errno
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import psutil
+
+DEFAULT_COMMAND: tuple[str, ...] = ("vllm", "serve")
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+# vLLM on a GPU takes 2-3 minutes to start (torch.compile, CUDA graphs); a large model loading real weights
+# from a slow disk can take much longer.
+DEFAULT_STARTUP_TIMEOUT_S = 900.0
+# After a failure signature shows in the log, how long the process may take to exit on its own (so that the
+# log is complete and its exit code known) before it is stopped: an engine that failed can leave the API
+# process alive but never healthy.
+FAILURE_GRACE_S = 10.0
+_POLL_INTERVAL_S = 0.5
+_HEALTH_TIMEOUT_S = 2.0
+_LOG_TAIL_LINES = 40
+# A group that ignores SIGTERM this long gets SIGKILL; vLLM stops its engine and workers in a few seconds.
+DEFAULT_STOP_TIMEOUT_S = 30.0
+# How long the caller's VRAM probe may take to see the memory of the stopped processes come back.
+DEFAULT_VRAM_RELEASE_TIMEOUT_S = 30.0
+
+VramUsedByPids = Callable[[Collection[int]], int]
+"""Bytes of GPU memory still held by any of the given pids (for example from NVML's process list)."""
+
+
+class FailureKind(str, enum.Enum):
+    """Why a vLLM server did not start or did not stay up."""
+
+    CUDA_OOM = "cuda_oom"  # the GPU ran out of memory while loading weights or profiling
+    GPU_MEMORY_BUSY = (
+        "gpu_memory_busy"  # less free GPU memory than --gpu-memory-utilization asks: other processes
+    )
+    KV_CACHE_TOO_SMALL = "kv_cache_too_small"  # weights fit, but not the KV cache for one max-length request
+    UNSUPPORTED_OPTION = "unsupported_option"  # a flag or value this vLLM or this hardware does not accept
+    PORT_IN_USE = "port_in_use"
+    MODEL_NOT_FOUND = "model_not_found"  # no such local directory, and not a reachable model-hub id
+    VLLM_NOT_INSTALLED = "vllm_not_installed"  # the command or the vllm module does not exist
+    CANNOT_START = "cannot_start"  # the process could not be spawned or its log file not written
+    ENGINE_INIT_FAILED = "engine_init_failed"  # the engine died during start-up for a reason not listed above
+    TIMEOUT = "timeout"  # not healthy within the start-up timeout
+    EXITED = "exited"  # the process ended with nothing in its log that says why
+
+
+_KIND_TEXT = {
+    FailureKind.CUDA_OOM: "CUDA out of memory",
+    FailureKind.GPU_MEMORY_BUSY: "not enough free GPU memory at start-up (other processes hold it)",
+    FailureKind.KV_CACHE_TOO_SMALL: "not enough memory for the KV cache",
+    FailureKind.UNSUPPORTED_OPTION: "unsupported option",
+    FailureKind.PORT_IN_USE: "port already in use",
+    FailureKind.MODEL_NOT_FOUND: "model not found",
+    FailureKind.VLLM_NOT_INSTALLED: "vLLM is not installed",
+    FailureKind.CANNOT_START: "cannot start the process",
+    FailureKind.ENGINE_INIT_FAILED: "engine initialisation failed",
+    FailureKind.TIMEOUT: "not healthy before the start-up timeout",
+    FailureKind.EXITED: "server exited",
+}
+
+# Most specific first: a failed start logs its root cause, then the generic
+# "Engine core initialization failed".
+# Messages as vLLM 0.2x-0.3x, PyTorch, uvicorn, argparse and huggingface_hub write them.
+_SIGNATURES: tuple[tuple[FailureKind, re.Pattern[str]], ...] = (
+    (
+        FailureKind.VLLM_NOT_INSTALLED,
+        re.compile(r"No module named '?vllm|PackageNotFoundError: No package metadata was found for vllm"),
+    ),
+    (
+        FailureKind.CUDA_OOM,
+        re.compile(
+            r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|cudaErrorMemoryAllocation"
+        ),
+    ),
+    (FailureKind.GPU_MEMORY_BUSY, re.compile(r"is less than desired GPU memory utilization")),
+    (
+        FailureKind.KV_CACHE_TOO_SMALL,
+        re.compile(
+            r"No available memory for the cache blocks"
+            r"|KV cache is needed, which is larger than the available KV cache memory"
+            r"|not enough KV cache"
+            r"|insufficient memory for (the )?KV cache",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        FailureKind.PORT_IN_USE,
+        re.compile(r"\[Errno 98\]|Address already in use|address already in use", re.IGNORECASE),
+    ),
+    (
+        FailureKind.MODEL_NOT_FOUND,
+        re.compile(
+            r"Invalid repository ID or local directory"
+            r"|is not a local folder and is not a valid model identifier"
+            r"|Repo id must (be in the form|use alphanumeric)"
+            r"|RepositoryNotFoundError|LocalEntryNotFoundError|GatedRepoError"
+            r"|(Can't|Cannot) find (a )?(model|config)"
+            r"|No such file or directory: '[^']*config\.json'"
+        ),
+    ),
+    (
+        FailureKind.UNSUPPORTED_OPTION,
+        re.compile(
+            r"error: unrecognized arguments"
+            r"|error: argument [^:]+: invalid"
+            r"|error: ambiguous option"
+            r"|Unknown quantization method"
+            r"|quantization is currently not supported"
+            r"|is not supported (on|for|by|in) (this|the current|CPU|cpu)"
+            r"|not supported on (the )?CPU"
+            r"|NotImplementedError"
+            # An operator this build of vLLM was compiled without (fp8 kernels in the CPU build).
+            r"|Declaration: _C::\w+\(\) -> \(\)"
+            r"|no kernel image is available for execution on the device"
+        ),
+    ),
+    (
+        FailureKind.ENGINE_INIT_FAILED,
+        re.compile(
+            r"Engine core initialization failed"
+            r"|Frontend process failed during engine core initialization"
+            r"|EngineDeadError|EngineCore failed to start|Engine process failed to start"
+        ),
+    ),
+)
+
+# Lines that mean the server can no longer become healthy even if its API process lives on. Only these make
+# start() give up early: a root-cause pattern above can also show in a harmless warning.
+_FATAL = re.compile(
+    r"Engine core initialization failed"
+    r"|Frontend process failed during engine core initialization"
+    r"|EngineDeadError"
+)
+
+# vLLM prefixes lines with "(APIServer pid=1234) ERROR 11-22 12:21:13 [file.py:63] "; people need the message.
+_LOG_PREFIX = re.compile(
+    r"^(\([\w-]+ pid=\d+\)\s*)?((INFO|WARNING|ERROR|DEBUG|CRITICAL)\s+\d\d-\d\d \S+ \[[^\]]*\]\s*)?"
+)
+
+
+# "ValueError: ...", "torch.OutOfMemoryError: ...", "huggingface_hub.errors.LocalEntryNotFoundError: ..."
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]*\.)?(?:\w*(?:Error|Exit)|\w*Exception): ")
+
+
+def classify_log(text: str) -> tuple[FailureKind, str] | None:
+    """Find why a vLLM start failed in its log: ``(kind, the line that says so)``, or None if nothing does.
+
+    The most specific cause wins over the generic "engine initialisation failed" that follows it in the log.
+    The line is returned without vLLM's process/level/file prefix.
+    """
+    lines = [_strip_prefix(line) for line in text.splitlines()]
+    for kind, pattern in _SIGNATURES:
+        matches = [line for line in lines if pattern.search(line)]
+        if matches:
+            # A traceback names the exception in its source lines ("raise LocalEntryNotFoundError(") before
+            # the line that carries its message: report the message.
+            messages = [line for line in matches if _EXCEPTION_LINE.match(line)]
+            not_code = [line for line in matches if not line.startswith(("raise ", "File "))]
+            line = (messages or not_code or matches)[0]
+            if kind is FailureKind.ENGINE_INIT_FAILED:
+                # "Engine core initialization failed. See root cause above.": the first exception is it.
+                line = next((x for x in lines if _EXCEPTION_LINE.match(x) and not _FATAL.search(x)), line)
+            return kind, line
+    return None
+
+
+def _strip_prefix(line: str) -> str:
+    return _LOG_PREFIX.sub("", line.strip(), count=1).strip()
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to run one vLLM server: the model, its flags and the command that runs vLLM.
+
+    ``command`` is either ``("vllm", "serve")``-style (ends in ``serve``: the model is positional) or a Python
+    module runner such as ``(python, "-m", "vllm.entrypoints.openai.api_server")`` (the model goes in
+    ``--model``). ``args`` are vLLM flags as a list, never a shell string; they must not set the host or port,
+    which come from ``host`` and ``port`` (None: a free port is picked). ``env`` is added to this process's
+    environment. ``log_path`` None puts the server's log in a new temporary directory.
+    """
+
+    model: str
+    args: tuple[str, ...] = ()
+    command: tuple[str, ...] = DEFAULT_COMMAND
+    host: str = "127.0.0.1"
+    port: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    log_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ValueError("the vLLM command is empty")
+        if isinstance(self.args, str):
+            raise TypeError("ServerSpec.args must be a sequence of arguments, not a shell string")
+        for arg in self.args:
+            name = arg.split("=", 1)[0]
+            if name in ("--host", "--port"):
+                raise ValueError(f"set the {name[2:]} with ServerSpec.{name[2:]}, not in args ({arg})")
+            if name == "--model":
+                raise ValueError("the model is given as ServerSpec.model, not as --model in args")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
+
+    @property
+    def model_is_positional(self) -> bool:
+        """True for ``vllm serve MODEL``; False for the API-server module, which takes ``--model MODEL``."""
+        return self.command[-1] == "serve"
+
+    def argv(self, port: int) -> list[str]:
+        """The full command line for a server on ``port``."""
+        model = [self.model] if self.model_is_positional else ["--model", self.model]
+        return [*self.command, *model, *self.args, "--host", self.host, "--port", str(port)]
+
+
+def api_server_command(python: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The command that runs vLLM's OpenAI API server with ``python`` (for an environment of its own)."""
+    return (os.fspath(python), "-m", API_SERVER_MODULE)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LaunchError(Exception):
+    """A vLLM server did not become healthy. ``str(error)`` is the one-line ``summary`` for people."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        summary: str,
+        *,
+        log_tail: str = "",
+        log_path: Path | None = None,
+        exit_code: int | None = None,
+    ) -> None:
+        super().__init__(summary)
+        self.kind = kind
+        self.summary = summary
+        self.log_tail = log_tail
+        self.log_path = log_path
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What stopping a server took and whether everything it started is gone."""
+
+    stop_s: float  # from the first signal until no process of the group was left
+    killed: bool  # SIGTERM was not enough: SIGKILL was sent
+    leftover_pids: tuple[int, ...]  # processes still alive after SIGKILL (should always be empty)
+    vram_held_bytes: int | None  # GPU memory the stopped processes still held at the end; None: not checked
+
+
+class VllmServer:
+    """One vLLM server process group: start, health, log, stop; a context manager (start, then stop on exit).
+
+    ``vram_used_by_pids``, where given, lets :meth:`stop` confirm that the GPU memory of the stopped processes
+    came back (plug NVML in there; without a GPU leave it None). ``on_log_line`` is called from the thread
+    that waits in :meth:`start` with each new log line, for progress displays.
+    """
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        vram_used_by_pids: VramUsedByPids | None = None,
+        on_log_line: Callable[[str], None] | None = None,
+        stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+        vram_release_timeout_s: float = DEFAULT_VRAM_RELEASE_TIMEOUT_S,
+        failure_grace_s: float = FAILURE_GRACE_S,
+    ) -> None:
+        self.spec = spec
+        self._vram_used_by_pids = vram_used_by_pids
+        self._on_log_line = on_log_line
+        self._stop_timeout_s = stop_timeout_s
+        self._vram_release_timeout_s = vram_release_timeout_s
+        self._failure_grace_s = failure_grace_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+        self._log_path: Path | None = None
+        self._startup_s: float | None = None
+        self._seen_pids: set[int] = set()
+        self._stop_result: StopResult | None = None
+
+    # -- properties ----------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (known once :meth:`start` was called)."""
+        if self._port is None:
+            raise RuntimeError("the server has not been started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8000`` (append ``/v1/completions``, ``/metrics``, ...)."""
+        host = f"[{self.spec.host}]" if ":" in self.spec.host else self.spec.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the server's main process (also its process-group id); None before start."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def startup_s(self) -> float | None:
+        """Seconds from spawning the process until /health answered 200; None until then."""
+        return self._startup_s
+
+    @property
+    def log_path(self) -> Path | None:
+        """The file that holds the server's stdout and stderr; None before start."""
+        return self._log_path
+
+    def is_running(self) -> bool:
+        """True while the server's main process lives."""
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, n_lines: int = _LOG_TAIL_LINES) -> str:
+        """The last ``n_lines`` lines of the server's log ("" before start)."""
+        if self._log_path is None:
+            return ""
+        return _tail(self._log_path, n_lines)
+
+    # -- start ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the server and return once it is healthy.
+
+        Raises:
+            LaunchError: it exited, its log shows a fatal error (the process group is then stopped, even where
+                the API process would have lived on), or it was not healthy within the start-up timeout.
+            RuntimeError: this server was already started.
+        """
+        if self._process is not None:
+            raise RuntimeError("this VllmServer was already started; make a new one")
+        if _looks_like_path(self.spec.model) and not Path(self.spec.model).expanduser().exists():
+            # vLLM would take a missing directory for a model-hub id and fail with a confusing message.
+            raise LaunchError(
+                FailureKind.MODEL_NOT_FOUND,
+                f"vLLM not started (model not found): no such directory: {self.spec.model}",
+            )
+        self._port = self.spec.port if self.spec.port is not None else free_port(self.spec.host)
+        argv = self.spec.argv(self._port)
+        env = {**os.environ, **self.spec.env}
+        try:
+            self._log_path = (
+                self.spec.log_path or Path(tempfile.mkdtemp(prefix="infertop-vllm-")) / "server.log"
+            )
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = open(self._log_path, "wb")  # noqa: SIM115 (closed below, once the child holds it)
+        except OSError as error:
+            raise LaunchError(
+                FailureKind.CANNOT_START, f"vLLM not started: cannot write its log file: {error}"
+            ) from None
+        started_at = time.monotonic()
+        with log_file:
+            try:
+                # Its own session, so its process group holds vLLM and every worker it forks, and signals
+                # meant for us (Ctrl-C in a terminal) do not reach it behind our back.
+                self._process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as error:
+                raise self._spawn_error(argv, error) from None
+        _live_servers.add(self)
+        _install_cleanup()
+        try:
+            self._wait_until_healthy(started_at)
+        except BaseException:
+            # Covers LaunchError and a Ctrl-C while waiting: never leave a half-started server behind.
+            self._stop_group()
+            raise
+        self._startup_s = time.monotonic() - started_at
+
+    def _spawn_error(self, argv: list[str], error: OSError) -> LaunchError:
+        if error.errno in (errno.ENOENT, errno.EACCES):
+            kind, what = FailureKind.VLLM_NOT_INSTALLED, f"cannot run {argv[0]!r}: {error.strerror}"
+        else:
+            kind, what = FailureKind.CANNOT_START, f"cannot start {argv[0]!r}: {error}"
+        return LaunchError(kind, f"vLLM did not start: {what}", log_path=self._log_path)
+
+    def _wait_until_healthy(self, started_at: float) -> None:
+        assert self._process is not None and self._log_path is not None
+        reader = _LogReader(self._log_path)
+        deadline = started_at + self.spec.startup_timeout_s
+        failure_seen_at: float | None = None
+        while True:
+            exit_code = self._process.poll()  # before reading, so the lines read include its last words
+            new_lines = reader.read_new_lines()
+            self._remember_children()
+            if self._on_log_line is not None:
+                for line in new_lines:
+                    self._on_log_line(line)
+            if failure_seen_at is None and any(_FATAL.search(line) for line in new_lines):
+                failure_seen_at = time.monotonic()
+            if exit_code is not None:
+                raise self._failure(exit_code, FailureKind.EXITED)
+            if self._healthy():
+                return
+            now = time.monotonic()
+            if failure_seen_at is not None and now - failure_seen_at > self._failure_grace_s:
+                raise self._failure(None, FailureKind.ENGINE_INIT_FAILED)
+            if now > deadline:
+                raise self._failure(None, FailureKind.TIMEOUT)
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=_HEALTH_TIMEOUT_S) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _failure(self, exit_code: int | None, fallback: FailureKind) -> LaunchError:
+        assert self._log_path is not None
+        log_text = self._log_path.read_text(encoding="utf-8", errors="replace")
+        tail = _last_lines(log_text, _LOG_TAIL_LINES)
+        found = classify_log(log_text)
+        if fallback is FailureKind.TIMEOUT:
+            kind = FailureKind.TIMEOUT
+            detail = f"no answer from /health after {self.spec.startup_timeout_s:.0f} s"
+            if found is not None:
+                detail += f"; the log says: {found[1]}"
+        elif found is not None:
+            kind, detail = found
+        else:
+            kind = fallback
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+            detail = f"exit code {exit_code}" if exit_code is not None else "no cause found in its log"
+            if last:
+                detail += f"; last log line: {_strip_prefix(last)}"
+        state = f"exited with code {exit_code}" if exit_code is not None else "stopped"
+        summary = (
+            f"vLLM failed to start ({_KIND_TEXT[kind]}): {_shorten(detail)} [{state}; log: {self._log_path}]"
+        )
+        return LaunchError(kind, summary, log_tail=tail, log_path=self._log_path, exit_code=exit_code)
+
+    def _remember_children(self) -> None:
+        """Note every descendant seen, so that stop() can check each one is gone even if it left the group."""
+        if self._process is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(self._process.pid)
+            self._seen_pids.update(child.pid for child in parent.children(recursive=True))
+
+    # -- stop ----------------------------------------------------------------------------------------------
+
+    def stop(self) -> StopResult:
+        """Stop the server: SIGTERM to its process group, SIGKILL after ``stop_timeout_s``.
+
+        Returns once every process of the group is gone (and, with ``vram_used_by_pids``, once their GPU
+        memory is released or the release timeout passed). Safe to call more than once and after a failure.
+        """
+        if self._process is None:
+            return StopResult(stop_s=0.0, killed=False, leftover_pids=(), vram_held_bytes=None)
+        if self._stop_result is not None:
+            return self._stop_result
+        result = self._stop_group()
+        if self._vram_used_by_pids is not None:
+            pids = {self._process.pid, *self._seen_pids}
+            deadline = time.monotonic() + self._vram_release_timeout_s
+            held_bytes = self._vram_used_by_pids(pids)
+            while held_bytes > 0 and time.monotonic() < deadline:
+                time.sleep(_POLL_INTERVAL_S)
+                held_bytes = self._vram_used_by_pids(pids)
+            result = StopResult(result.stop_s, result.killed, result.leftover_pids, held_bytes)
+        self._stop_result = result
+        return result
+
+    def _stop_group(self) -> StopResult:
+        process = self._process
+        assert process is not None
+        _live_servers.discard(self)
+        self._remember_children()
+        started_at = time.monotonic()
+        pgid = process.pid  # start_new_session made it the group leader
+        survivors = self._group_processes()
+        killed = False
+        if survivors or process.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            survivors = _wait_gone(process, survivors, self._stop_timeout_s)
+        if survivors or process.poll() is None:
+            killed = True
+            _signal_group(pgid, signal.SIGKILL)
+            for survivor in survivors:  # a child that left the group is not reached by killpg
+                with contextlib.suppress(psutil.Error):
+                    survivor.kill()
+            survivors = _wait_gone(process, survivors, 5.0)
+        leftover = tuple(sorted(p.pid for p in survivors))
+        if process.poll() is None and process.pid not in leftover:
+            leftover = (process.pid, *leftover)
+        return StopResult(time.monotonic() - started_at, killed, leftover, None)
+
+    def _group_processes(self) -> list[psutil.Process]:
+        """Live processes started by this server: recorded descendants plus anything still in its group."""
+        assert self._process is not None
+        pgid = self._process.pid
+        found: dict[int, psutil.Process] = {}
+        for pid in {pgid, *self._seen_pids}:
+            with contextlib.suppress(psutil.Error):
+                found[pid] = psutil.Process(pid)
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.getpgid(proc.pid) == pgid:
+                    found[proc.pid] = proc
+        # Our own pid can never be in the server's group, but a recycled pid could: keep only the group's.
+        return [p for pid, p in found.items() if pid != os.getpid() and _alive(p)]
+
+    # -- context manager -----------------------------------------------------------------------------------
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for a local path ("/models/x", "./x", "~/x"); False for a model-hub id ("org/name")."""
+    return model.startswith(("/", "./", "../", "~")) or model in (".", "..")
+
+
+def _wait_gone(
+    process: subprocess.Popen[bytes], procs: list[psutil.Process], timeout_s: float
+) -> list[psutil.Process]:
+    """Wait until ``process`` is reaped and none of ``procs`` lives; return those still alive at the timeout.
+
+    A zombie counts as gone: it holds no memory and no port, and reaping orphans is init's job, which can be
+    slow (psutil.wait_procs would wait for it).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        process.poll()  # reap our own child, so it does not stay a zombie
+        alive = [p for p in procs if _alive(p)]
+        if (not alive and process.returncode is not None) or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class _LogReader:
+    """Reads the complete lines appended to a log file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+        self._partial = b""
+
+    def read_new_lines(self) -> list[str]:
+        try:
+            with open(self._path, "rb") as file:
+                file.seek(self._offset)
+                data = file.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode("utf-8", errors="replace").rstrip("\r") for line in complete]
+
+
+def _tail(path: Path, n_lines: int) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - 256 * 1024))  # enough for 40 lines even of long tracebacks
+            text = file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return _last_lines(text, n_lines)
+
+
+def _last_lines(text: str, n_lines: int) -> str:
+    return "\n".join(text.splitlines()[-n_lines:])
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- cleanup when the Python process ends -------------------------------------------------------------------
+
+_live_servers: set[VllmServer] = set()
+_cleanup_lock = threading.Lock()
+_cleanup_installed = False
+
+
+def _stop_all_servers() -> None:
+    """Stop every server still running: at interpreter exit and on SIGTERM/SIGHUP."""
+    for server in list(_live_servers):
+        with contextlib.suppress(Exception):
+            server._stop_group()
+
+
+def _on_termination_signal(signum: int, frame: FrameType | None) -> None:
+    _stop_all_servers()
+    # Then die of the same signal, as the default handler would have made us.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_cleanup() -> None:
+    """Make sure no server outlives this process: atexit, and SIGTERM/SIGHUP where nobody else handles them.
+
+    Ctrl-C (SIGINT) raises KeyboardInterrupt, which unwinds through start() and the context manager, both of
+    which stop the server. Handlers are installed only from the main thread and only over the default action,
+    so an application's own handlers are left alone.
+    """
+    global _cleanup_installed
+    with _cleanup_lock:
+        if _cleanup_installed:
+            return
+        _cleanup_installed = True
+        atexit.register(_stop_all_servers)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _on_termination_signal)
