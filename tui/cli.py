@@ -12,12 +12,13 @@ from pathlib import Path
 
 from tuner.settings import Settings, SettingsError, load_settings
 
-SUBCOMMANDS = ("monitor", "record")
+SUBCOMMANDS = ("monitor", "record", "bench")
 
 EPILOG = """\
 subcommands:
   infertop [monitor] [options]   live GPU monitor (the default)
   infertop record FILE           record telemetry to NDJSON without a UI (Ctrl-C stops)
+  infertop bench ...             load-test a vLLM server: TTFT, TPOT, tokens/s, what bound it
 
 Settings come from ~/.config/infertop/config.toml (or $INFERTOP_CONFIG), then INFERTOP_* environment
 variables (e.g. INFERTOP_INTERVAL_S=0.5), then these flags.
@@ -181,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "record":
             return run_record(argv)
+        if command == "bench":
+            from tui.bench_cli import run_bench_cli
+
+            return run_bench_cli(argv)
         return run_monitor(argv)
     except SettingsError as exc:
         return _fail(str(exc))

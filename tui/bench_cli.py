@@ -1,0 +1,222 @@
+"""`infertop bench`: argument parsing, a progress line on stderr, and a table (or JSON) on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tuner.bench import BenchPlan, run_bench
+from tuner.launcher import ServerSpec, api_server_command
+from tuner.loadgen import LoadSpec, PhaseProgress
+from tuner.measure import MeasuredPhase
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infertop bench",
+        description="Load-test a vLLM server with streaming requests: TTFT, TPOT, tokens/s, what bound each phase.",
+        epilog="examples:\n"
+        "  infertop bench --endpoint http://127.0.0.1:8000 --concurrency 1,16,64\n"
+        "  infertop bench --launch /models/llama --vllm-python /opt/vllm/bin/python -- --max-num-seqs 128\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", metavar="URL", help="a running OpenAI-compatible vLLM server")
+    target.add_argument("--launch", metavar="MODEL", help="launch vLLM on MODEL, bench it, stop it")
+    parser.add_argument("--vllm-cmd", metavar="CMD", default=None, help='vLLM command (default "vllm serve")')
+    parser.add_argument(
+        "--vllm-python", metavar="PYTHON", help="launch with PYTHON -m vllm.entrypoints.openai.api_server"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=900.0, metavar="S")
+    parser.add_argument("--model", help="served model name (default: the first at /v1/models)")
+    parser.add_argument("--input-len", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
+    parser.add_argument(
+        "--output-len", type=int, default=128, metavar="N", help="output tokens (default 128)"
+    )
+    parser.add_argument("--len-range", type=float, default=0.0, metavar="R", help="lengths vary uniformly ±R")
+    parser.add_argument(
+        "--concurrency",
+        default="1,8,32",
+        metavar="LIST",
+        help="closed-loop phases, e.g. 1,16,64 (default 1,8,32)",
+    )
+    parser.add_argument("--rate", metavar="LIST", help="Poisson request rates per second instead, e.g. 2,8")
+    parser.add_argument("--num-requests", type=int, metavar="N", help="per phase (default 8 per stream)")
+    parser.add_argument("--duration", type=float, metavar="S", help="per phase, instead of a request count")
+    parser.add_argument("--warmup", type=int, metavar="N", help="warm-up requests per phase (not counted)")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="prompt token ids are drawn below this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-max", type=float, metavar="S", help="SLO for goodput: TTFT limit")
+    parser.add_argument("--tpot-max", type=float, metavar="S", help="SLO for goodput: TPOT limit")
+    parser.add_argument(
+        "--out", type=Path, metavar="FILE", help="results file (default infertop-bench-<time>.json)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    parser.add_argument("--no-gpu", action="store_true", help="do not read GPU telemetry")
+    parser.add_argument("vllm_args", nargs="*", help="after --: extra arguments for vLLM (with --launch)")
+    return parser
+
+
+def _numbers(text: str, kind: type) -> tuple[Any, ...]:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"infertop bench: not a list of numbers: {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise SystemExit(f"infertop bench: expected positive numbers, got {text!r}")
+    return values
+
+
+def _launch_spec(args: argparse.Namespace) -> ServerSpec | None:
+    if not args.launch:
+        if args.vllm_args:
+            raise SystemExit("infertop bench: extra vLLM arguments need --launch")
+        return None
+    if args.vllm_python:
+        command: tuple[str, ...] = api_server_command(args.vllm_python)
+    elif args.vllm_cmd:
+        command = tuple(shlex.split(args.vllm_cmd))
+    else:
+        command = ("vllm", "serve")
+    try:
+        return ServerSpec(
+            model=args.launch,
+            args=tuple(args.vllm_args),
+            command=command,
+            startup_timeout_s=args.startup_timeout,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"infertop bench: {exc}") from None
+
+
+class ProgressLine:
+    """One line on stderr, rewritten in place on a terminal; a line per phase otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, index: int, count: int, spec: LoadSpec, p: PhaseProgress) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.2 or not self.tty:
+            return
+        self._last = now
+        total = p.requests_total or 0
+        width = 24
+        filled = int(width * p.requests_done / total) if total else 0
+        bar = "█" * filled + "·" * (width - filled)
+        what = f"c={spec.concurrency}" if spec.concurrency else f"{spec.request_rate_per_s:g} req/s"
+        rate = p.output_tokens / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        line = (
+            f"phase {index + 1}/{count} {what:>8} {p.stage:<7} {bar} {p.requests_done}/{total or '?'} req"
+            f"  {rate:,.0f} tok/s  {p.requests_failed} failed"
+        )
+        sys.stderr.write("\r" + line[:150].ljust(110))
+        sys.stderr.flush()
+
+    def done(self, index: int, phase: MeasuredPhase) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+        s = phase.load.stats
+        sys.stderr.write(
+            f"phase {index + 1}: {s.requests_ok} ok, {s.requests_failed} failed, "
+            f"{s.output_tokens_per_s:,.0f} tok/s — bound: {phase.bound.kind.value}\n"
+        )
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 1000:,.0f}"
+
+
+def table(phases: Sequence[MeasuredPhase]) -> str:
+    head = (
+        "| load | ok | failed | out tok/s | tok/s/user p50 | TTFT p50 / p95 ms | TPOT p50 ms | E2E p95 s "
+        "| server tokens | bound |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for p in phases:
+        s, spec = p.load.stats, p.load.spec
+        load = (
+            f"c={spec.concurrency}"
+            if spec.concurrency and spec.mode.value == "concurrency"
+            else f"{spec.request_rate_per_s:g}/s"
+        )
+        per_user = "n/a" if s.user_tok_per_s_p50 is None else f"{s.user_tok_per_s_p50:,.1f}"
+        e2e = "n/a" if s.e2e_p95_s is None else f"{s.e2e_p95_s:.2f}"
+        check = (
+            "n/a" if p.tokens.server_output_tokens is None else ("MISMATCH" if p.tokens.mismatch else "match")
+        )
+        rows.append(
+            f"| {load} | {s.requests_ok} | {s.requests_failed} | {s.output_tokens_per_s:,.0f} | {per_user} "
+            f"| {_ms(s.ttft_p50_s)} / {_ms(s.ttft_p95_s)} | {_ms(s.tpot_p50_s)} | {e2e} | {check} "
+            f"| {p.bound.kind.value}: {p.bound.reason} |"
+        )
+    return "\n".join(rows)
+
+
+def _status(message: str) -> None:
+    sys.stderr.write(f"infertop bench: {message}\n")
+
+
+def run_bench_cli(argv: Sequence[str]) -> int:
+    args = bench_parser().parse_args(argv)
+    concurrencies = _numbers(args.concurrency, int)
+    rates = _numbers(args.rate, float) if args.rate else ()
+    launch = _launch_spec(args)
+    plan = BenchPlan(
+        input_len=args.input_len,
+        output_len=args.output_len,
+        len_range_ratio=args.len_range,
+        concurrencies=concurrencies,
+        request_rates=rates,
+        num_requests=args.num_requests,
+        duration_s=args.duration,
+        warmup_requests=args.warmup,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+        model=args.model,
+        ttft_max_s=args.ttft_max,
+        tpot_max_s=args.tpot_max,
+    )
+    out = args.out or Path(time.strftime("infertop-bench-%Y%m%d-%H%M%S.json"))
+    progress = ProgressLine()
+    cancel = threading.Event()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        sys.stderr.write("\ninfertop bench: stopping (Ctrl-C again to abort at once)\n")
+
+    signal.signal(signal.SIGINT, interrupt)
+    report = run_bench(
+        args.endpoint,
+        plan,
+        out,
+        launch=launch,
+        with_gpus=not args.no_gpu,
+        on_progress=progress,
+        on_phase_done=progress.done,
+        on_status=_status,
+        cancel=cancel,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    elif report.phases:
+        print(table(report.phases))
+        for p in report.phases:
+            if p.tokens.mismatch:
+                print(f"! c={p.load.spec.concurrency}: {p.tokens.note}")
+    sys.stderr.write(f"infertop bench: results in {out}\n")
+    if report.error:
+        sys.stderr.write(f"infertop bench: {report.error}\n")
+        return 130 if report.interrupted else 1
+    return 130 if report.interrupted else 0

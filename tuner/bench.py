@@ -1,0 +1,232 @@
+"""`infertop bench`: measure a vLLM server (running, or launched for the purpose) over one or more phases.
+
+Each phase's results are written to the results file as soon as the phase ends, so an interrupt, a crash of the
+server or of the client never loses finished phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.launcher import LaunchError, ServerSpec, VllmServer
+from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
+from tuner.measure import MeasuredPhase, measure_phase
+from tuner.telemetry.model import GpuState, SystemInfo
+from tuner.telemetry.nvml import NvmlBackend
+from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+
+
+class BenchError(RuntimeError):
+    """A bench that could not run (or not go on); the message is one line for people."""
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to measure: the load shape and the phases (one per concurrency, or one per request rate)."""
+
+    input_len: int = 128
+    output_len: int = 128
+    len_range_ratio: float = 0.0
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    request_rates: tuple[float, ...] = ()  # Poisson phases instead of closed-loop ones when given
+    num_requests: int | None = None  # default: 8 per stream, at least 16
+    duration_s: float | None = None
+    warmup_requests: int | None = None  # default: one per stream, at most 32
+    seed: int = 0
+    vocab_size: int = 1000  # prompts use token ids below this: valid in every tokenizer infertop meets
+    model: str | None = None
+    ttft_max_s: float | None = None
+    tpot_max_s: float | None = None
+
+    def specs(self, vocab_size: int) -> Iterator[LoadSpec]:
+        if self.request_rates:
+            for rate in self.request_rates:
+                yield LoadSpec(
+                    mode=LoadMode.RATE,
+                    concurrency=None,
+                    request_rate_per_s=rate,
+                    num_requests=self.num_requests or max(16, int(rate * 30)),
+                    duration_s=self.duration_s,
+                    warmup_requests=self.warmup_requests or 4,
+                    input_len=self.input_len,
+                    output_len=self.output_len,
+                    len_range_ratio=self.len_range_ratio,
+                    vocab_size=vocab_size,
+                    seed=self.seed,
+                )
+            return
+        for c in self.concurrencies:
+            yield LoadSpec(
+                mode=LoadMode.CONCURRENCY,
+                concurrency=c,
+                num_requests=None if self.duration_s else (self.num_requests or max(16, 8 * c)),
+                duration_s=self.duration_s,
+                warmup_requests=self.warmup_requests if self.warmup_requests is not None else min(32, c),
+                input_len=self.input_len,
+                output_len=self.output_len,
+                len_range_ratio=self.len_range_ratio,
+                vocab_size=vocab_size,
+                seed=self.seed,
+            )
+
+
+@dataclass
+class BenchReport:
+    """Every phase of one bench, plus where and on what it ran. Saved after each phase."""
+
+    endpoint: str
+    model: str | None
+    system: SystemInfo | None
+    launched: dict[str, Any] | None = None
+    phases: list[MeasuredPhase] = field(default_factory=list)
+    error: str | None = None
+    interrupted: bool = False
+    started_s: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        from tuner.telemetry.model import to_jsonable
+
+        return {
+            "format": "infertop-bench",
+            "version": 1,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "started_s": self.started_s,
+            "system": to_jsonable(self.system) if self.system else None,
+            "launched": self.launched,
+            "error": self.error,
+            "interrupted": self.interrupted,
+            "phases": [p.to_dict() for p in self.phases],
+        }
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)  # atomic: a crash mid-write leaves the previous version
+
+
+ProgressFn = Callable[[int, int, LoadSpec, PhaseProgress], None]
+PhaseDoneFn = Callable[[int, MeasuredPhase], None]
+
+
+def make_sampler(url: str, *, with_gpus: bool = True) -> Sampler:
+    """GPU + host + this server's /metrics at 4 Hz (the server at 1 Hz), no discovery of other servers."""
+    config = SamplerConfig(discover_vllm=False, history_len=16)
+    backend = NvmlBackend() if with_gpus else None
+    return Sampler(LiveSource(backend, config=config, vllm_urls=[url]), history_len=16)
+
+
+def run_bench(
+    endpoint: str | None,
+    plan: BenchPlan,
+    results_path: Path,
+    *,
+    launch: ServerSpec | None = None,
+    with_gpus: bool = True,
+    on_progress: ProgressFn | None = None,
+    on_phase_done: PhaseDoneFn | None = None,
+    on_status: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> BenchReport:
+    """Measure ``endpoint``, or launch ``launch`` first (and always stop it). Never leaves a server running."""
+    cancel = cancel or threading.Event()
+    status = on_status or (lambda _msg: None)
+    server: VllmServer | None = None
+    report = BenchReport(endpoint=endpoint or "", model=plan.model, system=None)
+    try:
+        if launch is not None:
+            status(f"launching vLLM: {' '.join(launch.argv(0)[:6])} …")
+            server = VllmServer(launch)
+            server.start()
+            endpoint = server.url
+            report.endpoint = endpoint
+            report.launched = {
+                "argv": list(launch.argv(server.port)),
+                "startup_s": server.startup_s,
+                "log": str(server.log_path),
+            }
+            status(f"vLLM ready at {endpoint} after {server.startup_s:.0f} s")
+        assert endpoint is not None
+        sampler = make_sampler(endpoint, with_gpus=with_gpus)
+        report.system = sampler.open()
+        if report.system.state is not GpuState.OK:
+            status(f"no GPU telemetry: {report.system.message}")
+        sampler.start()
+        try:
+            asyncio.run(
+                _run_phases(
+                    endpoint, plan, report, results_path, sampler, server, on_progress, on_phase_done, cancel
+                )
+            )
+        finally:
+            sampler.stop()
+    except LaunchError as exc:
+        report.error = exc.summary
+        report.launched = {"error": exc.summary, "kind": exc.kind.value, "log_tail": exc.log_tail}
+    except LoadgenError as exc:
+        report.error = str(exc)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        report.error = "interrupted"
+    finally:
+        if server is not None:
+            status("stopping vLLM")
+            server.stop()
+        report.interrupted = report.interrupted or cancel.is_set()
+        with contextlib.suppress(OSError):
+            report.save(results_path)
+    return report
+
+
+async def _run_phases(
+    endpoint: str,
+    plan: BenchPlan,
+    report: BenchReport,
+    results_path: Path,
+    sampler: Sampler,
+    server: VllmServer | None,
+    on_progress: ProgressFn | None,
+    on_phase_done: PhaseDoneFn | None,
+    cancel: threading.Event,
+) -> None:
+    specs: Sequence[LoadSpec] = list(plan.specs(plan.vocab_size))
+    model = plan.model
+    for i, spec in enumerate(specs):
+        if cancel.is_set():
+            break
+
+        def progress(p: PhaseProgress, i: int = i, spec: LoadSpec = spec) -> None:
+            if on_progress is not None:
+                on_progress(i, len(specs), spec, p)
+
+        phase = await measure_phase(
+            endpoint,
+            spec,
+            sampler=sampler,
+            server_pid=server.pid if server else None,
+            model=model,
+            ttft_max_s=plan.ttft_max_s,
+            tpot_max_s=plan.tpot_max_s,
+            on_progress=progress,
+            cancel=cancel,
+        )
+        model = phase.load.model
+        report.model = model
+        report.phases.append(phase)
+        report.save(results_path)
+        if on_phase_done is not None:
+            on_phase_done(i, phase)
+        if phase.load.aborted:
+            report.error = f"phase {i + 1} stopped: {phase.load.aborted}"
+            break
+        if server is not None and not server.is_running():
+            report.error = f"the vLLM server exited during phase {i + 1}: {server.log_tail(3).strip()[-200:]}"
+            break

@@ -1,0 +1,357 @@
+"""A measurement phase = load (loadgen) + GPU/host telemetry (sampler) + the server's own counters (/metrics).
+
+Every phase ends with what bound it, decided from that evidence, and with a cross-check of the client's token
+count against the server's counter. The warm-up runs as its own short phase first, so the server counters
+bracket the measured requests exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+
+from tuner.loadgen import CancelToken, LoadSpec, PhaseProgress, PhaseResult, run_phase
+from tuner.telemetry.model import Snapshot
+from tuner.telemetry.sampler import Sampler
+from tuner.telemetry.vllm_metrics import MetricsText, parse_metrics
+
+TOKEN_MISMATCH_TOLERANCE = (
+    0.01  # the server counts exactly what it generated; 1 % leaves room for nothing else
+)
+
+
+class BoundKind(str, enum.Enum):
+    """What limited a phase."""
+
+    GPU_MEMORY_BANDWIDTH = "gpu_memory_bandwidth"
+    GPU_COMPUTE = "gpu_compute"
+    KV_CACHE_QUEUEING = "kv_cache_queueing"
+    FRONT_END_OR_CLIENT = "front_end_or_client"
+    CLIENT = "client"
+    ENGINE = "engine"  # no GPU telemetry (the CPU build): the engine itself, not the queue or the client
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Bound:
+    kind: BoundKind
+    reason: str  # one sentence with the numbers that decided it
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Telemetry averaged (or maximised) over the measured window. None: not available."""
+
+    gpu_samples: int = 0
+    dram_bw_util_pct_mean: float | None = None
+    sm_active_pct_mean: float | None = None
+    tensor_active_pct_mean: float | None = None
+    gpu_util_pct_mean: float | None = None
+    mem_busy_pct_mean: float | None = None
+    power_w_mean: float | None = None  # summed over GPUs
+    energy_j: float | None = None  # power integrated over the window, all GPUs
+    vram_used_bytes_max: int | None = None
+    host_cpu_pct_mean: float | None = None
+    client_cpu_pct: float | None = None  # this process, % of one core
+    server_cpu_pct: float | None = None  # the vLLM server's process group, % of one core
+    engine_samples: int = 0
+    requests_running_mean: float | None = None
+    requests_waiting_max: float | None = None
+    requests_waiting_mean: float | None = None
+    kv_cache_usage_pct_max: float | None = None
+    preemptions: float | None = None  # counter delta over the window
+    server_generation_tokens: float | None = None  # counter delta over the window
+    server_prompt_tokens: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    client_output_tokens: int
+    server_output_tokens: float | None
+    mismatch: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class MeasuredPhase:
+    load: PhaseResult
+    evidence: Evidence
+    bound: Bound
+    tokens: TokenCheck
+
+    def to_dict(self) -> dict[str, Any]:
+        stats = dataclasses.asdict(self.load.stats)
+        spec = dataclasses.asdict(self.load.spec)
+        spec["mode"] = self.load.spec.mode.value
+        return {
+            "model": self.load.model,
+            "spec": spec,
+            "stats": stats,
+            "cancelled": self.load.cancelled,
+            "aborted": self.load.aborted,
+            "started_at_s": self.load.started_at_s,
+            "ended_at_s": self.load.ended_at_s,
+            "evidence": dataclasses.asdict(self.evidence),
+            "bound": {"kind": self.bound.kind.value, "reason": self.bound.reason},
+            "tokens": dataclasses.asdict(self.tokens),
+        }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _max(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def summarise_snapshots(snaps: Sequence[Snapshot]) -> dict[str, Any]:
+    """GPU, host and engine telemetry over a window: means per GPU averaged, power summed over GPUs."""
+    gpu_rows = [g for s in snaps for g in s.gpus if g.error is None]
+    per_tick_power = [sum(g.power_w for g in s.gpus if g.power_w is not None) for s in snaps if s.gpus]
+    energy = None
+    if len(snaps) >= 2 and per_tick_power:
+        # Trapezoid over tick times: the energy counter is read too rarely to bracket a short phase.
+        times = [s.time_s for s in snaps if s.gpus]
+        energy = sum(
+            (times[i + 1] - times[i]) * (per_tick_power[i] + per_tick_power[i + 1]) / 2
+            for i in range(len(times) - 1)
+        )
+    engines = [e for s in snaps for e in s.engines if e.error is None]
+    vram = [g.vram_used_bytes for g in gpu_rows if g.vram_used_bytes is not None]
+    return {
+        "gpu_samples": len(gpu_rows),
+        "dram_bw_util_pct_mean": _mean([g.dram_bw_util_pct for g in gpu_rows]),
+        "sm_active_pct_mean": _mean([g.sm_active_pct for g in gpu_rows]),
+        "tensor_active_pct_mean": _mean([g.tensor_active_pct for g in gpu_rows]),
+        "gpu_util_pct_mean": _mean([g.gpu_util_pct for g in gpu_rows]),
+        "mem_busy_pct_mean": _mean([g.mem_busy_pct for g in gpu_rows]),
+        "power_w_mean": _mean(per_tick_power) if per_tick_power else None,
+        "energy_j": energy,
+        "vram_used_bytes_max": max(vram) if vram else None,
+        "host_cpu_pct_mean": _mean([s.host.cpu_pct for s in snaps if s.host is not None]),
+        "engine_samples": len(engines),
+        "requests_running_mean": _mean([e.requests_running for e in engines]),
+        "requests_waiting_max": _max([e.requests_waiting for e in engines]),
+        "requests_waiting_mean": _mean([e.requests_waiting for e in engines]),
+        "kv_cache_usage_pct_max": _max([e.kv_cache_usage_pct for e in engines]),
+    }
+
+
+def classify_bound(evidence: Evidence, concurrency: int | None) -> Bound:
+    """Say what limited the phase, from the evidence alone. Thresholds are deliberately coarse."""
+    e = evidence
+    if (e.preemptions or 0) > 0:
+        return Bound(BoundKind.KV_CACHE_QUEUEING, f"{e.preemptions:.0f} preemptions: the KV cache ran out")
+    if (e.requests_waiting_mean or 0) >= 0.5 or (e.kv_cache_usage_pct_max or 0) >= 95:
+        return Bound(
+            BoundKind.KV_CACHE_QUEUEING,
+            f"requests waited in the server queue (mean {e.requests_waiting_mean or 0:.1f}, "
+            f"max {e.requests_waiting_max or 0:.0f}); KV cache peaked at {e.kv_cache_usage_pct_max or 0:.0f} %",
+        )
+    if e.client_cpu_pct is not None and e.client_cpu_pct >= 85:
+        return Bound(
+            BoundKind.CLIENT,
+            f"the load generator used {e.client_cpu_pct:.0f} % of a core: its numbers understate the server",
+        )
+    dram, sm = e.dram_bw_util_pct_mean, e.sm_active_pct_mean
+    if dram is not None and dram >= 60:
+        return Bound(BoundKind.GPU_MEMORY_BANDWIDTH, f"DRAM bandwidth {dram:.0f} % of peak (GPM)")
+    if sm is not None and (sm >= 70 or (e.tensor_active_pct_mean or 0) >= 50):
+        return Bound(
+            BoundKind.GPU_COMPUTE, f"SM active {sm:.0f} %, tensor {e.tensor_active_pct_mean or 0:.0f} %"
+        )
+    if dram is not None and sm is not None and dram < 30 and sm < 40:
+        running = e.requests_running_mean
+        server = f"; vLLM server {e.server_cpu_pct:.0f} % of a core" if e.server_cpu_pct is not None else ""
+        starved = (
+            f", only {running:.0f} of {concurrency} streams running in the engine"
+            if running and concurrency and running < 0.8 * concurrency
+            else ""
+        )
+        return Bound(
+            BoundKind.FRONT_END_OR_CLIENT,
+            f"GPU mostly idle (DRAM {dram:.0f} %, SM {sm:.0f} %){starved}{server}: the API front end or the client "
+            "set the pace, not the GPU",
+        )
+    if e.gpu_samples == 0:
+        if e.server_cpu_pct is not None:
+            return Bound(
+                BoundKind.ENGINE, f"no GPU telemetry; the vLLM server used {e.server_cpu_pct:.0f} % of a core"
+            )
+        return Bound(BoundKind.UNKNOWN, "no GPU telemetry and no server process to watch")
+    return Bound(
+        BoundKind.UNKNOWN,
+        f"nothing saturated (DRAM {dram if dram is not None else float('nan'):.0f} %, SM "
+        f"{sm if sm is not None else float('nan'):.0f} %): more concurrency would likely help",
+    )
+
+
+def check_tokens(client_tokens: int, server_tokens: float | None) -> TokenCheck:
+    if server_tokens is None:
+        return TokenCheck(client_tokens, None, False, "server counter not available")
+    diff = abs(server_tokens - client_tokens)
+    mismatch = diff > max(1.0, TOKEN_MISMATCH_TOLERANCE * max(client_tokens, 1))
+    note = f"client counted {client_tokens:,} output tokens, server {server_tokens:,.0f}" + (
+        " — MISMATCH: another client is using this server, or the stream lost tokens"
+        if mismatch
+        else " (match)"
+    )
+    return TokenCheck(client_tokens, server_tokens, mismatch, note)
+
+
+class _ProcessCpu:
+    """CPU time of a set of processes over a window, as % of one core."""
+
+    def __init__(self, pids: Callable[[], Sequence[int]]) -> None:
+        self._pids = pids
+        self._start: dict[int, float] = {}
+        self._t0 = 0.0
+
+    def _times(self) -> dict[int, float]:
+        out = {}
+        for pid in self._pids():
+            try:
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        return out
+
+    def start(self) -> None:
+        self._start, self._t0 = self._times(), time.monotonic()
+
+    def stop_pct(self) -> float | None:
+        end, wall = self._times(), time.monotonic() - self._t0
+        common = set(end) & set(self._start)
+        if not common or wall <= 0:
+            return None
+        return 100.0 * sum(end[p] - self._start[p] for p in common) / wall
+
+
+def group_pids(root_pid: int) -> list[int]:
+    """A process and all its descendants (vLLM's API server, engine core and workers)."""
+    try:
+        root = psutil.Process(root_pid)
+        return [root_pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def _scrape(client: httpx.Client, url: str) -> MetricsText | None:
+    try:
+        response = client.get(f"{url}/metrics")
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return parse_metrics(response.text)
+
+
+def _counter(page: MetricsText | None, name: str) -> float | None:
+    return None if page is None else page.values.get(name)
+
+
+def _delta(after: MetricsText | None, before: MetricsText | None, name: str) -> float | None:
+    a, b = _counter(after, name), _counter(before, name)
+    return None if a is None or b is None else a - b
+
+
+async def measure_phase(
+    base_url: str,
+    spec: LoadSpec,
+    *,
+    sampler: Sampler | None = None,
+    server_pid: int | None = None,
+    model: str | None = None,
+    ttft_max_s: float | None = None,
+    tpot_max_s: float | None = None,
+    on_progress: Callable[[PhaseProgress], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> MeasuredPhase:
+    """Warm up, then run ``spec`` while recording telemetry; return the phase with its evidence and bound.
+
+    ``sampler`` is a started :class:`Sampler` (GPU, host and this server's /metrics); its snapshots inside the
+    measured window are the evidence. ``server_pid`` lets the server's CPU use be measured.
+    """
+    base_url = base_url.rstrip("/")
+    if spec.warmup_requests > 0:
+        warm = dataclasses.replace(
+            spec, num_requests=spec.warmup_requests, warmup_requests=0, duration_s=None
+        )
+        warm_result = await run_phase(base_url, warm, model=model, on_progress=on_progress, cancel=cancel)
+        model = warm_result.model
+    spec = dataclasses.replace(spec, warmup_requests=0)
+
+    window: list[Snapshot] = []
+    lock = threading.Lock()
+
+    def collect(snap: Snapshot) -> None:
+        with lock:
+            window.append(snap)
+
+    client_cpu = _ProcessCpu(lambda: [psutil.Process().pid])
+    server_cpu = _ProcessCpu(lambda: group_pids(server_pid) if server_pid else [])
+    with httpx.Client(timeout=5.0) as http:
+        before = await asyncio.to_thread(_scrape, http, base_url)
+        if sampler is not None:
+            sampler.add_listener(collect)
+        client_cpu.start()
+        server_cpu.start()
+        try:
+            result = await run_phase(
+                base_url,
+                spec,
+                model=model,
+                ttft_max_s=ttft_max_s,
+                tpot_max_s=tpot_max_s,
+                on_progress=on_progress,
+                cancel=cancel,
+            )
+        finally:
+            if sampler is not None:
+                sampler.remove_listener(collect)
+        client_pct, server_pct = client_cpu.stop_pct(), server_cpu.stop_pct()
+        after = await _settled_scrape(http, base_url)
+
+    with lock:
+        inside = [s for s in window if result.started_at_s <= s.time_s <= result.ended_at_s]
+    summary = summarise_snapshots(inside)
+    evidence = Evidence(
+        **summary,
+        client_cpu_pct=client_pct,
+        server_cpu_pct=server_pct,
+        preemptions=_delta(after, before, "vllm:num_preemptions_total"),
+        server_generation_tokens=_delta(after, before, "vllm:generation_tokens_total"),
+        server_prompt_tokens=_delta(after, before, "vllm:prompt_tokens_total"),
+    )
+    bound = classify_bound(evidence, spec.concurrency)
+    tokens = check_tokens(result.stats.output_tokens_total, evidence.server_generation_tokens)
+    return MeasuredPhase(result, evidence, bound, tokens)
+
+
+async def _settled_scrape(http: httpx.Client, url: str, attempts: int = 6) -> MetricsText | None:
+    """The server updates its counters a moment after the last response: scrape until they stop moving."""
+    last: MetricsText | None = None
+    for _ in range(attempts):
+        page = await asyncio.to_thread(_scrape, http, url)
+        if page is None:
+            return last
+        if last is not None and _counter(page, "vllm:generation_tokens_total") == _counter(
+            last, "vllm:generation_tokens_total"
+        ):
+            return page
+        last = page
+        await asyncio.sleep(0.25)
+    return last
