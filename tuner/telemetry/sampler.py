@@ -123,7 +123,15 @@ class EngineWatcher:
         self._thread = threading.Thread(target=self._run, name="infertop-engines", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def set_urls(self, urls: Iterable[str]) -> None:
+        """Watch these servers from now on (besides discovered ones); readings of others are dropped."""
+        with self._lock:
+            self._fixed = [u.rstrip("/") for u in urls]
+            self._latest = {u: s for u, s in self._latest.items() if u in self._fixed}
+        self.start()
 
     def latest(self) -> tuple[EngineSample, ...]:
         with self._lock:
@@ -138,7 +146,9 @@ class EngineWatcher:
 
             discovered[:] = discover_vllm_urls()
             last_discovery[0] = time.monotonic()
-        return self._fixed + [u for u in discovered if u not in self._fixed]
+        with self._lock:
+            fixed = list(self._fixed)
+        return fixed + [u for u in discovered if u not in fixed]
 
     def _run(self) -> None:
         last_discovery, discovered = [-1e9], list[str]()
@@ -216,6 +226,10 @@ class LiveSource:
 
     def next_delay_s(self) -> float:
         return self._config.interval_s
+
+    def set_engine_urls(self, urls: Iterable[str]) -> None:
+        """Change which vLLM servers are scraped (the tuner points it at each candidate in turn)."""
+        self._engines.set_urls(urls)
 
     def close(self) -> None:
         self._engines.stop()

@@ -1,0 +1,759 @@
+"""What the tuner may change: candidate vLLM configurations, their defaults, and which ones can start at all.
+
+A :class:`Candidate` is one point: FP8 weights, FP8 KV cache, max-num-seqs, max-num-batched-tokens,
+max-model-len, gpu-memory-utilization, tensor-parallel-size, chunked prefill. ``None`` in a field means "no
+flag": vLLM's own default. A :class:`SearchSpace` holds the values to try per dimension plus the operator's
+pins, and judges each candidate *a priori* (:meth:`SearchSpace.check`): FP8 on a GPU without FP8 tensor cores,
+a tensor-parallel size the heads do not divide, or a KV cache too small for one max-length sequence would
+each waste a minutes-long server start, so they are rejected with a reason before any launch.
+
+The model side is a :class:`ModelShape` read from ``config.json`` (:func:`kv_bytes_per_token`,
+:func:`weight_bytes`), the machine a :class:`Hardware`. Memory figures (:func:`estimate_memory`) are estimates
+meant to prune hopeless candidates, not to replace the launch: vLLM's own profiling decides.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuner.telemetry import gpus
+
+__all__ = [
+    "DIMENSIONS",
+    "Candidate",
+    "Feasibility",
+    "GiB",
+    "Hardware",
+    "MemoryEstimate",
+    "ModelShape",
+    "SearchSpace",
+    "SpaceError",
+    "default_space",
+    "estimate_max_concurrency",
+    "estimate_memory",
+    "kv_bytes_per_token",
+    "parse_pins",
+    "resolve",
+    "vllm_defaults",
+    "weight_bytes",
+]
+
+GiB = 2**30
+
+
+class SpaceError(ValueError):
+    """A model config, pin or dimension value the tuner cannot use. The message is one line for people."""
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+# config.json spells the same thing differently across architectures (Llama, GPT-2, OPT, Falcon, ...).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
+    "intermediate_size": ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
+    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+}
+# vLLM's dtype "auto" runs float32 checkpoints in 16 bits (ModelConfig._get_and_verify_dtype), so every
+# dtype below is 2 bytes per weight and per KV element unless quantized.
+_KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What the tuner needs from a model's ``config.json``: sizes for memory estimates and validity rules."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP width, or each expert's width in a mixture-of-experts model
+    vocab_size: int
+    max_position_embeddings: int
+    dtype: str = "bfloat16"
+    tie_word_embeddings: bool = False
+    num_experts: int | None = None  # mixture of experts: experts per layer (all held in memory)
+    quantization: str | None = None  # the checkpoint's own quant_method ("fp8", "awq", ...), if any
+    quant_bits: int | None = None  # bits per linear weight of a pre-quantized checkpoint, when stated
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        """Read a parsed ``config.json``; multimodal configs are read from their ``text_config``.
+
+        Raises:
+            SpaceError: a size the tuner needs is missing or not a positive integer.
+        """
+        text = config.get("text_config")
+        if isinstance(text, Mapping) and not _lookup(config, "num_layers"):
+            config = {**config, **text}
+
+        def need(name: str) -> int:
+            value = _lookup(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                keys = " / ".join(_ALIASES[name])
+                raise SpaceError(f"config.json has no usable {keys} (got {value!r})")
+            return value
+
+        layers, hidden, heads = need("num_layers"), need("hidden_size"), need("num_heads")
+        kv_heads = _lookup(config, "num_kv_heads") or heads
+        experts = _lookup(config, "num_experts")
+        inter = config.get("moe_intermediate_size") if experts else None
+        inter = inter or _lookup(config, "intermediate_size") or 4 * hidden
+        quant = config.get("quantization_config")
+        quant_method = str(quant.get("quant_method", "unknown")) if isinstance(quant, Mapping) else None
+        bits = quant.get("bits") if isinstance(quant, Mapping) else None
+        if quant_method == "fp8" and bits is None:
+            bits = 8
+        return cls(
+            model_type=str(config.get("model_type", "unknown")),
+            num_layers=layers,
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate_size=int(inter),
+            vocab_size=need("vocab_size"),
+            max_position_embeddings=need("max_position_embeddings"),
+            dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            num_experts=int(experts) if experts else None,
+            quantization=quant_method,
+            quant_bits=int(bits) if isinstance(bits, int) else None,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelShape:
+        """Read ``MODEL_DIR/config.json``.
+
+        Raises:
+            SpaceError: no such file, not JSON, or missing sizes.
+        """
+        path = Path(model_dir) / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SpaceError(f"{path} not found: give a model directory with a config.json") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SpaceError(f"cannot read {path}: {error}") from None
+        if not isinstance(config, dict):
+            raise SpaceError(f"{path} is not a JSON object")
+        return cls.from_config(config)
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus the output head (once when tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def linear_params(self) -> int:
+        """Attention and MLP projection weights of all layers: what ``--quantization fp8`` turns to 8 bits."""
+        q_and_o = 2 * self.hidden_size * self.num_heads * self.head_dim
+        k_and_v = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
+        mlp = 3 * self.hidden_size * self.intermediate_size  # gate, up, down (SwiGLU)
+        if self.num_experts:
+            mlp = mlp * self.num_experts + self.hidden_size * self.num_experts  # + router
+        return self.num_layers * (q_and_o + k_and_v + mlp)
+
+    @property
+    def param_count(self) -> int:
+        """Estimated parameters: embeddings, projections and norms (biases ignored)."""
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return self.embedding_params + self.linear_params + norms
+
+
+def _lookup(config: Mapping[str, Any], name: str) -> Any:
+    for key in _ALIASES[name]:
+        if config.get(key) is not None:
+            return config[key]
+    return None
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: str | None = None) -> int:
+    """KV-cache bytes one token takes on the whole model: 2 (K and V) x layers x KV heads x head dim x bytes.
+
+    ``kv_cache_dtype`` None or "auto" = the model's dtype (16 bits); "fp8*" = 1 byte.
+    """
+    dtype = kv_cache_dtype if kv_cache_dtype not in (None, "auto") else shape.dtype
+    bytes_per_element = _KV_DTYPE_BYTES.get(str(dtype), 2)
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * bytes_per_element
+
+
+def weight_bytes(shape: ModelShape, quantization: str | None = None) -> int:
+    """Bytes of weights the server loads for ``shape`` with ``--quantization`` (None = none).
+
+    FP8 (vLLM's dynamic W8A8) stores the projection weights in 1 byte; embeddings, the output head and norms
+    stay 16-bit. A pre-quantized checkpoint with stated bits uses those for its projections.
+    """
+    rest = shape.param_count - shape.linear_params
+    if quantization == "fp8":
+        return shape.linear_params + 2 * rest
+    if shape.quant_bits is not None:
+        return math.ceil(shape.linear_params * shape.quant_bits / 8) + 2 * rest
+    return 2 * shape.param_count
+
+
+# --- the machine ---------------------------------------------------------------------------------------
+
+
+class _GpuLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def vram_total_bytes(self) -> int | None: ...
+    @property
+    def compute_capability(self) -> tuple[int, int] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    """The accelerators a server may use: ``gpu_count`` identical GPUs, or the CPU build of vLLM."""
+
+    gpu_name: str
+    gpu_count: int
+    vram_per_gpu_bytes: int  # on the CPU build: 0
+    compute_capability: tuple[int, int] | None
+    cpu_kv_cache_bytes: int = 0  # CPU build only: VLLM_CPU_KVCACHE_SPACE
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpu_count == 0
+
+    @property
+    def fp8_supported(self) -> bool:
+        """FP8 tensor cores: compute capability >= 8.9 (Ada, Hopper, newer); never on the CPU build."""
+        if self.is_cpu:
+            return False
+        if self.compute_capability is not None:
+            return gpus.fp8_supported(self.compute_capability)
+        known = gpus.lookup(self.gpu_name)  # NVML did not say: the datasheet table may know
+        return known is not None and known.fp8
+
+    @classmethod
+    def from_gpus(cls, gpus: Sequence[_GpuLike]) -> Hardware:
+        """From telemetry's ``GpuInfo`` list. Mixed GPUs are sized by the smallest memory and oldest
+        architecture: a tensor-parallel server runs at its weakest rank's pace.
+
+        Raises:
+            SpaceError: no GPU, or a GPU whose memory size NVML did not report.
+        """
+        if not gpus:
+            raise SpaceError("no GPU to tune on (use Hardware.cpu for the CPU build of vLLM)")
+        vram = [g.vram_total_bytes for g in gpus]
+        if any(v is None or v <= 0 for v in vram):
+            raise SpaceError("a GPU's memory size is unknown; cannot size the KV cache")
+        ccs = [g.compute_capability for g in gpus]
+        return cls(
+            gpu_name=gpus[0].name,
+            gpu_count=len(gpus),
+            vram_per_gpu_bytes=min(v for v in vram if v is not None),
+            compute_capability=None if None in ccs else min(c for c in ccs if c is not None),
+        )
+
+    @classmethod
+    def cpu(cls, kv_cache_bytes: int) -> Hardware:
+        """The CPU build of vLLM with ``VLLM_CPU_KVCACHE_SPACE`` = ``kv_cache_bytes`` (GiB there)."""
+        if kv_cache_bytes <= 0:
+            raise SpaceError("the CPU build needs a KV-cache size (VLLM_CPU_KVCACHE_SPACE, GiB)")
+        return cls(
+            "CPU",
+            gpu_count=0,
+            vram_per_gpu_bytes=0,
+            compute_capability=None,
+            cpu_kv_cache_bytes=kv_cache_bytes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stored with a tuning run; a resume on other hardware is refused)."""
+        data = asdict(self)
+        data["compute_capability"] = list(self.compute_capability) if self.compute_capability else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Hardware:
+        """Inverse of :meth:`to_dict`."""
+        cc = data.get("compute_capability")
+        return cls(**{**data, "compute_capability": tuple(cc) if cc else None})
+
+
+# --- one candidate -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One vLLM configuration. ``None`` = leave the flag out (vLLM's default)."""
+
+    quantization: str | None = None  # "fp8": dynamic W8A8 of an unquantized checkpoint
+    kv_cache_dtype: str | None = None  # "fp8" (or fp8_e4m3 / fp8_e5m2); None = "auto" (the model's dtype)
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int | None = None
+    enable_chunked_prefill: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype == "auto":  # the same server as no flag: one key for both
+            object.__setattr__(self, "kv_cache_dtype", None)
+        for name in _INT_DIMENSIONS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpaceError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        util = self.gpu_memory_utilization
+        if util is not None:
+            if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
+                raise SpaceError(f"--gpu-memory-utilization must be in (0, 1], got {util!r}")
+            object.__setattr__(self, "gpu_memory_utilization", float(util))  # 1 and 1.0: one key
+        if self.enable_chunked_prefill is not None and not isinstance(self.enable_chunked_prefill, bool):
+            raise SpaceError(
+                f"--enable-chunked-prefill must be true or false, got {self.enable_chunked_prefill!r}"
+            )
+        for name in ("quantization", "kv_cache_dtype"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SpaceError(f"{_flag(name)} must be a name such as fp8, got {value!r}")
+
+    @property
+    def fp8_weights(self) -> bool:
+        return self.quantization == "fp8"
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype is not None and self.kv_cache_dtype.startswith("fp8")
+
+    def config_dict(self) -> dict[str, Any]:
+        """The flags this candidate sets, as ``vllm serve --config`` keys (dashed), in dimension order."""
+        return {_key(name): value for name in DIMENSIONS if (value := getattr(self, name)) is not None}
+
+    def vllm_args(self) -> tuple[str, ...]:
+        """Command-line flags, e.g. ``("--quantization", "fp8", "--max-num-seqs", "256")``."""
+        args: list[str] = []
+        for key, value in self.config_dict().items():
+            if isinstance(value, bool):
+                args.append(f"--{key}" if value else f"--no-{key}")
+            else:
+                args.extend((f"--{key}", str(value)))
+        return tuple(args)
+
+    def key(self) -> str:
+        """A stable identity for dedupe and resume: ``"max-num-seqs=256;quantization=fp8"`` (sorted keys)."""
+        items = sorted(self.config_dict().items())
+        if not items:
+            return "vllm-defaults"
+        return ";".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in items)
+
+    def label(self) -> str:
+        """A short human label: ``"fp8 w, fp8 kv, seqs 256, batch 8192, mem 0.90"``."""
+        parts = []
+        if self.quantization is not None:
+            parts.append(f"{self.quantization} w")
+        if self.kv_cache_dtype is not None:
+            parts.append(f"{self.kv_cache_dtype} kv")
+        if self.max_num_seqs is not None:
+            parts.append(f"seqs {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None:
+            parts.append(f"batch {self.max_num_batched_tokens}")
+        if self.max_model_len is not None:
+            parts.append(f"len {self.max_model_len}")
+        if self.gpu_memory_utilization is not None:
+            parts.append(f"mem {self.gpu_memory_utilization:.2f}")
+        if self.tensor_parallel_size is not None:
+            parts.append(f"tp {self.tensor_parallel_size}")
+        if self.enable_chunked_prefill is not None:
+            parts.append("chunked prefill" if self.enable_chunked_prefill else "no chunked prefill")
+        return ", ".join(parts) or "vLLM defaults"
+
+    def with_values(self, **values: Any) -> Candidate:
+        """A copy with some dimensions changed."""
+        return replace(self, **values)
+
+    @classmethod
+    def from_config_dict(cls, config: Mapping[str, Any]) -> Candidate:
+        """The candidate a ``--config``-style dict describes; keys that are not dimensions (model, port, ...)
+        are ignored. Dashed or underscored keys; ``--no-`` forms are not expected here.
+
+        Raises:
+            SpaceError: a dimension's value has the wrong type.
+        """
+        values: dict[str, Any] = {}
+        for raw_key, value in config.items():
+            name = raw_key.replace("-", "_")
+            if name in DIMENSIONS and value is not None:
+                values[name] = _coerce(name, value)
+        return cls(**values)
+
+
+DIMENSIONS: tuple[str, ...] = tuple(f.name for f in fields(Candidate))
+"""The dimension names, in the order flags are written."""
+_INT_DIMENSIONS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flag(name: str) -> str:
+    return "--" + _key(name)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A dimension value from config or command-line text, typed as the Candidate field wants."""
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and text.lower() in ("default", "none", "null"):
+        return None
+    try:
+        if name in _INT_DIMENSIONS:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(text) if text is not None else int(value)
+        if name == "gpu_memory_utilization":
+            return float(text) if text is not None else float(value)
+        if name == "enable_chunked_prefill":
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SpaceError(f"{_flag(name)}: {value!r} is not a valid value") from None
+    return text if text is not None else value
+
+
+def parse_pins(specs: Iterable[str]) -> dict[str, Any]:
+    """Operator pins from ``"max-num-seqs=256"``-style text; ``"quantization=none"`` pins vLLM's default.
+
+    Raises:
+        SpaceError: not key=value, an unknown dimension, or a bad value.
+    """
+    pins: dict[str, Any] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        name = key.strip().removeprefix("--").replace("-", "_")
+        if not sep:
+            raise SpaceError(f"pin {spec!r}: expected NAME=VALUE, e.g. max-num-seqs=256")
+        if name not in DIMENSIONS:
+            raise SpaceError(
+                f"pin {spec!r}: unknown dimension; dimensions: {', '.join(map(_key, DIMENSIONS))}"
+            )
+        pins[name] = _coerce(name, value)
+    Candidate(**pins)  # type checks, with the flag's name in the error
+    return pins
+
+
+# --- what vLLM does without flags ----------------------------------------------------------------------
+
+# vLLM 0.32 CacheConfig.gpu_memory_utilization (vllm/config/cache.py); 0.2x releases used 0.90.
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
+
+
+def vllm_defaults(hardware: Hardware, shape: ModelShape | None = None) -> Candidate:
+    """The values vLLM's OpenAI server picks when given no flags, on ``hardware``.
+
+    From vLLM 0.32 ``EngineArgs.get_batch_defaults``: >= 160 GiB GPUs 16384 batched tokens / 1024 sequences;
+    >= 70 GiB except A100 8192 / 1024; other GPUs 2048 / 256; the CPU build 2048 / 128 per TP rank.
+    max-model-len is the model's ``max_position_embeddings`` when ``shape`` is given.
+    """
+    if hardware.is_cpu:  # per TP rank; the tuner runs the CPU build with one
+        mbt, seqs = 2048, 128
+    elif hardware.vram_per_gpu_bytes >= 160 * GiB:
+        mbt, seqs = 16384, 1024
+    elif hardware.vram_per_gpu_bytes >= 70 * GiB and "a100" not in hardware.gpu_name.lower():
+        mbt, seqs = 8192, 1024
+    else:
+        mbt, seqs = 2048, 256
+    return Candidate(
+        quantization=None,
+        kv_cache_dtype=None,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=mbt,
+        max_model_len=shape.max_position_embeddings if shape is not None else None,
+        gpu_memory_utilization=None if hardware.is_cpu else VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+        tensor_parallel_size=1,
+        enable_chunked_prefill=True,
+    )
+
+
+def resolve(candidate: Candidate, hardware: Hardware, shape: ModelShape) -> Candidate:
+    """``candidate`` with every ``None`` replaced by what vLLM would use: the numbers a server will run with."""
+    defaults = vllm_defaults(hardware, shape)
+    return replace(
+        candidate,
+        **{name: getattr(defaults, name) for name in DIMENSIONS if getattr(candidate, name) is None},
+    )
+
+
+# --- memory estimate -----------------------------------------------------------------------------------
+
+# Per GPU, beyond weights and activations: CUDA context, NCCL buffers and CUDA graphs. vLLM 0.2x/0.3x logs
+# ~0.5-1 GiB of CUDA graphs for 8B models on an H100; the rest is the context. An estimate, kept modest so
+# that a candidate is pruned only when it clearly cannot start.
+FIXED_OVERHEAD_BYTES_PER_GPU = 1 * GiB
+_ACTIVATION_BYTES = 2  # activations run in 16-bit even with FP8 weights
+_LOGIT_BYTES = 4  # the sampler's dummy run keeps float32 logits for max-num-seqs sequences
+VLLM_BLOCK_TOKENS = 16  # KV-cache page size on GPUs
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Where one GPU's memory budget (VRAM x gpu-memory-utilization) goes, in bytes; the CPU build has only
+    its KV-cache space."""
+
+    budget_bytes: int
+    weights_bytes: int  # per GPU
+    overhead_bytes: int  # per GPU: activation peak of a max-num-batched-tokens step + fixed overhead
+    kv_cache_bytes: int  # per GPU, what is left (may be negative)
+    kv_bytes_per_token: int  # per GPU: this rank's share of the KV heads
+    kv_capacity_tokens: int  # tokens the whole cache holds (0 when nothing is left)
+
+
+def estimate_memory(candidate: Candidate, shape: ModelShape, hardware: Hardware) -> MemoryEstimate:
+    """KV-cache capacity of ``candidate`` from the budget minus weights and the activation peak.
+
+    KV capacity = (VRAM x util - weights / TP - activation overhead) / KV bytes per token per GPU; with more
+    ranks than KV heads vLLM replicates heads, so each rank keeps at least one. On the CPU build the cache
+    is exactly ``VLLM_CPU_KVCACHE_SPACE``; weights live in host memory beside it.
+    """
+    c = resolve(candidate, hardware, shape)
+    tp = c.tensor_parallel_size or 1
+    kv_heads_per_rank = max(1, shape.num_kv_heads // tp)
+    per_token = kv_bytes_per_token(shape, c.kv_cache_dtype) * kv_heads_per_rank // shape.num_kv_heads
+    if hardware.is_cpu:
+        budget = hardware.cpu_kv_cache_bytes
+        return MemoryEstimate(budget, 0, 0, budget, per_token, budget // per_token)
+    weights = math.ceil(weight_bytes(shape, c.quantization) / tp)
+    step_tokens = c.max_num_batched_tokens or 0
+    activation = step_tokens * (2 * shape.intermediate_size // tp + 4 * shape.hidden_size) * _ACTIVATION_BYTES
+    logits = (c.max_num_seqs or 0) * shape.vocab_size * _LOGIT_BYTES // tp
+    overhead = FIXED_OVERHEAD_BYTES_PER_GPU + activation + logits
+    budget = int(
+        hardware.vram_per_gpu_bytes * (c.gpu_memory_utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)
+    )
+    kv = budget - weights - overhead
+    return MemoryEstimate(budget, weights, overhead, kv, per_token, max(0, kv) // per_token)
+
+
+def estimate_max_concurrency(
+    candidate: Candidate, shape: ModelShape, hardware: Hardware, input_len: int, output_len: int
+) -> int:
+    """How many requests of ``input_len + output_len`` tokens fit in the KV cache at once, capped by
+    max-num-seqs: where a concurrency search can start looking. 0 when not even one fits."""
+    c = resolve(candidate, hardware, shape)
+    blocks_per_request = math.ceil((input_len + output_len) / VLLM_BLOCK_TOKENS)
+    blocks = estimate_memory(c, shape, hardware).kv_capacity_tokens // VLLM_BLOCK_TOKENS
+    return min(blocks // blocks_per_request, c.max_num_seqs or 0)
+
+
+# --- validity ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Feasibility:
+    """Whether a candidate can start, judged before launching; ``reasons`` say why not."""
+
+    ok: bool
+    reasons: tuple[str, ...]
+    memory: MemoryEstimate | None = None
+
+
+def _static_problems(candidate: Candidate, shape: ModelShape, hardware: Hardware) -> list[str]:
+    """Rules that hold whatever the other dimensions are (used for pins too)."""
+    problems = []
+    fp8_flags = []
+    if candidate.fp8_weights:
+        fp8_flags.append(f"--quantization {candidate.quantization}")
+    if candidate.fp8_kv_cache:
+        fp8_flags.append(f"--kv-cache-dtype {candidate.kv_cache_dtype}")
+    if fp8_flags and hardware.is_cpu:
+        problems.append(f"{' and '.join(fp8_flags)}: the CPU build of vLLM refuses FP8")
+    elif fp8_flags and not hardware.fp8_supported:
+        cc = ".".join(map(str, hardware.compute_capability)) if hardware.compute_capability else "unknown"
+        problems.append(
+            f"{' and '.join(fp8_flags)} need compute capability >= 8.9; {hardware.gpu_name} has {cc}"
+        )
+    if candidate.quantization is not None and shape.quantization is not None:
+        problems.append(
+            f"--quantization {candidate.quantization}: the checkpoint is already quantized ({shape.quantization})"
+        )
+    tp = candidate.tensor_parallel_size
+    if tp is not None and tp > 1:
+        if hardware.is_cpu:
+            problems.append("--tensor-parallel-size > 1 is not tuned on the CPU build")
+        elif hardware.gpu_count % tp:
+            problems.append(f"--tensor-parallel-size {tp} does not divide the {hardware.gpu_count} GPUs")
+        if shape.num_heads % tp:
+            problems.append(
+                f"--tensor-parallel-size {tp} does not divide the {shape.num_heads} attention heads"
+            )
+        elif shape.num_kv_heads % tp and tp % shape.num_kv_heads:
+            problems.append(
+                f"--tensor-parallel-size {tp} and the {shape.num_kv_heads} KV heads do not divide"
+            )
+    if candidate.max_model_len is not None and candidate.max_model_len > shape.max_position_embeddings:
+        problems.append(
+            f"--max-model-len {candidate.max_model_len} > the model's {shape.max_position_embeddings} positions"
+        )
+    return problems
+
+
+def feasibility(candidate: Candidate, shape: ModelShape, hardware: Hardware) -> Feasibility:
+    """Every a-priori rule: FP8 support, TP divisibility, vLLM's scheduler checks, and memory."""
+    problems = _static_problems(candidate, shape, hardware)
+    c = resolve(candidate, hardware, shape)
+    mbt, seqs, max_len = c.max_num_batched_tokens or 0, c.max_num_seqs or 0, c.max_model_len or 0
+    # vLLM's SchedulerConfig.verify_max_model_len raises on both of these at start-up.
+    if mbt < seqs:
+        problems.append(f"--max-num-batched-tokens {mbt} < --max-num-seqs {seqs}")
+    if mbt < max_len and not c.enable_chunked_prefill:
+        problems.append(f"--max-num-batched-tokens {mbt} < --max-model-len {max_len} without chunked prefill")
+    memory = estimate_memory(c, shape, hardware)
+    if not hardware.is_cpu and memory.weights_bytes + memory.overhead_bytes > memory.budget_bytes:
+        problems.append(
+            f"weights {memory.weights_bytes / GiB:.1f} GiB + overhead {memory.overhead_bytes / GiB:.1f} GiB per GPU"
+            f" exceed the {memory.budget_bytes / GiB:.1f} GiB budget"
+        )
+    elif memory.kv_capacity_tokens < max_len:
+        problems.append(
+            f"KV cache holds ~{memory.kv_capacity_tokens} tokens ({max(0, memory.kv_cache_bytes) / GiB:.1f} GiB),"
+            f" less than one --max-model-len {max_len} sequence"
+        )
+    return Feasibility(ok=not problems, reasons=tuple(problems), memory=memory)
+
+
+# --- the space -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Values to try per dimension, with the operator's pins applied, for one model on one machine."""
+
+    shape: ModelShape
+    hardware: Hardware
+    values: Mapping[str, tuple[Any, ...]]  # dimension -> values to try; None = vLLM's default
+    pins: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = (set(self.values) | set(self.pins)) - set(DIMENSIONS)
+        if unknown:
+            raise SpaceError(f"unknown dimension(s): {', '.join(sorted(unknown))}")
+        values = {name: tuple(self.values.get(name, (None,))) or (None,) for name in DIMENSIONS}
+        values.update({name: (value,) for name, value in self.pins.items()})
+        for name, options in values.items():
+            for value in options:
+                Candidate(**{name: value})  # type checks, with the flag's name in the error
+        object.__setattr__(self, "values", values)
+        pinned = Candidate(**dict(self.pins))
+        problems = _static_problems(pinned, self.shape, self.hardware)
+        if problems:
+            raise SpaceError(f"pinned values cannot run here: {problems[0]}")
+
+    def candidates(self) -> Iterator[Candidate]:
+        """Every combination, feasible or not, in a stable order (first values first), without duplicates."""
+        seen: set[str] = set()
+        for combo in itertools.product(*(self.values[name] for name in DIMENSIONS)):
+            candidate = Candidate(**dict(zip(DIMENSIONS, combo, strict=True)))
+            if candidate.key() not in seen:
+                seen.add(candidate.key())
+                yield candidate
+
+    def check(self, candidate: Candidate) -> Feasibility:
+        """Whether ``candidate`` can start on this machine, judged without launching it."""
+        return feasibility(candidate, self.shape, self.hardware)
+
+    def feasible(self) -> list[Candidate]:
+        """The candidates that pass :meth:`check`."""
+        return [c for c in self.candidates() if self.check(c).ok]
+
+    def baseline(self) -> Candidate:
+        """vLLM with no flags but the pins: the configuration to beat."""
+        return Candidate(**dict(self.pins))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (stored with a tuning run)."""
+        return {
+            "shape": asdict(self.shape),
+            "hardware": self.hardware.to_dict(),
+            "values": {_key(n): list(v) for n, v in self.values.items()},
+            "pins": {_key(n): v for n, v in self.pins.items()},
+        }
+
+
+def default_space(
+    shape: ModelShape, hardware: Hardware, pins: Mapping[str, Any] | None = None
+) -> SearchSpace:
+    """Value ladders sized for ``hardware`` and ``shape``; ``pins`` fix dimensions (None = vLLM's default).
+
+    FP8 weights and KV cache are tried on GPUs with FP8 tensor cores (not for pre-quantized checkpoints);
+    max-num-seqs 64-512 on >= 70 GiB GPUs, 32-256 on >= 40 GiB, 16-128 below, 8-32 on the CPU build; batched
+    tokens 2048 / 8192 / 16384; memory utilization 0.90 / 0.95; tensor parallelism over the divisors of the
+    GPU count. max-model-len stays at the model's maximum when one such sequence fits the leanest candidate
+    (FP8 where tried, most memory, most ranks); otherwise the largest power of two that fits is used, so that
+    a small GPU still has candidates. Pin max-model-len to the workload's needs to search at that length.
+
+    Raises:
+        SpaceError: a pin that cannot run on this hardware (FP8 on an A100, TP 3 on 2 GPUs, ...).
+    """
+    pins = dict(pins or {})
+    fp8 = hardware.fp8_supported
+    values: dict[str, tuple[Any, ...]] = {
+        "quantization": (None, "fp8") if fp8 and shape.quantization is None else (None,),
+        "kv_cache_dtype": (None, "fp8") if fp8 else (None,),
+    }
+    vram = hardware.vram_per_gpu_bytes
+    if hardware.is_cpu:
+        values["max_num_seqs"] = (8, 16, 32)
+        values["max_num_batched_tokens"] = (2048,)
+    else:
+        if vram >= 70 * GiB:
+            values["max_num_seqs"] = (64, 128, 256, 512)
+        elif vram >= 40 * GiB:
+            values["max_num_seqs"] = (32, 64, 128, 256)
+        else:
+            values["max_num_seqs"] = (16, 32, 64, 128)
+        values["max_num_batched_tokens"] = (2048, 8192, 16384)
+        values["gpu_memory_utilization"] = (0.90, 0.95)
+        tps = [tp for tp in range(1, hardware.gpu_count + 1) if hardware.gpu_count % tp == 0]
+        tps = [tp for tp in tps if not _static_problems(Candidate(tensor_parallel_size=tp), shape, hardware)]
+        values["tensor_parallel_size"] = tuple(tps) if len(tps) > 1 else (None,)
+    if "max_model_len" not in pins:
+        pinned = {**values, **{name: (value,) for name, value in pins.items()}}
+        values["max_model_len"] = (_fitting_max_model_len(shape, hardware, pinned),)
+    return SearchSpace(shape=shape, hardware=hardware, values=values, pins=pins)
+
+
+def _fitting_max_model_len(
+    shape: ModelShape, hardware: Hardware, values: Mapping[str, tuple[Any, ...]]
+) -> int | None:
+    """None (the model's maximum) when a full-length sequence fits the leanest candidate of ``values``, else
+    the largest power of two that does (at least 256)."""
+
+    def most(name: str) -> Any:
+        options = [v for v in values.get(name, ()) if v is not None]
+        return max(options) if options else None
+
+    def least(name: str) -> Any:
+        options = [v for v in values.get(name, ()) if v is not None]
+        return min(options) if options else None
+
+    lean = Candidate(
+        quantization="fp8" if "fp8" in values["quantization"] else None,
+        kv_cache_dtype="fp8" if "fp8" in values["kv_cache_dtype"] else None,
+        max_num_seqs=least("max_num_seqs"),
+        max_num_batched_tokens=least("max_num_batched_tokens"),
+        gpu_memory_utilization=most("gpu_memory_utilization"),
+        tensor_parallel_size=most("tensor_parallel_size"),
+    )
+    capacity = estimate_memory(lean, shape, hardware).kv_capacity_tokens
+    if capacity >= shape.max_position_embeddings:
+        return None
+    return 2 ** int(math.log2(capacity)) if capacity >= 256 else 256
