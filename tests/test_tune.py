@@ -71,7 +71,7 @@ def test_tune_survives_a_failing_candidate_and_an_interrupt_then_resumes_and_pro
     first = Tuner(config).run(interrupt_third_launch, cancel)
     assert first.stopped == "interrupted"
     assert _vllm_children() == []  # the interrupted candidate's server was stopped
-    meta, trials = load_run(config.store_path)
+    _, trials = load_run(config.store_path)
     by_status = {t.candidate.label(): t.status for t in trials}
     statuses = sorted(t.status.value for t in trials)
     assert statuses == ["failed", "feasible", "interrupted"], by_status
