@@ -127,3 +127,23 @@ def test_slo_round_trips_through_a_dict() -> None:
     slo = parse_slo("mlperf-llama2-70b-server,err=0.05")
     assert Slo.from_dict(slo.to_dict()) == slo
     assert "TTFT p95 <= 2.00 s" in slo.describe() and "errors <= 5 %" in slo.describe()
+
+
+def test_tokens_arriving_all_at_once_meet_the_per_user_floor() -> None:
+    # A busy server can flush every token of a request in one chunk: TPOT is 0, not "unmeasured".
+    from dataclasses import replace
+
+    stats = _stats_for_burst()
+    verdict = check(parse_slo("ttft=1,tps=30"), stats)
+    assert verdict.passed, verdict.reasons
+    assert not check(parse_slo("ttft=1,tps=30"), replace(stats, tpot_p95_s=None)).passed
+
+
+def _stats_for_burst():  # type: ignore[no-untyped-def]
+    from tuner.loadgen import PhaseStats
+
+    return PhaseStats(
+        requests_ok=10, requests_failed=0, requests_cancelled=0, requests_short=0, output_tokens_total=160,
+        prompt_tokens_total=320, wall_s=1.0, output_tokens_per_s=160.0, requests_per_s=10.0, max_in_flight=2,
+        ttft_p95_s=0.2, tpot_p95_s=0.0,
+    )  # fmt: skip

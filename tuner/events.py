@@ -18,8 +18,10 @@ class TuneStarted:
     hardware: str  # e.g. "1x NVIDIA H100 80GB HBM3" or "CPU (vLLM CPU build)"
     candidates_total: int  # feasible candidates in the space
     launch_budget: int
-    resumed_trials: int  # trials already finished in the store (resume)
+    resumed_trials: int  # trials already finished in the store (resume); a TrialFinished follows for each
     store_path: str
+    ttft_p95_max_s: float | None = None  # the SLO's limits as numbers, for drawing them
+    tok_s_per_user_min: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class TuneFinished:
     launches: int
     wall_s: float
     stopped: str | None = None  # why the run ended early (interrupt, budget), None when it completed
-    outputs: dict[str, str] = field(default_factory=dict)  # "yaml", "report_json", "report_md" -> paths
+    outputs: dict[str, str] = field(default_factory=dict)  # "yaml", "json", "markdown", "html" -> paths
 
 
 TuneEvent = (

@@ -247,7 +247,9 @@ def check(slo: Slo, stats: PhaseStats) -> SloVerdict:
 
     tok_s_margin = None
     if slo.tok_s_per_user_min is not None:
-        if stats.tpot_p95_s is None or stats.tpot_p95_s <= 0:
+        if stats.tpot_p95_s is not None and stats.tpot_p95_s <= 0:
+            pass  # every token arrived in one burst with the first: no wait between tokens, the floor holds
+        elif stats.tpot_p95_s is None:
             reasons.append(
                 f"no per-user speed measured (no request with 2+ output tokens), "
                 f"floor {slo.tok_s_per_user_min:.1f} tok/s"

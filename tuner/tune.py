@@ -187,8 +187,23 @@ class Tuner:
                 budget,
                 len(outcomes),
                 str(self.config.store_path),
+                self.config.slo.ttft_p95_max_s,
+                self.config.slo.tok_s_per_user_min,
             )
         )
+        for key, done in outcomes.items():  # what a resumed run already knows, so watchers show it too
+            best = done.best
+            self._emit(
+                ev.TrialFinished(
+                    key,
+                    self.label(done.candidate),
+                    done.status.value,
+                    done.reason,
+                    best.concurrency if best else None,
+                    best.output_tokens_per_s if best else None,
+                    done.log_tail,
+                )
+            )
         stopped: str | None = None
         defaults = self.space.baseline()
         try:

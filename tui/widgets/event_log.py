@@ -1,0 +1,126 @@
+"""The last things the tuner reported, newest at the bottom, each stamped with the run's elapsed time."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from tui import format as fmt
+from tui import tune_format as tfmt
+from tui.tune_state import user_tok_s
+from tuner.events import (
+    BestChanged,
+    PhaseMeasured,
+    ServerReady,
+    TrialFinished,
+    TrialStarted,
+    TuneEvent,
+    TuneFinished,
+    TuneStarted,
+)
+
+MAX_LINES = 200
+
+
+def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
+    """One line for the log, or None for events not worth a line (progress ticks). ``index``: key -> launch #."""
+
+    def trial(key: str) -> str:
+        return f"#{index[key]}" if key in index else "trial"
+
+    if isinstance(event, TuneStarted):
+        resumed = f", {event.resumed_trials} trials resumed" if event.resumed_trials else ""
+        return Text(
+            f"tuning {event.model}: {event.candidates_total} candidates, "
+            f"up to {event.launch_budget} launches{resumed}; trials stored in {event.store_path}"
+        )
+    if isinstance(event, TrialStarted):
+        return Text.assemble((f"#{event.index} launching ", "bold"), event.label, (f" ({event.why})", "dim"))
+    if isinstance(event, ServerReady):
+        pid = f", pid {event.pid}" if event.pid is not None else ""
+        return Text(
+            f"{trial(event.key)} server up in {tfmt.duration(event.startup_s)} at {event.url}{pid}",
+            style="dim",
+        )
+    if isinstance(event, PhaseMeasured):
+        line = Text(f"{trial(event.key)} concurrency {event.concurrency}: ")
+        line.append(fmt.tokens_per_s(event.output_tokens_per_s))
+        line.append(
+            f", TTFT p95 {fmt.seconds(event.ttft_p95_s)}, {tfmt.per_user(user_tok_s(event))}/user ",
+            style="dim",
+        )
+        if event.passed:
+            line.append("✓ meets the SLO", style="green")
+        else:
+            line.append("× " + ("; ".join(event.reasons) or "misses the SLO"), style="yellow")
+        return line
+    if isinstance(event, TrialFinished):
+        style = tfmt.STATUS_STYLES.get(event.status, "")
+        return Text.assemble((f"{trial(event.key)} {event.status}", style), ": ", event.reason)
+    if isinstance(event, BestChanged):
+        return Text.assemble(
+            ("new best ", "bold green"),
+            f"{trial(event.key)} {event.label}: {fmt.tokens_per_s(event.output_tokens_per_s)} "
+            f"at concurrency {event.concurrency}",
+        )
+    if isinstance(event, TuneFinished):
+        how = f"stopped ({event.stopped})" if event.stopped else "finished"
+        winner = event.winner_label or "no configuration met the SLO"
+        return Text.assemble(
+            (f"{how}: ", "bold"), f"{winner}; {event.launches} launches in {tfmt.duration(event.wall_s)}"
+        )
+    return None
+
+
+def describe_error(error: str) -> Text:
+    """The line for a tuner that raised instead of finishing."""
+    return Text.assemble(("the tuner stopped with an error: ", "bold red"), error)
+
+
+class EventLog(Widget):
+    """The newest lines that fit. The newest wraps, and so do failures (their reason is the point);
+    other older lines are cut to one line each, so a few recent events stay in view."""
+
+    DEFAULT_CSS = """
+    EventLog { height: 4; padding: 0 1; }
+    """
+
+    lines: reactive[tuple[tuple[Text, bool], ...]] = reactive((), layout=False)
+    """Every line so far (the last MAX_LINES), each with whether it must be shown whole."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._lines: deque[tuple[Text, bool]] = deque(maxlen=MAX_LINES)
+
+    def add(self, elapsed_s: float | None, text: Text, *, whole: bool = False) -> None:
+        """Append a line stamped with the run's elapsed time; ``whole``: never cut it (a failure's reason)."""
+        line = Text(f"{tfmt.clock(elapsed_s):>7} ", style="dim") if elapsed_s is not None else Text()
+        line.append_text(text)
+        self._lines.append((line, whole))
+        self.lines = tuple(self._lines)
+
+    @property
+    def plain(self) -> str:
+        """Everything logged, as plain text (tests, the screenshot script)."""
+        return "\n".join(line.plain for line, _ in self.lines)
+
+    def render(self) -> RenderableType:
+        width = max(10, self.size.width)
+        room = max(1, self.size.height)
+        shown: list[Text] = []
+        for n, (line, whole) in enumerate(reversed(self.lines)):
+            if room <= 0:
+                break
+            rows = len(line.wrap(self.app.console, width)) if whole or n == 0 else 1
+            if rows > room and shown:  # an older line without room to be whole: cut to one line
+                rows = 1
+            if rows == 1:
+                line = line.copy()
+                line.truncate(width, overflow="ellipsis")
+            shown.insert(0, line)
+            room -= rows
+        return Text("\n").join(shown) if shown else Text("nothing yet", style="dim")

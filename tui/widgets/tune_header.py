@@ -1,0 +1,99 @@
+"""The tune screen's top lines: what is tuned on what, against which SLO, how far the run has got."""
+
+from __future__ import annotations
+
+import re
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from tui import tune_format as tfmt
+from tuner.events import TuneStarted
+
+_TPOT_ALIAS = re.compile(r" \(TPOT [^)]*\)")
+
+
+def spread(left: Text, right: Text, width: int) -> Text:
+    """``left`` flush left and ``right`` flush right on one line; ``left`` is cut when both do not fit."""
+    room = width - right.cell_len - 2
+    line = left.copy()
+    if room < 8:  # too narrow for both: the left part matters more
+        line.truncate(width, overflow="ellipsis")
+        return line
+    line.truncate(room, overflow="ellipsis")
+    line.append(" " * (width - line.cell_len - right.cell_len))
+    line.append_text(right)
+    return line
+
+
+class TuneHeader(Widget):
+    """Two lines: model, hardware, launches and elapsed time; then the SLO."""
+
+    DEFAULT_CSS = """
+    TuneHeader {
+        height: 2;
+        background: $primary-background;
+        color: $text;
+        padding: 0 1;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
+    """
+
+    started: reactive[TuneStarted | None] = reactive(None)
+    """What the run tunes, on what, against which SLO."""
+
+    launches_used: reactive[int] = reactive(0)
+    """vLLM servers launched so far (a launch is the expensive step)."""
+
+    elapsed_s: reactive[int | None] = reactive(None)
+    """Whole seconds since the run started (whole, so the header repaints once a second at most)."""
+
+    state: reactive[str] = reactive("waiting")
+    """"waiting", "running", "stopping", "finished", "stopped" or "crashed"."""
+
+    def render(self) -> RenderableType:
+        width = max(20, self.size.width)
+        title = Text("infertop tune", style="bold")
+        ev = self.started
+        if ev is None:
+            title.append("  waiting for the tuner to start…", style="dim")
+            return title
+        progress = Text()
+        progress.append("launches ", style="dim")
+        progress.append(f"{self.launches_used}/{ev.launch_budget}", style="bold")
+        progress.append("  elapsed ", style="dim")
+        progress.append(tfmt.duration(self.elapsed_s), style="bold")
+        progress.append("  ")
+        progress.append(*self._state_badge())
+        # What gives way when the line is short: the model's organisation, then the app's name.
+        model = ev.model
+        if title.cell_len + 2 + len(model) + 2 + progress.cell_len > width:
+            model = model.rstrip("/").rsplit("/", 1)[-1]
+        if title.cell_len + 2 + len(model) + 2 + progress.cell_len > width:
+            title = Text()
+        title.append(f"  {model}" if title else model, style="bold magenta")
+        text = ev.slo
+        resumed = f" · resumed {ev.resumed_trials} trials" if ev.resumed_trials else ""
+        # ... and on the second: the per-user floor restated as TPOT, then "NVIDIA", then the hardware.
+        hardware = ev.hardware
+        if 4 + len(text) + len(resumed) + 2 + len(hardware) > width:
+            text = _TPOT_ALIAS.sub("", text)
+        if 4 + len(text) + len(resumed) + 2 + len(hardware) > width:
+            hardware = hardware.replace("NVIDIA ", "")
+        if 4 + len(text) + len(resumed) + 2 + len(hardware) > width:
+            hardware = ""  # the telemetry panel names the GPUs too
+        slo = Text.assemble(("SLO ", "dim"), text, (resumed, "dim"))
+        first = spread(title, progress, width)
+        return Text("\n").join([first, spread(slo, Text(hardware, style="dim"), width)])
+
+    def _state_badge(self) -> tuple[str, str]:
+        return {
+            "running": ("● running", "bold cyan"),
+            "stopping": ("■ stopping… (stopping the vLLM server)", "bold yellow"),
+            "finished": ("✓ finished", "bold green"),
+            "stopped": ("■ stopped", "bold yellow"),
+            "crashed": ("! tuner error", "bold red"),
+        }.get(self.state, (self.state, "dim"))
