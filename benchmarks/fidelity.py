@@ -152,11 +152,19 @@ class Run:
     e2e_p50_s: float | None
     server: ServerWitness
     other_load_cores: float = 0.0  # CPU used by processes that are neither the server nor the client
+    disturbed: bool = False  # too much other load: run again, and this run left out of the summary
 
     @property
     def server_tok_per_s(self) -> float:
         """Tokens the server counted during the run over the client's duration (checks the numerator)."""
         return self.server.generation_tokens / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def client_overhead_s(self) -> float | None:
+        """Client TTFT mean minus the server's: connection, HTTP, the client's own parsing and scheduling."""
+        if self.ttft_mean_s is None or self.server.ttft_mean_s is None:
+            return None
+        return self.ttft_mean_s - self.server.ttft_mean_s
 
     @property
     def served_prompt_len(self) -> float | None:
@@ -515,6 +523,7 @@ def client_summary(runs: Sequence[Run]) -> dict[str, Any]:
         "ttft_p50_s": _mean([r.ttft_p50_s for r in runs]),
         "ttft_mean_s": _mean([r.ttft_mean_s for r in runs]),
         "server_ttft_mean_s": _mean([r.server.ttft_mean_s for r in runs]),
+        "client_overhead_s": _mean([r.client_overhead_s for r in runs]),
         "tpot_p50_s": _mean([r.tpot_p50_s for r in runs]),
         "itl_p50_s": _mean([r.itl_p50_s for r in runs]),
         "served_prompt_len": _mean([r.served_prompt_len for r in runs]),
@@ -525,9 +534,18 @@ def client_summary(runs: Sequence[Run]) -> dict[str, Any]:
     }
 
 
-def summarise(setting: Setting, runs: Sequence[Run], num_requests: int) -> dict[str, Any]:
-    """Per-client means over the setting's runs, ours against each bench serve client, and the verdicts."""
-    row: dict[str, Any] = {"setting": asdict(setting), "requests_per_run": num_requests}
+def summarise(setting: Setting, all_runs: Sequence[Run], num_requests: int) -> dict[str, Any]:
+    """Per-client means over the setting's kept runs, ours against each bench serve client, and the verdicts.
+
+    A disturbed run is left out when the same client has an undisturbed one."""
+    runs = [
+        r for r in all_runs if not r.disturbed or all(x.disturbed for x in all_runs if x.client == r.client)
+    ]
+    row: dict[str, Any] = {
+        "setting": asdict(setting),
+        "requests_per_run": num_requests,
+        "runs_disturbed": sum(r.disturbed for r in all_runs),
+    }
     for client in CLIENTS:
         row[client] = client_summary([r for r in runs if r.client == client])
     ours = row[OURS]
@@ -544,7 +562,7 @@ def summarise(setting: Setting, runs: Sequence[Run], num_requests: int) -> dict[
             and abs(tok_diff) <= TOK_PER_S_GOAL_PCT
             and abs(ttft_diff) <= TTFT_GOAL_PCT,
         }
-    row["other_load_cores_max"] = max((r.other_load_cores for r in runs), default=0.0)
+    row["other_load_cores_max"] = max((r.other_load_cores for r in runs), default=0.0)  # of the kept runs
     return row
 
 
@@ -560,9 +578,11 @@ def comparison_table(rows: Sequence[dict[str, Any]], other: str) -> str:
     """Ours against one bench serve client, one line per setting."""
     lines = [
         "| in/out, conc. | req/run | out tok/s ours / vLLM (diff) | server tok/s ours / vLLM | "
-        "TTFT p50 ms ours / vLLM (diff) | server TTFT mean ms ours / vLLM | TPOT p50 ms ours / vLLM (diff) | "
-        "prompt tok served ours / vLLM | spread tok/s; TTFT p50, ours / vLLM | other load | goal |",
-        "|---|---:|---|---|---|---|---|---|---|---:|---|",
+        "TTFT p50 ms ours / vLLM (diff) | server TTFT mean ms ours / vLLM | client overhead ms ours / vLLM | "
+        "TPOT p50 ms ours / vLLM (diff) | "
+        "prompt tok served ours / vLLM | spread tok/s; TTFT p50, ours / vLLM | other load (disturbed runs) | "
+        "goal |",
+        "|---|---:|---|---|---|---|---|---|---|---|---:|---|",
     ]
     for row in rows:
         o, t, s, cmp = row[OURS], row[other], row["setting"], row[f"vs_{other}"]
@@ -572,11 +592,12 @@ def comparison_table(rows: Sequence[dict[str, Any]], other: str) -> str:
             f"{_f(o['server_tok_per_s'])} / {_f(t['server_tok_per_s'])} | "
             f"{_f(o['ttft_p50_s'], 1e3, 2)} / {_f(t['ttft_p50_s'], 1e3, 2)} ({_pct(cmp['ttft_p50_diff_pct'])}) | "
             f"{_f(o['server_ttft_mean_s'], 1e3, 2)} / {_f(t['server_ttft_mean_s'], 1e3, 2)} | "
+            f"{_f(o['client_overhead_s'], 1e3, 2)} / {_f(t['client_overhead_s'], 1e3, 2)} | "
             f"{_f(o['tpot_p50_s'], 1e3, 3)} / {_f(t['tpot_p50_s'], 1e3, 3)} ({_pct(cmp['tpot_p50_diff_pct'])}) | "
             f"{_f(o['served_prompt_len'], digits=1)} / {_f(t['served_prompt_len'], digits=1)} | "
             f"{_f(o['tok_per_s_spread_pct'], digits=1)} / {_f(t['tok_per_s_spread_pct'], digits=1)} %; "
             f"{_f(o['ttft_p50_spread_pct'], digits=1)} / {_f(t['ttft_p50_spread_pct'], digits=1)} % | "
-            f"{row['other_load_cores_max']:.2f} | {'yes' if cmp['meets_goal'] else 'NO'} |"
+            f"{row['other_load_cores_max']:.2f} ({row['runs_disturbed']}) | {'yes' if cmp['meets_goal'] else 'NO'} |"
         )
     return "\n".join(lines)
 
@@ -595,7 +616,8 @@ def runs_table(runs: Sequence[Run]) -> str:
             f"{_f(r.ttft_p50_s, 1e3, 2)} / {_f(r.ttft_mean_s, 1e3, 2)} / {_f(r.ttft_p99_s, 1e3, 2)} | "
             f"{_f(r.server.ttft_mean_s, 1e3, 2)} / {_f(r.server.ttft_p50_s, 1e3, 1)} | "
             f"{_f(r.tpot_p50_s, 1e3, 3)} | {_f(r.itl_p50_s, 1e3, 3)} | "
-            f"{_f(r.served_prompt_len, digits=1)} | {r.server.prefix_cache_hits} | {r.other_load_cores:.2f} |"
+            f"{_f(r.served_prompt_len, digits=1)} | {r.server.prefix_cache_hits} | "
+            f"{r.other_load_cores:.2f}{' disturbed' if r.disturbed else ''} |"
         )
     return "\n".join(lines)
 
@@ -607,9 +629,12 @@ def _cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(str(c) for c in cpus)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind as Ctrl-C does, so that the server and a running bench serve are stopped."""
+
+
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Unwind as Ctrl-C does, so that the server and a running bench serve are stopped on the way out.
-    raise SystemExit(128 + signum)
+    raise Terminated
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -630,6 +655,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="split",
         help="CPU layout (default: split; see above)",
     )
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.25,
+        help="a run during which other processes used more CPU than this (in cores) is run again "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="how often a disturbed run is run again (default: %(default)s)"
+    )
     parser.add_argument("--vllm-python", type=pathlib.Path, default=DEFAULT_VLLM_PYTHON)
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON results file")
     args = parser.parse_args(argv)
@@ -643,6 +678,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--input-len >= 1 and --output-len >= 2, together at most 512 (the server's max length)")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.retries < 0 or args.max_other_load < 0:
+        parser.error("--retries and --max-other-load must be >= 0")
     if args.target_s is None:
         args.target_s = 3.0 if args.quick else 8.0
     if args.target_s <= 0:
@@ -665,9 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchmarkError, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         print("interrupted: the server was stopped", file=sys.stderr)
-        return 130
+        return 130 if isinstance(stop, KeyboardInterrupt) else 128 + signal.SIGTERM
 
 
 def _run(args: argparse.Namespace, cpus: list[int]) -> int:
@@ -676,28 +713,14 @@ def _run(args: argparse.Namespace, cpus: list[int]) -> int:
     env = dict(SERVER_ENV)
     if args.layout == "split":
         env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(server_cpus)
-    # Kept when something fails: error messages point at the logs in it.
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="infertop-fidelity-"))
-    model_dir = write_tiny_model(workdir / "model")
-    spec = ServerSpec(
-        model=os.fspath(model_dir),
-        args=SERVER_ARGS,
-        command=api_server_command(args.vllm_python),
-        env=env,
-        startup_timeout_s=300.0,
-        log_path=workdir / "server.log",
-    )
-    print(f"starting vLLM, {args.layout} layout: server on cores {_cpu_list(server_cpus)}", file=sys.stderr)
-    # The server's processes inherit this affinity when spawned; then this process moves to the client's
-    # core(s), and every bench serve it starts inherits that.
-    os.sched_setaffinity(0, server_cpus)
-    with VllmServer(spec) as server:
-        os.sched_setaffinity(0, client_cpus)
-        print(f"server ready in {server.startup_s or 0:.0f} s at {server.url}", file=sys.stderr)
-        assert server.pid is not None  # started
-        bench = Bench(server.url, server.pid, model_dir, args.vllm_python, workdir)
-        rows = [_one_setting(bench, setting, args.target_s, args.repeats) for setting in settings]
-        engine = _engine_line(server.log_path)
+    try:
+        bench, rows, engine = _measure(args, settings, workdir, server_cpus, client_cpus, env)
+    except (BenchmarkError, LaunchError):
+        raise  # workdir kept: the error message points at the logs in it
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     shutil.rmtree(workdir, ignore_errors=True)
 
     print("\n## Ours (tuner.loadgen) against vLLM bench serve, random dataset (text prompts): the goal\n")
@@ -718,6 +741,7 @@ def _run(args: argparse.Namespace, cpus: list[int]) -> int:
         "server_args": list(SERVER_ARGS),
         "server_env": env,
         "target_s": args.target_s,
+        "max_other_load_cores": args.max_other_load,
         "goals_pct": {"output_tok_per_s": TOK_PER_S_GOAL_PCT, "ttft_p50": TTFT_GOAL_PCT},
         "settings": rows,
         "runs": [{**asdict(r), "server_tok_per_s": r.server_tok_per_s} for r in bench.runs],
@@ -728,17 +752,60 @@ def _run(args: argparse.Namespace, cpus: list[int]) -> int:
     return 0
 
 
-def _one_setting(bench: Bench, setting: Setting, target_s: float, repeats: int) -> dict[str, Any]:
+def _measure(
+    args: argparse.Namespace,
+    settings: Sequence[Setting],
+    workdir: pathlib.Path,
+    server_cpus: list[int],
+    client_cpus: list[int],
+    env: dict[str, str],
+) -> tuple[Bench, list[dict[str, Any]], str | None]:
+    """Start the server, run every setting, stop the server (also on errors and interrupts)."""
+    model_dir = write_tiny_model(workdir / "model")
+    spec = ServerSpec(
+        model=os.fspath(model_dir),
+        args=SERVER_ARGS,
+        command=api_server_command(args.vllm_python),
+        env=env,
+        startup_timeout_s=300.0,
+        log_path=workdir / "server.log",
+    )
+    print(f"starting vLLM, {args.layout} layout: server on cores {_cpu_list(server_cpus)}", file=sys.stderr)
+    # The server's processes inherit this affinity when spawned; then this process moves to the client's
+    # core(s), and every bench serve it starts inherits that.
+    os.sched_setaffinity(0, server_cpus)
+    with VllmServer(spec) as server:
+        os.sched_setaffinity(0, client_cpus)
+        print(f"server ready in {server.startup_s or 0:.0f} s at {server.url}", file=sys.stderr)
+        assert server.pid is not None  # started
+        bench = Bench(server.url, server.pid, model_dir, args.vllm_python, workdir)
+        rows = [
+            _one_setting(bench, setting, args.target_s, args.repeats, args.max_other_load, args.retries)
+            for setting in settings
+        ]
+        engine = _engine_line(server.log_path)
+    return bench, rows, engine
+
+
+def _one_setting(
+    bench: Bench, setting: Setting, target_s: float, repeats: int, max_other_load: float, retries: int
+) -> dict[str, Any]:
     num_requests = bench.calibrate(setting, target_s)
     first = len(bench.runs)
     for client in client_order(repeats):
-        run = bench.measure(setting, client, num_requests)
-        print(
-            f"  {setting.label:14} {client:14} {run.output_tok_per_s:8,.0f} tok/s  "
-            f"TTFT p50 {_f(run.ttft_p50_s, 1e3, 2):>7} ms  {run.requests_ok}/{run.num_requests} requests"
-            f" in {run.duration_s:.1f} s, other load {run.other_load_cores:.2f} cores",
-            file=sys.stderr,
-        )
+        for attempt in range(retries + 1):
+            run = bench.measure(setting, client, num_requests)
+            disturbed = run.other_load_cores > max_other_load
+            print(
+                f"  {setting.label:14} {client:14} {run.output_tok_per_s:8,.0f} tok/s  "
+                f"TTFT p50 {_f(run.ttft_p50_s, 1e3, 2):>7} ms  {run.requests_ok}/{run.num_requests} requests"
+                f" in {run.duration_s:.1f} s, other load {run.other_load_cores:.2f} cores"
+                + (" (disturbed: run again)" if disturbed and attempt < retries else ""),
+                file=sys.stderr,
+            )
+            if not disturbed:
+                break
+            bench.runs[-1] = dataclasses.replace(run, disturbed=True)
     return summarise(setting, bench.runs[first:], num_requests)
 
 

@@ -24,9 +24,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tuner.launcher import ServerSpec, VllmServer, api_server_command
+from tuner.modelshape import Hardware, ModelShape
 from tuner.search import ConcurrencyPlan, PointResult, best_point, find_max_concurrency
 from tuner.slo import check, parse_slo
-from tuner.space import Candidate, Hardware, ModelShape, resolve
+from tuner.space import Candidate, resolve
 from tuner.tinymodel import write_tiny_model
 from tuner.tune import TuneConfig, Tuner
 

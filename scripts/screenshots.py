@@ -1,6 +1,7 @@
 """Make the demo recording and the screenshots in screenshots/ from the real app.
 
     .venv/bin/python scripts/screenshots.py            # demo recording + SVG and PNG screenshots
+    .venv/bin/python scripts/screenshots.py --tune     # also the tuner screen, on a real run (needs .venv-vllm)
 
 Without a GPU, the demo recording is *synthetic*: the real NVML backend running on the scripted NVML
 (tuner/telemetry/scripted.py, an H100 under a decode-like load), labelled as such in its header and on screen.
@@ -113,6 +114,59 @@ async def no_gpu_screenshot(name: str, size: tuple[int, int]) -> None:
         _save(app, name)
 
 
+async def tune_screenshots(vllm_python: Path) -> None:
+    """A real tuning run of the CPU build of vLLM on a tiny dummy-weight model, shown in the tuner screen."""
+    import tempfile
+
+    from tui.tune_app import make_tune_app
+    from tuner.events import PhaseMeasured, TrialStarted
+    from tuner.launcher import api_server_command
+    from tuner.slo import parse_slo
+    from tuner.tinymodel import write_tiny_model
+    from tuner.tune import TuneConfig, Tuner
+
+    work = Path(tempfile.mkdtemp(prefix="infertop-shot-"))
+    config = TuneConfig(
+        model=str(write_tiny_model(work / "tiny-llama")),
+        slo=parse_slo("ttft=0.5,tps=30"),
+        command=api_server_command(vllm_python),
+        fixed_args=("--load-format", "dummy", "--enforce-eager"),
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+        pins={"max_model_len": 512},
+        values={"quantization": (None, "fp8"), "max_num_seqs": (8, 32)},
+        input_len=64,
+        output_len=32,
+        requests_per_stream=2,
+        max_concurrency=32,
+        launch_budget=3,
+        store_path=work / "trials.sqlite",
+        out_dir=work / "out",
+        gpus=False,
+    )
+    seen: list[object] = []
+    tuner = Tuner(config)
+    run = tuner.run
+
+    def run_and_watch(listener, cancel):  # type: ignore[no-untyped-def]
+        return run(lambda e: (seen.append(e), listener(e)), cancel)
+
+    tuner.run = run_and_watch  # type: ignore[method-assign]
+    app = make_tune_app(tuner)
+    async with app.run_test(size=(110, 34)) as pilot:
+
+        def third_trial_measuring() -> bool:
+            started = [e for e in seen if isinstance(e, TrialStarted)]
+            return len(started) >= 3 and isinstance(seen[-1], PhaseMeasured)
+
+        await _until(pilot, third_trial_measuring, 600.0)
+        await pilot.pause(0.8)
+        _save(app, "tune-cpu-running")
+        await _until(pilot, lambda: not app.run_active, 900.0)
+        await pilot.pause(0.8)
+        _save(app, "tune-cpu-finished")
+    print(f"tuning run kept in {work}")
+
+
 async def _until(pilot: Pilot[Any], condition: Any, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -125,6 +179,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep-recording", action="store_true", help="reuse screenshots/demo-h100.ndjson")
+    parser.add_argument("--tune", action="store_true", help="also screenshot a real tuning run (CPU vLLM)")
+    parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if not (args.keep_recording and DEMO.exists()):
@@ -135,6 +191,8 @@ def main() -> int:
     asyncio.run(scripted_screenshot("monitor-8xh100-80x24", (80, 24), 8))
     asyncio.run(scripted_screenshot("monitor-8xh100-120x50", (120, 50), 8))
     asyncio.run(no_gpu_screenshot("no-gpu", (80, 24)))
+    if args.tune:
+        asyncio.run(tune_screenshots(args.vllm_python))
     return 0
 
 

@@ -13,7 +13,7 @@ import psutil
 import pynvml
 import pytest
 
-from tuner.telemetry import nvml, scripted
+from tuner.telemetry import host, nvml, scripted
 from tuner.telemetry.backend import GpuLostError
 from tuner.telemetry.model import GpuSample, GpuState
 from tuner.telemetry.nvml import NvmlBackend
@@ -674,7 +674,7 @@ def test_long_command_lines_are_truncated_and_kinds_kept(
     assert sample.processes is not None
     by_pid = {p.pid: p for p in sample.processes}
     long = by_pid[long_command_process.pid]
-    assert long.command is not None and len(long.command) == nvml.COMMAND_MAX_CHARS
+    assert long.command is not None and len(long.command) == host.COMMAND_MAX_CHARS
     assert long.command.endswith("…") and "time.sleep(60)" in long.command
     graphics = by_pid[os.getpid()]
     assert graphics.kind == "graphics" and graphics.vram_used_bytes is None

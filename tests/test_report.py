@@ -18,17 +18,16 @@ import pytest
 from tuner import svgplot
 from tuner.loadgen import PhaseStats
 from tuner.measure import Evidence, TokenCheck, check_tokens
-from tuner.report import (
-    ReportError,
+from tuner.modelshape import Hardware
+from tuner.report import ReportError, read_report, write_report
+from tuner.reportdata import (
     cost_per_million_output_tokens_usd,
     headline,
     joules_per_output_token,
     pareto_front,
-    read_report,
-    write_report,
 )
 from tuner.slo import PRESETS, Slo, check
-from tuner.space import Candidate, Hardware
+from tuner.space import Candidate
 
 SVG = "{http://www.w3.org/2000/svg}"
 SLO = PRESETS["mlperf-llama3.1-8b-server"]  # TTFT p95 <= 2 s, >= 10 tok/s per user

@@ -7,21 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from tuner.modelshape import Hardware, ModelShape, kv_bytes_per_token, weight_bytes
 from tuner.space import (
     DIMENSIONS,
     Candidate,
     GiB,
-    Hardware,
-    ModelShape,
     SpaceError,
     default_space,
     estimate_max_concurrency,
     estimate_memory,
-    kv_bytes_per_token,
     parse_pins,
     resolve,
     vllm_defaults,
-    weight_bytes,
 )
 from tuner.telemetry.model import GpuInfo
 from tuner.tinymodel import LLAMA_3_1_8B, LLAMA_3_2_1B, write_tiny_model

@@ -25,6 +25,7 @@ from tuner.export import to_vllm_yaml
 from tuner.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.loadgen import LoadMode, LoadSpec, PhaseProgress
 from tuner.measure import MeasuredPhase, measure_phase
+from tuner.modelshape import Hardware, ModelShape
 from tuner.search import (
     ConcurrencyPlan,
     PointResult,
@@ -34,7 +35,7 @@ from tuner.search import (
     signals_from,
 )
 from tuner.slo import Slo, check
-from tuner.space import Candidate, Hardware, ModelShape, SearchSpace, default_space, resolve
+from tuner.space import Candidate, SearchSpace, default_space, resolve
 from tuner.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
 from tuner.telemetry.model import GpuState
 from tuner.telemetry.nvml import NvmlBackend

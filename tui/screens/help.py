@@ -40,16 +40,29 @@ HELP = """\
 """
 
 
-class HelpScreen(ModalScreen[None]):
+class MarkdownHelpScreen(ModalScreen[None]):
+    """A modal page of Markdown over the current screen; esc, ``?`` or ``q`` closes it."""
+
     DEFAULT_CSS = """
-    HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll {
+    MarkdownHelpScreen { align: center middle; }
+    MarkdownHelpScreen > VerticalScroll {
         width: 90%; max-width: 100; height: 90%;
         border: round $accent; background: $surface; padding: 0 1;
     }
     """
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
 
+    def __init__(self, markdown: str) -> None:
+        super().__init__()
+        self._markdown = markdown
+
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Markdown(HELP)
+            yield Markdown(self._markdown)
+
+
+class HelpScreen(MarkdownHelpScreen):
+    """The monitor's keys and what its numbers mean."""
+
+    def __init__(self) -> None:
+        super().__init__(HELP)

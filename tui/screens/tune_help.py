@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Markdown
+from tui.screens.help import MarkdownHelpScreen
 
 HELP = """\
 # infertop tune
@@ -44,16 +40,8 @@ in the same run (`1.31x` = 31 % more tokens per second at the same SLO).
 """
 
 
-class TuneHelpScreen(ModalScreen[None]):
-    DEFAULT_CSS = """
-    TuneHelpScreen { align: center middle; }
-    TuneHelpScreen > VerticalScroll {
-        width: 90%; max-width: 100; height: 90%;
-        border: round $accent; background: $surface; padding: 0 1;
-    }
-    """
-    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+class TuneHelpScreen(MarkdownHelpScreen):
+    """The tune screen's keys and what its columns and marks mean."""
 
-    def compose(self) -> ComposeResult:
-        with VerticalScroll():
-            yield Markdown(HELP)
+    def __init__(self) -> None:
+        super().__init__(HELP)

@@ -17,10 +17,9 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from tuner.telemetry import gpus
 from tuner.telemetry.backend import GpuLostError
+from tuner.telemetry.host import HostProcesses
 from tuner.telemetry.model import GpuInfo, GpuProcess, GpuSample, GpuState, SystemInfo
 
 # NVML return codes and constants from nvml.h. They are ABI, identical in every pynvml release and in the
@@ -94,7 +93,6 @@ _LIBRARY_GONE = frozenset({NVML_ERROR_UNINITIALIZED, NVML_ERROR_DRIVER_NOT_LOADE
 # nvmlValue_t union member for each nvmlValueType_t.
 _FIELD_VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 _NOT_AVAILABLE_U64 = 2**64 - 1
-COMMAND_MAX_CHARS = 300
 
 _PROCESS_FUNCTIONS = (
     ("compute", ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")),
@@ -188,7 +186,7 @@ class NvmlBackend:
         self._slow_done = False
         self._nvml_error: type[BaseException] = _NeverRaised
         self._mismatch_error: type[BaseException] = _NeverRaised
-        self._host_processes: dict[int, psutil.Process] = {}
+        self._host_processes = HostProcesses()
 
     # --- the protocol --------------------------------------------------------------------------------------
 
@@ -558,9 +556,7 @@ class NvmlBackend:
     def _enrich_processes(self) -> None:
         """Add host facts (user, command, CPU, RSS) to every GPU's process list, reading each pid once."""
         pids = {pid for gpu in self._gpus for pid, _, _ in gpu.raw_processes or ()}
-        host = {pid: self._host_process(pid) for pid in pids}
-        for stale in self._host_processes.keys() - pids:
-            del self._host_processes[stale]
+        host = self._host_processes.read(pids)
         for gpu in self._gpus:
             if gpu.raw_processes is None:
                 gpu.processes = None
@@ -569,30 +565,6 @@ class NvmlBackend:
                 GpuProcess(pid=pid, gpu_index=gpu.index, vram_used_bytes=used, kind=kind, **host[pid])
                 for pid, used, kind in gpu.raw_processes
             )
-
-    def _host_process(self, pid: int) -> dict[str, Any]:
-        proc = self._host_processes.get(pid)
-        fresh = proc is None or not proc.is_running()  # is_running() also catches a reused pid
-        if fresh:
-            try:
-                proc = psutil.Process(pid)
-            except psutil.Error:  # not visible from here (other pid namespace) or already gone
-                self._host_processes.pop(pid, None)
-                return {}
-            self._host_processes[pid] = proc
-        assert proc is not None
-        with proc.oneshot():
-            cmdline = _psutil_value(proc.cmdline)
-            rss = _psutil_value(proc.memory_info)
-            # cpu_percent() compares with the previous call on the same object: the first answer is noise.
-            cpu = _psutil_value(proc.cpu_percent)
-            return {
-                "user": _psutil_value(proc.username),
-                "name": _psutil_value(proc.name),
-                "command": _command_line(cmdline),
-                "cpu_pct": None if fresh else cpu,
-                "host_rss_bytes": None if rss is None else rss.rss,
-            }
 
     # --- the one wrapper around NVML -----------------------------------------------------------------------
 
@@ -669,17 +641,3 @@ def _cuda_version_text(version: int | None) -> str | None:
     if not version:
         return None
     return f"{version // 1000}.{(version % 1000) // 10}"
-
-
-def _command_line(cmdline: list[str] | None) -> str | None:
-    if not cmdline:
-        return None
-    command = " ".join(cmdline)
-    return command if len(command) <= COMMAND_MAX_CHARS else command[: COMMAND_MAX_CHARS - 1] + "…"
-
-
-def _psutil_value(getter: Any) -> Any:
-    try:
-        return getter()
-    except psutil.Error:  # AccessDenied for other users' processes, NoSuchProcess when it just exited
-        return None
