@@ -26,17 +26,22 @@ A third witness per run, the server's own ``/metrics`` deltas around the measure
 warm-up and after the run): ``vllm:generation_tokens_total`` (over the client's duration: checks the token
 count each client reports), ``vllm:prompt_tokens_total`` per request (the prompt length actually served), the
 prefix-cache hits, and the server-side TTFT (histogram mean; vLLM times it from the request's arrival in the
-API server, before tokenisation, to the first token). "Other load" is the CPU used during the run by processes
-that are neither the server nor the client (other work on a shared machine): a run with much of it is suspect.
+API server, before tokenisation, to the first token); "client overhead" is a client's TTFT mean minus the
+server's. "Other load" is the CPU used during the run by processes that are neither the server nor the client
+(other work on a shared machine): a run with more than ``--max-other-load`` is marked disturbed, run again
+(``--retries``) and left out of the summary.
 
 CPU layout (``--layout``): ``split`` (default) pins the whole server (API process, engine core, worker; OpenMP
 bound with ``VLLM_CPU_OMP_THREADS_BIND``) to all cores but the last and every client to the last core, so
 that no client competes with the server for CPU. ``shared`` keeps vLLM's own binding (on 2 cores: the worker
 on one, the API server and engine core on the other) and leaves the clients unpinned: then a client competes
-with vLLM's API server, and a client that burns more CPU makes the server slower.
+with vLLM's API server, and a client that burns more CPU makes the server slower. Measured on the 2-core dev
+machine: ``split`` repeats within a few percent; ``shared`` swings between runs of the same client (TTFT p50
+3 ms one run, 66 ms the next), so it cannot tell the clients apart.
 
-Prints Markdown tables and writes a JSON file. Run: ``.venv/bin/python benchmarks/fidelity.py`` (about 6
-minutes on the 2-core machine; ``--quick`` about 3). Needs the vLLM CPU venv (``scripts/setup-vllm-cpu.sh``).
+Prints Markdown tables and writes a JSON file (``--out``). Run: ``.venv/bin/python benchmarks/fidelity.py``
+(about 4.5 minutes on the 2-core machine, more when disturbed runs are repeated; ``--quick`` about 3, with
+noisier TTFT at high concurrency). Needs the vLLM CPU venv (``scripts/setup-vllm-cpu.sh``).
 """
 
 from __future__ import annotations
@@ -460,7 +465,7 @@ class Bench:
         argv = bench_serve_argv(
             client, self.base_url, self.model_dir, setting, num_requests, seed, self.workdir
         )
-        # Generous: its start-up (~5 s of imports) plus 20x the time the server needs for the requests.
+        # Generous: its start-up (~5 s of imports) plus 0.2 s per decode step (the server takes 2-3 ms).
         timeout_s = 120.0 + 0.2 * num_requests * setting.output_len / setting.concurrency
         r = bench_serve(self.vllm_python, argv, self.workdir, timeout_s)
 
