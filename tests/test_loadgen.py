@@ -264,7 +264,9 @@ async def test_counts_and_timings_match_what_the_server_did(start_emitter: Start
     for r in phase.requests:
         assert (r.output_tokens, r.prompt_tokens, r.chunks, len(r.itl_s)) == (21, 32, 11, 10)
         assert r.ttft_s is not None and r.e2e_s is not None
-        assert 0.1 <= r.ttft_s < 0.3  # the injected first-chunk delay, plus little (a loaded CI box: generous)
+        assert (
+            0.1 <= r.ttft_s < 0.3
+        )  # the injected first-chunk delay, plus little (a loaded CI box: generous)
         assert r.ttft_s < r.e2e_s
     # 10 gaps of one 20 ms step each, spread over 20 tokens: TPOT is half a step.
     assert stats.tpot_p50_s == pytest.approx(0.01, rel=0.35)

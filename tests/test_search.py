@@ -125,3 +125,13 @@ def test_signals_read_which_slo_limit_failed() -> None:
     )
     s = signals_from([ok, bad], max_num_seqs=None)
     assert s.ttft_failed and not s.tpot_failed and s.best_concurrency == 8
+
+
+def test_objective_users_prefers_more_users_over_more_throughput() -> None:
+    from tuner.search import score
+
+    points = [PointResult(8, True, 900.0), PointResult(16, True, 850.0), PointResult(32, False, 1000.0)]
+    assert best_point(points).concurrency == 8  # type: ignore[union-attr]
+    assert best_point(points, "users").concurrency == 16  # type: ignore[union-attr]
+    assert score(PointResult(16, True, 850.0), "users") > score(PointResult(8, True, 900.0), "users")
+    assert score(None) < score(PointResult(1, True, 1.0))

@@ -44,6 +44,12 @@ def tune_parser() -> argparse.ArgumentParser:
         metavar="NAME=V1,V2",
         help="the values to try for a dimension",
     )
+    parser.add_argument(
+        "--objective",
+        choices=("throughput", "users"),
+        default="throughput",
+        help="most output tok/s (default), or most concurrent users, within the SLO",
+    )
     parser.add_argument("--input-len", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
     parser.add_argument(
         "--output-len", type=int, default=256, metavar="N", help="output tokens (default 256)"
@@ -125,6 +131,7 @@ def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> Tun
         production_check=not args.no_production_check,
         price_per_gpu_hour=args.price_per_gpu_hour,
         gpus=not args.cpu,
+        objective=args.objective,
     )
 
 

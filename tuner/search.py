@@ -81,12 +81,24 @@ def find_max_concurrency(measure: Callable[[int], PointResult], plan: Concurrenc
     return points
 
 
-def best_point(points: Iterable[PointResult]) -> PointResult | None:
-    """The passing point with the most throughput (ties: fewer users, i.e. lower latency)."""
+def best_point(points: Iterable[PointResult], objective: str = "throughput") -> PointResult | None:
+    """The passing point with the most throughput (ties: fewer users, i.e. lower latency), or with
+    ``objective="users"`` the most concurrent users (ties: more throughput)."""
     passing = [p for p in points if p.passed]
     if not passing:
         return None
+    if objective == "users":
+        return max(passing, key=lambda p: (p.concurrency, p.output_tokens_per_s))
     return max(passing, key=lambda p: (p.output_tokens_per_s, -p.concurrency))
+
+
+def score(point: PointResult | None, objective: str = "throughput") -> tuple[float, float]:
+    """How good a trial's best point is, for comparing configs (higher is better; no point is worst)."""
+    if point is None:
+        return (-1.0, -1.0)
+    if objective == "users":
+        return (float(point.concurrency), point.output_tokens_per_s)
+    return (point.output_tokens_per_s, -float(point.concurrency))
 
 
 # --- which config next ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tuner.search import (
     best_point,
     find_max_concurrency,
     propose_moves,
+    score,
     signals_from,
 )
 from tuner.slo import Slo, check
@@ -72,6 +73,7 @@ class TuneConfig:
     production_check: bool = True
     price_per_gpu_hour: float | None = None
     gpus: bool = True  # read NVML (False: tune the CPU build)
+    objective: str = "throughput"  # or "users": the most concurrent users within the SLO
 
 
 @dataclass
@@ -82,10 +84,11 @@ class TrialOutcome:
     points: list[PointResult] = field(default_factory=list)
     log_tail: str = ""
     startup_s: float | None = None
+    objective: str = "throughput"
 
     @property
     def best(self) -> PointResult | None:
-        return best_point(self.points)
+        return best_point(self.points, self.objective)
 
 
 @dataclass
@@ -160,7 +163,11 @@ class Tuner:
             hardware=self.hardware.to_dict(),
             slo=self.config.slo.to_dict(),
             space=self.space.to_dict(),
-            workload={"input_len": self.config.input_len, "output_len": self.config.output_len},
+            workload={
+                "input_len": self.config.input_len,
+                "output_len": self.config.output_len,
+                "objective": self.config.objective,
+            },
         )
         if self.config.store_path.exists() and not self.resume:
             raise TuneError(
@@ -168,7 +175,7 @@ class Tuner:
             )
         store = TrialStore.open(self.config.store_path, run_meta=meta)
         outcomes: dict[str, TrialOutcome] = {
-            r.key: _outcome_from_record(r)
+            r.key: _outcome_from_record(r, self.config.objective)
             for r in store.trials()
             if r.status.value in ("feasible", "infeasible", "failed")
         }
@@ -206,6 +213,7 @@ class Tuner:
                 )
             )
         stopped: str | None = None
+        obj = self.config.objective
         defaults = self.space.baseline()
         try:
             incumbent: TrialOutcome | None = None
@@ -230,9 +238,7 @@ class Tuner:
                         break
                     outcomes[candidate.key()] = outcome
                 if outcome.best is not None and (
-                    incumbent is None
-                    or incumbent.best is None
-                    or outcome.best.output_tokens_per_s > incumbent.best.output_tokens_per_s
+                    incumbent is None or score(outcome.best, obj) > score(incumbent.best, obj)
                 ):
                     incumbent = outcome
                     self._emit(
@@ -347,7 +353,7 @@ class Tuner:
             )
             self._emit(ev.TrialFinished(candidate.key(), self.label(candidate), "interrupted", "interrupted"))
             return None
-        best = best_point(points)
+        best = best_point(points, self.config.objective)
         if best is None:
             first = points[0].summary.get("slo_reasons") if points else None
             reason = f"no load met the SLO ({'; '.join(first or ['no phase finished'])})"
@@ -376,7 +382,9 @@ class Tuner:
                 best.output_tokens_per_s if best else None,
             )
         )
-        return TrialOutcome(candidate, status, reason, points, startup_s=server.startup_s)
+        return TrialOutcome(
+            candidate, status, reason, points, startup_s=server.startup_s, objective=self.config.objective
+        )
 
     def _watch(self, url: str | None) -> None:
         """Point the sampler's engine scraping at the running candidate (or at nothing)."""
@@ -497,7 +505,7 @@ def _phase_dict(phase: MeasuredPhase) -> dict[str, Any]:
     return d
 
 
-def _outcome_from_record(record: TrialRecord) -> TrialOutcome:
+def _outcome_from_record(record: TrialRecord, objective: str) -> TrialOutcome:
     points = [
         PointResult(
             int(p["concurrency"]),
@@ -509,7 +517,13 @@ def _outcome_from_record(record: TrialRecord) -> TrialOutcome:
     ]
     startup = next((p.get("startup_s") for p in record.phases if p.get("startup_s") is not None), None)
     return TrialOutcome(
-        record.candidate, record.status, record.reason or "", points, record.log_tail or "", startup
+        record.candidate,
+        record.status,
+        record.reason or "",
+        points,
+        record.log_tail or "",
+        startup,
+        objective,
     )
 
 
