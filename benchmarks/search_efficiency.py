@@ -36,7 +36,8 @@ FIXED = ("--load-format", "dummy", "--enforce-eager")
 # The CPU build's defaults (128 sequences, 2048 batched tokens) are grid points, so the tuner's baseline is too.
 GRID = {"max_num_seqs": (8, 32, 128), "max_num_batched_tokens": (512, 2048, 8192)}
 SLO = "ttft=1,tps=20"
-IN_LEN, OUT_LEN = 64, 32
+IN_LEN, OUT_LEN = 128, 64
+REQUESTS_PER_STREAM, MIN_REQUESTS = 4, 32  # phases of a few seconds: short ones are noise here
 MAX_C = 64
 CPU = Hardware.cpu(1 * 2**30)
 
@@ -68,7 +69,7 @@ def measure_config(
     with VllmServer(spec) as server:
 
         def measure(c: int) -> PointResult:
-            load = LoadSpec(concurrency=c, num_requests=max(8, 2 * c), warmup_requests=min(c, 32),
+            load = LoadSpec(concurrency=c, num_requests=max(MIN_REQUESTS, REQUESTS_PER_STREAM * c), warmup_requests=min(c, 32),
                             input_len=IN_LEN, output_len=OUT_LEN, vocab_size=1000)  # fmt: skip
             phase = asyncio.run(measure_phase(server.url, load))
             return PointResult(c, check(slo, phase.load.stats).passed, phase.load.stats.output_tokens_per_s)
@@ -114,8 +115,8 @@ def main() -> int:
         values={k: tuple(v) for k, v in GRID.items()},
         input_len=IN_LEN,
         output_len=OUT_LEN,
-        requests_per_stream=2,
-        min_requests=8,
+        requests_per_stream=REQUESTS_PER_STREAM,
+        min_requests=MIN_REQUESTS,
         max_concurrency=MAX_C,
         launch_budget=budget,
         store_path=store,

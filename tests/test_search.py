@@ -45,10 +45,19 @@ def test_doubling_then_bisection_finds_the_largest_passing_concurrency() -> None
 
 
 def test_doubling_stops_at_saturation_without_wasting_phases() -> None:
-    # Saturates at 8 users (800 tok/s): 16 adds nothing, so the search stops there.
+    # Saturates at 8 users (800 tok/s): 16 and 32 add nothing, so the search stops there.
     points = find_max_concurrency(server(800.0, slo_max_users=1000), ConcurrencyPlan())
-    assert [p.concurrency for p in points] == [1, 2, 4, 8, 16]
+    assert [p.concurrency for p in points] == [1, 2, 4, 8, 16, 32]
     assert best_point(points).concurrency == 8  # type: ignore[union-attr]  # same tok/s, fewer users
+
+
+def test_one_noisy_flat_step_does_not_end_the_search() -> None:
+    tok_s = {1: 100.0, 2: 200.0, 4: 199.0, 8: 800.0, 16: 1600.0, 32: 1610.0, 64: 1600.0}
+    points = find_max_concurrency(
+        lambda c: PointResult(c, True, tok_s[c]), ConcurrencyPlan(max_concurrency=64)
+    )
+    assert [p.concurrency for p in points] == [1, 2, 4, 8, 16, 32, 64]
+    assert best_point(points).concurrency == 32  # type: ignore[union-attr]
 
 
 def test_nothing_passes_means_no_best_point() -> None:

@@ -35,20 +35,25 @@ class PointResult:
 class ConcurrencyPlan:
     start: int = 1
     max_concurrency: int = 1024
-    saturation_gain: float = 0.03  # doubling that adds less than 3 % throughput: the server is saturated
+    saturation_gain: float = 0.03  # a doubling that adds less than 3 % throughput is flat
+    patience: int = 2  # flat doublings in a row that mean saturation
     bisect_resolution: float = 0.15  # stop bisecting when the gap is below 15 % of the concurrency
-    max_points: int = 10
+    max_points: int = 12
 
 
 def find_max_concurrency(measure: Callable[[int], PointResult], plan: ConcurrencyPlan) -> list[PointResult]:
     """Measure concurrencies until the largest one meeting the SLO is bracketed; return every point.
 
-    Doubling stops at the first failure, at saturation (throughput no longer grows: more users only add
-    latency) or at ``max_concurrency``. Bisection then narrows the gap between the last pass and the failure.
+    Doubling stops at the first failure, at saturation or at ``max_concurrency``. Saturation = ``patience``
+    doublings in a row that each fail to beat the best throughput so far by ``saturation_gain``: more users
+    then only add latency. One flat step is not enough, since a short phase on a busy machine is noisy.
+    Bisection then narrows the gap between the highest passing concurrency and the first failing one.
     """
     points: list[PointResult] = []
     c = max(1, plan.start)
-    last_pass: PointResult | None = None
+    highest_pass: PointResult | None = None
+    best_tok_s = 0.0
+    flat_steps = 0
     first_fail: PointResult | None = None
     while len(points) < plan.max_points:
         point = measure(c)
@@ -56,20 +61,18 @@ def find_max_concurrency(measure: Callable[[int], PointResult], plan: Concurrenc
         if not point.passed:
             first_fail = point
             break
-        saturated = last_pass is not None and point.output_tokens_per_s < last_pass.output_tokens_per_s * (
-            1 + plan.saturation_gain
-        )
-        last_pass = (
-            point
-            if last_pass is None or point.output_tokens_per_s >= last_pass.output_tokens_per_s
-            else last_pass
-        )
-        if saturated or c >= plan.max_concurrency:
+        highest_pass = point
+        if point.output_tokens_per_s >= best_tok_s * (1 + plan.saturation_gain):
+            flat_steps = 0
+        else:
+            flat_steps += 1
+        best_tok_s = max(best_tok_s, point.output_tokens_per_s)
+        if flat_steps >= plan.patience or c >= plan.max_concurrency:
             return points
         c = min(c * 2, plan.max_concurrency)
-    if last_pass is None or first_fail is None:
+    if highest_pass is None or first_fail is None:
         return points
-    lo, hi = last_pass.concurrency, first_fail.concurrency
+    lo, hi = highest_pass.concurrency, first_fail.concurrency
     while len(points) < plan.max_points and hi - lo > max(1, math.ceil(plan.bisect_resolution * lo)):
         mid = (lo + hi) // 2
         point = measure(mid)
