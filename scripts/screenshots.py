@@ -137,6 +137,7 @@ async def tune_screenshots(vllm_python: Path) -> None:
         input_len=64,
         output_len=32,
         requests_per_stream=2,
+        min_phase_s=3.0,
         max_concurrency=32,
         launch_budget=3,
         store_path=work / "trials.sqlite",

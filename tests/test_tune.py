@@ -39,6 +39,7 @@ def _config(tmp_path: Path, model: Path, vllm_python: Path) -> TuneConfig:
         output_len=16,
         requests_per_stream=2,
         min_requests=8,
+        min_phase_s=1.0,
         max_concurrency=8,
         launch_budget=3,
         store_path=tmp_path / "trials.sqlite",

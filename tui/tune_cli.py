@@ -57,6 +57,9 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests-per-stream", type=int, default=4, metavar="N", help="per measured load")
     parser.add_argument("--max-concurrency", type=int, default=512, metavar="N")
     parser.add_argument(
+        "--phase-seconds", type=float, default=10.0, metavar="S", help="least time per measured load"
+    )
+    parser.add_argument(
         "--budget", type=int, metavar="N", help="most vLLM launches (default: a third of the grid)"
     )
     parser.add_argument("--store", type=Path, default=Path("infertop-tune.sqlite"), help="trial database")
@@ -122,6 +125,7 @@ def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> Tun
         input_len=args.input_len,
         output_len=args.output_len,
         requests_per_stream=args.requests_per_stream,
+        min_phase_s=args.phase_seconds,
         max_concurrency=args.max_concurrency,
         launch_budget=args.budget,
         store_path=args.store,

@@ -63,6 +63,9 @@ class TuneConfig:
     output_len: int = 256
     requests_per_stream: int = 4  # per measured concurrency: enough for a p95 without a long phase
     min_requests: int = 16
+    min_phase_s: float = (
+        10.0  # and enough requests to last this long: sub-second phases measure start-up noise
+    )
     vocab_size: int = 1000
     max_concurrency: int = 512
     launch_budget: int | None = None  # default: a third of the feasible grid, at least 3
@@ -146,6 +149,7 @@ class Tuner:
             history_len=480,
         )
         self._engine_url: str | None = None
+        self._last_rate: tuple[int, float] | None = None  # (concurrency, requests/s) of the last phase
         self.launches = 0
         self._listener: ev.Listener = lambda e: None
         self._cancel = threading.Event()
@@ -393,6 +397,7 @@ class Tuner:
             source.set_engine_urls([url] if url else [])
 
     def _search_concurrency(self, server: VllmServer, candidate: Candidate) -> list[PointResult]:
+        self._last_rate = None  # a new server: its own pace
         cap = min(self.config.max_concurrency, 2 * (candidate.max_num_seqs or self.config.max_concurrency))
         plan = ConcurrencyPlan(start=1, max_concurrency=max(1, cap))
 
@@ -422,11 +427,21 @@ class Tuner:
         points = find_max_concurrency(measure, plan)
         return [p for p in points if p.summary.get("stats") is not None]
 
+    def phase_requests(self, concurrency: int) -> int:
+        """Requests for a phase at ``concurrency``: the configured floor, or enough to last ``min_phase_s`` at
+        the request rate the last phase reached, scaled to this concurrency (an over-estimate: fine)."""
+        floor = max(self.config.min_requests, self.config.requests_per_stream * concurrency)
+        if self._last_rate is None:
+            return floor
+        last_c, last_req_s = self._last_rate
+        expected_req_s = last_req_s * max(1.0, concurrency / last_c)
+        return max(floor, int(expected_req_s * self.config.min_phase_s + 0.5))
+
     async def _measure(self, server: VllmServer, candidate: Candidate, concurrency: int) -> MeasuredPhase:
         spec = LoadSpec(
             mode=LoadMode.CONCURRENCY,
             concurrency=concurrency,
-            num_requests=max(self.config.min_requests, self.config.requests_per_stream * concurrency),
+            num_requests=self.phase_requests(concurrency),
             warmup_requests=min(concurrency, 32),
             input_len=self.config.input_len,
             output_len=self.config.output_len,
@@ -442,10 +457,13 @@ class Tuner:
             )
 
         slo = self.config.slo
-        return await measure_phase(
+        phase = await measure_phase(
             server.url, spec, sampler=self.sampler, server_pid=server.pid, ttft_max_s=slo.ttft_p95_max_s,
             tpot_max_s=slo.tpot_p95_max_s, on_progress=progress, cancel=self._cancel,
         )  # fmt: skip
+        if phase.load.stats.requests_per_s > 0:
+            self._last_rate = (concurrency, phase.load.stats.requests_per_s)
+        return phase
 
     # --- the end: export, prove, production check, report -------------------------------------------------
 
@@ -568,7 +586,10 @@ def build_report(
         "workload": {
             "input_len": tuner.config.input_len,
             "output_len": tuner.config.output_len,
-            "requests_per_point": f"max({tuner.config.min_requests}, {tuner.config.requests_per_stream} x concurrency)",
+            "requests_per_point": (
+                f"max({tuner.config.min_requests}, {tuner.config.requests_per_stream} x concurrency, "
+                f"enough for {tuner.config.min_phase_s:g} s)"
+            ),
         },
         "started_s": started,
         "finished_s": time.time(),

@@ -87,7 +87,11 @@ def _spec(tuner: Tuner, concurrency: int | None, rate: float | None, num_request
 def _prove(tuner: Tuner, server: VllmServer, yaml_path: Path, best: PointResult) -> dict[str, Any]:
     cfg = tuner.config
     c = best.concurrency
-    spec = _spec(tuner, c, None, max(cfg.min_requests, cfg.requests_per_stream * c))
+    stats = best.summary.get("stats", {})
+    rate = stats.get("requests_per_s") or 0.0
+    # As long as the trial's phase at this load lasted (or min_phase_s), so the two measure the same thing.
+    num = max(cfg.min_requests, cfg.requests_per_stream * c, int(rate * cfg.min_phase_s + 0.5))
+    spec = _spec(tuner, c, None, num)
     phase = asyncio.run(
         measure_phase(server.url, spec, sampler=tuner.sampler, server_pid=server.pid, cancel=tuner._cancel)
     )
@@ -116,7 +120,8 @@ def _production(tuner: Tuner, server: VllmServer, best: PointResult) -> dict[str
     if max_rate <= 0:
         return {"fraction_of_max": PRODUCTION_FRACTION, "error": "the winner's request rate is unknown"}
     rate = PRODUCTION_FRACTION * max_rate
-    num = max(tuner.config.min_requests * 2, int(rate * 30))  # about half a minute of steady traffic
+    # Steady traffic for three phase lengths (30 s by default).
+    num = max(tuner.config.min_requests * 2, int(rate * 3 * tuner.config.min_phase_s))
     spec = _spec(tuner, None, rate, num)
     phase = asyncio.run(
         measure_phase(server.url, spec, sampler=tuner.sampler, server_pid=server.pid, cancel=tuner._cancel)
