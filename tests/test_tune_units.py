@@ -9,7 +9,7 @@ import pytest
 from tuner.slo import parse_slo
 from tuner.space import Candidate
 from tuner.tinymodel import write_tiny_model
-from tuner.tune import TuneConfig, Tuner, TuneError
+from tuner.tune import TuneConfig, TuneError, Tuner
 
 
 @pytest.fixture
