@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,31 @@ def test_an_existing_store_is_not_overwritten_without_resume(tuner: Tuner) -> No
     tuner.config.store_path.write_text("")
     with pytest.raises(TuneError, match="--resume"):
         tuner.run()
+
+
+def test_a_value_vllm_refuses_is_not_tried_again_with_other_settings(tuner: Tuner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tuner.search import PointResult
+    from tuner.store import TrialStatus
+    from tuner.tune import TrialOutcome
+
+    tuner.space.values["quantization"] = (None, "fp8")  # type: ignore[index]
+    tuner.space.values["max_num_seqs"] = (8, 32)  # type: ignore[index]
+    tuner.explicit = {"quantization", "max_num_seqs"}
+    launched: list[Candidate] = []
+
+    def fake_trial(store, candidate, why):  # type: ignore[no-untyped-def]
+        launched.append(candidate)
+        if candidate.quantization == "fp8":
+            reason = "vLLM failed to start (unsupported option): fp8 is not supported here"
+            return TrialOutcome(candidate, TrialStatus.FAILED, reason, failure_kind="unsupported_option")
+        summary = {"evidence": {}, "bound": {"kind": "engine"}}
+        tok_s = 100.0 + (candidate.max_num_seqs or 128)
+        return TrialOutcome(candidate, TrialStatus.FEASIBLE, "ok", [PointResult(16, True, tok_s, summary)])
+
+    monkeypatch.setattr(tuner, "_trial", fake_trial)
+    monkeypatch.setattr(tuner, "_finish", lambda *a, **k: {})
+    tuner.config = dataclasses.replace(tuner.config, launch_budget=5)
+    tuner.run()
+    fp8 = [c for c in launched if c.quantization == "fp8"]
+    assert len(fp8) == 1  # refused once, never combined with another setting afterwards
+    assert len(launched) >= 3

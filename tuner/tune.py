@@ -88,6 +88,7 @@ class TrialOutcome:
     log_tail: str = ""
     startup_s: float | None = None
     objective: str = "throughput"
+    failure_kind: str | None = None  # launcher.FailureKind value when the server did not start
 
     @property
     def best(self) -> PointResult | None:
@@ -150,7 +151,10 @@ class Tuner:
         )
         self._engine_url: str | None = None
         self._last_rate: tuple[int, float] | None = None  # (concurrency, requests/s) of the last phase
+        self._moves: dict[str, dict[str, Any]] = {}  # candidate key -> the values its move changed
+        self._rejected: set[tuple[str, Any]] = set()  # (dimension, value) vLLM refused as unsupported
         self.launches = 0
+        self.note: str | None = None  # why the search ended before it ran out of moves (the launch budget)
         self._listener: ev.Listener = lambda e: None
         self._cancel = threading.Event()
 
@@ -233,14 +237,16 @@ class Tuner:
                 tried.add(candidate.key())
                 outcome = outcomes.get(candidate.key())
                 if outcome is None:
-                    if self.launches >= budget and self.space.check(candidate).ok:
-                        stopped = f"launch budget of {budget} used"
+                    if self.launches >= budget:
+                        self._emit_note(f"launch budget of {budget} used")
                         break
                     outcome = self._trial(store, candidate, why)
                     if outcome is None:  # interrupted
                         stopped = "interrupted"
                         break
                     outcomes[candidate.key()] = outcome
+                if outcome.failure_kind == "unsupported_option" or "(unsupported option)" in outcome.reason:
+                    self._rejected.update(self._moves.get(candidate.key(), {}).items())
                 if outcome.best is not None and (
                     incumbent is None or score(outcome.best, obj) > score(incumbent.best, obj)
                 ):
@@ -281,6 +287,9 @@ class Tuner:
             return "vLLM defaults" + (f" ({pinned})" if pinned != "vLLM defaults" else "")
         return candidate.label()
 
+    def _emit_note(self, note: str) -> None:
+        self.note = note
+
     def _emit(self, event: ev.TuneEvent) -> None:
         with contextlib.suppress(Exception):  # a broken listener must not end the run
             self._listener(event)
@@ -293,8 +302,11 @@ class Tuner:
             name: tuple(v for v in values if v is not None) for name, values in self.space.values.items()
         }
         for move in propose_moves(current, signals, ladders):
+            if any((name, value) in self._rejected for name, value in move.values.items()):
+                continue  # vLLM refused this value outright on this machine: no other combination will start
             candidate = base.candidate.with_values(**move.values)
             if candidate.key() not in tried:
+                self._moves[candidate.key()] = dict(move.values)
                 return [(candidate, move.why)]
         return []
 
@@ -339,7 +351,9 @@ class Tuner:
                     candidate.key(), self.label(candidate), status.value, exc.summary, log_tail=exc.log_tail
                 )
             )
-            return TrialOutcome(candidate, status, exc.summary, log_tail=exc.log_tail)
+            return TrialOutcome(
+                candidate, status, exc.summary, log_tail=exc.log_tail, failure_kind=exc.kind.value
+            )
         except KeyboardInterrupt:
             server.stop()
             store.record_result(candidate, TrialStatus.INTERRUPTED, "interrupted during start-up")

@@ -50,7 +50,7 @@ def prove_and_check(
     except LaunchError as exc:
         tuner._emit(ev.TrialFinished(PROOF_KEY, label, "failed", exc.summary, log_tail=exc.log_tail))
         return {"yaml": str(yaml_path), "passed": False, "error": exc.summary}, None
-    tuner.launches += 1
+    # The proof is one launch beyond the search budget; it is not counted against it.
     proof: dict[str, Any] | None = None
     production: dict[str, Any] | None = None
     try:
