@@ -70,7 +70,7 @@ def test_a_value_vllm_refuses_is_not_tried_again_with_other_settings(tuner: Tune
             reason = "vLLM failed to start (unsupported option): fp8 is not supported here"
             return TrialOutcome(candidate, TrialStatus.FAILED, reason, failure_kind="unsupported_option")
         summary = {"evidence": {}, "bound": {"kind": "engine"}}
-        tok_s = 100.0 + (candidate.max_num_seqs or 128)
+        tok_s = 10_000.0 / (candidate.max_num_seqs or 128)  # smaller batches win: the incumbent moves
         return TrialOutcome(candidate, TrialStatus.FEASIBLE, "ok", [PointResult(16, True, tok_s, summary)])
 
     monkeypatch.setattr(tuner, "_trial", fake_trial)
