@@ -122,3 +122,13 @@ def test_driver_gone_sets_gpu_error_once_and_stops_calling_nvml() -> None:
     clock.advance(0.25)
     sampler.tick()
     assert nvml.calls["nvmlDeviceGetUtilizationRates"] == calls
+
+
+def test_history_tail_copies_only_the_newest_readings() -> None:
+    from tuner.telemetry.model import GpuSample
+
+    h = History(10)
+    for v in range(8):
+        h.add(Snapshot(time_s=0, host=None, gpus=(GpuSample(index=0, time_s=0, power_w=float(v)),)))
+    assert h.gpu_series(0, "power_w", last=3) == [5.0, 6.0, 7.0]
+    assert h.gpu_series(0, "power_w", last=50) == [float(v) for v in range(8)]

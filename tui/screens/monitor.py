@@ -11,12 +11,12 @@ from textual.widgets import Footer
 from tui.messages import GpusFound, ReplayEnded, SnapshotTaken
 from tui.widgets.banner import HINTS, StateBanner
 from tui.widgets.engine_panel import EnginePanel
-from tui.widgets.gpu_card import GpuCard
+from tui.widgets.gpu_card import CARD_SERIES, GpuCard
 from tui.widgets.host_bar import HostBar
 from tui.widgets.process_table import ProcessTable
 from tui.widgets.status_bar import StatusBar
 from tuner.telemetry.model import GpuProcess, GpuState, Snapshot, SystemInfo
-from tuner.telemetry.sampler import GPU_SERIES, History
+from tuner.telemetry.sampler import History
 
 FULL_CARD_ROWS = 8
 RESERVED_ROWS = 12  # status, host, footer, engine panel and a few process rows
@@ -109,7 +109,10 @@ class MonitorScreen(Screen[None]):
         for sample in snap.gpus:
             card = self.cards.get(sample.index)
             if card is not None:
-                series = {name: self.history.gpu_series(sample.index, name) for name in GPU_SERIES}
+                series = {
+                    name: self.history.gpu_series(sample.index, name, card.history_needed)
+                    for name in CARD_SERIES
+                }
                 card.show(sample, series)
         if snap.gpu_error:
             self.show_banner(

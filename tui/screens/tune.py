@@ -22,7 +22,7 @@ from tui.tune_state import TuneRun
 from tui.widgets.best_panel import BestPanel
 from tui.widgets.engine_line import EngineLine
 from tui.widgets.event_log import EventLog, describe, describe_error
-from tui.widgets.gpu_card import GpuCard
+from tui.widgets.gpu_card import CARD_SERIES, GpuCard
 from tui.widgets.host_bar import HostBar
 from tui.widgets.phase_panel import PhasePanel
 from tui.widgets.slo_chart import SloChart
@@ -30,7 +30,7 @@ from tui.widgets.trial_table import TrialTable
 from tui.widgets.tune_header import TuneHeader
 from tuner.events import PhaseProgressed, TrialFinished, TuneEvent
 from tuner.telemetry.model import EngineSample, GpuState, Snapshot, SystemInfo
-from tuner.telemetry.sampler import GPU_SERIES, History
+from tuner.telemetry.sampler import History
 
 SHORT_HEIGHT = 28  # below this many rows (80x24): tighter caps and no divider, so every panel stays on screen
 
@@ -252,7 +252,13 @@ class TuneScreen(Screen[None]):
         for sample in snap.gpus:
             card = self.cards.get(sample.index)
             if card is not None and history is not None:
-                card.show(sample, {name: history.gpu_series(sample.index, name) for name in GPU_SERIES})
+                card.show(
+                    sample,
+                    {
+                        name: history.gpu_series(sample.index, name, card.history_needed)
+                        for name in CARD_SERIES
+                    },
+                )
         if snap.host is not None and history is not None:
             self.query_one(HostBar).show(snap.host, history.host_cpu_series())
         engine = self._candidate_engine(snap.engines)

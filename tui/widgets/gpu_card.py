@@ -14,6 +14,8 @@ Series = dict[str, list[float | None]]
 
 LABEL_W = 10
 VALUE_W = 24
+CARD_SERIES = ("dram_bw_util_pct", "sm_active_pct", "gpu_util_pct", "mem_busy_pct", "power_w")
+"""The history a card draws: the sampler keeps more series than a card shows."""
 COMPACT_FIXED_W = 66  # everything on a compact row but its sparkline
 SPARK_MAX_W = 60  # wider history stops being readable: a minute at 4 Hz is 240 readings anyway
 
@@ -72,6 +74,7 @@ class GpuCard(Widget):
         self.info = info
         self.series: Series = {}
         self.readings_per_cell = 4  # one sparkline cell per second at the default 4 Hz
+        self.history_needed = SPARK_MAX_W * self.readings_per_cell
         self.border_title = f"GPU {info.index} · {info.name}"
         self._update_subtitle()
 

@@ -8,6 +8,7 @@ History is kept in fixed-size ring buffers, so memory stays flat over hours.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -93,9 +94,13 @@ class History:
                 for name, buf in eseries.items():
                     buf.append(getattr(e, name))
 
-    def gpu_series(self, index: int, name: str) -> list[float | None]:
+    def gpu_series(self, index: int, name: str, last: int | None = None) -> list[float | None]:
+        """A copy of one GPU's series (only its ``last`` readings when given: what a sparkline shows)."""
         with self._lock:
-            return list(self._gpu.get(index, {}).get(name, ()))
+            buf = self._gpu.get(index, {}).get(name, ())
+            if last is not None and len(buf) > last:
+                return list(itertools.islice(buf, len(buf) - last, None))
+            return list(buf)
 
     def host_cpu_series(self) -> list[float | None]:
         with self._lock:
