@@ -49,15 +49,24 @@ def _config(tmp_path: Path, model: Path, vllm_python: Path) -> TuneConfig:
     )
 
 
-def _vllm_children() -> list[psutil.Process]:
+def _vllm_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
+    """vLLM processes this test process started (other tests' shared server, in ``ignore``, excepted)."""
     me = psutil.Process()
-    return [p for p in me.children(recursive=True) if "vllm" in " ".join(p.cmdline())]
+    found = []
+    for p in me.children(recursive=True):
+        try:
+            if p.pid not in ignore and "vllm" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def test_tune_survives_a_failing_candidate_and_an_interrupt_then_resumes_and_proves_the_export(
     tmp_path: Path, tiny_model_dir: Path, vllm_python: Path
 ) -> None:
     config = _config(tmp_path, tiny_model_dir, vllm_python)
+    already = frozenset(p.pid for p in _vllm_children())  # the session's shared server, if it runs
 
     # 1. Run until the third launch has measured one load, then interrupt it (as Ctrl-C or `s` in the TUI do).
     cancel = threading.Event()
@@ -71,7 +80,7 @@ def test_tune_survives_a_failing_candidate_and_an_interrupt_then_resumes_and_pro
 
     first = Tuner(config).run(interrupt_third_launch, cancel)
     assert first.stopped == "interrupted"
-    assert _vllm_children() == []  # the interrupted candidate's server was stopped
+    assert _vllm_children(already) == []  # the interrupted candidate's server was stopped
     _, trials = load_run(config.store_path)
     by_status = {t.candidate.label(): t.status for t in trials}
     statuses = sorted(t.status.value for t in trials)
@@ -111,7 +120,7 @@ def test_tune_survives_a_failing_candidate_and_an_interrupt_then_resumes_and_pro
     report = json.loads(Path(result.outputs["json"]).read_text())
     assert {t["status"] for t in report["trials"]} == {"feasible", "failed"}
     assert Path(result.outputs["markdown"]).read_text().count("fp8") >= 1
-    assert _vllm_children() == []
+    assert _vllm_children(already) == []
 
 
 def test_tune_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
