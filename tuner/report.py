@@ -288,7 +288,10 @@ def _result(run: Run, head: Headline) -> list[Block]:
                 row("most concurrent users within the SLO", lambda t, p: fmt_users(t.max_users)),
                 row("best output throughput", lambda t, p: fmt_tok_s(t.best_tok_s)),
                 row("... measured at", lambda t, p: fmt_users(t.best_concurrency)),
-                row("output throughput per GPU", lambda t, p: fmt_tok_s(run.per_gpu(t.best_tok_s))),
+                row(
+                    "output throughput per GPU" if run.gpus else "output throughput (CPU server, no GPU)",
+                    lambda t, p: fmt_tok_s(run.per_gpu(t.best_tok_s)),
+                ),
                 row("TTFT p95 there", point_stat("ttft_p95_s", fmt_ms)),
                 row("tok/s per user (p50) there", point_stat("user_tok_per_s_p50", fmt_tok_s)),
                 row(
