@@ -22,10 +22,6 @@ from tuner.loadgen import (
     RequestResult,
     Timeouts,
     Transport,
-    _RawConnection,
-    _RawPool,
-    _Stream,
-    _Target,
     compute_stats,
     discover_model,
     make_requests,
@@ -33,6 +29,9 @@ from tuner.loadgen import (
     run_ladder,
     run_phase,
 )
+from tuner.loadgen.rawhttp import _RawConnection, _RawPool
+from tuner.loadgen.stream import _Stream
+from tuner.loadgen.transport import _Target
 
 StartEmitter = Callable[..., EmitterProcess]
 

@@ -1,0 +1,332 @@
+"""Running load: one phase (:func:`run_phase`: warm-up, then the measured window) or a ladder of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from tuner.loadgen.rawhttp import _RawPool
+from tuner.loadgen.spec import LoadMode, LoadSpec, RequestSpec, Timeouts, make_requests
+from tuner.loadgen.stats import PhaseStats, RequestResult, compute_stats
+from tuner.loadgen.stream import _Stream
+from tuner.loadgen.transport import Transport, _Client, _HttpxClient, _Target, discover_model
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseResult:
+    """A finished (or stopped) phase. ``started_at_s``/``ended_at_s`` are epoch seconds of the measured
+    window, for lining the phase up with telemetry sampled alongside."""
+
+    base_url: str
+    model: str
+    spec: LoadSpec
+    stats: PhaseStats
+    requests: tuple[RequestResult, ...]  # measured requests, by index
+    started_at_s: float
+    ended_at_s: float
+    warmup_s: float
+    cancelled: bool = False
+    aborted: str | None = None  # why the phase stopped early on its own (the server went away)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseProgress:
+    """Handed to ``on_progress`` at each stage start, then at most every 0.1 s, and once at the end."""
+
+    stage: Literal["warmup", "measure"]
+    requests_done: int
+    requests_total: int | None  # None in duration mode
+    requests_failed: int
+    output_tokens: int
+    elapsed_s: float
+
+
+class CancelToken(Protocol):
+    """Anything with ``is_set()``: ``threading.Event`` (set from any thread) or ``asyncio.Event``."""
+
+    def is_set(self) -> bool: ...
+
+
+_CONNECT_FAILURES_TO_ABORT = 3  # in a row: the server is gone, stop issuing instead of failing every request
+_POLL_S = 0.1  # watchdog period: idle/total timeouts and the cancel token are checked this often
+
+
+class _Phase:
+    """The machinery of one :func:`run_phase` call."""
+
+    def __init__(
+        self,
+        client: _Client,
+        model: str,
+        spec: LoadSpec,
+        timeouts: Timeouts,
+        on_progress: Callable[[PhaseProgress], None] | None,
+        cancel: CancelToken | None,
+    ) -> None:
+        self.client = client
+        self.spec = spec
+        self.timeouts = timeouts
+        self.on_progress = on_progress
+        self.cancel = cancel
+        self.stopping = asyncio.Event()
+        self.cancelled = False
+        self.aborted: str | None = None
+        self.in_flight: set[_Stream] = set()
+        self.connect_failures_in_row = 0
+        body: dict[str, Any] = {
+            "model": model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+        body.update(spec.extra_body)
+        # Everything but the prompt and max_tokens is fixed: serialise it once and splice per request.
+        self.body_tail = json.dumps(body, separators=(",", ":"))[1:].encode()
+        self._reset_stage("warmup", None)
+
+    def _reset_stage(self, stage: Literal["warmup", "measure"], total: int | None) -> None:
+        self.stage = stage
+        self.stage_total = total
+        self.stage_start_s = time.perf_counter()
+        self.results: list[RequestResult] = []
+        self.done_count = 0
+        self.failed_count = 0
+        self.tokens = 0
+        self.last_progress_s = 0.0
+
+    def _progress(self, force: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        now_s = time.perf_counter()
+        if not force and now_s - self.last_progress_s < 0.1:
+            return
+        self.last_progress_s = now_s
+        self.on_progress(
+            PhaseProgress(
+                self.stage,
+                self.done_count,
+                self.stage_total,
+                self.failed_count,
+                self.tokens,
+                now_s - self.stage_start_s,
+            )
+        )
+
+    async def _one(self, request: RequestSpec) -> None:
+        body = b'{"prompt":%s,"max_tokens":%d,%s' % (
+            json.dumps(request.prompt_token_ids, separators=(",", ":")).encode(),
+            request.max_tokens,
+            self.body_tail,
+        )
+        stream = _Stream(time.perf_counter())
+        self.in_flight.add(stream)
+        try:
+            await self.client.stream(stream, body)
+        finally:
+            self.in_flight.discard(stream)
+        if not stream.done.done():  # a transport returned without settling: never leave it open-ended
+            stream.fail("malformed_stream", "the transport ended the request without a result")
+        result = stream.result(request, self.stage_start_s)
+        self.results.append(result)
+        self.done_count += 1
+        if result.error_kind == "connect_failed":
+            self.connect_failures_in_row += 1
+            if self.connect_failures_in_row >= _CONNECT_FAILURES_TO_ABORT and self.aborted is None:
+                self.aborted = f"server unreachable: {result.error}"
+                self.stopping.set()
+        else:
+            self.connect_failures_in_row = 0
+        if result.ok:
+            self.tokens += result.output_tokens or 0
+        elif result.error_kind != "cancelled":
+            self.failed_count += 1
+        self._progress()
+
+    async def _watchdog(self) -> None:
+        idle_s, total_s = self.timeouts.read_idle_s, self.timeouts.total_s
+        while True:
+            await asyncio.sleep(_POLL_S)
+            if self.cancel is not None and self.cancel.is_set() and not self.cancelled:
+                self.cancelled = True
+                self.stopping.set()
+            now_s = time.perf_counter()
+            for stream in list(self.in_flight):
+                if self.cancelled:
+                    stream.fail("cancelled", "the phase was cancelled")
+                elif now_s - stream.last_rx_s > idle_s:
+                    stream.fail("timeout", f"no data from the server for {idle_s:g} s")
+                elif total_s is not None and now_s - stream.start_s > total_s:
+                    stream.fail("timeout", f"request took longer than {total_s:g} s")
+
+    async def _closed_loop(
+        self, requests: Iterator[RequestSpec], concurrency: int, deadline_s: float
+    ) -> None:
+        async def worker() -> None:
+            while not self.stopping.is_set() and time.perf_counter() < deadline_s:
+                request = next(requests, None)
+                if request is None:
+                    return
+                await self._one(request)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def _open_loop(
+        self, requests: Iterator[RequestSpec], rate_per_s: float, cap: int | None, deadline_s: float
+    ) -> None:
+        rng = random.Random(f"{self.spec.seed}:arrivals")
+        gate = asyncio.Semaphore(cap) if cap else None
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def gated(request: RequestSpec) -> None:
+            if gate is None:
+                await self._one(request)
+                return
+            async with gate:
+                if not self.stopping.is_set():
+                    await self._one(request)
+
+        next_s = time.perf_counter()
+        for request in requests:
+            next_s += rng.expovariate(rate_per_s)  # absolute schedule: no drift from loop delays
+            if next_s >= deadline_s:
+                break
+            delay_s = next_s - time.perf_counter()
+            if delay_s > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay_s)
+            if self.stopping.is_set():
+                break
+            task = asyncio.create_task(gated(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def run(self) -> tuple[list[RequestResult], float, float, float, float]:
+        """Warm-up, then the measured window. Returns results, wall time, epoch start/end, warm-up time."""
+        spec = self.spec
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            warmup_start_s = time.perf_counter()
+            if spec.warmup_requests:
+                self._reset_stage("warmup", spec.warmup_requests)
+                self._progress(force=True)
+                warm = _take(make_requests(spec, warmup=True), spec.warmup_requests)
+                await self._closed_loop(warm, min(spec.warmup_requests, spec.concurrency or 64), math.inf)
+            warmup_s = time.perf_counter() - warmup_start_s
+
+            self._reset_stage("measure", spec.num_requests)
+            started_at_s = time.time()
+            self._progress(force=True)
+            requests = make_requests(spec)
+            if spec.num_requests is not None:
+                requests = _take(requests, spec.num_requests)
+            deadline_s = self.stage_start_s + spec.duration_s if spec.duration_s else math.inf
+            if not self.stopping.is_set():
+                if spec.mode is LoadMode.CONCURRENCY:
+                    await self._closed_loop(requests, spec.concurrency or 1, deadline_s)
+                else:
+                    assert spec.request_rate_per_s is not None
+                    await self._open_loop(requests, spec.request_rate_per_s, spec.concurrency, deadline_s)
+            end_s = max(
+                (self.stage_start_s + r.start_s + r.duration_s for r in self.results),
+                default=self.stage_start_s,
+            )
+            self._progress(force=True)
+            return self.results, end_s - self.stage_start_s, started_at_s, time.time(), warmup_s
+        finally:
+            watchdog.cancel()
+
+
+def _take(requests: Iterator[RequestSpec], count: int) -> Iterator[RequestSpec]:
+    for _ in range(count):
+        yield next(requests)
+
+
+async def run_phase(
+    base_url: str,
+    spec: LoadSpec,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    ttft_max_s: float | None = None,
+    tpot_max_s: float | None = None,
+    timeouts: Timeouts | None = None,
+    on_progress: Callable[[PhaseProgress], None] | None = None,
+    cancel: CancelToken | None = None,
+    transport: Transport = "raw",
+) -> PhaseResult:
+    """Run one phase of load against ``base_url`` (e.g. ``http://127.0.0.1:8000``) and measure it.
+
+    ``model`` defaults to the first one at ``/v1/models``. ``ttft_max_s``/``tpot_max_s`` are the SLOs for
+    goodput. ``on_progress`` is called on this event loop (keep it cheap). Setting ``cancel`` stops the phase
+    within ~0.1 s and returns what was measured. Raises :class:`LoadgenError` only when the phase cannot
+    start; failures of individual requests are in the result.
+    """
+    target = _Target.parse(base_url)
+    timeouts = timeouts or Timeouts()
+    if model is None:
+        model = await discover_model(target.base_url, api_key=api_key, timeout_s=timeouts.connect_s)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client: _Client = (
+        _RawPool(target, timeouts, headers) if transport == "raw" else _HttpxClient(target, timeouts, headers)
+    )
+    phase = _Phase(client, model, spec, timeouts, on_progress, cancel)
+    try:
+        results, wall_s, started_at_s, ended_at_s, warmup_s = await phase.run()
+    finally:
+        await client.aclose()
+    results.sort(key=lambda r: r.index)
+    return PhaseResult(
+        base_url=target.base_url,
+        model=model,
+        spec=spec,
+        stats=compute_stats(results, wall_s, ttft_max_s=ttft_max_s, tpot_max_s=tpot_max_s),
+        requests=tuple(results),
+        started_at_s=started_at_s,
+        ended_at_s=ended_at_s,
+        warmup_s=warmup_s,
+        cancelled=phase.cancelled,
+        aborted=phase.aborted,
+    )
+
+
+async def run_ladder(
+    base_url: str,
+    spec: LoadSpec,
+    concurrencies: Sequence[int],
+    *,
+    requests_per_stream: int | None = None,
+    on_phase_done: Callable[[PhaseResult], Awaitable[None] | None] | None = None,
+    cancel: CancelToken | None = None,
+    **phase_kwargs: Any,
+) -> list[PhaseResult]:
+    """One closed-loop phase per concurrency, in the order given; stops after a cancelled or aborted phase.
+
+    ``requests_per_stream`` sets each phase's ``num_requests`` to ``concurrency * requests_per_stream`` so
+    that every step lasts about as long. Other keyword arguments go to :func:`run_phase`.
+    """
+    results: list[PhaseResult] = []
+    model = phase_kwargs.pop("model", None)
+    for concurrency in concurrencies:
+        step = dataclasses.replace(spec, mode=LoadMode.CONCURRENCY, concurrency=concurrency)
+        if requests_per_stream is not None:
+            step = dataclasses.replace(step, num_requests=concurrency * requests_per_stream)
+        result = await run_phase(base_url, step, model=model, cancel=cancel, **phase_kwargs)
+        model = result.model  # discover once
+        results.append(result)
+        if on_phase_done is not None:
+            maybe = on_phase_done(result)
+            if maybe is not None:
+                await maybe
+        if result.cancelled or result.aborted:
+            break
+    return results

@@ -1,0 +1,110 @@
+"""What a phase sends: the load's shape (:class:`LoadSpec`), per-request limits and the seeded requests."""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class LoadMode(str, enum.Enum):
+    """How requests are issued."""
+
+    CONCURRENCY = "concurrency"  # closed loop: keep N streams in flight, a new request as soon as one ends
+    RATE = "rate"  # open loop: Poisson arrivals at request_rate_per_s, optionally capped at N in flight
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """One phase of load. Give ``num_requests`` or ``duration_s`` (both: whichever ends first).
+
+    Lengths are exact unless ``len_range_ratio`` > 0: then each request's input and output lengths are drawn
+    uniformly from ``[L * (1 - r), L * (1 + r)]`` (vLLM bench's ``--random-range-ratio``). Prompt token ids
+    are drawn from the middle 80 % of ``vocab_size``, away from the special tokens most vocabularies keep at
+    either end. ``extra_body`` is merged into every request body (e.g. ``{"temperature": 0}``).
+    """
+
+    mode: LoadMode = LoadMode.CONCURRENCY
+    concurrency: int | None = 1  # closed loop: streams in flight; rate mode: cap (None = no cap)
+    request_rate_per_s: float | None = None  # rate mode only
+    num_requests: int | None = 100
+    duration_s: float | None = None  # stop issuing after this long; requests in flight still finish
+    warmup_requests: int = 0
+    input_len: int = 128
+    output_len: int = 128
+    len_range_ratio: float = 0.0
+    vocab_size: int = 32000
+    seed: int = 0
+    extra_body: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode is LoadMode.CONCURRENCY and (self.concurrency is None or self.concurrency < 1):
+            problems.append("concurrency mode needs concurrency >= 1")
+        if self.mode is LoadMode.RATE and not (self.request_rate_per_s and self.request_rate_per_s > 0):
+            problems.append("rate mode needs request_rate_per_s > 0")
+        if self.mode is LoadMode.RATE and self.concurrency is not None and self.concurrency < 1:
+            problems.append("a concurrency cap must be >= 1 (or None for no cap)")
+        if self.num_requests is None and self.duration_s is None:
+            problems.append("give num_requests or duration_s")
+        if self.num_requests is not None and self.num_requests < 1:
+            problems.append("num_requests must be >= 1")
+        if self.duration_s is not None and self.duration_s <= 0:
+            problems.append("duration_s must be > 0")
+        if self.warmup_requests < 0:
+            problems.append("warmup_requests must be >= 0")
+        if self.input_len < 1 or self.output_len < 1:
+            problems.append("input_len and output_len must be >= 1")
+        if not 0.0 <= self.len_range_ratio < 1.0:
+            problems.append("len_range_ratio must be in [0, 1)")
+        if self.vocab_size < 10:
+            problems.append("vocab_size must be >= 10")
+        if {"prompt", "max_tokens", "stream"} & set(self.extra_body):
+            problems.append("extra_body must not set prompt, max_tokens or stream (the load generator does)")
+        if problems:
+            raise ValueError("LoadSpec: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """One request as sent: its prompt (token ids) and how many tokens it asks for."""
+
+    index: int  # 0-based within its phase; warm-up requests have their own numbering
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-request limits. A request that hits one fails with ``error_kind == "timeout"``."""
+
+    connect_s: float = 10.0
+    read_idle_s: float = 120.0  # no byte at all for this long (before the first token, too)
+    total_s: float | None = None  # whole request; None = only the idle limit applies
+
+
+def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSpec]:
+    """The requests of a phase (or of its warm-up), deterministic for a given ``spec.seed``.
+
+    Infinite: the caller takes what it needs. Warm-up prompts come from a different stream than measured
+    ones, so a warm-up never puts a measured prompt in the server's prefix cache.
+    """
+    rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}")
+    low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
+    index = 0
+    while True:
+        input_len, output_len = spec.input_len, spec.output_len
+        if spec.len_range_ratio > 0:
+            r = spec.len_range_ratio
+            input_len = _draw_len(rng, input_len, r)
+            output_len = _draw_len(rng, output_len, r)
+        ids = tuple(rng.choices(range(low_id, high_id), k=input_len))
+        yield RequestSpec(index=index, prompt_token_ids=ids, max_tokens=output_len)
+        index += 1
+
+
+def _draw_len(rng: random.Random, length: int, ratio: float) -> int:
+    return max(1, rng.randint(math.floor(length * (1 - ratio)), math.ceil(length * (1 + ratio))))

@@ -1,0 +1,172 @@
+"""One request in flight: SSE parsing of its response body and the timestamps of its chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable
+
+from tuner.loadgen.spec import RequestSpec
+from tuner.loadgen.stats import RequestResult
+
+
+class _Stream:
+    """The state of one request in flight, fed with decoded response body bytes by a transport.
+
+    Hot path: a chunk that looks like vLLM's (``data: {...``, a non-empty ``"choices":[{``, no usage object)
+    costs a timestamp append and a few substring searches. Everything else takes the careful path.
+    """
+
+    __slots__ = (
+        "abort",
+        "chunk_times",
+        "done",
+        "done_seen",
+        "end_s",
+        "error",
+        "error_kind",
+        "last_rx_s",
+        "output_tokens",
+        "pending",
+        "prompt_tokens",
+        "start_s",
+    )
+
+    def __init__(self, start_s: float) -> None:
+        self.start_s = start_s
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Forget everything received: the request is sent again (on a fresh connection)."""
+        self.last_rx_s = self.start_s
+        self.end_s: float | None = None
+        self.chunk_times: list[float] = []
+        self.pending = b""  # an incomplete SSE line
+        self.done_seen = False
+        self.output_tokens: int | None = None
+        self.prompt_tokens: int | None = None
+        self.error_kind: str | None = None
+        self.error: str | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.abort: Callable[[], None] | None = None  # set by the transport: drop the connection now
+
+    def feed(self, data: bytes, now_s: float) -> bool:
+        """Take body bytes received at ``now_s``. False once the stream has failed (stop feeding)."""
+        if self.pending:
+            data = self.pending + data
+        lines = data.split(b"\n")
+        self.pending = lines.pop()
+        times = self.chunk_times
+        for line in lines:
+            if not line:
+                continue
+            if (
+                times
+                and line.startswith(b'data: {"')
+                and line.endswith(b"}")
+                and b'"choices":[{' in line
+                and b'"usage":{' not in line
+            ):
+                times.append(now_s)
+            elif not self._careful_line(line, now_s):
+                return False
+        return True
+
+    def _careful_line(self, line: bytes, now_s: float) -> bool:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+            if not line:
+                return True
+        if line.startswith(b":"):
+            return True  # SSE comment (keep-alive ping)
+        name, colon, value = line.partition(b":")
+        if not colon or name != b"data":
+            if colon and name in (b"event", b"id", b"retry"):
+                return True
+            return self.fail("malformed_stream", f"not an SSE line: {_clip(line)}")
+        if value.startswith(b" "):
+            value = value[1:]
+        if value == b"[DONE]":
+            self.done_seen = True
+            return True
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            return self.fail("malformed_stream", f"data line is not JSON: {_clip(value)}")
+        if not isinstance(obj, dict):
+            return self.fail("malformed_stream", f"data line is not a JSON object: {_clip(value)}")
+        error = obj.get("error") or (obj if obj.get("object") == "error" else None)
+        if error:
+            message = error.get("message") if isinstance(error, dict) else error
+            return self.fail("server_error", f"server error in the stream: {_clip(str(message))}")
+        choices, usage = obj.get("choices"), obj.get("usage")
+        if choices:
+            self.chunk_times.append(now_s)
+        if isinstance(usage, dict):
+            self.output_tokens = usage.get("completion_tokens")
+            self.prompt_tokens = usage.get("prompt_tokens")
+        elif choices is None:
+            return self.fail("malformed_stream", f"data line has neither choices nor usage: {_clip(value)}")
+        return True
+
+    def finish(self, now_s: float) -> None:
+        """The response body ended normally: check that the stream was complete."""
+        if self.error_kind is not None:
+            return
+        if self.pending.strip() and not self.feed(b"\n", now_s):
+            return  # a last line without its newline, and it was bad
+        if not self.done_seen:
+            self.fail("malformed_stream", "the stream ended without data: [DONE]")
+        elif not isinstance(self.output_tokens, int):
+            self.fail("missing_usage", "no usage chunk: the server ignored stream_options.include_usage")
+        elif not self.chunk_times:
+            self.fail("malformed_stream", "the stream carried no text chunk")
+        else:
+            self._settle(now_s)
+
+    def fail(self, kind: str, message: str) -> bool:
+        """Record the first failure, drop the connection, wake the waiter. Returns False for ``feed``."""
+        if self.error_kind is None and not self.done.done():
+            self.error_kind = kind
+            chunks = len(self.chunk_times)
+            if kind in ("connect_failed", "http_error"):
+                self.error = message  # nothing was streamed: a chunk count would only be noise
+            else:
+                self.error = f"{message} (after {chunks} chunk{'' if chunks == 1 else 's'})"
+            if self.abort is not None:
+                self.abort()
+            self._settle(time.perf_counter())
+        return False
+
+    def _settle(self, now_s: float) -> None:
+        if not self.done.done():
+            self.end_s = now_s
+            self.done.set_result(None)
+
+    def result(self, spec: RequestSpec, window_start_s: float) -> RequestResult:
+        times = self.chunk_times
+        start_s = self.start_s
+        end_s = self.end_s if self.end_s is not None else time.perf_counter()
+        return RequestResult(
+            index=spec.index,
+            start_s=start_s - window_start_s,
+            duration_s=end_s - start_s,
+            prompt_len=len(spec.prompt_token_ids),
+            max_tokens=spec.max_tokens,
+            ttft_s=times[0] - start_s if times else None,
+            e2e_s=times[-1] - start_s if times else None,
+            itl_s=tuple(b - a for a, b in itertools.pairwise(times)) if self.error_kind is None else (),
+            output_tokens=self.output_tokens if self.error_kind is None else None,
+            prompt_tokens=self.prompt_tokens if self.error_kind is None else None,
+            chunks=len(times),
+            error_kind=self.error_kind,
+            error=self.error,
+        )
+
+
+def _clip(data: bytes | str, limit: int = 80) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
