@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import signal
 import sys
 import threading
 import time
@@ -13,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
 from tuner.bench import BenchPlan, run_bench
-from tuner.launcher import ServerSpec, api_server_command
+from tuner.launcher import ServerSpec
 from tuner.loadgen import LoadSpec, PhaseProgress
 from tuner.measure import MeasuredPhase
 
@@ -31,11 +30,7 @@ def bench_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--endpoint", metavar="URL", help="a running OpenAI-compatible vLLM server")
     target.add_argument("--launch", metavar="MODEL", help="launch vLLM on MODEL, bench it, stop it")
-    parser.add_argument("--vllm-cmd", metavar="CMD", default=None, help='vLLM command (default "vllm serve")')
-    parser.add_argument(
-        "--vllm-python", metavar="PYTHON", help="launch with PYTHON -m vllm.entrypoints.openai.api_server"
-    )
-    parser.add_argument("--startup-timeout", type=float, default=900.0, metavar="S")
+    add_launch_arguments(parser)
     parser.add_argument("--model", help="served model name (default: the first at /v1/models)")
     parser.add_argument("--input-len", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
     parser.add_argument(
@@ -80,12 +75,7 @@ def _launch_spec(args: argparse.Namespace) -> ServerSpec | None:
         if args.vllm_args:
             raise SystemExit("infertop bench: extra vLLM arguments need --launch")
         return None
-    if args.vllm_python:
-        command: tuple[str, ...] = api_server_command(args.vllm_python)
-    elif args.vllm_cmd:
-        command = tuple(shlex.split(args.vllm_cmd))
-    else:
-        command = ("vllm", "serve")
+    command = vllm_command(args)
     try:
         return ServerSpec(
             model=args.launch,
@@ -190,13 +180,7 @@ def run_bench_cli(argv: Sequence[str]) -> int:
     progress = ProgressLine()
     cancel = threading.Event()
 
-    def interrupt(signum: int, frame: object) -> None:
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-        sys.stderr.write("\ninfertop bench: stopping (Ctrl-C again to abort at once)\n")
-
-    signal.signal(signal.SIGINT, interrupt)
+    stop_on_ctrl_c(cancel, "infertop bench: stopping (Ctrl-C again to abort at once)")
     report = run_bench(
         args.endpoint,
         plan,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
 from tuner import events as ev
-from tuner.launcher import api_server_command
 from tuner.slo import PRESETS, SloError, parse_slo
 from tuner.space import SpaceError, parse_pins
 from tuner.store import StoreError
@@ -66,11 +64,7 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --store")
     parser.add_argument("--out", type=Path, default=Path("infertop-tune"), help="report and logs directory")
     parser.add_argument("--export", type=Path, metavar="FILE", help="also write the winner's YAML here")
-    parser.add_argument("--vllm-cmd", metavar="CMD", help='vLLM command (default "vllm serve")')
-    parser.add_argument(
-        "--vllm-python", metavar="PYTHON", help="launch PYTHON -m vllm.entrypoints.openai.api_server"
-    )
-    parser.add_argument("--startup-timeout", type=float, default=900.0, metavar="S")
+    add_launch_arguments(parser)
     parser.add_argument(
         "--price-per-gpu-hour", type=float, metavar="USD", help="for cost per 1M output tokens"
     )
@@ -109,12 +103,7 @@ def _values(specs: Sequence[str]) -> dict[str, tuple[Any, ...]]:
 
 
 def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> TuneConfig:
-    if args.vllm_python:
-        command: tuple[str, ...] = api_server_command(args.vllm_python)
-    elif args.vllm_cmd:
-        command = tuple(shlex.split(args.vllm_cmd))
-    else:
-        command = ("vllm", "serve")
+    command = vllm_command(args)
     return TuneConfig(
         model=args.model,
         slo=parse_slo(args.slo),
@@ -197,15 +186,9 @@ def run_tune_cli(argv: Sequence[str]) -> int:
     else:
         cancel = threading.Event()
 
-        def interrupt(signum: int, frame: object) -> None:
-            if cancel.is_set():
-                raise KeyboardInterrupt
-            cancel.set()
-            sys.stderr.write(
-                "\ninfertop tune: stopping after this phase; the server is stopped, trials are kept\n"
-            )
-
-        signal.signal(signal.SIGINT, interrupt)
+        stop_on_ctrl_c(
+            cancel, "infertop tune: stopping after this phase; the server is stopped, trials are kept"
+        )
         try:
             result = tuner.run(HeadlessProgress(), cancel)
         except (TuneError, StoreError) as exc:

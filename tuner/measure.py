@@ -23,7 +23,7 @@ import psutil
 from tuner.loadgen import CancelToken, LoadSpec, PhaseProgress, PhaseResult, run_phase
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.sampler import Sampler
-from tuner.telemetry.vllm_metrics import MetricsText, parse_metrics
+from tuner.telemetry.vllm_metrics import MetricsText, fetch_metrics
 
 TOKEN_MISMATCH_TOLERANCE = (
     0.01  # the server counts exactly what it generated; 1 % leaves room for nothing else
@@ -252,11 +252,9 @@ def group_pids(root_pid: int) -> list[int]:
 
 def _scrape(client: httpx.Client, url: str) -> MetricsText | None:
     try:
-        response = client.get(f"{url}/metrics")
-        response.raise_for_status()
+        return fetch_metrics(client, url)
     except httpx.HTTPError:
         return None
-    return parse_metrics(response.text)
 
 
 def _counter(page: MetricsText | None, name: str) -> float | None:

@@ -134,6 +134,13 @@ def _rate(cur: float | None, prev: float | None, dt_s: float) -> float | None:
     return (cur - prev) / dt_s
 
 
+def fetch_metrics(client: httpx.Client, base_url: str) -> MetricsText:
+    """GET and parse ``base_url``/metrics. Raises httpx.HTTPError (unreachable, timeout, non-2xx)."""
+    response = client.get(f"{base_url.rstrip('/')}/metrics")
+    response.raise_for_status()
+    return parse_metrics(response.text)
+
+
 class EngineScraper:
     """Scrapes one vLLM server. Keeps the previous page to turn counters and histograms into interval values."""
 
@@ -146,9 +153,7 @@ class EngineScraper:
     def scrape(self, now_s: float) -> EngineSample:
         """One reading. Any failure becomes ``EngineSample.error`` (the server may come and go)."""
         try:
-            response = self._client.get(f"{self.base_url}/metrics")
-            response.raise_for_status()
-            page = parse_metrics(response.text)
+            page = fetch_metrics(self._client, self.base_url)
         except httpx.HTTPError as exc:
             self._prev = None
             return EngineSample(url=self.base_url, time_s=now_s, error=_describe(exc))
