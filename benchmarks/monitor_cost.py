@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import statistics
 import sys
@@ -41,6 +42,7 @@ class TimedNvml:
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.inside_s = 0.0
+        self.by_call: dict[str, list[float]] = {}  # name -> [calls, CPU seconds]
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._inner, name)
@@ -52,7 +54,11 @@ class TimedNvml:
             try:
                 return value(*args, **kwargs)
             finally:
-                self.inside_s += time.process_time() - start
+                spent = time.process_time() - start
+                self.inside_s += spent
+                entry = self.by_call.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += spent
 
         return timed
 
@@ -75,6 +81,7 @@ def sampler_cost(n_gpus: int, ticks: int, real: bool) -> dict[str, float]:
             clock.advance(0.25)  # type: ignore[attr-defined]
         sampler.tick()
     nvml.inside_s = 0.0
+    nvml.by_call.clear()
     start = time.process_time()
     for _ in range(ticks):
         if not real:
@@ -89,7 +96,17 @@ def sampler_cost(n_gpus: int, ticks: int, real: bool) -> dict[str, float]:
     else:
         energy_per_tick = n * REAL_ENERGY_READ_S / (ENERGY_INTERVAL_S * RATE_HZ)
         nvml_s = n * REAL_NVML_TICK_S + energy_per_tick
-    return {"gpus": n, "total_s": total_s, "fake_nvml_s": inside_s, "own_s": own_s, "nvml_s": nvml_s}
+    calls = {
+        name: {"calls": int(c), "ms_per_call": 1e3 * t / c} for name, (c, t) in nvml.by_call.items() if c
+    }
+    return {
+        "gpus": n,
+        "total_s": total_s,
+        "fake_nvml_s": inside_s,
+        "own_s": own_s,
+        "nvml_s": nvml_s,
+        "nvml_calls": calls if real else {},
+    }
 
 
 async def _frames(n_gpus: int, frames: int, size: tuple[int, int]) -> tuple[float, float]:
@@ -144,6 +161,9 @@ def main() -> int:
     parser.add_argument("--ticks", type=int, default=2000)
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--real", action="store_true", help="measure the real NVML (needs a GPU)")
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the figures as JSON (gpu-check)"
+    )
     args = parser.parse_args()
 
     print(
@@ -178,6 +198,7 @@ def main() -> int:
     print("\n### Everything: sampling at 4 Hz (own + NVML) + redraws, % of one core\n")
     print("| GPUs | terminal | total, 2 Hz redraw (default) | total, 4 Hz redraw | goal |")
     print("|---|---|---|---|---|")
+    totals: dict[int, tuple[str, float]] = {}  # GPUs -> (terminal, % of a core at the default redraw)
     for (n, size), cpu in frame_cost.items():
         if n not in results:
             continue
@@ -187,6 +208,21 @@ def main() -> int:
         pct4 = (sampling + cpu * RATE_HZ) * 100
         goal = f"<= {NVITOP_PCT} % (nvitop's TUI, H100)" if n == 1 else "<= 5 %"
         print(f"| {n} | {size[0]}x{size[1]} | {pct2:.2f} % | {pct4:.2f} % | {goal} |")
+        totals.setdefault(n, (f"{size[0]}x{size[1]}", pct2))
+    if args.json:
+        first = results[min(results)]
+        terminal, total_pct = totals.get(int(first["gpus"]), (None, None))
+        figures = {
+            "real_nvml": args.real,
+            "gpus": int(first["gpus"]),
+            "own_ms": first["own_s"] * 1e3,
+            "nvml_ms": first["nvml_s"] * 1e3,
+            "sampling_pct_core": (first["own_s"] + first["nvml_s"]) * RATE_HZ * 100,
+            "total_pct_core": total_pct,
+            "terminal": terminal,
+            "nvml_calls": first["nvml_calls"],
+        }
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
     print("\n### First frame (wall time from start to every GPU card showing a reading)\n")
     for n in (1, 8):
         t = min(asyncio.run(_first_frame(n)) for _ in range(3))

@@ -52,16 +52,29 @@ def make_demo_recording(path: Path) -> None:
     print(f"wrote {path.relative_to(REPO)} ({recorder.snapshots_written} snapshots)")
 
 
-def _save(app: Any, name: str) -> None:
+def _save(app: Any, name: str, out: Path = OUT) -> None:
     svg = app.export_screenshot(title=f"infertop — {name}")
-    (OUT / f"{name}.svg").write_text(svg)
+    (out / f"{name}.svg").write_text(svg)
     try:
         import cairosvg
     except ImportError:
-        print("cairosvg not installed: SVG only")
+        print(f"cairosvg not installed: wrote {out / name}.svg only")
         return
-    cairosvg.svg2png(bytestring=svg.encode(), write_to=str(OUT / f"{name}.png"), output_width=1600)
-    print(f"wrote screenshots/{name}.svg and .png")
+    cairosvg.svg2png(bytestring=svg.encode(), write_to=str(out / f"{name}.png"), output_width=1600)
+    print(f"wrote {out / name}.svg and .png")
+
+
+async def live_screenshot(out: Path, vllm_urls: list[str], wait_s: float, size: tuple[int, int]) -> None:
+    """The monitor as an operator sees it right now: live NVML and the given vLLM servers, after ``wait_s``
+    seconds of history (scripts/gpu-check.sh captures it while its bench loads the GPU)."""
+    from tui.app import make_app
+    from tuner.telemetry.sampler import SamplerConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    app = make_app(config=SamplerConfig(discover_vllm=False), vllm_urls=vllm_urls)
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause(wait_s)
+        _save(app, "monitor", out)
 
 
 async def replay_screenshot(name: str, size: tuple[int, int], keys: tuple[str, ...] = ()) -> None:
@@ -182,7 +195,19 @@ def main() -> int:
     parser.add_argument("--keep-recording", action="store_true", help="reuse screenshots/demo-h100.ndjson")
     parser.add_argument("--tune", action="store_true", help="also screenshot a real tuning run (CPU vLLM)")
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
+    parser.add_argument(
+        "--live", type=Path, metavar="DIR", help="only: the live monitor now, to DIR/monitor.svg"
+    )
+    parser.add_argument(
+        "--vllm", action="append", default=[], metavar="URL", help="with --live: a vLLM server"
+    )
+    parser.add_argument(
+        "--wait", type=float, default=8.0, metavar="S", help="with --live: seconds of history"
+    )
     args = parser.parse_args()
+    if args.live:
+        asyncio.run(live_screenshot(args.live, args.vllm, args.wait, (120, 36)))
+        return 0
     OUT.mkdir(exist_ok=True)
     if not (args.keep_recording and DEMO.exists()):
         make_demo_recording(DEMO)
