@@ -1,6 +1,6 @@
 """Do tuner.loadgen's numbers agree with vLLM's own ``bench serve`` on the same running server?
 
-Starts one vLLM server (the CPU build, the tiny dummy-weight model of tuner.tinymodel) and, for each setting
+Starts one vLLM server (the CPU build, the tiny dummy-weight model of tuner.serving.tinymodel) and, for each setting
 (input/output length, concurrency), measures it with three clients, in mirrored order (A B C C B A for two
 repeats, so that a drift of the machine over time shows up as a spread instead of biasing one client):
 
@@ -71,10 +71,10 @@ import psutil
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from tuner.launcher import LaunchError, ServerSpec, VllmServer, api_server_command
 from tuner.loadgen import LoadgenError, LoadSpec, PhaseStats, run_phase
+from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer, api_server_command
+from tuner.serving.tinymodel import write_tiny_model
 from tuner.telemetry.vllm_metrics import MetricsText, histogram_delta_quantile, parse_metrics
-from tuner.tinymodel import write_tiny_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
@@ -83,7 +83,7 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "fidelity-cpu.json"
 # As the test suite's servers (tests/conftest.py): random weights, no torch.compile, a 1 GiB KV cache.
 SERVER_ARGS = ("--load-format", "dummy", "--enforce-eager", "--max-model-len", "512")
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-TINY_VOCAB_SIZE = 1024  # tuner.tinymodel's default
+TINY_VOCAB_SIZE = 1024  # tuner.serving.tinymodel's default
 
 OURS = "infertop"
 BENCH_TEXT = "vllm-bench"  # random dataset: text prompts

@@ -24,13 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tuner.launcher import ServerSpec, VllmServer, api_server_command
-from tuner.modelshape import Hardware, ModelShape
-from tuner.search import ConcurrencyPlan, PointResult, best_point, find_max_concurrency
-from tuner.slo import check, parse_slo
-from tuner.space import Candidate, resolve
-from tuner.tinymodel import write_tiny_model
-from tuner.tune import TuneConfig, Tuner
+from tuner.serving.launcher import ServerSpec, VllmServer, api_server_command
+from tuner.serving.tinymodel import write_tiny_model
+from tuner.tuning.modelshape import Hardware, ModelShape
+from tuner.tuning.search import ConcurrencyPlan, PointResult, best_point, find_max_concurrency
+from tuner.tuning.slo import check, parse_slo
+from tuner.tuning.space import Candidate, resolve
+from tuner.tuning.tune import TuneConfig, Tuner
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 FIXED = ("--load-format", "dummy", "--enforce-eager")

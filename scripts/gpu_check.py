@@ -59,7 +59,7 @@ class Mode:
     name: str  # "gpu" | "rehearse"
     vllm_python: str
     vllm_env: Mapping[str, str]
-    model_preset: str  # tuner.tinymodel preset
+    model_preset: str  # tuner.serving.tinymodel preset
     server_args: tuple[str, ...]  # every vLLM launch (bench server and tune candidates)
     input_len: int
     output_len: int
@@ -132,7 +132,7 @@ class Run:
     figures: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     model_dir: Path | None = None
-    server: Any = None  # tuner.launcher.VllmServer while the bench server runs
+    server: Any = None  # tuner.serving.launcher.VllmServer while the bench server runs
     server_startup_s: float | None = None
     recorder: subprocess.Popen[bytes] | None = None
 
@@ -263,8 +263,8 @@ def step_inventory(run: Run, limit_s: float) -> str:
 
 
 def step_serve(run: Run, limit_s: float) -> str:
-    from tuner.launcher import LaunchError, ServerSpec, VllmServer, api_server_command, free_port
-    from tuner.tinymodel import PRESETS, write_tiny_model
+    from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer, api_server_command, free_port
+    from tuner.serving.tinymodel import PRESETS, write_tiny_model
 
     run.model_dir = write_tiny_model(
         run.work / f"model-{run.mode.model_preset}", **PRESETS[run.mode.model_preset]

@@ -132,11 +132,11 @@ async def tune_screenshots(vllm_python: Path) -> None:
     import tempfile
 
     from tui.tune_app import make_tune_app
-    from tuner.events import PhaseMeasured, TrialStarted
-    from tuner.launcher import api_server_command
-    from tuner.slo import parse_slo
-    from tuner.tinymodel import write_tiny_model
-    from tuner.tune import TuneConfig, Tuner
+    from tuner.serving.launcher import api_server_command
+    from tuner.serving.tinymodel import write_tiny_model
+    from tuner.tuning.events import PhaseMeasured, TrialStarted
+    from tuner.tuning.slo import parse_slo
+    from tuner.tuning.tune import TuneConfig, Tuner
 
     work = Path(tempfile.mkdtemp(prefix="infertop-shot-"))
     config = TuneConfig(

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tuner.launcher import LaunchError, ServerSpec, VllmServer, api_server_command
-from tuner.tinymodel import write_tiny_model
+from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer, api_server_command
+from tuner.serving.tinymodel import write_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # INFERTOP_TEST_VLLM_PYTHON points the tests at another environment's vLLM (a GPU build, say).

@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from tuner.bench import BenchPlan, run_bench
-from tuner.launcher import VllmServer
 from tuner.loadgen import LoadSpec, PhaseProgress
 from tuner.measure import BoundKind, Evidence, check_tokens, classify_bound, measure_phase
+from tuner.serving.launcher import VllmServer
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 
 # --- the rules that name what bound a phase (no server needed) -------------------------------------------

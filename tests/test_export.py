@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from tuner.export import (
+from tuner.tuning.export import (
     NO_FLAG_OPTIONS,
     candidate_from_config,
     parse_simple_yaml,
     serve_cli_flags,
     to_vllm_yaml,
 )
-from tuner.space import Candidate
+from tuner.tuning.space import Candidate
 
 WHEN = dt.datetime(2026, 11, 22, 14, 5, tzinfo=dt.timezone.utc)
 TUNED = Candidate(

@@ -1,4 +1,4 @@
-"""Tests of tuner.launcher: argv units, process-group handling against a scripted fake server (for faults a
+"""Tests of tuner.serving.launcher: argv units, process-group handling against a scripted fake server (for faults a
 real vLLM cannot show on demand), and real launches of vLLM's CPU build."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tuner.launcher import (
+from tuner.serving.launcher import (
     API_SERVER_MODULE,
     LaunchError,
     ServerSpec,
@@ -26,8 +26,14 @@ from tuner.launcher import (
     api_server_command,
     free_port,
 )
-from tuner.launchlog import FailureKind
-from tuner.tinymodel import LLAMA_3_1_8B, LLAMA_3_2_1B, MIN_VOCAB_SIZE, tokenizer_json, write_tiny_model
+from tuner.serving.launchlog import FailureKind
+from tuner.serving.tinymodel import (
+    LLAMA_3_1_8B,
+    LLAMA_3_2_1B,
+    MIN_VOCAB_SIZE,
+    tokenizer_json,
+    write_tiny_model,
+)
 
 SpecFactory = Callable[..., ServerSpec]  # the vllm_spec fixture of conftest.py
 
@@ -294,7 +300,7 @@ def test_termination_signal_stops_running_servers(tmp_path: Path) -> None:
     owner_code = textwrap.dedent(
         f"""\
         import sys, time
-        from tuner.launcher import ServerSpec, VllmServer
+        from tuner.serving.launcher import ServerSpec, VllmServer
         spec = ServerSpec(model="healthy", command=(sys.executable, {str(script)!r}), startup_timeout_s=30)
         server = VllmServer(spec)
         server.start()
@@ -321,7 +327,7 @@ def test_ctrl_c_during_start_leaves_no_server(tmp_path: Path) -> None:
     owner_code = textwrap.dedent(
         f"""\
         import sys
-        from tuner.launcher import ServerSpec, VllmServer
+        from tuner.serving.launcher import ServerSpec, VllmServer
         spec = ServerSpec(model="silent", command=(sys.executable, {str(script)!r}), startup_timeout_s=60)
         server = VllmServer(spec, on_log_line=print)
         print("starting", flush=True)

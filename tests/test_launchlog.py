@@ -1,11 +1,11 @@
-"""Tests of tuner.launchlog: the cause of a failed start, read from log excerpts as vLLM, PyTorch, uvicorn
+"""Tests of tuner.serving.launchlog: the cause of a failed start, read from log excerpts as vLLM, PyTorch, uvicorn
 and huggingface_hub write them."""
 
 from __future__ import annotations
 
 import pytest
 
-from tuner.launchlog import FailureKind, classify_log
+from tuner.serving.launchlog import FailureKind, classify_log
 
 # -- classify_log on log excerpts as vLLM, PyTorch, uvicorn and huggingface_hub write them -------------------
 

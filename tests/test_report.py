@@ -15,19 +15,19 @@ from typing import Any
 
 import pytest
 
-from tuner import svgplot
 from tuner.loadgen import PhaseStats
 from tuner.measure import Evidence, TokenCheck, check_tokens
-from tuner.modelshape import Hardware
-from tuner.report import ReportError, read_report, write_report
-from tuner.reportdata import (
+from tuner.report import svgplot
+from tuner.report.data import (
     cost_per_million_output_tokens_usd,
     headline,
     joules_per_output_token,
     pareto_front,
 )
-from tuner.slo import PRESETS, Slo, check
-from tuner.space import Candidate
+from tuner.report.write import ReportError, read_report, write_report
+from tuner.tuning.modelshape import Hardware
+from tuner.tuning.slo import PRESETS, Slo, check
+from tuner.tuning.space import Candidate
 
 SVG = "{http://www.w3.org/2000/svg}"
 SLO = PRESETS["mlperf-llama3.1-8b-server"]  # TTFT p95 <= 2 s, >= 10 tok/s per user

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tuner.search import (
+from tuner.tuning.search import (
     ConcurrencyPlan,
     PointResult,
     Signals,
@@ -137,7 +137,7 @@ def test_signals_read_which_slo_limit_failed() -> None:
 
 
 def test_objective_users_prefers_more_users_over_more_throughput() -> None:
-    from tuner.search import score
+    from tuner.tuning.search import score
 
     points = [PointResult(8, True, 900.0), PointResult(16, True, 850.0), PointResult(32, False, 1000.0)]
     assert best_point(points).concurrency == 8  # type: ignore[union-attr]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuner.loadgen import PhaseStats, RequestResult, compute_stats
-from tuner.slo import JUDGED_AT, PRESETS, Slo, SloError, check, parse_slo
+from tuner.tuning.slo import JUDGED_AT, PRESETS, Slo, SloError, check, parse_slo
 
 
 def _request(

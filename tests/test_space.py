@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tuner.modelshape import Hardware, ModelShape, kv_bytes_per_token, weight_bytes
-from tuner.space import (
+from tuner.serving.tinymodel import LLAMA_3_1_8B, LLAMA_3_2_1B, write_tiny_model
+from tuner.telemetry.model import GpuInfo
+from tuner.tuning.modelshape import Hardware, ModelShape, kv_bytes_per_token, weight_bytes
+from tuner.tuning.space import (
     DIMENSIONS,
     Candidate,
     GiB,
@@ -20,8 +22,6 @@ from tuner.space import (
     resolve,
     vllm_defaults,
 )
-from tuner.telemetry.model import GpuInfo
-from tuner.tinymodel import LLAMA_3_1_8B, LLAMA_3_2_1B, write_tiny_model
 
 H100_VRAM = 81559 * 2**20  # what NVML reports for an H100 80GB HBM3
 L4_VRAM = 23034 * 2**20

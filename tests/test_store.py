@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tuner.slo import PRESETS
-from tuner.space import Candidate
-from tuner.store import (
+from tuner.tuning.slo import PRESETS
+from tuner.tuning.space import Candidate
+from tuner.tuning.store import (
     BestPoint,
     Objective,
     RunMeta,
@@ -74,8 +74,8 @@ def test_results_survive_reopen(tmp_path: Path) -> None:
 _CRASH = textwrap.dedent(
     """
     import os, sys
-    from tuner.space import Candidate
-    from tuner.store import BestPoint, RunMeta, TrialStatus, TrialStore
+    from tuner.tuning.space import Candidate
+    from tuner.tuning.store import BestPoint, RunMeta, TrialStatus, TrialStore
     import json
     meta = RunMeta(**json.loads(sys.argv[2]))
     store = TrialStore.open(sys.argv[1], run_meta=meta)

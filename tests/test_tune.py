@@ -12,13 +12,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tuner import events as ev
-from tuner.export import parse_simple_yaml
-from tuner.launcher import api_server_command
-from tuner.slo import parse_slo
-from tuner.space import Candidate
-from tuner.store import TrialStatus, load_run
-from tuner.tune import TuneConfig, TuneError, Tuner
+from tuner.serving.launcher import api_server_command
+from tuner.tuning import events as ev
+from tuner.tuning.export import parse_simple_yaml
+from tuner.tuning.slo import parse_slo
+from tuner.tuning.space import Candidate
+from tuner.tuning.store import TrialStatus, load_run
+from tuner.tuning.tune import TuneConfig, TuneError, Tuner
 
 pytestmark = pytest.mark.vllm
 

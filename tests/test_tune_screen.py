@@ -30,7 +30,10 @@ from tui.widgets.phase_panel import PhasePanel
 from tui.widgets.slo_chart import SloChart
 from tui.widgets.trial_table import TrialTable
 from tui.widgets.tune_header import TuneHeader
-from tuner.events import (
+from tuner.telemetry import scripted
+from tuner.telemetry.model import EngineSample, Snapshot
+from tuner.telemetry.sampler import LiveSource, Sampler
+from tuner.tuning.events import (
     BestChanged,
     Listener,
     PhaseMeasured,
@@ -42,10 +45,7 @@ from tuner.events import (
     TuneFinished,
     TuneStarted,
 )
-from tuner.slo import parse_slo
-from tuner.telemetry import scripted
-from tuner.telemetry.model import EngineSample, Snapshot
-from tuner.telemetry.sampler import LiveSource, Sampler
+from tuner.tuning.slo import parse_slo
 
 SLO = parse_slo("mlperf-llama3.1-8b-interactive")  # TTFT p95 <= 0.5 s, >= 33.3 tok/s per user
 DEFAULTS = "vllm-defaults"

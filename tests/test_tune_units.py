@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tuner.slo import parse_slo
-from tuner.space import Candidate
-from tuner.tinymodel import write_tiny_model
-from tuner.tune import TuneConfig, TuneError, Tuner
+from tuner.serving.tinymodel import write_tiny_model
+from tuner.tuning.slo import parse_slo
+from tuner.tuning.space import Candidate
+from tuner.tuning.tune import TuneConfig, TuneError, Tuner
 
 
 @pytest.fixture
@@ -55,9 +55,9 @@ def test_an_existing_store_is_not_overwritten_without_resume(tuner: Tuner) -> No
 
 
 def test_a_value_vllm_refuses_is_not_tried_again_with_other_settings(tuner: Tuner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from tuner.search import PointResult
-    from tuner.store import TrialStatus
-    from tuner.tune import TrialOutcome
+    from tuner.tuning.search import PointResult
+    from tuner.tuning.store import TrialStatus
+    from tuner.tuning.tune import TrialOutcome
 
     tuner.space.values["quantization"] = (None, "fp8")  # type: ignore[index]
     tuner.space.values["max_num_seqs"] = (8, 32)  # type: ignore[index]

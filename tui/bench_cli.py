@@ -13,9 +13,9 @@ from typing import Any
 
 from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
 from tuner.bench import BenchPlan, run_bench
-from tuner.launcher import ServerSpec
 from tuner.loadgen import LoadSpec, PhaseProgress
 from tuner.measure import MeasuredPhase
+from tuner.serving.launcher import ServerSpec
 
 
 def bench_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from tuner.launcher import api_server_command
+from tuner.serving.launcher import api_server_command
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:

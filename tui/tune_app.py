@@ -1,6 +1,6 @@
 """The app behind ``infertop tune``: runs a tuner in a thread worker and shows its run on the tune screen.
 
-The tuner is anything shaped like :class:`TunerLike` (``tuner.tune`` provides the real one; tests a fake).
+The tuner is anything shaped like :class:`TunerLike` (``tuner.tuning.tune`` provides the real one; tests a fake).
 Its events and its sampler's snapshots are forwarded to the screen as messages; the UI thread owns every
 widget. Stopping (``s``, or ``q`` while a run is active) sets the ``cancel`` event the tuner watches: it stops
 the vLLM server and keeps the trials it finished.
@@ -25,9 +25,9 @@ from tui.screens.confirm import ConfirmScreen
 from tui.screens.tune import TuneScreen
 from tui.screens.tune_help import TuneHelpScreen
 from tui.tune_messages import TelemetryAttached, TuneEventReceived, TuneRunEnded
-from tuner.events import Listener, TuneEvent
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.sampler import Sampler
+from tuner.tuning.events import Listener, TuneEvent
 
 STOP_QUESTION = "Stop the tuning run? The server is stopped, finished trials are kept."
 

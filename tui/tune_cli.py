@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
-from tuner import events as ev
-from tuner.slo import PRESETS, SloError, parse_slo
-from tuner.space import SpaceError, parse_pins
-from tuner.store import StoreError
-from tuner.tune import TuneConfig, TuneError, Tuner
+from tuner.tuning import events as ev
+from tuner.tuning.slo import PRESETS, SloError, parse_slo
+from tuner.tuning.space import SpaceError, parse_pins
+from tuner.tuning.store import StoreError
+from tuner.tuning.tune import TuneConfig, TuneError, Tuner
 
 DEFAULT_SLO = "mlperf-llama3.1-8b-server"
 

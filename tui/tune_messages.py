@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from tuner.events import TuneEvent
 from tuner.telemetry.model import SystemInfo
 from tuner.telemetry.sampler import History
+from tuner.tuning.events import TuneEvent
 
 
 class TuneEventReceived(Message):
-    """The tuner reported progress (one event of :mod:`tuner.events`, in the order it was emitted)."""
+    """The tuner reported progress (one event of :mod:`tuner.tuning.events`, in the order it was emitted)."""
 
     def __init__(self, event: TuneEvent) -> None:
         super().__init__()

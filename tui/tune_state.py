@@ -1,6 +1,6 @@
 """What a tuning run has shown so far, folded from its events: the model behind the tune screen.
 
-Plain Python, no Textual: :class:`TuneRun` applies each :mod:`tuner.events` event in order and hands out
+Plain Python, no Textual: :class:`TuneRun` applies each :mod:`tuner.tuning.events` event in order and hands out
 frozen views (:class:`TrialView`, :class:`BestView`) that widgets hold in reactive attributes, so a repaint
 happens exactly when something visible changed.
 """
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.events import (
+from tuner.tuning.events import (
     BestChanged,
     PhaseMeasured,
     PhaseProgressed,
@@ -36,7 +36,7 @@ def is_defaults(key: str, label: str) -> bool:
     return key == DEFAULTS_KEY or label.startswith(DEFAULTS_LABEL)
 
 
-# TuneStarted carries the SLO as the line ``tuner.slo.Slo.describe()`` writes; the limits are read back from
+# TuneStarted carries the SLO as the line ``tuner.tuning.slo.Slo.describe()`` writes; the limits are read back from
 # it (tests/test_tune_screen.py checks this against the real describe(), so a change of format shows).
 _TTFT_LIMIT = re.compile(r"TTFT p\d+ <= ([0-9]*\.?[0-9]+) s")
 _SPEED_FLOOR = re.compile(r">= ([0-9]*\.?[0-9]+) tok/s per user")
@@ -103,7 +103,7 @@ class TrialView:
         passing = [p for p in self.points if p.passed]
         if not passing:
             return None
-        # The same rule as tuner.search.best_point: most throughput, then fewer users (lower latency).
+        # The same rule as tuner.tuning.search.best_point: most throughput, then fewer users (lower latency).
         return max(passing, key=lambda p: (p.output_tokens_per_s, -p.concurrency))
 
     @property

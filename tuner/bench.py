@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
 from tuner.measure import MeasuredPhase, measure_phase
+from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig

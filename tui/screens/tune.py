@@ -1,6 +1,6 @@
 """Watch a tuning run: the trials so far, the phase under way, the best result, and the candidate's telemetry.
 
-The screen folds the tuner's events (:mod:`tuner.events`, arriving as :class:`TuneEventReceived`) into a
+The screen folds the tuner's events (:mod:`tuner.tuning.events`, arriving as :class:`TuneEventReceived`) into a
 :class:`~tui.tune_state.TuneRun` and shows it; it never drives the search. Telemetry of the candidate server
 arrives as the monitor's :class:`SnapshotTaken`, repainted at most every ``redraw_interval_s`` like the
 monitor. Times on screen come from the injected ``clock``, so tests and screenshots freeze them.
@@ -28,9 +28,9 @@ from tui.widgets.phase_panel import PhasePanel
 from tui.widgets.slo_chart import SloChart
 from tui.widgets.trial_table import TrialTable
 from tui.widgets.tune_header import TuneHeader
-from tuner.events import PhaseProgressed, TrialFinished, TuneEvent
 from tuner.telemetry.model import EngineSample, GpuState, Snapshot, SystemInfo
 from tuner.telemetry.sampler import History
+from tuner.tuning.events import PhaseProgressed, TrialFinished, TuneEvent
 
 SHORT_HEIGHT = 28  # below this many rows (80x24): tighter caps and no divider, so every panel stays on screen
 

@@ -12,7 +12,7 @@ from textual.widget import Widget
 from tui import format as fmt
 from tui import tune_format as tfmt
 from tui.tune_state import user_tok_s
-from tuner.events import (
+from tuner.tuning.events import (
     BestChanged,
     PhaseMeasured,
     ServerReady,

@@ -13,7 +13,7 @@ from textual.widget import Widget
 from tui import format as fmt
 from tui import tune_format as tfmt
 from tui.tune_state import TrialView
-from tuner.events import PhaseProgressed, TuneFinished
+from tuner.tuning.events import PhaseProgressed, TuneFinished
 
 # What the tuner wrote, by its key in TuneFinished.outputs; an unknown key is shown as it is.
 OUTPUT_NAMES = {

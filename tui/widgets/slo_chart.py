@@ -14,7 +14,7 @@ from textual.widget import Widget
 from tui import format as fmt
 from tui import tune_format as tfmt
 from tui.tune_state import SloLimits, TrialView, user_tok_s
-from tuner.events import PhaseMeasured
+from tuner.tuning.events import PhaseMeasured
 
 CONC_W = 5
 TTFT_W = 6  # "310 ms", "1.52 s"

@@ -10,7 +10,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui import tune_format as tfmt
-from tuner.events import TuneStarted
+from tuner.tuning.events import TuneStarted
 
 _TPOT_ALIAS = re.compile(r" \(TPOT [^)]*\)")
 

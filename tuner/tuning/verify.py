@@ -13,15 +13,15 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuner import events as ev
-from tuner.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.loadgen import LoadMode, LoadSpec
 from tuner.measure import measure_phase
-from tuner.search import PointResult
-from tuner.slo import check
+from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
+from tuner.tuning import events as ev
+from tuner.tuning.search import PointResult
+from tuner.tuning.slo import check
 
 if TYPE_CHECKING:
-    from tuner.tune import Tuner
+    from tuner.tuning.tune import Tuner
 
 PROOF_KEY = "proof"
 PROOF_TOLERANCE = 0.15  # a relaunch on the same machine measures within 15 % (CPU noise included)
@@ -113,7 +113,7 @@ def _prove(tuner: Tuner, server: VllmServer, yaml_path: Path, best: PointResult)
 
 
 def _production(tuner: Tuner, server: VllmServer, best: PointResult) -> dict[str, Any]:
-    from tuner.tune import PRODUCTION_FRACTION
+    from tuner.tuning.tune import PRODUCTION_FRACTION
 
     stats = best.summary.get("stats", {})
     max_rate = stats.get("requests_per_s") or 0.0

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tuner.space import Candidate
+from tuner.tuning.space import Candidate
 
 __all__ = ["NO_FLAG_OPTIONS", "candidate_from_config", "parse_simple_yaml", "serve_cli_flags", "to_vllm_yaml"]
 
@@ -186,6 +186,6 @@ def candidate_from_config(config: Mapping[str, Any]) -> Candidate:
     """The tuned dimensions of a parsed config (``model`` and other options are ignored).
 
     Raises:
-        tuner.space.SpaceError: a dimension holds a value of the wrong type.
+        tuner.tuning.space.SpaceError: a dimension holds a value of the wrong type.
     """
     return Candidate.from_config_dict(config)

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tuner.space import Candidate, SpaceError
+from tuner.tuning.space import Candidate, SpaceError
 
 try:
     import fcntl

@@ -1,7 +1,7 @@
 """`infertop tune`: launch vLLM with candidate settings, find each one's best load under the SLO, keep the best.
 
 One trial = launch a candidate, search its concurrency (no relaunch), store the result, stop the server. The
-search starts at vLLM's defaults and follows the evidence (tuner/search.py). Every trial is saved when it ends,
+search starts at vLLM's defaults and follows the evidence (tuner/tuning/search.py). Every trial is saved when it ends,
 so Ctrl-C or a crash loses nothing and ``--resume`` carries on. At the end the winner is exported as a
 ``vllm serve --config`` file, proven by relaunching vLLM from that file, held at a steady 75 % of its maximum
 load (the production check), and reported.
@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner import events as ev
-from tuner.export import to_vllm_yaml
-from tuner.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.loadgen import LoadMode, LoadSpec, PhaseProgress
 from tuner.measure import MeasuredPhase, measure_phase
-from tuner.modelshape import Hardware, ModelShape
-from tuner.search import (
+from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
+from tuner.telemetry.model import GpuState
+from tuner.telemetry.nvml import NvmlBackend
+from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+from tuner.tuning import events as ev
+from tuner.tuning.export import to_vllm_yaml
+from tuner.tuning.modelshape import Hardware, ModelShape
+from tuner.tuning.search import (
     ConcurrencyPlan,
     PointResult,
     best_point,
@@ -35,12 +38,9 @@ from tuner.search import (
     score,
     signals_from,
 )
-from tuner.slo import Slo, check
-from tuner.space import Candidate, SearchSpace, default_space, resolve
-from tuner.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
-from tuner.telemetry.model import GpuState
-from tuner.telemetry.nvml import NvmlBackend
-from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+from tuner.tuning.slo import Slo, check
+from tuner.tuning.space import Candidate, SearchSpace, default_space, resolve
+from tuner.tuning.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
 
 GiB = 2**30
 PRODUCTION_FRACTION = 0.75  # the steady share of the maximum load a production server should run at
@@ -491,7 +491,7 @@ class Tuner:
         started: float,
         stopped: str | None,
     ) -> dict[str, Any]:
-        from tuner.verify import prove_and_check
+        from tuner.tuning.verify import prove_and_check
 
         out = self.config.out_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -517,7 +517,7 @@ class Tuner:
             if not self._cancel.is_set() and (self.config.prove or self.config.production_check):
                 proof, production = prove_and_check(self, yaml_path, best)
         report = build_report(self, outcomes, winner, defaults, started, stopped, proof, production)
-        from tuner.report import write_report
+        from tuner.report.write import write_report
 
         written = write_report(report, out)
         outputs.update({k: str(v) for k, v in written.items() if not isinstance(v, list)})

@@ -9,7 +9,7 @@ A server is described by a frozen :class:`ServerSpec` and run by :class:`VllmSer
     # stop(): SIGTERM, then SIGKILL, to the whole group; no child left behind
 
 A server that cannot start raises :class:`LaunchError`, whose ``kind`` says why (read from the server's log
-by :mod:`tuner.launchlog`) and whose ``summary`` is one line for people. Nothing here imports vLLM: the server
+by :mod:`tuner.serving.launchlog`) and whose ``summary`` is one line for people. Nothing here imports vLLM: the server
 may live in another environment (``command=("/opt/vllm-env/bin/python", "-m", "vllm.entrypoints.openai.api_server")``).
 """
 
@@ -34,7 +34,7 @@ from types import FrameType, TracebackType
 
 import psutil
 
-from tuner.launchlog import FailureKind, classify_log, is_fatal, strip_log_prefix
+from tuner.serving.launchlog import FailureKind, classify_log, is_fatal, strip_log_prefix
 
 DEFAULT_COMMAND: tuple[str, ...] = ("vllm", "serve")
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"

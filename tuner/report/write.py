@@ -2,10 +2,10 @@
 with SVG plots.
 
 :func:`write_report` takes the dict the tuner builds at the end of a run (``format: infertop-tune-report``,
-version 1; see ``tuner/tune.py``) and writes ``report.json`` (that dict, as is), ``report.md``,
+version 1; see ``tuner/tuning/tune.py``) and writes ``report.json`` (that dict, as is), ``report.md``,
 ``report.html`` and three plots into a directory. The summary's sections are built here as one list of
-:mod:`tuner.reportdoc` blocks, so the Markdown and the HTML say the same thing; the figures come from
-:mod:`tuner.reportdata` and the plots from :mod:`tuner.reportplots`. The dict may be incomplete (an interrupted
+:mod:`tuner.report.document` blocks, so the Markdown and the HTML say the same thing; the figures come from
+:mod:`tuner.report.data` and the plots from :mod:`tuner.report.plots`. The dict may be incomplete (an interrupted
 run, a trial with no points, fields that are None); every missing figure reads "n/a", never zero.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-from tuner import svgplot
-from tuner.reportdata import (
+from tuner.report import svgplot
+from tuner.report.data import (
     Headline,
     Point,
     Run,
@@ -34,7 +34,7 @@ from tuner.reportdata import (
     cost_per_million_output_tokens_usd,
     run_headline,
 )
-from tuner.reportdoc import (
+from tuner.report.document import (
     NA,
     Block,
     Bullets,
@@ -59,7 +59,7 @@ from tuner.reportdoc import (
     to_html,
     to_markdown,
 )
-from tuner.reportplots import plots
+from tuner.report.plots import plots
 
 __all__ = [
     "REPORT_FORMAT",

@@ -12,7 +12,7 @@ exactly ``vocab_size`` entries, so every token id the model can emit decodes to 
 the 256 byte tokens, then filler words (" aa", " ab", ...). It has no merges, so text encodes one byte per
 token; load tests send token-id prompts anyway (``"prompt": [12, 873, ...]``) to fix input lengths exactly.
 
-Command line: ``python -m tuner.tinymodel DIR [--preset llama-3.1-8b]``.
+Command line: ``python -m tuner.serving.tinymodel DIR [--preset llama-3.1-8b]``.
 """
 
 from __future__ import annotations
@@ -287,9 +287,9 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tuner.tinymodel DIR [--preset NAME]``: write a dummy-weight model directory."""
+    """``python -m tuner.serving.tinymodel DIR [--preset NAME]``: write a dummy-weight model directory."""
     parser = argparse.ArgumentParser(
-        prog="python -m tuner.tinymodel",
+        prog="python -m tuner.serving.tinymodel",
         description="Write config.json and tokenizer files of a Llama-shaped model for --load-format dummy.",
     )
     parser.add_argument("directory", type=Path, help="where to write the files (created if missing)")

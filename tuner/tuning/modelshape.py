@@ -2,7 +2,7 @@
 it takes (:func:`kv_bytes_per_token`, :func:`weight_bytes`), and the :class:`Hardware` it runs on.
 
 :class:`SpaceError` lives here because a model or a machine the tuner cannot use fails the same way as a bad
-pin or dimension value in :mod:`tuner.space`.
+pin or dimension value in :mod:`tuner.tuning.space`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ pins, and judges each candidate *a priori* (:meth:`SearchSpace.check`): FP8 on a
 a tensor-parallel size the heads do not divide, or a KV cache too small for one max-length sequence would
 each waste a minutes-long server start, so they are rejected with a reason before any launch.
 
-The model side is a :class:`~tuner.modelshape.ModelShape` read from ``config.json``, the machine a
-:class:`~tuner.modelshape.Hardware`. Memory figures (:func:`estimate_memory`) are estimates meant to prune
+The model side is a :class:`~tuner.tuning.modelshape.ModelShape` read from ``config.json``, the machine a
+:class:`~tuner.tuning.modelshape.Hardware`. Memory figures (:func:`estimate_memory`) are estimates meant to prune
 hopeless candidates, not to replace the launch: vLLM's own profiling decides.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from tuner.modelshape import Hardware, ModelShape, SpaceError, kv_bytes_per_token, weight_bytes
+from tuner.tuning.modelshape import Hardware, ModelShape, SpaceError, kv_bytes_per_token, weight_bytes
 
 __all__ = [
     "DIMENSIONS",

@@ -1,13 +1,13 @@
-"""The three plots of a tuning report, as :mod:`tuner.svgplot` charts: throughput per GPU against speed per
+"""The three plots of a tuning report, as :mod:`tuner.report.svgplot` charts: throughput per GPU against speed per
 user (with the Pareto frontier), TTFT against concurrency, and aggregate throughput against concurrency."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tuner import svgplot
-from tuner.reportdata import Point, Run, Trial, as_mapping, pareto_front
-from tuner.reportdoc import fmt_ms, fmt_tok_s, fmt_users, ms_value
+from tuner.report import svgplot
+from tuner.report.data import Point, Run, Trial, as_mapping, pareto_front
+from tuner.report.document import fmt_ms, fmt_tok_s, fmt_users, ms_value
 
 
 def plots(run: Run) -> list[tuple[str, svgplot.Chart, str]]:

@@ -1,6 +1,6 @@
 """Why a vLLM server did not start, read from its log: :class:`FailureKind` and :func:`classify_log`.
 
-:mod:`tuner.launcher` uses them to name the cause of a failed start in one line for people, and to give up
+:mod:`tuner.serving.launcher` uses them to name the cause of a failed start in one line for people, and to give up
 early on a server that can no longer become healthy (:func:`is_fatal`).
 """
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner.loadgen import PhaseStats
-from tuner.slo import Slo, SloError, check
+from tuner.tuning.slo import Slo, SloError, check
 
 __all__ = [
     "Headline",
