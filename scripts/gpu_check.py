@@ -467,13 +467,25 @@ def step_tune(run: Run, limit_s: float) -> str:
 
 
 def tune_figures(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The figures of a tune report worth a line in the summary (whatever the report's version holds)."""
+    """The figures of a tune report worth a line in the summary: the verdict and each trial's capacity."""
     trials = [
-        {"label": t.get("label"), "status": t.get("status"), "reason": t.get("reason"), "best": t.get("best")}
+        {
+            "label": t.get("label"),
+            "status": t.get("status"),
+            "reason": t.get("reason"),
+            "capacity": (t.get("capacity") or {}).get("describe"),
+        }
         for t in report.get("trials", [])
     ]
-    keep = ("winner", "defaults", "launches", "verdict", "proof", "production", "interrupted", "slo")
-    return {"trials": trials, **{k: report.get(k) for k in keep if k in report}}
+    verdict = report.get("verdict") or {}
+    keep = ("headline", "exit_code", "winner", "defaults", "launches", "interrupted", "ties", "objective")
+    return {
+        "trials": trials,
+        "verdict": {
+            k: verdict.get(k) for k in ("status", "headline", "operating_point", "capacity", "exit_code")
+        },
+        **{k: report.get(k) for k in keep if k in report},
+    }
 
 
 def tail_line(path: Path, words: Sequence[str] = ()) -> str:
@@ -620,21 +632,17 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
     tune = f.get("tune")
     if tune:
         lines += ["", "## Tune", ""]
-        verdict = tune.get("verdict")
-        if isinstance(verdict, Mapping):
-            lines.append(f"- verdict: {verdict.get('headline') or verdict.get('status')}")
+        verdict = tune.get("verdict") or {}
+        lines.append(f"- verdict: {tune.get('headline') or verdict.get('headline') or 'none'}")
         winner = tune.get("winner") or "none"
         lines.append(f"- winner: {winner}; launches {tune.get('launches')}; exit {tune.get('rc')}")
         for t in tune.get("trials", []):
-            lines.append(f"  - {t['label']}: {t['status']}, {t['reason']}")
-        for key in ("proof", "production"):
-            if tune.get(key):
-                lines.append(f"- {key}: `{json.dumps(_brief(tune[key]))}`")
+            lines.append(
+                f"  - {t['label']}: {t['status']}, capacity {t.get('capacity') or 'n/a'}; {t['reason']}"
+            )
+        for tie in tune.get("ties") or []:
+            lines.append(f"- {tie}")
     return "\n".join(lines) + "\n"
-
-
-def _brief(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if not isinstance(v, (dict, list)) and v is not None}
 
 
 def bench_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:

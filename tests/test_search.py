@@ -1,74 +1,23 @@
-"""The search strategy: concurrency bracketing on one server, and which config the evidence asks for next."""
+"""The search strategy: which config the evidence of the incumbent's capacity search asks for next."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from typing import Any
 
 import pytest
 
-from tuner.tuning.search import (
-    ConcurrencyPlan,
-    PointResult,
-    Signals,
-    best_point,
-    find_max_concurrency,
-    propose_moves,
-    signals_from,
-)
+from tuner.tuning.capacity import summarise
+from tuner.tuning.points import RATE, USERS, Load, Point, empty_steady
+from tuner.tuning.search import Signals, propose_moves, signals_from
 
 
-def server(
-    capacity_tok_s: float, slo_max_users: int, per_user_tok_s: float = 100.0
-) -> Callable[[int], PointResult]:
-    """A model server: throughput grows with users until it saturates; the SLO holds up to slo_max_users."""
-
-    def measure(c: int) -> PointResult:
-        tok_s = min(capacity_tok_s, c * per_user_tok_s)
-        return PointResult(c, c <= slo_max_users, tok_s)
-
-    return measure
-
-
-def test_doubling_then_bisection_finds_the_largest_passing_concurrency() -> None:
-    seen: list[int] = []
-    measure = server(capacity_tok_s=1e9, slo_max_users=45)
-
-    def recording(c: int) -> PointResult:
-        seen.append(c)
-        return measure(c)
-
-    points = find_max_concurrency(recording, ConcurrencyPlan(bisect_resolution=0.05))
-    assert seen[:7] == [1, 2, 4, 8, 16, 32, 64]  # doubles until 64 fails
-    best = best_point(points)
-    assert best is not None and 42 <= best.concurrency <= 45  # bisected to within 5 %
-    assert len(points) <= 12
-
-
-def test_doubling_stops_at_saturation_without_wasting_phases() -> None:
-    # Saturates at 8 users (800 tok/s): 16 and 32 add nothing, so the search stops there.
-    points = find_max_concurrency(server(800.0, slo_max_users=1000), ConcurrencyPlan())
-    assert [p.concurrency for p in points] == [1, 2, 4, 8, 16, 32]
-    assert best_point(points).concurrency == 8  # type: ignore[union-attr]  # same tok/s, fewer users
-
-
-def test_one_noisy_flat_step_does_not_end_the_search() -> None:
-    tok_s = {1: 100.0, 2: 200.0, 4: 199.0, 8: 800.0, 16: 1600.0, 32: 1610.0, 64: 1600.0}
-    points = find_max_concurrency(
-        lambda c: PointResult(c, True, tok_s[c]), ConcurrencyPlan(max_concurrency=64)
-    )
-    assert [p.concurrency for p in points] == [1, 2, 4, 8, 16, 32, 64]
-    assert best_point(points).concurrency == 32  # type: ignore[union-attr]
-
-
-def test_nothing_passes_means_no_best_point() -> None:
-    points = find_max_concurrency(server(1e9, slo_max_users=0), ConcurrencyPlan())
-    assert [p.concurrency for p in points] == [1]
-    assert best_point(points) is None
-
-
-def test_max_concurrency_caps_the_search() -> None:
-    points = find_max_concurrency(server(1e9, slo_max_users=10_000), ConcurrencyPlan(max_concurrency=20))
-    assert max(p.concurrency for p in points) == 20
+def _point(
+    load: Load, decision: str, evidence: dict[str, Any] | None = None, reasons: tuple[str, ...] = ()
+) -> Point:
+    phase = {"evidence": evidence or {}, "bound": {"kind": "engine"}}
+    steady = dataclasses.replace(empty_steady(), requests_per_s=1.0, output_tokens_per_s=100.0)
+    return Point(load, "judged", decision, steady, reasons, phases=(phase,))
 
 
 LADDERS = {
@@ -119,28 +68,22 @@ def test_pruning_no_larger_batch_when_nothing_waited_and_the_batch_was_never_ful
 
 @pytest.mark.parametrize(("kv", "preempt", "full"), [(95.0, 0, True), (40.0, 2, True), (40.0, 0, False)])
 def test_signals_read_kv_cache_and_preemptions(kv: float, preempt: int, full: bool) -> None:
-    summary = {
-        "evidence": {"kv_cache_usage_pct_max": kv, "preemptions": preempt},
-        "bound": {"kind": "engine"},
-    }
-    points = [PointResult(8, True, 100.0, summary)]
-    assert signals_from(points, max_num_seqs=256).kv_cache_full is full
+    point = _point(Load.users(8), "pass", {"kv_cache_usage_pct_max": kv, "preemptions": preempt})
+    assert signals_from(summarise(USERS, [point]), max_num_seqs=256).kv_cache_full is full
 
 
-def test_signals_read_which_slo_limit_failed() -> None:
-    ok = PointResult(8, True, 100.0, {"evidence": {}, "bound": {}})
-    bad = PointResult(
-        16, False, 120.0, {"evidence": {}, "bound": {}, "slo_reasons": ["TTFT p95 0.82 s > 0.50 s"]}
-    )
-    s = signals_from([ok, bad], max_num_seqs=None)
+def test_signals_read_which_slo_limit_failed_at_the_capacity_ceiling() -> None:
+    ok = _point(Load.users(8), "pass")
+    bad = _point(Load.users(16), "fail", reasons=("TTFT p95 0.82 s > 0.50 s",))
+    s = signals_from(summarise(USERS, [ok, bad]), max_num_seqs=None)
     assert s.ttft_failed and not s.tpot_failed and s.best_concurrency == 8
 
 
-def test_objective_users_prefers_more_users_over_more_throughput() -> None:
-    from tuner.tuning.search import score
-
-    points = [PointResult(8, True, 900.0), PointResult(16, True, 850.0), PointResult(32, False, 1000.0)]
-    assert best_point(points).concurrency == 8  # type: ignore[union-attr]
-    assert best_point(points, "users").concurrency == 16  # type: ignore[union-attr]
-    assert score(PointResult(16, True, 850.0), "users") > score(PointResult(8, True, 900.0), "users")
-    assert score(None) < score(PointResult(1, True, 1.0))
+def test_signals_of_an_open_loop_read_a_growing_queue_as_a_ttft_failure() -> None:
+    ok = _point(Load.rate(2.0), "pass", {"requests_running_mean": 6.2})
+    bad = _point(
+        Load.rate(2.5), "fail", reasons=("queue building: median TTFT rose 0.40 s across the window",)
+    )
+    s = signals_from(summarise(RATE, [ok, bad]), max_num_seqs=None)
+    assert s.ttft_failed and s.best_concurrency == 6  # users in flight at the best rate: the server's batch
+    assert signals_from(None, max_num_seqs=None) == Signals()

@@ -15,8 +15,8 @@ import pytest
 from tuner.tuning.slo import PRESETS
 from tuner.tuning.space import Candidate
 from tuner.tuning.store import (
+    SCHEMA_VERSION,
     BestPoint,
-    Objective,
     RunMeta,
     StoreError,
     TrialStatus,
@@ -34,7 +34,12 @@ META = RunMeta(
 A = Candidate(max_num_seqs=64)
 B = Candidate(max_num_seqs=128, quantization="fp8")
 C = Candidate(max_num_seqs=256)
-PHASE = {"concurrency": 64, "output_tokens_per_s": 7567.0, "ttft_p95_s": 0.74, "passed": True}
+CAPACITY = {
+    "objective": "rate",
+    "points": [{"load": {"kind": "rate", "value": 2.4}}],
+    "best": 0,
+    "ceiling": None,
+}
 
 
 def test_results_survive_reopen(tmp_path: Path) -> None:
@@ -43,7 +48,9 @@ def test_results_survive_reopen(tmp_path: Path) -> None:
     with TrialStore.open(path, run_meta=META, clock=lambda: next(clock)) as store:
         store.record_planned([A, B, C])
         store.record_start(A)
-        store.record_result(A, TrialStatus.FEASIBLE, phases=[PHASE], best=BestPoint(64, 7567.0))
+        store.record_result(
+            A, TrialStatus.FEASIBLE, capacity=CAPACITY, best=BestPoint(2.4, 7567.0, "rate"), startup_s=61.5
+        )
         store.record_start(B)
         store.record_result(B, "failed", "engine died: CUDA out of memory", log_tail="...OOM\n")
         store.record_result(C, TrialStatus.INFEASIBLE, "KV cache holds ~100 tokens")
@@ -51,11 +58,12 @@ def test_results_survive_reopen(tmp_path: Path) -> None:
         trials = {t.key: t for t in store.trials()}
         assert list(trials) == [A.key(), B.key(), C.key()]
         a = trials[A.key()]
-        assert (a.candidate, a.status, a.best, a.phases) == (
+        assert (a.candidate, a.status, a.best, a.capacity, a.startup_s) == (
             A,
             TrialStatus.FEASIBLE,
-            BestPoint(64, 7567.0),
-            (PHASE,),
+            BestPoint(2.4, 7567.0, "rate"),
+            CAPACITY,
+            61.5,
         )
         assert (a.attempts, a.started_s, a.finished_s) == (1, 101.0, 102.0)
         b = trials[B.key()]
@@ -171,17 +179,28 @@ def test_concurrent_records_survive_reopen(tmp_path: Path) -> None:
         assert all(t.attempts == 1 for t in store.trials())
 
 
-def test_best_by_objective(tmp_path: Path) -> None:
-    with TrialStore.open(tmp_path / "run.db", run_meta=META) as store:
-        assert store.best() is None
-        store.record_result(A, TrialStatus.FEASIBLE, best=BestPoint(64, 7500.0))
-        store.record_result(B, TrialStatus.FEASIBLE, best=BestPoint(128, 7000.0))
-        store.record_result(C, TrialStatus.FAILED, "died", best=None)
-        best_throughput, best_users = store.best(Objective.THROUGHPUT), store.best("users")
-        assert best_throughput is not None and best_throughput.candidate == A
-        assert best_users is not None and best_users.candidate == B
+def test_running_servers_are_recorded_until_stopped(tmp_path: Path) -> None:
+    """What --resume needs after a kill -9: the servers the dead tuner had running."""
+    path = tmp_path / "run.db"
+    with TrialStore.open(path, run_meta=META) as store:
+        store.record_server(A.key(), 4242, 8001, 1234.5)
+        store.record_server(B.key(), 4343, 8002, None)
+        store.forget_server(4242)
         with pytest.raises(ValueError, match="result status"):
             store.record_result(A, TrialStatus.RUNNING)
+    with TrialStore.open(path, run_meta=META) as store:
+        [left] = store.servers()
+        assert (left.pid, left.port, left.key, left.create_time) == (4343, 8002, B.key(), None)
+
+
+def test_a_store_of_another_version_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with TrialStore.open(path, run_meta=META):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    with pytest.raises(StoreError, match=r"another version of infertop.*--store"):
+        TrialStore.open(path, run_meta=META)
 
 
 def test_files_that_are_not_stores(tmp_path: Path) -> None:

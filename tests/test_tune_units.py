@@ -1,4 +1,4 @@
-"""Tuner decisions that need no server: phase sizing, labels, refusing to overwrite a run."""
+"""Tuner decisions that need no server: phase sizing, labels, the vocabulary, ties, refusing to overwrite a run."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ def tuner(tmp_path: Path) -> Tuner:
         model=str(model),
         slo=parse_slo("ttft=1,tps=10"),
         pins={"max_model_len": 512},
-        min_requests=16,
-        requests_per_stream=4,
         min_phase_s=10.0,
         store_path=tmp_path / "t.sqlite",
         out_dir=tmp_path / "out",
@@ -30,13 +28,33 @@ def tuner(tmp_path: Path) -> Tuner:
     return Tuner(config)
 
 
+class _Server:
+    pid = None
+    url = "http://127.0.0.1:1"
+    startup_s = 1.0
+
+
 def test_phases_last_at_least_min_phase_s_at_the_pace_last_seen(tuner: Tuner) -> None:
-    assert tuner.phase_requests(8) == 32  # nothing measured yet: the floor
-    tuner._last_rate = (8, 20.0)  # 20 requests/s at 8 users
-    assert tuner.phase_requests(8) == 200  # 10 s at 20 req/s
-    assert tuner.phase_requests(16) == 400  # twice the users: up to twice the pace
-    tuner._last_rate = (8, 0.5)
-    assert tuner.phase_requests(8) == 32  # slow server: the floor still holds
+    from tuner.tuning.points import Load
+    from tuner.tuning.runner import Session
+
+    session = Session(tuner.runner(), _Server(), "k")  # type: ignore[arg-type]
+    floor = tuner.runner().plan.min_requests  # enough for a p95 to be bounded, with room for the ramp
+    assert session.requests_for(Load.users(8), "judged") == floor  # nothing measured yet: the floor
+    assert session.requests_for(Load.users(8), "scout") == 32  # a scout: four requests per user
+    assert session.requests_for(Load.rate(20.0), "judged") == 200  # 10 s at 20 req/s
+    session._pace = (Load.users(8), 20.0)  # 20 requests/s at 8 users
+    assert session.requests_for(Load.users(16), "judged") == 400  # twice the users: up to twice the pace
+    assert session.requests_for(Load.rate(3.0), "production") == 3 * 59  # 3 x 30 s = 90 < three p95s' worth
+    session._pace = (Load.users(8), 0.5)
+    assert session.requests_for(Load.users(8), "judged") == floor  # a slow server: the floor still holds
+
+
+def test_prompt_token_ids_stay_inside_the_models_vocabulary(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "small-vocab", vocab_size=513)
+    config = TuneConfig(model=str(model), slo=parse_slo("ttft=1"), store_path=tmp_path / "s", gpus=False)
+    assert Tuner(config).runner().plan.vocab_size == 513
+    assert Tuner(dataclasses.replace(config, vocab_size=300)).runner().plan.vocab_size == 300
 
 
 def test_the_baseline_is_labelled_as_vllm_defaults(tuner: Tuner) -> None:
@@ -54,29 +72,69 @@ def test_an_existing_store_is_not_overwritten_without_resume(tuner: Tuner) -> No
         tuner.run()
 
 
-def test_a_value_vllm_refuses_is_not_tried_again_with_other_settings(tuner: Tuner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from tuner.tuning.search import PointResult
+def _capacity(rate: float, hi: float | None = None):  # type: ignore[no-untyped-def]
+    import dataclasses as dc
+
+    from tuner.tuning.capacity import summarise
+    from tuner.tuning.points import RATE, Load, Point, empty_steady
+
+    phase = {"evidence": {"requests_running_mean": 4.0}, "bound": {"kind": "engine"}}  # 4 in the batch
+    steady = dc.replace(empty_steady(), output_tokens_per_s=rate * 32, requests_per_s=rate)
+    points = [Point(Load.rate(rate), "judged", "pass", steady, phases=(phase,))]
+    if hi is not None:
+        points.append(
+            Point(Load.rate(hi), "judged", "fail", steady, ("TTFT p95 2 s > 1 s",), phases=(phase,))
+        )
+    return summarise(RATE, points)
+
+
+def _fake_search(tuner: Tuner, monkeypatch, capacities):  # type: ignore[no-untyped-def]
     from tuner.tuning.store import TrialStatus
     from tuner.tuning.tune import TrialOutcome
 
-    tuner.space.values["quantization"] = (None, "fp8")  # type: ignore[index]
-    tuner.space.values["max_num_seqs"] = (8, 32)  # type: ignore[index]
-    tuner.explicit = {"quantization", "max_num_seqs"}
     launched: list[Candidate] = []
 
-    def fake_trial(store, candidate, why):  # type: ignore[no-untyped-def]
+    def fake_trial(store, candidate, why, incumbent):  # type: ignore[no-untyped-def]
         launched.append(candidate)
         if candidate.quantization == "fp8":
             reason = "vLLM failed to start (unsupported option): fp8 is not supported here"
             return TrialOutcome(candidate, TrialStatus.FAILED, reason, failure_kind="unsupported_option")
-        summary = {"evidence": {}, "bound": {"kind": "engine"}}
-        tok_s = 10_000.0 / (candidate.max_num_seqs or 128)  # smaller batches win: the incumbent moves
-        return TrialOutcome(candidate, TrialStatus.FEASIBLE, "ok", [PointResult(16, True, tok_s, summary)])
+        return TrialOutcome(candidate, TrialStatus.FEASIBLE, "ok", capacities(candidate))
 
     monkeypatch.setattr(tuner, "_trial", fake_trial)
-    monkeypatch.setattr(tuner, "_finish", lambda *a, **k: {})
-    tuner.config = dataclasses.replace(tuner.config, launch_budget=5)
+    return launched
+
+
+def test_a_value_vllm_refuses_is_not_tried_again_with_other_settings(tuner: Tuner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    tuner.space.values["quantization"] = (None, "fp8")  # type: ignore[index]
+    tuner.space.values["max_num_seqs"] = (8, 32)  # type: ignore[index]
+    tuner.explicit = {"quantization", "max_num_seqs"}
+    # Smaller batches win clearly (each one held what the larger failed at): the incumbent moves.
+    launched = _fake_search(
+        tuner,
+        monkeypatch,
+        lambda c: _capacity(100.0 / (c.max_num_seqs or 128), 110.0 / (c.max_num_seqs or 128)),
+    )
+    tuner.config = dataclasses.replace(tuner.config, launch_budget=5, prove=False)
     tuner.run()
     fp8 = [c for c in launched if c.quantization == "fp8"]
     assert len(fp8) == 1  # refused once, never combined with another setting afterwards
     assert len(launched) >= 3
+
+
+def test_a_tie_keeps_the_configuration_closer_to_the_defaults(tuner: Tuner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tuner.tuning import events as ev
+
+    tuner.space.values["max_num_seqs"] = (8, 32)  # type: ignore[index]
+    tuner.explicit = {"max_num_seqs"}
+    # The defaults hold 2.5 req/s (2.8 failed); seqs 8 holds 2.7 (3.0 failed): within each other's bracket.
+    _fake_search(
+        tuner, monkeypatch, lambda c: _capacity(2.7, 3.0) if c.max_num_seqs == 8 else _capacity(2.5, 2.8)
+    )
+    tuner.config = dataclasses.replace(tuner.config, launch_budget=3, prove=False)
+    seen: list[ev.TuneEvent] = []
+    result = tuner.run(seen.append)
+    assert result.winner == tuner.space.baseline()  # not seqs 8, despite its higher point estimate
+    assert result.report["ties"] and "tie" in result.report["ties"][0]
+    assert result.headline.startswith("UNVERIFIED (--no-prove): vLLM defaults")
+    assert result.exit_code == 0

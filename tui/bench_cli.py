@@ -47,7 +47,13 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-requests", type=int, metavar="N", help="per phase (default 8 per stream)")
     parser.add_argument("--duration", type=float, metavar="S", help="per phase, instead of a request count")
     parser.add_argument("--warmup", type=int, metavar="N", help="warm-up requests per phase (not counted)")
-    parser.add_argument("--vocab-size", type=int, default=1000, help="prompt token ids are drawn below this")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help="prompt token ids are drawn below N (default: from the model's config.json and tokenizer.json, "
+        "else asked of the server, else 1000)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-max", type=float, metavar="S", help="SLO for goodput: TTFT limit")
     parser.add_argument("--tpot-max", type=float, metavar="S", help="SLO for goodput: TPOT limit")
@@ -161,6 +167,8 @@ def run_bench_cli(argv: Sequence[str]) -> int:
     concurrencies = _numbers(args.concurrency, int)
     rates = _numbers(args.rate, float) if args.rate else ()
     launch = _launch_spec(args)
+    if args.vocab_size is not None and args.vocab_size < 10:
+        raise SystemExit(f"infertop bench: --vocab-size must be at least 10, got {args.vocab_size}")
     plan = BenchPlan(
         input_len=args.input_len,
         output_len=args.output_len,

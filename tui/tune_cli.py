@@ -19,11 +19,22 @@ from tuner.tuning.tune import TuneConfig, TuneError, Tuner
 
 DEFAULT_SLO = "mlperf-llama3.1-8b-server"
 
+EXIT_CODES = """exit codes:
+  0  a configuration was proven: vLLM relaunched from the exported file held the SLO at the exported operating
+     point (PROVEN, or PROVEN AFTER BACKING OFF to a lower load or to the runner-up); or --no-prove (UNVERIFIED)
+  1  no configuration met the SLO, or the server refused every request (the last line says why)
+  2  bad input: model directory, SLO, values, store
+  3  NOT PROVEN: the winner (and the runner-up) did not hold the SLO on a relaunch from the exported file;
+     best.yaml is written with NOT PROVEN in its header
+  130 interrupted (Ctrl-C or s): finished trials are kept, --resume carries on
+"""
+
 
 def tune_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infertop tune",
-        description="Find the vLLM configuration with the most output tokens/s that meets your latency targets.",
+        description="Find the vLLM configuration that holds the most load within your latency targets, and prove "
+        "it on a server relaunched from the exported file.",
         epilog="SLO presets: " + ", ".join(PRESETS) + "\n\nexamples:\n"
         "  infertop tune /models/llama-3.1-8b --slo mlperf-llama3.1-8b-interactive --export best.yaml\n"
         "  infertop tune /models/m --slo ttft=0.5,tps=30 --pin max-model-len=4096 --values max-num-seqs=64,128,256\n"
@@ -44,18 +55,45 @@ def tune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--objective",
-        choices=("throughput", "users"),
-        default="throughput",
-        help="most output tok/s (default), or most concurrent users, within the SLO",
+        choices=("rate", "throughput", "users"),
+        default="rate",
+        help="rate (default): the highest Poisson arrival rate within the SLO, as MLPerf's server scenario "
+        "(throughput is the same); users: the most concurrent users (closed loop), as Artificial Analysis",
     )
     parser.add_argument("--input-len", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
     parser.add_argument(
         "--output-len", type=int, default=256, metavar="N", help="output tokens (default 256)"
     )
-    parser.add_argument("--requests-per-stream", type=int, default=4, metavar="N", help="per measured load")
-    parser.add_argument("--max-concurrency", type=int, default=512, metavar="N")
+    parser.add_argument("--max-concurrency", type=int, default=512, metavar="N", help="most users tried")
     parser.add_argument(
-        "--phase-seconds", type=float, default=10.0, metavar="S", help="least time per measured load"
+        "--phase-seconds", type=float, default=10.0, metavar="S", help="least time per measured load (10)"
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=240,
+        metavar="N",
+        help="a load whose interval still straddles a limit after N requests counts as failing (240)",
+    )
+    parser.add_argument(
+        "--production-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="least time for the production check",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help="prompt token ids below N (default: the model's vocabulary)",
+    )
+    parser.add_argument(
+        "--pin-cpus",
+        default="auto",
+        metavar="MODE",
+        help="auto (default: on the CPU build or up to 8 cores, the client gets the last core and vLLM the "
+        "others), off, or SERVER:CLIENT cpu lists such as 0-2:3",
     )
     parser.add_argument(
         "--budget", type=int, metavar="N", help="most vLLM launches (default: a third of the grid)"
@@ -69,15 +107,18 @@ def tune_parser() -> argparse.ArgumentParser:
         "--price-per-gpu-hour", type=float, metavar="USD", help="for cost per 1M output tokens"
     )
     parser.add_argument(
-        "--no-prove", action="store_true", help="skip relaunching vLLM from the exported YAML"
+        "--no-prove",
+        action="store_true",
+        help="skip relaunching vLLM from the exported YAML (the proof and the production check): UNVERIFIED",
     )
-    parser.add_argument("--no-production-check", action="store_true", help="skip the steady 75 %% load check")
     parser.add_argument("--cpu", action="store_true", help="tune the CPU build of vLLM (no NVML)")
     parser.add_argument("--headless", action="store_true", help="progress lines instead of the TUI")
     parser.add_argument(
         "--json", action="store_true", help="print the report as JSON on stdout (implies --headless)"
     )
-    parser.epilog = (parser.epilog or "") + "\nArguments after -- are passed to every vLLM launch.\n"
+    parser.epilog = (
+        (parser.epilog or "") + "\nArguments after -- are passed to every vLLM launch.\n\n" + EXIT_CODES
+    )
     return parser
 
 
@@ -113,15 +154,17 @@ def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> Tun
         values=_values(args.values),
         input_len=args.input_len,
         output_len=args.output_len,
-        requests_per_stream=args.requests_per_stream,
         min_phase_s=args.phase_seconds,
+        max_requests=args.max_requests,
+        production_s=args.production_seconds,
+        vocab_size=args.vocab_size,
+        pin_cpus=args.pin_cpus,
         max_concurrency=args.max_concurrency,
         launch_budget=args.budget,
         store_path=args.store,
         out_dir=args.out,
         startup_timeout_s=args.startup_timeout,
         prove=not args.no_prove,
-        production_check=not args.no_production_check,
         price_per_gpu_hour=args.price_per_gpu_hour,
         gpus=not args.cpu,
         objective=args.objective,
@@ -143,28 +186,44 @@ class HeadlessProgress:
             resumed = (
                 f", {event.resumed_trials} trials from {event.store_path}" if event.resumed_trials else ""
             )
+            goal = "highest arrival rate" if event.objective == "rate" else "most concurrent users"
+            cpus = f"\ninfertop tune: {event.cpu_note}" if event.cpu_note else ""
             return (
-                f"{event.model} on {event.hardware}; SLO {event.slo}; {event.candidates_total} feasible configs, "
-                f"budget {event.launch_budget} launches{resumed}"
+                f"{event.model} on {event.hardware}; SLO {event.slo}; goal: the {goal} within it; "
+                f"{event.candidates_total} feasible configs, budget {event.launch_budget} launches{resumed}{cpus}"
             )
         if isinstance(event, ev.TrialStarted):
             return f"launch {event.index}: {event.label} ({event.why})"
         if isinstance(event, ev.ServerReady):
             return f"  ready in {event.startup_s:.0f} s at {event.url}"
         if isinstance(event, ev.PhaseMeasured):
-            verdict = "meets SLO" if event.passed else "fails: " + "; ".join(event.reasons)
-            ttft = "n/a" if event.ttft_p95_s is None else f"{event.ttft_p95_s * 1000:,.0f} ms"
-            return (
-                f"  c={event.concurrency:<4} {event.output_tokens_per_s:>9,.0f} tok/s  TTFT p95 {ttft:>9}  "
-                f"bound: {event.bound} — {verdict}"
+            verdict = {"pass": "meets SLO", "fail": "fails", "uncertain": "at the limit"}.get(
+                event.decision, ""
             )
+            if event.reasons and not event.passed:
+                verdict += ": " + "; ".join(event.reasons)
+            ttft = "n/a" if event.ttft_p95_s is None else f"{event.ttft_p95_s * 1000:,.0f} ms"
+            if event.ttft_p95_ci_s is not None:
+                lo, hi = event.ttft_p95_ci_s
+                ttft += f" ({lo * 1000:,.0f}-{'?' if hi is None else f'{hi * 1000:,.0f}'})"
+            more = f", {event.phases} phases" if event.phases > 1 else ""
+            busy = f" [disturbed: {event.disturbed}]" if event.disturbed else ""
+            return (
+                f"  {event.role:<10} {event.load_label:>12} {event.output_tokens_per_s:>9,.0f} tok/s  TTFT p95 "
+                f"{ttft:>15}  {event.requests} req{more} — {verdict}{busy}"
+            )
+        if isinstance(event, ev.PhaseRepeated):
+            return f"  {event.load_label}: {event.why}"
         if isinstance(event, ev.TrialFinished):
             return f"  {event.status}: {event.reason}"
         if isinstance(event, ev.BestChanged):
-            return f"  best so far: {event.label}, {event.output_tokens_per_s:,.0f} tok/s at c={event.concurrency}"
+            note = f" ({event.note})" if event.note else ""
+            return f"  best so far: {event.label}, {event.load_label}, {event.output_tokens_per_s:,.0f} tok/s{note}"
+        if isinstance(event, ev.VerdictReached):
+            return None  # TuneFinished ends with the headline
         if isinstance(event, ev.TuneFinished):
             end = f"stopped: {event.stopped}" if event.stopped else "done"
-            return f"{end} after {event.launches} launches, {event.wall_s / 60:.1f} min; winner: {event.winner_label}"
+            return f"{end} after {event.launches} launches, {event.wall_s / 60:.1f} min"
         return None
 
 
@@ -203,6 +262,6 @@ def run_tune_cli(argv: Sequence[str]) -> int:
         print(json.dumps(result.report, indent=1, default=str))
     for name, path in result.outputs.items():
         sys.stderr.write(f"infertop tune: {name}: {path}\n")
-    if result.stopped == "interrupted":
-        return 130
-    return 0 if result.winner is not None else 1
+    if result.headline:  # the last line says what the run found, whatever came before
+        sys.stderr.write(f"infertop tune: {result.headline}\n")
+    return result.exit_code

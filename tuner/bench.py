@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -17,11 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
+from tuner.loadgen.vocab import vocab_size_from_dir, vocab_size_from_server
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+
+# When neither the model's files nor the server tell the vocabulary: ids below 1000 are valid in every real
+# tokenizer (tiny test models have 259 and up, and say so in their config.json).
+FALLBACK_VOCAB_SIZE = 1000
+_MIN_VOCAB_SIZE = 10  # LoadSpec's own minimum
 
 
 class BenchError(RuntimeError):
@@ -41,7 +48,7 @@ class BenchPlan:
     duration_s: float | None = None
     warmup_requests: int | None = None  # default: one per stream, at most 32
     seed: int = 0
-    vocab_size: int = 1000  # prompts use token ids below this: valid in every tokenizer infertop meets
+    vocab_size: int | None = None  # prompts use token ids below this; None: read it from the model or server
     model: str | None = None
     ttft_max_s: float | None = None
     tpot_max_s: float | None = None
@@ -86,6 +93,8 @@ class BenchReport:
     model: str | None
     system: SystemInfo | None
     launched: dict[str, Any] | None = None
+    vocab_size: int | None = None  # prompt token ids were drawn below this
+    vocab_source: str | None = None  # where that size came from, for people
     phases: list[MeasuredPhase] = field(default_factory=list)
     error: str | None = None
     interrupted: bool = False
@@ -102,6 +111,8 @@ class BenchReport:
             "started_s": self.started_s,
             "system": to_jsonable(self.system) if self.system else None,
             "launched": self.launched,
+            "vocab_size": self.vocab_size,
+            "vocab_source": self.vocab_source,
             "error": self.error,
             "interrupted": self.interrupted,
             "phases": [p.to_dict() for p in self.phases],
@@ -122,6 +133,25 @@ def make_sampler(url: str, *, with_gpus: bool = True) -> Sampler:
     config = SamplerConfig(discover_vllm=False, history_len=16)
     backend = NvmlBackend() if with_gpus else None
     return Sampler(LiveSource(backend, config=config, vllm_urls=[url]), history_len=16)
+
+
+def find_vocab_size(
+    endpoint: str, plan: BenchPlan, launch: ServerSpec | None = None
+) -> tuple[int | None, str]:
+    """The vocabulary size for prompt token ids, and where it came from (or why it is unknown: None).
+
+    An explicit ``plan.vocab_size`` wins; then the launched model's directory; then the server itself.
+    """
+    if plan.vocab_size is not None:
+        return plan.vocab_size, "given"
+    if launch is not None and Path(launch.model).is_dir():
+        size = vocab_size_from_dir(launch.model)
+        if size is not None and size >= _MIN_VOCAB_SIZE:
+            return size, f"model files in {launch.model}"
+    size, source = vocab_size_from_server(endpoint, plan.model)
+    if size is not None and size < _MIN_VOCAB_SIZE:
+        return None, f"{source} gave {size}, too few"
+    return size, source
 
 
 def run_bench(
@@ -155,6 +185,17 @@ def run_bench(
             }
             status(f"vLLM ready at {endpoint} after {server.startup_s:.0f} s")
         assert endpoint is not None
+        found, source = find_vocab_size(endpoint, plan, launch)
+        if found is None:
+            status(
+                f"warning: vocabulary size unknown ({source}); prompt token ids drawn below "
+                f"{FALLBACK_VOCAB_SIZE}: give --vocab-size if the server rejects them"
+            )
+            source = f"fallback ({source})"
+        else:
+            status(f"vocabulary: {found} token ids ({source})")
+        report.vocab_size, report.vocab_source = found or FALLBACK_VOCAB_SIZE, source
+        plan = dataclasses.replace(plan, vocab_size=report.vocab_size)
         sampler = make_sampler(endpoint, with_gpus=with_gpus)
         report.system = sampler.open()
         if report.system.state is not GpuState.OK:
@@ -197,7 +238,7 @@ async def _run_phases(
     on_phase_done: PhaseDoneFn | None,
     cancel: threading.Event,
 ) -> None:
-    specs: Sequence[LoadSpec] = list(plan.specs(plan.vocab_size))
+    specs: Sequence[LoadSpec] = list(plan.specs(plan.vocab_size or FALLBACK_VOCAB_SIZE))
     model = plan.model
     for i, spec in enumerate(specs):
         if cancel.is_set():
@@ -229,4 +270,13 @@ async def _run_phases(
             break
         if server is not None and not server.is_running():
             report.error = f"the vLLM server exited during phase {i + 1}: {server.log_tail(3).strip()[-200:]}"
+            break
+        stats = phase.load.stats
+        if stats.requests_failed and not stats.requests_ok and not phase.load.cancelled:
+            # Every request failed: later phases would fail the same way (a prompt id out of vocabulary, an
+            # unknown model, a length over the limit), so stop and show the server's own words.
+            example = stats.errors[0].example if stats.errors else "no message"
+            report.error = f"phase {i + 1}: all {stats.requests_failed} requests failed: " + " ".join(
+                example.split()
+            )
             break

@@ -21,6 +21,7 @@ import httpx
 import psutil
 
 from tuner.loadgen import CancelToken, LoadSpec, PhaseProgress, PhaseResult, run_phase
+from tuner.loadgen.steady import DEFAULT_CONFIDENCE, PhaseWindow, SteadyStats, steady_stats, steady_window
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.sampler import Sampler
 from tuner.telemetry.vllm_metrics import MetricsText, fetch_metrics
@@ -28,6 +29,11 @@ from tuner.telemetry.vllm_metrics import MetricsText, fetch_metrics
 TOKEN_MISMATCH_TOLERANCE = (
     0.01  # the server counts exactly what it generated; 1 % leaves room for nothing else
 )
+# Other work on the host during a phase: CPU used by processes that are neither the server nor this client, in
+# cores, and CPU steal (time the hypervisor gave to other machines), in % of all CPUs. Above either, the phase
+# measured the neighbours too: it is flagged, and the tuner measures it again.
+OTHER_LOAD_MAX_CORES = 0.3
+STEAL_MAX_PCT = 5.0
 
 
 class BoundKind(str, enum.Enum):
@@ -83,11 +89,24 @@ class TokenCheck:
 
 
 @dataclass(frozen=True)
+class Disturbance:
+    """Whether other work on the host shared the machine with the phase."""
+
+    other_load_cores: float | None  # CPU of processes that are neither the server nor this client, in cores
+    steal_pct: float | None  # CPU steal over the phase, % of all CPUs (None where the OS does not count it)
+    disturbed: bool
+    why: str  # one line for people ("" when undisturbed)
+
+
+@dataclass(frozen=True)
 class MeasuredPhase:
     load: PhaseResult
     evidence: Evidence
     bound: Bound
     tokens: TokenCheck
+    window: PhaseWindow | None = None  # the steady window (its requests pool with later phases at this load)
+    steady: SteadyStats | None = None
+    disturbance: Disturbance | None = None
 
     def to_dict(self) -> dict[str, Any]:
         stats = dataclasses.asdict(self.load.stats)
@@ -104,6 +123,9 @@ class MeasuredPhase:
             "evidence": dataclasses.asdict(self.evidence),
             "bound": {"kind": self.bound.kind.value, "reason": self.bound.reason},
             "tokens": dataclasses.asdict(self.tokens),
+            "steady": dataclasses.asdict(self.steady) if self.steady else None,
+            "window_s": [self.window.start_s, self.window.end_s] if self.window else None,
+            "disturbance": dataclasses.asdict(self.disturbance) if self.disturbance else None,
         }
 
 
@@ -241,6 +263,52 @@ class _ProcessCpu:
         return 100.0 * sum(end[p] - self._start[p] for p in common) / wall
 
 
+class _HostCpu:
+    """Busy and steal CPU time of the whole host over a window, in core-seconds."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+        self._t0 = time.monotonic()
+
+    @staticmethod
+    def _sample() -> tuple[float, float | None]:
+        t = psutil.cpu_times()
+        steal = getattr(t, "steal", None)
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - (steal or 0.0) - getattr(t, "guest", 0.0)
+        return busy - getattr(t, "guest_nice", 0.0), steal
+
+    def start(self) -> None:
+        self._start, self._t0 = self._sample(), time.monotonic()
+
+    def stop(self) -> tuple[float, float, float | None]:
+        """(wall s, busy core-seconds, steal core-seconds or None)."""
+        end = self._sample()
+        steal = None if end[1] is None or self._start[1] is None else end[1] - self._start[1]
+        return time.monotonic() - self._t0, end[0] - self._start[0], steal
+
+
+def disturbance(
+    wall_s: float,
+    busy_core_s: float,
+    steal_core_s: float | None,
+    client_pct: float | None,
+    server_pct: float | None,
+    cpus: int,
+) -> Disturbance:
+    """Whether the host did other work during a phase, from the CPU it used beyond the client and server."""
+    if wall_s <= 0:
+        return Disturbance(None, None, False, "")
+    ours = ((client_pct or 0.0) + (server_pct or 0.0)) / 100.0
+    other = max(0.0, busy_core_s / wall_s - ours)
+    steal_pct = None if steal_core_s is None else 100.0 * steal_core_s / (wall_s * max(1, cpus))
+    why = []
+    if other > OTHER_LOAD_MAX_CORES:
+        why.append(f"other processes used {other:.2f} cores")
+    if steal_pct is not None and steal_pct > STEAL_MAX_PCT:
+        why.append(f"CPU steal {steal_pct:.0f} %")
+    return Disturbance(round(other, 3), steal_pct, bool(why), "; ".join(why))
+
+
 def group_pids(root_pid: int) -> list[int]:
     """A process and all its descendants (vLLM's API server, engine core and workers)."""
     try:
@@ -277,8 +345,11 @@ async def measure_phase(
     tpot_max_s: float | None = None,
     on_progress: Callable[[PhaseProgress], None] | None = None,
     cancel: CancelToken | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> MeasuredPhase:
-    """Warm up, then run ``spec`` while recording telemetry; return the phase with its evidence and bound.
+    """Warm up, then run ``spec`` while recording telemetry; return the phase with its evidence and bound, its
+    steady window's figures with their intervals (:mod:`tuner.loadgen.steady`) and whether other work on the
+    host disturbed it.
 
     ``sampler`` is a started :class:`Sampler` (GPU, host and this server's /metrics); its snapshots inside the
     measured window are the evidence. ``server_pid`` lets the server's CPU use be measured.
@@ -301,12 +372,14 @@ async def measure_phase(
 
     client_cpu = _ProcessCpu(lambda: [psutil.Process().pid])
     server_cpu = _ProcessCpu(lambda: group_pids(server_pid) if server_pid else [])
+    host_cpu = _HostCpu()
     with httpx.Client(timeout=5.0) as http:
         before = await asyncio.to_thread(_scrape, http, base_url)
         if sampler is not None:
             sampler.add_listener(collect)
         client_cpu.start()
         server_cpu.start()
+        host_cpu.start()
         try:
             result = await run_phase(
                 base_url,
@@ -321,6 +394,7 @@ async def measure_phase(
             if sampler is not None:
                 sampler.remove_listener(collect)
         client_pct, server_pct = client_cpu.stop_pct(), server_cpu.stop_pct()
+        host = host_cpu.stop()
         after = await _settled_scrape(http, base_url)
 
     with lock:
@@ -336,7 +410,15 @@ async def measure_phase(
     )
     bound = classify_bound(evidence, spec.concurrency)
     tokens = check_tokens(result.stats.output_tokens_total, evidence.server_generation_tokens)
-    return MeasuredPhase(result, evidence, bound, tokens)
+    steady_part = steady_window(result.requests)
+    steady = steady_stats([steady_part], confidence=confidence, seed=spec.seed)
+    # The other load is known only when the server's own CPU is (else the server would count as "other").
+    disturbed = (
+        disturbance(*host, client_pct, server_pct, psutil.cpu_count() or 1)
+        if server_pid is not None
+        else Disturbance(None, None, False, "")
+    )
+    return MeasuredPhase(result, evidence, bound, tokens, steady_part, steady, disturbed)
 
 
 async def _settled_scrape(http: httpx.Client, url: str, attempts: int = 6) -> MetricsText | None:

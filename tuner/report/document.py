@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # --- formatting: every number with its unit, "n/a" when unknown -----------------------------------------
@@ -33,9 +33,48 @@ def ms_value(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
+def num_secs(seconds: float) -> str:
+    """Seconds without the unit: ``"0.034"`` below 0.1 s, ``"2.35"`` below 10 s, whole seconds above."""
+    return f"{seconds:,.3f}" if seconds < 0.1 else f"{seconds:,.2f}" if seconds < 10 else f"{seconds:,.0f}"
+
+
+def num_ms(seconds: float) -> str:
+    """Seconds as milliseconds without the unit, one decimal: ``"38.0"``."""
+    return f"{seconds * 1000:,.1f}"
+
+
+def num_tok_s(value: float) -> str:
+    """Tokens per second without the unit: ``"1,234"``, one decimal below 100."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
 def fmt_secs(seconds: float | None) -> str:
-    """Seconds: ``"2.35 s"``, whole seconds from 10 s."""
-    return NA if seconds is None else f"{seconds:,.2f} s" if seconds < 10 else f"{seconds:,.0f} s"
+    """Seconds: ``"2.35 s"``, ``"0.034 s"``, whole seconds from 10 s."""
+    return NA if seconds is None else f"{num_secs(seconds)} s"
+
+
+def fmt_interval(
+    interval: tuple[float, float | None] | None, num: Callable[[float], str], unit: str = ""
+) -> str:
+    """A 90 % interval: ``"0.36-0.47 s"``; unbounded above (too few requests to bound it): ``"0.92 s-∞"``."""
+    if interval is None:
+        return NA
+    lo, hi = interval
+    return f"{num(lo)}-{num(hi)}{unit}" if hi is not None else f"{num(lo)}{unit}-∞"
+
+
+def fmt_estimate(
+    value: float | None,
+    interval: tuple[float, float | None] | None,
+    num: Callable[[float], str],
+    unit: str = "",
+) -> str:
+    """A figure with its interval in brackets: ``"0.41 s (0.36-0.47 s)"``, or in a table cell whose header has
+    the unit, ``"0.41 (0.36-0.47)"``; the figure alone without an interval; "n/a" without a figure."""
+    if value is None:
+        return NA
+    text = f"{num(value)}{unit}"
+    return text if interval is None else f"{text} ({fmt_interval(interval, num, unit)})"
 
 
 def fmt_usd(value: float | None) -> str:

@@ -1,59 +1,179 @@
-"""The three plots of a tuning report, as :mod:`tuner.report.svgplot` charts: throughput per GPU against speed per
-user (with the Pareto frontier), TTFT against concurrency, and aggregate throughput against concurrency."""
+"""The plots of a tuning report, as :mod:`tuner.report.svgplot` charts: TTFT p95 and output throughput against
+the load of each judged point (with their 90 % intervals as error bars, the SLO limit, and the exported
+configuration's relaunch), and throughput per GPU against speed per user (with the Pareto frontier).
+
+Only the capacity search's judged points at the run's own load kind go on the "vs load" charts: scouting phases
+are closed loop at a handful of users and only found the pace, so they would sit on another axis. They do go on
+the Pareto chart, which needs no common load axis and shows the whole throughput/latency trade-off.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from tuner.report import svgplot
-from tuner.report.data import Point, Run, Trial, as_mapping, pareto_front
-from tuner.report.document import fmt_ms, fmt_tok_s, fmt_users, ms_value
+from tuner.report.data import Interval, Point, Run, Trial, as_mapping, pareto_front
+from tuner.report.document import fmt_estimate, num_secs, num_tok_s
+
+Figure = Callable[[Point], tuple[float | None, Interval | None]]
+"""A point's y value and its interval."""
+
+
+def _ttft(p: Point) -> tuple[float | None, Interval | None]:
+    return p.figure("ttft_p95_s"), p.ttft_p95_ci
+
+
+def _tok_s(p: Point) -> tuple[float | None, Interval | None]:
+    return p.tok_s, p.tok_s_ci
 
 
 def plots(run: Run) -> list[tuple[str, svgplot.Chart, str]]:
     """(file name, chart, caption) for each plot; none when no trial has a measured point."""
-    measured = [t for t in run.trials if t.points]
+    measured = [t for t in [*run.ranking, *run.trials] if t.points]
+    measured = list(dict.fromkeys(measured))
     if not measured:
         return []
+    kind = run.objective or next((p.load.kind for t in measured for p in t.points if p.load), "users")
     styles = {t.key: svgplot.style_for(i) for i, t in enumerate(measured)}
-    slo = run.slo
     judged = str(as_mapping(run.raw.get("slo")).get("judged_at") or "p95")
-    key = ("met the SLO", "missed the SLO")
+    key = ("met the SLO", "did not (failed or at the limit)")
 
     def name(trial: Trial) -> str:
-        # Numbered as in the trials table: labels of similar configs differ only at their end.
-        return f"{trial.index + 1}. {trial.label}" + (" (best)" if trial is run.winner else "")
+        if trial is run.winner:
+            return f"{trial.label} (exported)"
+        defaults = trial is run.defaults and "default" not in trial.label.lower()
+        return trial.label + (" (vLLM defaults)" if defaults else "")
 
     def highlight(trial: Trial, point: Point) -> str | None:
-        if trial is run.winner and point is trial.best_point:
-            return f"best: {fmt_users(point.concurrency)}"
-        if trial is run.defaults and trial is not run.winner and point is trial.best_point:
-            return f"vLLM defaults: {fmt_users(point.concurrency)}"
+        if point is not trial.best_point or point.load is None:
+            return None
+        if trial is run.winner:
+            return f"capacity: {point.load.label}"
+        if trial is run.defaults:
+            return f"vLLM defaults: {point.load.label}"
         return None
 
-    def tip(trial: Trial, point: Point) -> str:
+    def tip(trial: Trial, p: Point) -> str:
         return (
-            f"{trial.label}: {fmt_users(point.concurrency)}, {fmt_tok_s(point.tok_s)}, "
-            f"{fmt_tok_s(point.stat('user_tok_per_s_p50'))} per user (p50), TTFT p95 {fmt_ms(point.stat('ttft_p95_s'))}"
-            + ("" if point.passed else " (missed the SLO)")
+            f"{trial.label}, {p.role} at {p.load.label if p.load else 'n/a'}: "
+            f"{fmt_estimate(p.tok_s, p.tok_s_ci, num_tok_s, ' tok/s')}, TTFT {judged} "
+            f"{fmt_estimate(p.figure('ttft_p95_s'), p.ttft_p95_ci, num_secs, ' s')}: {p.why()}"
         )
 
-    def series(x: Any, y: Any, *, line: bool, marks: bool = True) -> list[svgplot.Series]:
+    def vs_load(figure: Figure) -> list[svgplot.Series]:
         out = []
         for trial in measured:
             color, shape = styles[trial.key]
-            points = []
+            marks = []
             for p in trial.points:
-                xv, yv = x(p), y(p)
-                if xv is not None and yv is not None:
-                    hl = highlight(trial, p) if marks else None
-                    points.append(svgplot.Marker(xv, yv, p.passed, hl, tip(trial, p)))
-            width_px = 3.0 if trial is run.winner else 2.0  # the winner's line stands out among many
-            out.append(svgplot.Series(name(trial), tuple(points), color, shape, line=line, width_px=width_px))
-        return out
+                y, ci = figure(p)
+                judged = p.role != "scout"  # scouting only found the pace, closed loop, on point estimates
+                if judged and p.load and p.load.kind == kind and y is not None and not p.aborted:
+                    marks.append(
+                        svgplot.Marker(p.load.value, y, p.passed, highlight(trial, p), tip(trial, p), ci)
+                    )
+            width_px = 3.0 if trial is run.winner else 2.0  # the exported configuration stands out
+            out.append(svgplot.Series(name(trial), tuple(marks), color, shape, width_px=width_px))
+        relaunch = _relaunch(run, kind, figure, tip, styles)
+        return out + ([relaunch] if relaunch else [])
 
-    per_gpu = "output tok/s per GPU" if run.gpus >= 1 else "output tok/s (CPU server)"
-    scatter = series(lambda p: run.per_gpu(p.tok_s), lambda p: p.stat("user_tok_per_s_p50"), line=False)
+    x_label = "arrival rate (req/s, Poisson)" if kind == "rate" else "concurrent users (log2 scale)"
+    load_word = "arrival rate" if kind == "rate" else "concurrency"
+    slo = run.slo
+    ttft_max = slo.ttft_p95_max_s if slo else None
+    ttft = svgplot.Chart(
+        title=f"TTFT {judged} vs {load_word}",
+        subtitle="judged points of each search, bars: 90 % intervals; lower is better",
+        x_label=x_label,
+        y_label=f"TTFT {judged} (s)",
+        series=tuple(vs_load(_ttft)),
+        hlines=(svgplot.HLine(ttft_max, f"SLO TTFT {judged} limit {ttft_max:.2f} s"),) if ttft_max else (),
+        x_log2=kind != "rate",
+        marker_key=key,
+    )
+    throughput = svgplot.Chart(
+        title=f"Output throughput vs {load_word}",
+        subtitle="all users together, bars: 90 % intervals; higher is better",
+        x_label=x_label,
+        y_label="output tok/s (all GPUs)" if run.gpus >= 1 else "output tok/s",
+        series=tuple(vs_load(_tok_s)),
+        x_log2=kind != "rate",
+        marker_key=key,
+    )
+    return [
+        (
+            "ttft_vs_load.svg",
+            ttft,
+            f"TTFT {judged} of each judged point of the capacity searches, with its 90 % interval (a dashed bar "
+            "running to the top: too few requests to bound it from above). Filled markers passed: the whole "
+            "interval under the dashed SLO limit. Diamonds: vLLM relaunched from the exported file (proof and "
+            "production checks).",
+        ),
+        (
+            "throughput_vs_load.svg",
+            throughput,
+            "Output tokens/s in the steady window of each judged point, with its 90 % interval (a bootstrap over "
+            "sub-windows). Past the capacity more load only adds queueing.",
+        ),
+        ("pareto.svg", _pareto(run, measured, styles, key, judged), _PARETO_CAPTION.format(judged=judged)),
+    ]
+
+
+def _relaunch(
+    run: Run,
+    kind: str,
+    figure: Figure,
+    tip: Callable[[Trial, Point], str],
+    styles: dict[str, tuple[str, str]],
+) -> svgplot.Series | None:
+    """The verdict's proof and production checks for the exported configuration, as diamonds."""
+    verdict, winner = run.verdict, run.winner
+    if verdict is None or winner is None:
+        return None
+    marks = []
+    for attempt in verdict.attempts:
+        if attempt.key != winner.key:
+            continue
+        for p in (attempt.proof, *attempt.checks):
+            y, ci = figure(p) if p else (None, None)
+            if p and p.load and p.load.kind == kind and y is not None and not p.aborted:
+                marks.append(svgplot.Marker(p.load.value, y, p.passed, None, tip(winner, p), ci))
+    if not marks:
+        return None
+    color = styles.get(winner.key, (svgplot.INK, ""))[0]
+    return svgplot.Series(
+        f"{winner.label}: relaunched from the file", tuple(marks), color, "diamond", line=False
+    )
+
+
+_PARETO_CAPTION = (
+    "Each marker is one measured point (scouting and judged) of one configuration; filled markers met the SLO. "
+    "The grey line joins the points no other point beats on both axes. The dashed line is the SLO's per-user "
+    "floor; the SLO judges it on TPOT {judged}, so a marker above it (p50) can still miss."
+)
+
+
+def _pareto(
+    run: Run, measured: list[Trial], styles: dict[str, tuple[str, str]], key: tuple[str, str], judged: str
+) -> svgplot.Chart:
+    scatter = []
+    for trial in measured:
+        color, shape = styles[trial.key]
+        marks = []
+        for p in trial.points:
+            x, y = run.per_gpu(p.tok_s), p.figure("user_tok_per_s_p50")
+            if x is not None and y is not None and not p.aborted:
+                hl = (
+                    f"best: {p.load.label}"
+                    if trial is run.winner and p is trial.best_point and p.load
+                    else None
+                )
+                marks.append(
+                    svgplot.Marker(
+                        x, y, p.passed, hl, f"{trial.label}, {p.role} at {p.load.label if p.load else 'n/a'}"
+                    )
+                )
+        scatter.append(svgplot.Series(trial.label, tuple(marks), color, shape, line=False))
     front = pareto_front((m.x, m.y) for s in scatter for m in s.points)
     frontier = svgplot.Series(
         "Pareto frontier (all points)",
@@ -62,11 +182,11 @@ def plots(run: Run) -> list[tuple[str, svgplot.Chart, str]]:
         markers=False,
         width_px=1.5,
     )
-    floor = slo.tok_s_per_user_min if slo else None
-    pareto = svgplot.Chart(
+    floor = run.slo.tok_s_per_user_min if run.slo else None
+    return svgplot.Chart(
         title="Throughput per GPU vs speed per user",
-        subtitle="one marker per measured concurrency; up and to the right is better",
-        x_label=per_gpu,
+        subtitle="one marker per measured point; up and to the right is better",
+        x_label="output tok/s per GPU" if run.gpus >= 1 else "output tok/s (CPU server)",
         y_label="tok/s per user (p50)",
         series=(frontier, *scatter),
         hlines=(svgplot.HLine(floor, f"SLO floor {floor:.1f} tok/s per user (judged on TPOT {judged})"),)
@@ -74,51 +194,3 @@ def plots(run: Run) -> list[tuple[str, svgplot.Chart, str]]:
         else (),
         marker_key=key,
     )
-    ttft_max = slo.ttft_p95_max_s if slo else None
-    ttft = svgplot.Chart(
-        title="Time to first token vs concurrency",
-        subtitle="lower is better",
-        x_label="concurrent users (log2 scale)",
-        y_label="TTFT p95 (ms)",
-        series=tuple(
-            series(
-                lambda p: float(p.concurrency),
-                lambda p: ms_value(p.stat("ttft_p95_s")),
-                line=True,
-                marks=False,
-            )
-        ),
-        hlines=(svgplot.HLine(ttft_max * 1000, f"SLO TTFT {judged} limit {ttft_max * 1000:,.0f} ms"),)
-        if ttft_max
-        else (),
-        x_log2=True,
-        marker_key=key,
-    )
-    throughput = svgplot.Chart(
-        title="Aggregate output throughput vs concurrency",
-        subtitle="all users together; higher is better",
-        x_label="concurrent users (log2 scale)",
-        y_label="output tok/s (all GPUs)" if run.gpus >= 1 else "output tok/s",
-        series=tuple(series(lambda p: float(p.concurrency), lambda p: p.tok_s, line=True)),
-        x_log2=True,
-        marker_key=key,
-    )
-    return [
-        (
-            "pareto.svg",
-            pareto,
-            "Each marker is one measured concurrency of one configuration; filled markers met the SLO. The grey "
-            "line joins the points no other point beats on both axes. The dashed line is the SLO's per-user "
-            f"floor; the SLO judges it on TPOT {judged}, so a marker above it (p50) can still miss.",
-        ),
-        (
-            "ttft_vs_concurrency.svg",
-            ttft,
-            f"TTFT {judged} per configuration; the dashed line is the SLO limit.",
-        ),
-        (
-            "throughput_vs_concurrency.svg",
-            throughput,
-            "Aggregate output tokens/s of all concurrent users; past saturation more users only add latency.",
-        ),
-    ]

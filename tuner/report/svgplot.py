@@ -1,5 +1,6 @@
-"""Small hand-drawn SVG charts for reports: scatter and line series, a linear or log2 x axis, dashed limit
-lines, a Pareto-style polyline and a legend.
+"""Small hand-drawn SVG charts for reports: scatter and line series with optional error bars (an interval per
+point, open-topped where the interval has no upper bound), a linear or log2 x axis, dashed limit lines, a
+Pareto-style polyline and a legend.
 
 infertop depends on no plotting library (the engine needs only httpx, psutil and nvidia-ml-py), and a report
 needs a few charts of a few dozen points, so this draws them directly. The SVG has a transparent background
@@ -53,13 +54,15 @@ def style_for(index: int) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Marker:
     """One point. ``filled`` False draws it hollow; ``highlight`` rings it and writes that text beside it;
-    ``tooltip`` becomes an SVG ``<title>`` (shown on hover in a browser)."""
+    ``tooltip`` becomes an SVG ``<title>`` (shown on hover in a browser); ``y_err`` draws its interval as a
+    vertical bar, dashed up to the top of the plot when the interval has no upper bound (None)."""
 
     x: float
     y: float
     filled: bool = True
     highlight: str | None = None
     tooltip: str | None = None
+    y_err: tuple[float, float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,9 @@ def render(chart: Chart, *, plot_w: int = 560, plot_h: int = 340) -> str:
     series = [(s, _finite(s.points, chart.x_log2)) for s in chart.series]
     xs = [p.x for _, pts in series for p in pts]
     ys = [p.y for _, pts in series for p in pts] + [h.y for h in chart.hlines if math.isfinite(h.y)]
+    ys += [
+        v for _, pts in series for p in pts if p.y_err for v in p.y_err if v is not None and math.isfinite(v)
+    ]
 
     # Legend first: its width sets the canvas width.
     legend: list[tuple[str, str, str, bool, bool, bool]] = []  # label, colour, shape, marker, filled, line
@@ -350,6 +356,15 @@ def render(chart: Chart, *, plot_w: int = 560, plot_h: int = 340) -> str:
             ordered = sorted(pts, key=lambda p: (p.x, p.y))
             segments.extend(((sx(a.x), sy(a.y)), (sx(b.x), sy(b.y))) for a, b in itertools.pairwise(ordered))
     area = _Box(left, top, left + plot_w, top + plot_h)
+    bars: list[tuple[str, float, float, float, bool]] = []  # colour, x, y of the low end, y of the top, open
+    for s, pts in series:
+        for p in pts:
+            if s.markers and p.y_err is not None and math.isfinite(p.y_err[0]):
+                lo, hi = p.y_err
+                open_top = hi is None or not math.isfinite(hi)
+                y_top = top if open_top or hi is None else sy(min(hi, y_hi))
+                bars.append((s.color, sx(p.x), sy(max(lo, y_lo)), y_top, open_top))
+    segments.extend(((x, y0), (x, y1)) for _, x, y0, y1, _ in bars)
 
     # Limit lines under the data; each label at whichever end of its line, above or below, is clearest.
     placed: list[_Box] = []
@@ -393,6 +408,17 @@ def render(chart: Chart, *, plot_w: int = 560, plot_h: int = 340) -> str:
             out.append(
                 f'<polyline points="{coords}" fill="none" stroke="{s.color}" stroke-width="{_num(s.width_px)}" '
                 f'stroke-linejoin="round" stroke-opacity="0.85"{dash}/>'
+            )
+    for color, x, y0, y1, open_top in bars:
+        dash = ' stroke-dasharray="3 3"' if open_top else ""
+        out.append(
+            f'<line x1="{_num(x)}" y1="{_num(y0)}" x2="{_num(x)}" y2="{_num(y1)}" stroke="{color}" '
+            f'stroke-width="1.4" stroke-opacity="0.75"{dash}/>'
+        )
+        for y_end in (y0,) if open_top else (y0, y1):
+            out.append(
+                f'<line x1="{_num(x - 4)}" y1="{_num(y_end)}" x2="{_num(x + 4)}" y2="{_num(y_end)}" '
+                f'stroke="{color}" stroke-width="1.4" stroke-opacity="0.75"/>'
             )
     for s, pts in series:
         if not s.markers:

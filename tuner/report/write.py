@@ -2,11 +2,14 @@
 with SVG plots.
 
 :func:`write_report` takes the dict the tuner builds at the end of a run (``format: infertop-tune-report``,
-version 1; see ``tuner/tuning/tune.py``) and writes ``report.json`` (that dict, as is), ``report.md``,
-``report.html`` and three plots into a directory. The summary's sections are built here as one list of
+version 2; see ``build_report`` in ``tuner/tuning/tune.py``) and writes ``report.json`` (that dict, as is),
+``report.md``, ``report.html`` and the plots into a directory. The summary opens with the result's line (the
+verdict: PROVEN, NOT PROVEN, ...) because that is what an operator must read first; then what was exported and
+at which load, with the figures and their 90 % intervals. Its sections are built here as one list of
 :mod:`tuner.report.document` blocks, so the Markdown and the HTML say the same thing; the figures come from
-:mod:`tuner.report.data` and the plots from :mod:`tuner.report.plots`. The dict may be incomplete (an interrupted
-run, a trial with no points, fields that are None); every missing figure reads "n/a", never zero.
+:mod:`tuner.report.data` and the plots from :mod:`tuner.report.plots`. The dict may be incomplete (an
+interrupted run, a failed trial, fields that are None, a version-1 report of an older infertop); every missing
+figure reads "n/a", never zero.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from typing import Any, TypedDict
 
 from tuner.report import svgplot
 from tuner.report.data import (
+    Attempt,
+    Capacity,
     Headline,
     Point,
     Run,
     Trial,
+    as_interval,
     as_mapping,
     as_number,
     as_text,
-    closest_point,
-    cost_per_million_output_tokens_usd,
     run_headline,
 )
 from tuner.report.document import (
@@ -48,20 +52,22 @@ from tuner.report.document import (
     bold,
     code,
     fmt_bare,
+    fmt_estimate,
     fmt_joules,
-    fmt_ms,
     fmt_secs,
     fmt_times,
-    fmt_tok_s,
     fmt_usd,
-    fmt_users,
-    ms_value,
+    num_ms,
+    num_secs,
+    num_tok_s,
     to_html,
     to_markdown,
 )
 from tuner.report.plots import plots
+from tuner.tuning.export import serve_cli_flags
 
 __all__ = [
+    "READABLE_VERSIONS",
     "REPORT_FORMAT",
     "REPORT_VERSION",
     "ReportError",
@@ -71,7 +77,9 @@ __all__ = [
 ]
 
 REPORT_FORMAT = "infertop-tune-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1 (an older infertop: fixed concurrencies, no intervals, no verdict) still renders, as a limited view."""
 
 
 class ReportError(Exception):
@@ -121,6 +129,62 @@ def _bound(point: Point | None) -> str:
     return NA if kind is None else _BOUNDS.get(kind, kind.replace("_", " "))
 
 
+def _load(point: Point | None) -> str:
+    return point.load.label if point and point.load else NA
+
+
+def _tok_s(p: Point | None, unit: str = "") -> str:
+    return fmt_estimate(p.tok_s, p.tok_s_ci, num_tok_s, unit) if p else NA
+
+
+def _ttft(p: Point | None, unit: str = "") -> str:
+    return fmt_estimate(p.figure("ttft_p95_s"), p.ttft_p95_ci, num_secs, unit) if p else NA
+
+
+def _tpot(p: Point | None, unit: str = "") -> str:
+    return fmt_estimate(p.figure("tpot_p95_s"), p.tpot_p95_ci, num_ms, unit) if p else NA
+
+
+def _decision(p: Point) -> Inline:
+    if p.aborted:
+        return bold("aborted")
+    words: dict[str, Inline] = {"pass": "pass", "fail": bold("fail"), "uncertain": bold("at the limit")}
+    return words.get(p.decision, NA)
+
+
+def _bracket(capacity: Capacity | None) -> str:
+    """``"32.1 req/s held; 34 req/s did not"``: the capacity and what bounds it from above."""
+    if capacity is None:
+        return NA
+    if capacity.best is None:
+        return "nothing held"
+    above = f"{_load(capacity.ceiling)} did not" if capacity.ceiling else "no load above it failed"
+    return f"{_load(capacity.best)} held; {above}"
+
+
+def _figures_line(figures: Mapping[str, Any]) -> str:
+    """The operating point's figures with their intervals, as the verdict recorded them."""
+    confidence = as_number(figures.get("confidence"))
+    requests, window_s = as_number(figures.get("requests")), as_number(figures.get("window_s"))
+    tok_s = fmt_estimate(
+        as_number(figures.get("output_tokens_per_s")),
+        as_interval(figures.get("output_tokens_per_s_ci")),
+        num_tok_s,
+        " tok/s",
+    )
+    ttft = fmt_estimate(
+        as_number(figures.get("ttft_p95_s")), as_interval(figures.get("ttft_p95_ci_s")), num_secs, " s"
+    )
+    tpot = fmt_estimate(
+        as_number(figures.get("tpot_p95_s")), as_interval(figures.get("tpot_p95_ci_s")), num_ms, " ms"
+    )
+    level = f"{confidence * 100:.0f} %" if confidence is not None else NA
+    return (
+        f"output {tok_s}, TTFT p95 {ttft}, TPOT p95 {tpot}; {level} intervals, {fmt_bare(requests)} requests "
+        f"over {fmt_secs(window_s)} of steady window"
+    )
+
+
 def _serve_command(model: str, config: Mapping[str, Any]) -> str:
     args = ["vllm", "serve", shlex.quote(model)]
     for key, value in config.items():
@@ -132,70 +196,59 @@ def _serve_command(model: str, config: Mapping[str, Any]) -> str:
     return " ".join(args)
 
 
-# --- the summary ---------------------------------------------------------------------------------------
+_LOAD_MODELS = {
+    "rate": (
+        "Poisson arrivals, open loop",
+        "Poisson arrivals at a fixed rate (open loop): capacity in requests/s",
+    ),
+    "users": (
+        "concurrent users, closed loop",
+        "concurrent users, each sending the next request when the last ends (closed loop): capacity in users",
+    ),
+}
+"""Each objective's load model: (a few words, a sentence)."""
 
 
-def _intro(run: Run) -> list[Block]:
-    raw = run.raw
-    hardware = as_mapping(raw.get("hardware"))
-    slo_raw = as_mapping(raw.get("slo"))
-    workload = as_mapping(raw.get("workload"))
-    model = as_text(raw.get("model")) or NA
-    label = as_text(raw.get("hardware_label")) or as_text(hardware.get("gpu_name")) or NA
-    vram = as_number(hardware.get("vram_per_gpu_bytes"))
-    cc = hardware.get("compute_capability")
-    hw_detail = []
-    if vram:
-        hw_detail.append(f"{vram / 2**30:.0f} GiB per GPU")
-    if isinstance(cc, (list, tuple)) and len(cc) == 2:
-        hw_detail.append(f"compute capability {cc[0]}.{cc[1]}")
-    judged = str(slo_raw.get("judged_at") or "p95")
-    slo_name = as_text(slo_raw.get("name")) or "SLO"
-    describe = as_text(slo_raw.get("describe")) or (run.slo.describe() if run.slo else NA)
-    source = as_text(slo_raw.get("source"))
-    in_len, out_len = as_number(workload.get("input_len")), as_number(workload.get("output_len"))
-    started, finished = as_number(raw.get("started_s")), as_number(raw.get("finished_s"))
-    grid = as_number(raw.get("grid_size"))
-    launches = as_number(raw.get("launches"))
-    counts: dict[str, int] = {}
-    for trial in run.trials:
-        counts[trial.status] = counts.get(trial.status, 0) + 1
-    tally = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none"
-    blocks: list[Block] = [
-        Heading(1, "infertop tuning report"),
-        Bullets(
-            (
-                ("Model: ", code(model)),
-                ("Hardware: ", label + (f" ({', '.join(hw_detail)})" if hw_detail else "")),
+# --- the opening: the result's line, then what was exported and how sure it is -------------------------
+
+
+def _opening(run: Run, head: Headline) -> list[Block]:
+    if head.text:
+        title = head.text
+    elif run.legacy:
+        title = "REPORT OF AN OLDER INFERTOP (format version 1): limited view"
+    else:
+        title = "NO RESULT LINE: this report records no headline (n/a)"
+    blocks: list[Block] = [Heading(1, title)]
+    verdict = run.verdict
+    if run.legacy:
+        blocks.append(
+            Para(
                 (
-                    "SLO: ",
-                    bold(slo_name),
-                    f": {describe}" + (f". Source: {source}" if source else ""),
+                    bold("Report of an older infertop (format version 1): limited view."),
+                    " It measured fixed numbers of concurrent users without intervals and kept no verdict; the "
+                    "trials and their points follow as far as they can be read. Run ",
+                    code("infertop tune"),
+                    " again for a verdict with 90 % intervals.",
                 ),
-                (
-                    f"Judged at {judged} over each phase. Phases last tens of seconds, so infertop checks the "
-                    f"limits at {judged}, where MLPerf uses p99 over at least 600 s: a pass here makes a strong "
-                    "candidate for a full-length run, not a certified result.",
-                ),
-                (
-                    "Workload: ",
-                    f"{fmt_bare(in_len)} input tokens and {fmt_bare(out_len)} output tokens per request"
-                    if in_len is not None and out_len is not None
-                    else NA,
-                    f"; requests per measured point: {workload.get('requests_per_point')}"
-                    if workload.get("requests_per_point")
-                    else "",
-                ),
-                (
-                    f"Run: started {_when(started)}, took "
-                    f"{_duration(finished - started if started and finished else None)}; "
-                    f"{fmt_bare(launches)} server launches; {len(run.trials)} trials ({tally})"
-                    + (f" out of {grid:.0f} feasible configurations in the grid" if grid is not None else ""),
-                ),
+                "warning",
             )
-        ),
-    ]
-    if raw.get("interrupted"):
+        )
+    elif verdict and verdict.status == "not_proven":
+        blocks.append(Para((bold("The exported file is NOT proven."), " ", *_not_proven_why(run)), "warning"))
+    elif verdict and verdict.status == "unverified":
+        blocks.append(
+            Para(
+                (
+                    bold("The exported file is UNVERIFIED:"),
+                    " vLLM was never relaunched from it (",
+                    code("--no-prove"),
+                    "), so its figures come from the search alone.",
+                ),
+                "warning",
+            )
+        )
+    if run.raw.get("interrupted"):
         blocks.append(
             Para(
                 (
@@ -208,108 +261,93 @@ def _intro(run: Run) -> list[Block]:
                 "warning",
             )
         )
+    if not run.legacy:
+        blocks.append(Bullets(tuple(_summary_lines(run, head))))
+        command = _commands(run)
+        if command:
+            blocks.append(Code(command))
     return blocks
 
 
-def _result(run: Run, head: Headline) -> list[Block]:
-    blocks: list[Block] = [Heading(2, "Result")]
-    model = as_text(run.raw.get("model")) or "MODEL"
-    price = as_number(run.raw.get("price_per_gpu_hour"))
-    w, d = run.winner, run.defaults
+def _not_proven_why(run: Run) -> tuple[Inline, ...]:
+    verdict = run.verdict
+    attempts = verdict.attempts if verdict else ()
+    if not attempts:
+        return ("vLLM was never relaunched from it before the run ended.",)
+    failures = "; ".join(f"{a.label}: {_attempt_failure(a)}" for a in attempts)
+    return (f"vLLM relaunched from it did not hold the SLO ({failures}). Do not size a server on it.",)
+
+
+def _attempt_failure(a: Attempt) -> str:
+    if a.error:
+        return f"did not start ({a.error})"
+    if not a.checks and a.proof is None:
+        return "nothing measured"
+    if a.checks and a.held is None:
+        lowest = a.checks[-1]
+        return f"no production check held, down to {_load(lowest)} ({lowest.why()})"
+    proof = a.proof
+    return f"the proof at {_load(proof)}: {proof.why()}" if proof else "n/a"
+
+
+def _summary_lines(run: Run, head: Headline) -> list[tuple[Inline, ...]]:
+    verdict, w = run.verdict, run.winner
+    lines: list[tuple[Inline, ...]] = []
     if w is None:
-        return blocks + _no_winner(run)
-    users = (
-        f"serves up to {fmt_users(head.winner_max_users)} at once within the SLO"
-        if head.winner_max_users != head.winner_concurrency
-        else f"serves {fmt_users(head.winner_max_users)} at once within the SLO"
-    )
-    blocks.append(
-        Para(
-            (
-                bold(f"Best configuration: {w.label}."),
-                f" It {users}, with its best throughput {fmt_tok_s(head.winner_output_tokens_per_s)} "
-                f"at {fmt_users(head.winner_concurrency)}"
-                + (
-                    f" ({fmt_tok_s(run.per_gpu(head.winner_output_tokens_per_s))} per GPU)."
-                    if run.gpus > 1
-                    else "."
-                ),
-            )
-        )
-    )
-    if d is None:
-        blocks.append(
-            Para(("vLLM's defaults were not measured in this run, so there is no ratio against them.",))
-        )
-    elif d is w:
-        blocks.append(
-            Para(("vLLM's defaults were the best configuration found: no tuned change beat them.",))
-        )
-    elif head.defaults_output_tokens_per_s is None:
-        why = d.reason or "no concurrency tried met the SLO"
-        blocks.append(
-            Para(
-                (
-                    "vLLM's defaults did not meet this SLO at any concurrency tried (",
-                    why,
-                    "): the tuned configuration is what makes the SLO reachable.",
-                )
-            )
+        lines.append(
+            ("Nothing exported: no configuration held a load within the SLO (each trial's reason is below).",)
         )
     else:
-        blocks.append(
-            Para(
-                (
-                    bold(f"{fmt_times(head.throughput_ratio)} the output throughput of vLLM's defaults"),
-                    f" under the same SLO ({fmt_tok_s(head.winner_output_tokens_per_s)} vs "
-                    f"{fmt_tok_s(head.defaults_output_tokens_per_s)}), and {fmt_times(head.users_ratio)} the "
-                    f"concurrent users ({fmt_bare(head.winner_max_users)} vs {fmt_bare(head.defaults_max_users)}).",
-                )
-            )
+        attempt = next((a for a in verdict.attempts if a.key == w.key), None) if verdict else None
+        where = (" in ", code(Path(attempt.yaml).name)) if attempt and attempt.yaml else ()
+        op = verdict.operating_point if verdict else None
+        if op is not None and verdict:
+            held = "(the production check that held on the server relaunched from the file)."
+            lines.append(("Exported: ", bold(w.label), *where, ", to be run at ", bold(op.label), f" {held}"))
+            lines.append((f"At {op.label} on the relaunched server: {_figures_line(verdict.figures)}.",))
+        else:
+            lines.append(("Exported: ", bold(w.label), *where, ", with no proven operating point."))
+        kind = _LOAD_MODELS.get(run.objective or "", (NA, NA))[0]
+        lines.append(("Capacity found in the search: ", bold(_bracket(w.capacity)), f" ({kind})."))
+    lines.append(_against_defaults(run, head))
+    lines.extend((bold("Tie:"), f" {tie}.") for tie in run.ties)
+    lines.extend(_cost_and_energy(run, head))
+    return lines
+
+
+def _against_defaults(run: Run, head: Headline) -> tuple[Inline, ...]:
+    w, d = run.winner, run.defaults
+    if d is None:
+        return ("vLLM's defaults were not measured in this run: no comparison with them.",)
+    if w is None:
+        return (f"vLLM's defaults: {_bracket(d.capacity)} ({d.reason or d.status}).",)
+    if w is d:
+        return ("vLLM's defaults were the best configuration: no tuned change held a load they did not.",)
+    if d.best_point is None:
+        return (
+            f"vLLM's defaults held no load within the SLO ({d.reason or d.status}): the tuned configuration is "
+            "what makes the SLO reachable.",
         )
-    blocks.append(Code(_serve_command(model, w.config)))
-
-    best, d_best = w.best_point, d.best_point if d else None
-    columns = ["", "best configuration"] + (["vLLM defaults"] if d is not None and d is not w else [])
-
-    def row(name: str, value: Any) -> tuple[Inline, ...]:
-        cells: list[Inline] = [name, value(w, best)]
-        if len(columns) == 3:
-            cells.append(value(d, d_best))
-        return tuple(cells)
-
-    def point_stat(name: str, fmt: Any) -> Any:
-        return lambda t, p: fmt(p.stat(name) if p else None)
-
-    blocks.append(
-        Table(
-            tuple(columns),
-            (
-                row("most concurrent users within the SLO", lambda t, p: fmt_users(t.max_users)),
-                row("best output throughput", lambda t, p: fmt_tok_s(t.best_tok_s)),
-                row("... measured at", lambda t, p: fmt_users(t.best_concurrency)),
-                row(
-                    "output throughput per GPU" if run.gpus else "output throughput (CPU server, no GPU)",
-                    lambda t, p: fmt_tok_s(run.per_gpu(t.best_tok_s)),
-                ),
-                row("TTFT p95 there", point_stat("ttft_p95_s", fmt_ms)),
-                row("tok/s per user (p50) there", point_stat("user_tok_per_s_p50", fmt_tok_s)),
-                row(
-                    "cost per 1M output tokens",
-                    lambda t, p: fmt_usd(cost_per_million_output_tokens_usd(price, run.gpus, t.best_tok_s)),
-                ),
-                row(
-                    "GPU energy per output token", lambda t, p: fmt_joules(p.joules_per_token if p else None)
-                ),
-            ),
-            (False, True, True)[: len(columns)],
-        )
+    clear = (
+        f"; {w.label} held a load the defaults did not"
+        if head.clear_win
+        else "; within the uncertainty of the two brackets, not a clear win"
     )
-    blocks.append(Bullets((*_cost_and_energy(run, head, price), _proof(run), _production(run))))
-    return blocks
+    return (
+        f"Against vLLM's defaults ({_bracket(d.capacity)}): ",
+        bold(f"{fmt_times(head.capacity_ratio)} the capacity"),
+        f"{clear}.",
+    )
 
 
-def _cost_and_energy(run: Run, head: Headline, price: float | None) -> list[tuple[Inline, ...]]:
+def _cost_and_energy(run: Run, head: Headline) -> list[tuple[Inline, ...]]:
+    at = head.figures_at
+    if at is None:
+        return []
+    where = f"at {_load(at)}" + (
+        " (the operating point)" if head.figures_at_operating_point else " (the best load held in the search)"
+    )
+    price = run.price_per_gpu_hour
     if run.gpus < 1:
         cost: tuple[Inline, ...] = ("Cost per 1M output tokens: n/a (the CPU build: no GPU-hours to price).",)
     elif price is None:
@@ -320,154 +358,345 @@ def _cost_and_energy(run: Run, head: Headline, price: float | None) -> list[tupl
         )
     else:
         cost = (
-            "Cost per 1M output tokens: ",
+            f"Cost per 1M output tokens {where}: ",
             bold(fmt_usd(head.cost_per_million_output_tokens_usd)),
             f" at ${price:,.2f} per GPU-hour x {run.gpus} GPU{'s' if run.gpus > 1 else ''} "
             "(price x GPUs x 1e6 / (output tok/s x 3600), as Artificial Analysis computes it).",
         )
     if head.joules_per_output_token is not None:
         energy: tuple[Inline, ...] = (
-            "GPU energy per output token: ",
+            f"GPU energy per output token {where}: ",
             bold(fmt_joules(head.joules_per_output_token)),
-            " (power integrated over the measured window, all GPUs, over the output tokens in it).",
+            " (power integrated over the measured phases, all GPUs, over their output tokens).",
         )
     else:
-        energy = ("GPU energy per output token: n/a (no GPU power readings for that phase).",)
+        energy = ("GPU energy per output token: n/a (no GPU power readings for those phases).",)
     return [cost, energy]
 
 
-def _proof(run: Run) -> tuple[Inline, ...]:
-    proof = run.raw.get("proof")
-    if not isinstance(proof, Mapping):
-        return ("Proof run: n/a (the configuration was not relaunched from its YAML file).",)
-    yaml = as_text(proof.get("yaml")) or NA
-    error = as_text(proof.get("error"))
-    if error:
-        return ("Proof run from ", code(yaml), f": failed: {error}")
-    n = as_number(proof.get("concurrency"))
-    startup_s, tok_s = as_number(proof.get("startup_s")), as_number(proof.get("output_tokens_per_s"))
-    trial_tok_s = as_number(proof.get("trial_output_tokens_per_s"))
-    verdict = "met the SLO" if proof.get("passed") is True else "missed the SLO"
-    return (
-        "Proof run: relaunched from ",
-        code(yaml),
-        f" (startup {fmt_secs(startup_s)}): {fmt_tok_s(tok_s)} "
-        f"at {fmt_users(int(n) if n else None)} vs {fmt_tok_s(trial_tok_s)} in the trial (",
-        bold(fmt_times(as_number(proof.get("ratio")))),
-        f"); {verdict}.",
-    )
+def _commands(run: Run) -> str:
+    w = run.winner
+    if w is None:
+        return ""
+    model = as_text(run.raw.get("model")) or "MODEL"
+    verdict = run.verdict
+    attempt = next((a for a in verdict.attempts if a.key == w.key and a.yaml), None) if verdict else None
+    lines = []
+    if attempt and attempt.yaml:
+        flags = serve_cli_flags(w.config)
+        lines += [
+            " ".join(("vllm serve --config", shlex.quote(attempt.yaml), *flags)),
+            "# the same, as flags:",
+        ]
+    return "\n".join([*lines, _serve_command(model, w.config)])
 
 
-def _production(run: Run) -> tuple[Inline, ...]:
-    prod = run.raw.get("production")
-    if not isinstance(prod, Mapping):
-        return ("Production check: n/a (not run).",)
-    fraction = as_number(prod.get("fraction_of_max"))
-    share = f"{fraction * 100:.0f} %" if fraction is not None else NA
-    rate = as_number(prod.get("request_rate_per_s"))
-    error = as_text(prod.get("error"))
-    if error:
-        return (f"Production check (steady load at {share} of the max): failed to run: {error}",)
-    stats = as_mapping(prod.get("stats"))
-    reasons = [str(r) for r in prod.get("slo_reasons") or ()]
-    verdict = bold("SLO met") if prod.get("passed") is True else bold("SLO missed")
-    return (
-        f"Production check: steady load at {share} of the max ({fmt_bare(rate, 2)} requests/s): TTFT p95 "
-        f"{fmt_ms(as_number(stats.get('ttft_p95_s')))}, E2E p95 {fmt_secs(as_number(stats.get('e2e_p95_s')))}, "
-        f"{fmt_tok_s(as_number(stats.get('output_tokens_per_s')))}: ",
-        verdict,
-        f" ({'; '.join(reasons)})." if reasons else ".",
-    )
+# --- the run ---------------------------------------------------------------------------------------------
 
 
-def _no_winner(run: Run) -> list[Block]:
-    describe = as_text(as_mapping(run.raw.get("slo")).get("describe")) or (
-        run.slo.describe() if run.slo else ""
-    )
-    blocks: list[Block] = [
-        Para((bold("No configuration met the SLO"), f" ({describe})." if describe else "."), "warning")
+def _about(run: Run) -> list[Block]:
+    raw = run.raw
+    hardware = as_mapping(raw.get("hardware"))
+    slo_raw = as_mapping(raw.get("slo"))
+    workload = as_mapping(raw.get("workload"))
+    label = as_text(raw.get("hardware_label")) or as_text(hardware.get("gpu_name")) or NA
+    vram = as_number(hardware.get("vram_per_gpu_bytes"))
+    cc = hardware.get("compute_capability")
+    hw_detail = []
+    if vram:
+        hw_detail.append(f"{vram / 2**30:.0f} GiB per GPU")
+    if isinstance(cc, (list, tuple)) and len(cc) == 2:
+        hw_detail.append(f"compute capability {cc[0]}.{cc[1]}")
+    judged = str(slo_raw.get("judged_at") or "p95")
+    describe = as_text(slo_raw.get("describe")) or (run.slo.describe() if run.slo else NA)
+    source = as_text(slo_raw.get("source"))
+    in_len, out_len = as_number(workload.get("input_len")), as_number(workload.get("output_len"))
+    vocab = as_number(workload.get("vocab_size"))
+    confidence = as_number(workload.get("confidence"))
+    min_phase_s = as_number(workload.get("min_phase_s"))
+    requests = (as_number(workload.get("min_requests")), as_number(workload.get("max_requests")))
+    started, finished = as_number(raw.get("started_s")), as_number(raw.get("finished_s"))
+    grid, launches = as_number(raw.get("grid_size")), as_number(raw.get("launches"))
+    counts: dict[str, int] = {}
+    for trial in run.trials:
+        counts[trial.status] = counts.get(trial.status, 0) + 1
+    tally = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none"
+    model = as_text(raw.get("model"))
+    slo_name = as_text(slo_raw.get("name"))
+    over = "each phase, on point estimates" if run.legacy else "each steady window, with its interval"
+    items: list[tuple[Inline, ...]] = [
+        ("Model: ", code(model) if model else NA),
+        ("Hardware: ", label + (f" ({', '.join(hw_detail)})" if hw_detail else "")),
+        (
+            "SLO: ",
+            *((bold(slo_name), ": ") if slo_name else ()),
+            describe + (f". Source: {source}" if source else ""),
+        ),
+        (
+            f"Judged at {judged} over {over}. Phases last tens of seconds, where MLPerf judges p99 over at "
+            "least 600 s: a pass here makes a strong candidate for a full-length run, not a certified result.",
+        ),
+        (
+            "Load: ",
+            "fixed numbers of concurrent users (closed loop)"
+            if run.legacy
+            else _LOAD_MODELS.get(run.objective or "", (NA, NA))[1],
+        ),
+        (
+            "Workload: ",
+            f"{fmt_bare(in_len)} input and {fmt_bare(out_len)} output tokens per request"
+            if in_len is not None and out_len is not None
+            else NA,
+            f", prompt token ids below {fmt_bare(vocab)}" if vocab is not None else "",
+            f"; each phase at least {fmt_secs(min_phase_s)}" if min_phase_s is not None else "",
+            f", {fmt_bare(requests[0])} to {fmt_bare(requests[1])} requests a point"
+            if None not in requests
+            else "",
+            f"; {confidence * 100:.0f} % intervals" if confidence is not None else "",
+        ),
     ]
-    closest = closest_point(run.slo, run.trials)
-    if closest is None:
+    cpu = as_text(raw.get("cpu"))
+    if cpu:
+        items.append(("CPU: ", cpu))
+    budget = as_text(raw.get("budget_note"))
+    exit_code = as_number(raw.get("exit_code"))
+    items.append(
+        (
+            f"Run: started {_when(started)}, took "
+            f"{_duration(finished - started if started and finished else None)}; "
+            f"{fmt_bare(launches)} server launches; {len(run.trials)} trials ({tally})"
+            + (f" out of {grid:.0f} feasible configurations in the grid" if grid is not None else "")
+            + (f"; {budget}" if budget else "")
+            + (f"; exit status {exit_code:.0f}" if exit_code is not None else ""),
+        )
+    )
+    return [Heading(2, "The run"), Bullets(tuple(items))]
+
+
+# --- the verdict -----------------------------------------------------------------------------------------
+
+_MEANING = {
+    "proven": "vLLM relaunched from the exported file reproduced the capacity and held the production check "
+    "with every interval inside the SLO: size a production server for {op} of this workload.",
+    "backed_off": "the exported file holds {op}, but not everything the search promised (below): size a server "
+    "for {op}, not for the capacity found in the search.",
+    "unverified": "vLLM was never relaunched from the exported file (--no-prove): the capacity comes from the "
+    "search alone. Run again without --no-prove before sizing a server on it.",
+}
+
+
+_STATUS_WORDS = {"proven": "PROVEN", "backed_off": "PROVEN AFTER BACKING OFF", "unverified": "UNVERIFIED"}
+
+
+def _verdict(run: Run) -> list[Block]:
+    blocks: list[Block] = [Heading(2, "Verdict")]
+    verdict = run.verdict
+    if verdict is None:
+        why = (
+            "the run was interrupted before vLLM was relaunched from the exported file"
+            if run.raw.get("interrupted")
+            else "no configuration held a load within the SLO, so nothing was exported or relaunched"
+        )
+        return [*blocks, Para((f"No verdict: {why}.",))]
+    op = verdict.operating_point.label if verdict.operating_point else NA
+    word = _STATUS_WORDS.get(verdict.status, verdict.status.replace("_", " ").upper())
+    if verdict.status == "not_proven":
         blocks.append(
             Para(
-                (
-                    "No trial produced a measurement: every trial failed, was rejected before launch or was "
-                    "interrupted. The trial table below gives each one's reason.",
-                )
+                (bold("NOT PROVEN: the exported file is NOT proven."), " ", *_not_proven_why(run)), "warning"
             )
         )
-        return blocks
-    trial, point = closest
-    why = "; ".join(point.slo_reasons) or "no reason recorded"
-    blocks.append(
-        Para(
-            (
-                "Closest: ",
-                bold(trial.label),
-                f" at {fmt_users(point.concurrency)}: {fmt_tok_s(point.tok_s)}, "
-                f"TTFT p95 {fmt_ms(point.stat('ttft_p95_s'))}, "
-                f"{fmt_tok_s(point.stat('user_tok_per_s_p50'))} per user (p50). It missed because: {why}. ",
-                "Try a looser SLO, fewer input or output tokens, or a larger GPU.",
-            )
-        )
-    )
+    else:
+        meaning = _MEANING.get(verdict.status, "n/a").format(op=op)
+        blocks.append(Para((bold(f"{word}:"), f" {meaning}")))
+    for i, attempt in enumerate(verdict.attempts):
+        role = "the winner" if i == 0 else "the runner-up"
+        blocks.append(Heading(3, f"Relaunch {i + 1}: {attempt.label} ({role})"))
+        blocks.extend(_attempt(run, attempt))
     return blocks
+
+
+def _attempt(run: Run, a: Attempt) -> list[Block]:
+    yaml: Inline = code(a.yaml) if a.yaml else NA
+    if a.error:
+        return [Bullets((("Relaunched from ", yaml, f": did not start: {a.error}."),))]
+    items: list[tuple[Inline, ...]] = [("Relaunched from ", yaml, f": start-up {fmt_secs(a.startup_s)}.")]
+    trial = run.trial(a.key)
+    searched = trial.best_point if trial else None
+    if a.proof is not None:
+        p = a.proof
+        ratio = "reproduced" if a.proof_ok else bold("did not reproduce")
+        items.append(
+            (
+                f"Proof at {_load(p)} (the capacity found in the search): ",
+                _decision(p),
+                f"; {_tok_s(p, ' tok/s')} against {_tok_s(searched, ' tok/s')} in the trial: "
+                f"{fmt_times(a.proof_ratio)}, ",
+                ratio,
+                f"; {p.why()}.",
+            )
+        )
+    else:
+        items.append(("Proof: n/a (not measured).",))
+    held = a.held
+    if held is not None:
+        items.append((bold(f"Holds {_load(held)}"), " on a server started from the file alone."))
+    elif a.checks:
+        items.append((bold("No production check held"), f": not even {_load(a.checks[-1])}."))
+    blocks: list[Block] = [Bullets(tuple(items))]
+    if a.checks:
+        rows = tuple(
+            (
+                _load(c),
+                _decision(c),
+                _tok_s(c),
+                _ttft(c),
+                _tpot(c),
+                f"{fmt_bare(c.requests)} / {fmt_secs(c.figure('window_s'))}",
+                c.why(),
+            )
+            for c in a.checks
+        )
+        blocks.append(
+            Table(
+                (
+                    "production check",
+                    "decision",
+                    "output tok/s (90 % interval)",
+                    "TTFT p95, s (90 % interval)",
+                    "TPOT p95, ms (90 % interval)",
+                    "requests / steady window",
+                    "why",
+                ),
+                rows,
+                (False, False, True, True, True, True, False),
+            )
+        )
+    return blocks
+
+
+# --- the trials and their points -------------------------------------------------------------------------
+
+
+def _ordered(run: Run) -> list[Trial]:
+    """Ranked trials first, best first; then the rest as they ran."""
+    return [*run.ranking, *(t for t in run.trials if t not in run.ranking)]
+
+
+def _name(run: Run, t: Trial) -> Inline:
+    if t is run.winner:
+        return bold(f"{t.label} ★")
+    mark = " (vLLM defaults)" if t is run.defaults and "default" not in t.label.lower() else ""
+    return t.label + mark
 
 
 def _trial_table(run: Run) -> list[Block]:
     if not run.trials:
         return [Heading(2, "Trials"), Para(("No trials were recorded.",))]
+    ranks = {t.key: i + 1 for i, t in enumerate(run.ranking)}
     rows = []
-    for t in run.trials:
-        closest = closest_point(run.slo, [t])
-        shown = t.best_point or (closest[1] if closest else None)
-        mark = " ★" if t is run.winner else ""
-        reason = t.reason or ("" if t.status == "feasible" else NA)
-        users = NA if shown is None else fmt_bare(shown.concurrency) + ("" if shown.passed else " (missed)")
+    for t in _ordered(run):
+        best = t.best_point
         rows.append(
             (
-                f"{t.index + 1}",
-                bold(t.label + mark) if t is run.winner else t.label + _defaults_mark(t, run),
+                str(ranks[t.key]) if t.key in ranks else "-",
+                _name(run, t),
                 t.status,
-                users,
-                fmt_bare(shown.tok_s if shown else None),
-                fmt_bare(ms_value(shown.stat("ttft_p95_s")) if shown else None),
-                fmt_bare(shown.stat("user_tok_per_s_p50") if shown else None, 1),
+                _bracket(t.capacity),
+                _tok_s(best),
+                _ttft(best),
+                _bound(best),
                 fmt_bare(t.startup_s),
-                _bound(shown),
-                reason,
+                "" if t.status == "feasible" else t.reason or NA,
             )
         )
     return [
         Heading(2, "Trials"),
         Para(
             (
-                "★ marks the best configuration. Figures are at each trial's best point within the SLO; for a "
-                'trial with none, at the point that came closest to it (marked "missed").',
+                "Best first (the ranking; unranked trials held nothing or did not run). ★ marks the exported "
+                "configuration. Throughput and TTFT are at the best load each trial held, with their 90 % "
+                "intervals.",
             )
         ),
         Table(
             (
-                "#",
+                "rank",
                 "configuration",
                 "status",
-                "users",
-                "output (tok/s)",
-                "TTFT p95 (ms)",
-                "per user p50 (tok/s)",
-                "startup (s)",
+                "capacity",
+                "output tok/s (90 % interval)",
+                "TTFT p95, s (90 % interval)",
                 "bound by",
+                "start-up (s)",
                 "reason",
             ),
             tuple(rows),
-            (True, False, False, True, True, True, True, True, False, False),
+            (True, False, False, False, True, True, False, True, False),
         ),
     ]
 
 
-def _defaults_mark(trial: Trial, run: Run) -> str:
-    return " (vLLM defaults)" if trial is run.defaults and "default" not in trial.label.lower() else ""
+def _role(p: Point, capacity: Capacity | None) -> str:
+    if p.role == "scout":
+        return "scout (pace only)"
+    if capacity is not None and p is capacity.best:
+        return f"{p.role}: capacity"
+    if capacity is not None and p is capacity.ceiling:
+        return f"{p.role}: ceiling"
+    return p.role
+
+
+def _point_tables(run: Run) -> list[Block]:
+    measured = [t for t in _ordered(run) if t.points]
+    if not measured:
+        return []
+    blocks: list[Block] = [Heading(2, "Measured points")]
+    for t in measured:
+        blocks.append(Heading(3, f"{t.label} ({t.status})"))
+        note = t.capacity.note if t.capacity else None
+        blocks.append(
+            Para((f"Capacity: {_bracket(t.capacity)}" + (f"; the search: {note}." if note else "."),))
+        )
+        rows = []
+        for p in t.points:
+            phases = as_number(p.steady.get("phases"))
+            rows.append(
+                (
+                    _role(p, t.capacity),
+                    _load(p),
+                    _decision(p),
+                    _tok_s(p),
+                    _ttft(p),
+                    _tpot(p),
+                    f"{fmt_bare(p.requests)} / {fmt_bare(phases)}",
+                    _bound(p),
+                    NA if run.legacy else (p.disturbed or "no"),
+                    p.why(),
+                )
+            )
+        blocks.append(
+            Table(
+                (
+                    "role",
+                    "load",
+                    "decision",
+                    "output tok/s (90 % interval)",
+                    "TTFT p95, s (90 % interval)",
+                    "TPOT p95, ms (90 % interval)",
+                    "requests / phases",
+                    "bound by",
+                    "disturbed",
+                    "why",
+                ),
+                tuple(rows),
+                (False, True, False, True, True, True, True, False, False, False),
+            )
+        )
+        notes = [f"{_load(p)}: {note}" for p in t.points for note in p.token_notes]
+        if notes:
+            blocks.append(Para(("Token counts disagree: " + "; ".join(notes) + ".",), "warning"))
+    return blocks
 
 
 def _logs(run: Run) -> list[Block]:
@@ -482,85 +711,62 @@ def _logs(run: Run) -> list[Block]:
     return blocks
 
 
-def _point_tables(run: Run) -> list[Block]:
-    measured = [t for t in run.trials if t.points]
-    if not measured:
-        return []
-    blocks: list[Block] = [Heading(2, "Measured points")]
-    for t in measured:
-        blocks.append(Heading(3, f"{t.index + 1}. {t.label} ({t.status})"))
-        rows = []
-        for p in sorted(t.points, key=lambda p: p.concurrency):
-            ok, failed = p.stat("requests_ok"), p.stat("requests_failed")
-            power = as_number(p.evidence.get("power_w_mean"))
-            kv = as_number(p.evidence.get("kv_cache_usage_pct_max"))
-            rows.append(
-                (
-                    fmt_bare(p.concurrency),
-                    "met" if p.passed else bold("missed"),
-                    fmt_bare(p.tok_s),
-                    fmt_bare(p.stat("user_tok_per_s_p50"), 1),
-                    fmt_bare(ms_value(p.stat("ttft_p50_s"))),
-                    fmt_bare(ms_value(p.stat("ttft_p95_s"))),
-                    fmt_bare(ms_value(p.stat("tpot_p95_s")), 1),
-                    fmt_bare(p.stat("e2e_p95_s"), 2),
-                    f"{fmt_bare(ok)} / {fmt_bare(failed)}",
-                    fmt_bare(kv),
-                    fmt_bare(power),
-                    fmt_bare(p.joules_per_token, 3),
-                    _bound(p),
-                    "; ".join(p.slo_reasons),
-                )
-            )
-        blocks.append(
-            Table(
-                (
-                    "users",
-                    "SLO",
-                    "output (tok/s)",
-                    "per user p50 (tok/s)",
-                    "TTFT p50 (ms)",
-                    "TTFT p95 (ms)",
-                    "TPOT p95 (ms)",
-                    "E2E p95 (s)",
-                    "requests ok / failed",
-                    "KV cache max (%)",
-                    "GPU power (W)",
-                    "energy (J/token)",
-                    "bound by",
-                    "why it missed",
-                ),
-                tuple(rows),
-                (True, False, *(True,) * 10, False, False),
-            )
-        )
-        notes = [
-            f"{p.concurrency} users: {p.tokens.get('note')}"
-            for p in t.points
-            if p.tokens.get("mismatch") is True
-        ]
-        if notes:
-            blocks.append(Para(("Token counts disagree: " + "; ".join(notes) + ".",), "warning"))
-    return blocks
-
-
 def _reading_notes(run: Run) -> list[Block]:
     judged = str(as_mapping(run.raw.get("slo")).get("judged_at") or "p95")
     return [
-        Heading(2, "How these numbers were measured"),
+        Heading(2, "How to read these numbers"),
         Bullets(
             (
                 (
-                    "Each point is one phase of concurrent streaming requests at a fixed number of users; output "
-                    "tokens come from the server's own usage counts, cross-checked against its /metrics counter.",
+                    bold("Steady window."),
+                    " Every figure comes from the steady part of each phase: the window opens one median request "
+                    "time after the phase starts (the ramp, while the batch and the queue fill, is left out) and "
+                    "closes when the last request is issued (the drain, with ever fewer requests in flight, is "
+                    "left out). Latency counts the requests started inside it, throughput the tokens delivered "
+                    'inside it. Phases at the same load are pooled ("requests / phases").',
                 ),
                 (
-                    f"TTFT is request start to the first text chunk. Tokens/s per user is 1 / TPOT, where TPOT = "
-                    f"(E2E - TTFT) / (output tokens - 1); the SLO judges TTFT and TPOT at {judged}.",
+                    bold("90 % intervals."),
+                    f" TTFT and TPOT {judged} intervals are distribution-free (two order statistics of the "
+                    f"window's requests; how many fall below the true {judged} is binomial): with fewer than 59 "
+                    f"requests nothing bounds a {judged} from above, the interval ends in ∞ and the point cannot "
+                    "pass. The output tok/s interval is a bootstrap over sub-windows of about a second, so bursts "
+                    "and stalls widen it.",
                 ),
                 (
-                    '"Bound by" is read from the phase\'s telemetry (GPU memory bandwidth via NVML GPM, SM activity, '
-                    "the server's queue and KV cache, client and server CPU).",
+                    bold("Judging a point."),
+                    " A point passes only when every interval lies inside the SLO. It fails when one lies wholly "
+                    "outside, errors exceed the limit, or (open loop) the queue builds through the window. An "
+                    'interval that straddles a limit is "at the limit": the point is measured further, and if it '
+                    "still straddles, it counts as not passing. The capacity is the highest load that passed; the "
+                    "lowest load above it that did not bounds it.",
+                ),
+                (
+                    bold("Open and closed loop."),
+                    ' Open loop ("rate", MLPerf\'s server scenario): requests arrive as a Poisson process at a '
+                    "fixed rate whatever the server does, as behind a public API, and queues build in bursts. "
+                    'Closed loop ("users", Artificial Analysis style): each user sends the next request when the '
+                    "last one ends, so the server is never offered more than it finishes. The rate search starts "
+                    "with short closed-loop scout phases that only find the server's pace: judged on point "
+                    "estimates, they do not count toward the capacity.",
+                ),
+                (
+                    bold("Ties."),
+                    " One configuration beats another only when it held a load the other did not. Otherwise the two "
+                    "tie within what the measurements can tell, and the one closer to vLLM's defaults (fewer "
+                    "settings changed) ranks first.",
+                ),
+                (
+                    bold("Verdict."),
+                    " The winner is exported and vLLM relaunched from that file alone: the proof holds the "
+                    "capacity again (it must pass, with throughput close to the trial's), then production checks "
+                    "hold a share of the capacity (75 % by default) for longer, backing off if it does not hold. "
+                    "If the winner does not hold, the runner-up is tried.",
+                ),
+                (
+                    bold("Bound by"),
+                    " is read from the phase's telemetry (GPU memory bandwidth via NVML GPM, SM activity, the "
+                    "server's queue and KV cache, client and server CPU).",
                 ),
             )
         ),
@@ -568,14 +774,16 @@ def _reading_notes(run: Run) -> list[Block]:
 
 
 def _document(run: Run, figures: Sequence[tuple[str, str, str, str]]) -> list[Block]:
-    head = run_headline(run)
-    blocks = _intro(run) + _result(run, head) + _trial_table(run)
+    blocks = _opening(run, run_headline(run)) + _about(run)
+    if not run.legacy:
+        blocks += _verdict(run)
+    blocks += _trial_table(run)
+    blocks.append(Heading(2, "Plots"))
     if figures:
-        blocks.append(Heading(2, "Plots"))
         blocks.extend(Figure(file, alt, svg, caption) for file, alt, svg, caption in figures)
     else:
-        blocks += [Heading(2, "Plots"), Para(("No plots: no trial has a measured point.",))]
-    return blocks + _logs(run) + _point_tables(run) + _reading_notes(run)
+        blocks.append(Para(("No plots: no trial has a measured point.",)))
+    return blocks + _point_tables(run) + _logs(run) + _reading_notes(run)
 
 
 # --- files ---------------------------------------------------------------------------------------------
@@ -643,7 +851,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> ReportFiles:
 
 
 def read_report(path: str | Path) -> dict[str, Any]:
-    """Read a ``report.json`` this module wrote.
+    """Read a ``report.json`` this module wrote (this version or an older one it still renders).
 
     Raises:
         ReportError: no such file, not JSON, or not an infertop tuning report of a known version.
@@ -657,8 +865,9 @@ def read_report(path: str | Path) -> dict[str, Any]:
         raise ReportError(f"cannot read {path}: {error}") from None
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise ReportError(f"{path} is not an infertop tuning report")
-    if data.get("version") != REPORT_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise ReportError(
-            f"{path} is a report of version {data.get('version')!r}; this infertop reads {REPORT_VERSION}"
+            f"{path} is a report of version {data.get('version')!r}; this infertop reads "
+            + " and ".join(map(str, READABLE_VERSIONS))
         )
     return data

@@ -11,6 +11,14 @@ A server is described by a frozen :class:`ServerSpec` and run by :class:`VllmSer
 A server that cannot start raises :class:`LaunchError`, whose ``kind`` says why (read from the server's log
 by :mod:`tuner.serving.launchlog`) and whose ``summary`` is one line for people. Nothing here imports vLLM: the server
 may live in another environment (``command=("/opt/vllm-env/bin/python", "-m", "vllm.entrypoints.openai.api_server")``).
+
+No server outlives this process: a normal exit, an exception or Ctrl-C stops it through :meth:`VllmServer.stop`
+or the context manager, SIGTERM and SIGHUP through handlers installed on the first start, and a death that runs
+no code at all (SIGKILL, the OOM killer) through the watchdog of :mod:`tuner.serving.reaper`, with which each
+server's process group is registered from the moment it is spawned until it is gone.
+
+``ServerSpec.cpus`` starts a server on chosen cores (:mod:`tuner.serving.affinity` plans them), so that on a
+small host the load generator and the server do not compete for the same ones.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from types import FrameType, TracebackType
 
 import psutil
 
+from tuner.serving import reaper
+from tuner.serving.affinity import spawn_affinity
 from tuner.serving.launchlog import FailureKind, classify_log, is_fatal, strip_log_prefix
 
 DEFAULT_COMMAND: tuple[str, ...] = ("vllm", "serve")
@@ -83,6 +93,11 @@ class ServerSpec:
     ``--model``). ``args`` are vLLM flags as a list, never a shell string; they must not set the host or port,
     which come from ``host`` and ``port`` (None: a free port is picked). ``env`` is added to this process's
     environment. ``log_path`` None puts the server's log in a new temporary directory.
+
+    ``cpus`` None runs the server wherever this process may run; a set of cores starts it (and every process
+    it starts) on those only. The CPU build of vLLM binds its OpenMP threads by ``VLLM_CPU_OMP_THREADS_BIND``
+    ("auto": every core of a NUMA node, whatever the server's affinity), so give it the same cores in ``env``:
+    ``env={"VLLM_CPU_OMP_THREADS_BIND": affinity.cpu_list(cpus)}``. That is the caller's choice, not made here.
     """
 
     model: str
@@ -93,6 +108,7 @@ class ServerSpec:
     env: Mapping[str, str] = field(default_factory=dict, hash=False)
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     log_path: Path | None = None
+    cpus: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -107,6 +123,15 @@ class ServerSpec:
                 raise ValueError("the model is given as ServerSpec.model, not as --model in args")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
+        if self.cpus is not None:
+            # A set given where a frozenset is due would make the spec unhashable: keep a frozen copy.
+            object.__setattr__(self, "cpus", frozenset(self.cpus))
+            if not self.cpus:
+                raise ValueError("ServerSpec.cpus is empty: give at least one core, or None to run anywhere")
+            if any(isinstance(core, bool) or not isinstance(core, int) or core < 0 for core in self.cpus):
+                raise ValueError(
+                    f"ServerSpec.cpus must hold core numbers (0, 1, ...), got {sorted(self.cpus)}"
+                )
 
     @property
     def model_is_positional(self) -> bool:
@@ -167,7 +192,9 @@ class VllmServer:
 
     ``vram_used_by_pids``, where given, lets :meth:`stop` confirm that the GPU memory of the stopped processes
     came back (plug NVML in there; without a GPU leave it None). ``on_log_line`` is called from the thread
-    that waits in :meth:`start` with each new log line, for progress displays.
+    that waits in :meth:`start` with each new log line, for progress displays. ``on_spawned(pid, port)`` is
+    called as soon as the process exists, before the wait for health: the tuner records the server there, so
+    that a later ``--resume`` can stop it if this process is killed while it starts.
     """
 
     def __init__(
@@ -176,6 +203,7 @@ class VllmServer:
         *,
         vram_used_by_pids: VramUsedByPids | None = None,
         on_log_line: Callable[[str], None] | None = None,
+        on_spawned: Callable[[int, int], None] | None = None,
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
         vram_release_timeout_s: float = DEFAULT_VRAM_RELEASE_TIMEOUT_S,
         failure_grace_s: float = FAILURE_GRACE_S,
@@ -183,6 +211,7 @@ class VllmServer:
         self.spec = spec
         self._vram_used_by_pids = vram_used_by_pids
         self._on_log_line = on_log_line
+        self._on_spawned = on_spawned
         self._stop_timeout_s = stop_timeout_s
         self._vram_release_timeout_s = vram_release_timeout_s
         self._failure_grace_s = failure_grace_s
@@ -265,7 +294,14 @@ class VllmServer:
                 FailureKind.CANNOT_START, f"vLLM not started: cannot write its log file: {error}"
             ) from None
         started_at = time.monotonic()
-        with log_file:
+        with log_file, contextlib.ExitStack() as on_its_cores:
+            try:
+                # On its cores from the start, so that everything it forks inherits them.
+                on_its_cores.enter_context(spawn_affinity(self.spec.cpus))
+            except ValueError as error:
+                raise LaunchError(
+                    FailureKind.CANNOT_START, f"vLLM not started: {error}", log_path=self._log_path
+                ) from None
             try:
                 # Its own session, so its process group holds vLLM and every worker it forks, and signals
                 # meant for us (Ctrl-C in a terminal) do not reach it behind our back.
@@ -279,9 +315,13 @@ class VllmServer:
                 )
             except OSError as error:
                 raise self._spawn_error(argv, error) from None
+        # At once, before the long wait for health: from here a SIGKILL of this process must take it down too.
+        reaper.watch(self._process.pid)
         _live_servers.add(self)
         _install_cleanup()
         try:
+            if self._on_spawned is not None:
+                self._on_spawned(self._process.pid, self._port)
             self._wait_until_healthy(started_at)
         except BaseException:
             # Covers LaunchError and a Ctrl-C while waiting: never leave a half-started server behind.
@@ -406,6 +446,8 @@ class VllmServer:
         leftover = tuple(sorted(p.pid for p in survivors))
         if process.poll() is None and process.pid not in leftover:
             leftover = (process.pid, *leftover)
+        if not leftover:
+            reaper.forget(pgid)  # gone: the watchdog must never signal this group id, which may be reused
         return StopResult(time.monotonic() - started_at, killed, leftover, None)
 
     def _group_processes(self) -> list[psutil.Process]:

@@ -1,7 +1,8 @@
-"""What a tuning run tells whoever watches it (the TUI screen, the headless progress bars, tests).
+"""What a tuning run tells whoever watches it (the TUI screen, the headless progress lines, tests).
 
 Events are frozen dataclasses named as past events, delivered in order on the tuner's thread. A listener must
-be quick and must not raise; the TUI forwards each one as a Textual message.
+be quick and must not raise; the TUI forwards each one as a Textual message. A load is told by its kind
+(``rate``: open-loop requests/s; ``users``: closed-loop concurrent users), its value and a label for people.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class TuneStarted:
     store_path: str
     ttft_p95_max_s: float | None = None  # the SLO's limits as numbers, for drawing them
     tok_s_per_user_min: float | None = None
+    objective: str = "rate"  # "rate": highest arrival rate within the SLO; "users": most concurrent users
+    cpu_note: str = ""  # how client and server were placed on the host's cores
 
 
 @dataclass(frozen=True)
@@ -44,25 +47,50 @@ class ServerReady:
 @dataclass(frozen=True)
 class PhaseProgressed:
     key: str
-    concurrency: int
+    load_label: str  # "2.4 req/s" or "8 users"
     stage: str  # "warmup" | "measure"
     requests_done: int
     requests_total: int | None
     output_tokens_per_s: float
+    role: str = "judged"  # scout, judged, proof, production
 
 
 @dataclass(frozen=True)
 class PhaseMeasured:
+    """One load judged on the trial's server (a point; its phases pooled)."""
+
     key: str
-    concurrency: int
-    passed: bool  # met the SLO
-    output_tokens_per_s: float
+    load_kind: str
+    load: float
+    load_label: str
+    role: str
+    decision: str  # "pass", "fail" or "uncertain" (an interval straddled a limit after measuring more)
+    output_tokens_per_s: float  # over the steady window
     ttft_p95_s: float | None
     tpot_p95_s: float | None
     tok_s_per_user_p50: float | None
     error_rate: float
     bound: str
-    reasons: tuple[str, ...] = ()  # which SLO limits failed, in words
+    reasons: tuple[str, ...] = ()  # which SLO limits failed or were uncertain, in words
+    requests: int = 0  # requests in the steady window(s)
+    phases: int = 1  # phases pooled (more than one: the interval straddled a limit, so more was measured)
+    ttft_p95_ci_s: tuple[float, float | None] | None = None  # top None: too few requests to bound it
+    output_tokens_per_s_ci: tuple[float, float] | None = None
+    requests_per_s: float = 0.0
+    disturbed: str = ""  # why other work on the host disturbed the measurement that was kept
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "pass"
+
+
+@dataclass(frozen=True)
+class PhaseRepeated:
+    """A phase was measured again or further: the host was busy with other work, or an interval straddled."""
+
+    key: str
+    load_label: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -71,9 +99,10 @@ class TrialFinished:
     label: str
     status: str  # "feasible" | "infeasible" | "failed" | "interrupted" | "skipped"
     reason: str  # one line: why infeasible/failed, or the headline result
-    best_concurrency: int | None = None
+    best_load_label: str | None = None
     best_output_tokens_per_s: float | None = None
     log_tail: str = ""
+    capacity: str = ""  # "2.4 req/s (2.7 req/s did not)"
 
 
 @dataclass(frozen=True)
@@ -81,7 +110,20 @@ class BestChanged:
     key: str
     label: str
     output_tokens_per_s: float
-    concurrency: int
+    load_label: str
+    note: str = ""  # "ties with vLLM defaults within the uncertainty; kept the one closer to the defaults"
+
+
+@dataclass(frozen=True)
+class VerdictReached:
+    """Whether the winner holds on a server relaunched from the exported file."""
+
+    status: str  # "proven", "backed_off", "not_proven", "unverified"
+    headline: str  # the result's first line
+    key: str | None
+    label: str | None
+    operating_point: str | None  # the load the export is proven for, "2.4 req/s"
+    exit_code: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,9 @@ class TuneFinished:
     wall_s: float
     stopped: str | None = None  # why the run ended early (interrupt, budget), None when it completed
     outputs: dict[str, str] = field(default_factory=dict)  # "yaml", "json", "markdown", "html" -> paths
+    verdict: str | None = None  # VerdictReached.status, None when no verdict was reached
+    headline: str = ""  # the result's first line
+    exit_code: int = 0
 
 
 TuneEvent = (
@@ -100,8 +145,10 @@ TuneEvent = (
     | ServerReady
     | PhaseProgressed
     | PhaseMeasured
+    | PhaseRepeated
     | TrialFinished
     | BestChanged
+    | VerdictReached
     | TuneFinished
 )
 Listener = Callable[[TuneEvent], None]

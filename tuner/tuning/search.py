@@ -1,108 +1,22 @@
-"""The search strategy: which concurrency to try next on a running server, and which config to launch next.
+"""The search strategy across configurations: which config to launch next.
 
-A launch is the expensive step (110-160 s for an 8B model on an H100), so:
-
-* **Per config** (no relaunch) the concurrency that meets the SLO is found by doubling until the SLO fails or
-  throughput stops growing, then bisecting between the last pass and the first failure.
-* **Across configs** the search starts from vLLM's defaults and moves one dimension at a time (coordinate
-  descent), choosing the move the evidence argues for: a full KV cache or preemptions ask for more KV capacity
-  (FP8 KV cache, more memory), requests waiting with room in the cache ask for a larger batch, a GPU bound by
-  memory bandwidth asks for FP8 weights, a TTFT failure asks for a larger prefill budget and a per-user speed
-  failure for a smaller one. Moves the evidence argues against are pruned, not launched.
+A launch is the expensive step (110-160 s for an 8B model on an H100), so the search starts from vLLM's
+defaults and moves one dimension at a time (coordinate descent), choosing the move the evidence of the
+incumbent's capacity search argues for (:mod:`tuner.tuning.capacity` measures each running server): a full KV
+cache or preemptions ask for more KV capacity (FP8 KV cache, more memory), requests waiting with room in the
+cache ask for a larger batch, a GPU bound by memory bandwidth asks for FP8 weights, a TTFT failure asks for a
+larger prefill budget and a per-user speed failure for a smaller one. Moves the evidence argues against are
+pruned, not launched.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-# --- concurrency search on one running server ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PointResult:
-    """One measured concurrency."""
-
-    concurrency: int
-    passed: bool
-    output_tokens_per_s: float
-    summary: dict[str, Any] = field(default_factory=dict)  # the phase as stored (stats, evidence, bound)
-
-
-@dataclass(frozen=True)
-class ConcurrencyPlan:
-    start: int = 1
-    max_concurrency: int = 1024
-    saturation_gain: float = 0.03  # a doubling that adds less than 3 % throughput is flat
-    patience: int = 2  # flat doublings in a row that mean saturation
-    bisect_resolution: float = 0.15  # stop bisecting when the gap is below 15 % of the concurrency
-    max_points: int = 12
-
-
-def find_max_concurrency(measure: Callable[[int], PointResult], plan: ConcurrencyPlan) -> list[PointResult]:
-    """Measure concurrencies until the largest one meeting the SLO is bracketed; return every point.
-
-    Doubling stops at the first failure, at saturation or at ``max_concurrency``. Saturation = ``patience``
-    doublings in a row that each fail to beat the best throughput so far by ``saturation_gain``: more users
-    then only add latency. One flat step is not enough, since a short phase on a busy machine is noisy.
-    Bisection then narrows the gap between the highest passing concurrency and the first failing one.
-    """
-    points: list[PointResult] = []
-    c = max(1, plan.start)
-    highest_pass: PointResult | None = None
-    best_tok_s = 0.0
-    flat_steps = 0
-    first_fail: PointResult | None = None
-    while len(points) < plan.max_points:
-        point = measure(c)
-        points.append(point)
-        if not point.passed:
-            first_fail = point
-            break
-        highest_pass = point
-        if point.output_tokens_per_s >= best_tok_s * (1 + plan.saturation_gain):
-            flat_steps = 0
-        else:
-            flat_steps += 1
-        best_tok_s = max(best_tok_s, point.output_tokens_per_s)
-        if flat_steps >= plan.patience or c >= plan.max_concurrency:
-            return points
-        c = min(c * 2, plan.max_concurrency)
-    if highest_pass is None or first_fail is None:
-        return points
-    lo, hi = highest_pass.concurrency, first_fail.concurrency
-    while len(points) < plan.max_points and hi - lo > max(1, math.ceil(plan.bisect_resolution * lo)):
-        mid = (lo + hi) // 2
-        point = measure(mid)
-        points.append(point)
-        if point.passed:
-            lo = mid
-        else:
-            hi = mid
-    return points
-
-
-def best_point(points: Iterable[PointResult], objective: str = "throughput") -> PointResult | None:
-    """The passing point with the most throughput (ties: fewer users, i.e. lower latency), or with
-    ``objective="users"`` the most concurrent users (ties: more throughput)."""
-    passing = [p for p in points if p.passed]
-    if not passing:
-        return None
-    if objective == "users":
-        return max(passing, key=lambda p: (p.concurrency, p.output_tokens_per_s))
-    return max(passing, key=lambda p: (p.output_tokens_per_s, -p.concurrency))
-
-
-def score(point: PointResult | None, objective: str = "throughput") -> tuple[float, float]:
-    """How good a trial's best point is, for comparing configs (higher is better; no point is worst)."""
-    if point is None:
-        return (-1.0, -1.0)
-    if objective == "users":
-        return (float(point.concurrency), point.output_tokens_per_s)
-    return (point.output_tokens_per_s, -float(point.concurrency))
-
+from tuner.tuning.capacity import Capacity
+from tuner.tuning.points import USERS
 
 # --- which config next ------------------------------------------------------------------------------------
 
@@ -120,20 +34,28 @@ class Signals:
     ttft_failed: bool = False  # the first failing phase broke the TTFT limit
     tpot_failed: bool = False  # ... the per-user speed floor
     kv_cache_max_pct: float | None = None
-    best_concurrency: int | None = None  # the most users that met the SLO
+    best_concurrency: int | None = None  # users at the best load (open loop: requests running on the server)
 
 
-def signals_from(points: Sequence[PointResult], max_num_seqs: int | None) -> Signals:
-    """Read the evidence of a trial's phases (the stored phase dicts from :mod:`tuner.measure`)."""
-    if not points:
+def signals_from(capacity: Capacity | None, max_num_seqs: int | None) -> Signals:
+    """Read the evidence of a trial's capacity search: its best point (or its last), and the first load that
+    did not pass (which SLO limit broke there)."""
+    if capacity is None or not capacity.points:
         return Signals()
-    best = best_point(points) or points[0]
-    failed = next((p for p in points if not p.passed), None)
-    ev = best.summary.get("evidence", {}) if best.summary else {}
-    bound = (best.summary.get("bound", {}) or {}).get("kind", "") if best.summary else ""
+    best = capacity.best or capacity.points[-1]
+    failed = capacity.ceiling or next((p for p in capacity.points if not p.passed), None)
+    ev = best.evidence
+    bound = str(best.bound.get("kind", ""))
     kv = ev.get("kv_cache_usage_pct_max")
     running = ev.get("requests_running_mean")
-    reasons = " ".join((failed.summary.get("slo_reasons") or []) if failed and failed.summary else [])
+    reasons = " ".join((*failed.reasons, *failed.uncertain)) if failed else ""
+    users = None
+    if capacity.best is not None:
+        users = (
+            capacity.best.load.users_count
+            if capacity.best.load.kind == USERS
+            else round(running or 0) or None
+        )
     return Signals(
         kv_cache_full=(kv is not None and kv > 90) or (ev.get("preemptions") or 0) > 0,
         waiting=(ev.get("requests_waiting_mean") or 0) >= 0.5,
@@ -141,10 +63,10 @@ def signals_from(points: Sequence[PointResult], max_num_seqs: int | None) -> Sig
         memory_bound=bound == "gpu_memory_bandwidth",
         compute_bound=bound == "gpu_compute",
         front_end_bound=bound in ("front_end_or_client", "client"),
-        ttft_failed="TTFT" in reasons,
-        tpot_failed="per-user" in reasons,
+        ttft_failed="TTFT" in reasons or "queue building" in reasons,
+        tpot_failed="per-user" in reasons or "TPOT" in reasons,
         kv_cache_max_pct=kv,
-        best_concurrency=best.concurrency if best.passed else None,
+        best_concurrency=users,
     )
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
 
-from tuner.loadgen import PhaseStats
+from tuner.loadgen.steady import SteadyStats, min_requests_for
 
-__all__ = ["JUDGED_AT", "PRESETS", "Slo", "SloError", "SloVerdict", "check", "parse_slo"]
+__all__ = ["JUDGED_AT", "PRESETS", "Slo", "SloError", "SloVerdict", "check", "judge", "parse_slo"]
 
 JUDGED_AT = "p95"
 """The percentile at which TTFT and TPOT are judged (MLPerf uses p99 over >= 600 s; see the module docstring)."""
@@ -210,6 +210,12 @@ class SloVerdict:
     tok_s_margin: float | None = None
     error_margin: float | None = None
     judged_at: str = JUDGED_AT
+    decision: str = ""  # "pass", "fail" or "uncertain" (an interval straddles a limit); "" = from passed
+    uncertain: tuple[str, ...] = ()  # which limits an interval straddles, in words
+
+    def __post_init__(self) -> None:
+        if not self.decision:
+            object.__setattr__(self, "decision", "pass" if self.passed else "fail")
 
     @property
     def margin(self) -> float | None:
@@ -218,8 +224,21 @@ class SloVerdict:
         return min(margins) if margins else None
 
 
-def check(slo: Slo, stats: PhaseStats) -> SloVerdict:
-    """Judge one phase's statistics against ``slo``. A figure the SLO limits but the phase lacks fails."""
+class _Judged(Protocol):
+    """What a verdict reads: PhaseStats (a whole phase) and SteadyStats (its steady window) both have it."""
+
+    @property
+    def requests_ok(self) -> int: ...
+    @property
+    def requests_failed(self) -> int: ...
+    @property
+    def ttft_p95_s(self) -> float | None: ...
+    @property
+    def tpot_p95_s(self) -> float | None: ...
+
+
+def check(slo: Slo, stats: _Judged) -> SloVerdict:
+    """Judge one phase's point estimates against ``slo``. A figure the SLO limits but the phase lacks fails."""
     reasons: list[str] = []
     finished = stats.requests_ok + stats.requests_failed
     if finished == 0:
@@ -270,3 +289,63 @@ def check(slo: Slo, stats: PhaseStats) -> SloVerdict:
         tok_s_margin=tok_s_margin,
         error_margin=error_margin,
     )
+
+
+QUEUE_GROWTH_SHARE = 0.3
+"""Open loop: a median TTFT that rises by this share of the TTFT limit across the window is a queue building
+(the server falls behind the arrivals), a failure even while the p95 is still under the limit."""
+
+
+def judge(slo: Slo, steady: SteadyStats, *, open_loop: bool = False) -> SloVerdict:
+    """Judge a steady window with its intervals: ``pass`` when every interval clears its limit, ``fail`` when
+    one lies wholly beyond it (or the point estimates fail on errors or a growing queue), ``uncertain``
+    otherwise: measure more. A p95 needs ``min_requests_for(95)`` (59) requests before it can pass at all."""
+    point = check(slo, steady)
+    reasons = list(point.reasons)
+    clear_fail = False
+    uncertain: list[str] = []
+    if steady.requests_ok + steady.requests_failed > 0:
+        error_rate = steady.requests_failed / (steady.requests_ok + steady.requests_failed)
+        clear_fail = error_rate > slo.error_rate_max
+    limits = (
+        ("TTFT", slo.ttft_p95_max_s, steady.ttft_p95_s, steady.ttft_p95_ci_s),
+        ("TPOT", slo.tpot_p95_max_s, steady.tpot_p95_s, steady.tpot_p95_ci_s),
+    )
+    needed = min_requests_for(95, steady.confidence)
+    for name, limit, estimate, ci in limits:
+        if limit is None or estimate is None:
+            if limit is not None and estimate is None and name == "TTFT":
+                clear_fail = True  # nothing succeeded: nothing to wait for
+            continue
+        lo, hi = ci if ci is not None else (estimate, None)
+        if lo > limit:
+            clear_fail = True
+        elif hi is None:
+            uncertain.append(
+                f"{steady.requests_ok} requests cannot bound the {name} {JUDGED_AT} from above (it takes {needed})"
+            )
+        elif hi > limit or estimate > limit:
+            uncertain.append(f"{name} {JUDGED_AT} interval {_figure(name, lo)}-{_figure(name, hi)} straddles "
+                             f"the limit {_figure(name, limit)}")  # fmt: skip
+    growth = steady.ttft_growth_s
+    limit = slo.ttft_p95_max_s
+    if open_loop and limit is not None and growth is not None and growth > QUEUE_GROWTH_SHARE * limit:
+        clear_fail = True
+        reasons.append(f"queue building: median TTFT rose {growth:.2f} s across the window")
+    if clear_fail:
+        decision = "fail"
+    elif uncertain:
+        decision = "uncertain"
+    else:
+        decision = "pass" if not reasons else "uncertain"
+    return replace(
+        point,
+        passed=decision == "pass",
+        reasons=tuple(reasons),
+        decision=decision,
+        uncertain=tuple(uncertain),
+    )
+
+
+def _figure(name: str, seconds: float) -> str:
+    return f"{seconds:.2f} s" if name == "TTFT" else f"{seconds * 1000:.1f} ms"

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,8 +34,8 @@ except ImportError:  # Windows: no advisory locks; one tuner per file is then th
 
 __all__ = [
     "BestPoint",
-    "Objective",
     "RunMeta",
+    "ServerRecord",
     "StoreError",
     "TrialRecord",
     "TrialStatus",
@@ -43,7 +43,7 @@ __all__ = [
     "load_run",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: capacity per trial (open or closed loop), running servers
 INTERRUPTED_REASON = "left running when the tuner stopped (crash or Ctrl-C); tried again on resume"
 
 
@@ -56,8 +56,8 @@ class TrialStatus(str, enum.Enum):
 
     PENDING = "pending"  # planned, not started
     RUNNING = "running"
-    FEASIBLE = "feasible"  # the server ran and some concurrency met the SLO
-    INFEASIBLE = "infeasible"  # rejected before launch, or no concurrency met the SLO
+    FEASIBLE = "feasible"  # the server ran and some load met the SLO
+    INFEASIBLE = "infeasible"  # rejected before launch, or no load met the SLO
     FAILED = "failed"  # the server did not start or died (OOM, engine error)
     INTERRUPTED = "interrupted"  # the tuner stopped during the trial
 
@@ -65,19 +65,24 @@ class TrialStatus(str, enum.Enum):
 FINISHED = frozenset({TrialStatus.FEASIBLE, TrialStatus.INFEASIBLE, TrialStatus.FAILED})
 
 
-class Objective(str, enum.Enum):
-    """What "best" means: most aggregate output tokens/s, or most concurrent users, within the SLO."""
+@dataclass(frozen=True, slots=True)
+class BestPoint:
+    """A trial's best load that met the SLO: ``kind`` "rate" (requests/s) or "users" (concurrent)."""
 
-    THROUGHPUT = "throughput"
-    USERS = "users"
+    load: float
+    output_tokens_per_s: float
+    kind: str = "users"
 
 
 @dataclass(frozen=True, slots=True)
-class BestPoint:
-    """A trial's best load that met the SLO."""
+class ServerRecord:
+    """A vLLM server a tuner started and had not stopped yet (its process group is ``pid``)."""
 
-    concurrency: int
-    output_tokens_per_s: float
+    pid: int
+    port: int
+    key: str
+    create_time: float | None  # the process's start time, so a recycled pid is never taken for it
+    started_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +100,7 @@ class RunMeta:
 
 @dataclass(frozen=True, slots=True)
 class TrialRecord:
-    """One trial as stored. ``phases`` are the JSON-able phase summaries the search recorded."""
+    """One trial as stored. ``capacity`` is the JSON-able capacity search (points with their phases)."""
 
     key: str
     candidate: Candidate
@@ -103,7 +108,8 @@ class TrialRecord:
     reason: str | None
     log_tail: str | None
     best: BestPoint | None
-    phases: tuple[Mapping[str, Any], ...]
+    capacity: Mapping[str, Any] | None
+    startup_s: float | None
     attempts: int  # times the trial was started
     started_s: float | None
     finished_s: float | None
@@ -126,12 +132,20 @@ CREATE TABLE IF NOT EXISTS trials (
     status TEXT NOT NULL,
     reason TEXT,
     log_tail TEXT,
-    best_concurrency INTEGER,
+    best_load REAL,
+    best_load_kind TEXT,
     best_output_tok_s REAL,
-    metrics TEXT NOT NULL DEFAULT '{"phases": []}',
+    metrics TEXT NOT NULL DEFAULT '{}',
     attempts INTEGER NOT NULL DEFAULT 0,
     started REAL,
     finished REAL
+);
+CREATE TABLE IF NOT EXISTS servers (
+    pid INTEGER PRIMARY KEY,
+    port INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    create_time REAL,
+    started REAL NOT NULL
 );
 """
 _COLUMN_NAMES = (
@@ -140,7 +154,8 @@ _COLUMN_NAMES = (
     "status",
     "reason",
     "log_tail",
-    "best_concurrency",
+    "best_load",
+    "best_load_kind",
     "best_output_tok_s",
     "metrics",
     "attempts",
@@ -165,9 +180,15 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as error:
         raise StoreError(f"{path} is not an infertop trial store ({error})") from None
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if tables and (version != SCHEMA_VERSION or not {"run", "trials"} <= tables):
+    if tables and not {"run", "trials"} <= tables:
         conn.close()
-        raise StoreError(f"{path} is not an infertop trial store of version {SCHEMA_VERSION}")
+        raise StoreError(f"{path} is not an infertop trial store")
+    if tables and version != SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(
+            f"{path} was written by another version of infertop (store version {version}, this one reads "
+            f"{SCHEMA_VERSION}): tune into a new file with --store"
+        )
     return conn
 
 
@@ -182,17 +203,42 @@ def _read_meta(conn: sqlite3.Connection) -> RunMeta | None:
 
 
 def _record(row: tuple[Any, ...]) -> TrialRecord:
-    key, candidate, status, reason, log_tail, best_n, best_tok_s, metrics, attempts, started, finished = row
+    (
+        key,
+        candidate,
+        status,
+        reason,
+        log_tail,
+        best_load,
+        best_kind,
+        best_tok_s,
+        metrics,
+        attempts,
+        started,
+        finished,
+    ) = row
     try:
         parsed = Candidate.from_config_dict(json.loads(candidate))
     except SpaceError as error:
         raise StoreError(f"trial {key}: stored candidate is unreadable ({error})") from None
     best = (
-        BestPoint(int(best_n), float(best_tok_s)) if best_n is not None and best_tok_s is not None else None
+        BestPoint(float(best_load), float(best_tok_s), str(best_kind or "users"))
+        if best_load is not None and best_tok_s is not None
+        else None
     )
-    phases = tuple(json.loads(metrics).get("phases", ()))
+    stored = json.loads(metrics)
     return TrialRecord(
-        key, parsed, TrialStatus(status), reason, log_tail, best, phases, attempts, started, finished
+        key,
+        parsed,
+        TrialStatus(status),
+        reason,
+        log_tail,
+        best,
+        stored.get("capacity"),
+        stored.get("startup_s"),
+        attempts,
+        started,
+        finished,
     )
 
 
@@ -279,7 +325,8 @@ class TrialStore:
             reason=None,
             log_tail=None,
             best=None,
-            phases=(),
+            capacity=None,
+            startup_s=None,
             started=self._clock(),
             finished=None,
             attempt=1,
@@ -290,13 +337,14 @@ class TrialStore:
         candidate: Candidate,
         status: TrialStatus | str,
         reason: str | None = None,
-        phases: Sequence[Mapping[str, Any]] = (),
+        capacity: Mapping[str, Any] | None = None,
         best: BestPoint | None = None,
         *,
         log_tail: str | None = None,
+        startup_s: float | None = None,
     ) -> None:
         """Store how ``candidate``'s trial ended. A candidate never started (rejected before launch) is
-        recorded directly. ``phases`` must be JSON-able.
+        recorded directly. ``capacity`` (the capacity search, :meth:`Capacity.to_dict`) must be JSON-able.
 
         Raises:
             ValueError: ``status`` is not a result (feasible, infeasible, failed) or ``interrupted``.
@@ -310,7 +358,8 @@ class TrialStore:
             reason=reason,
             log_tail=log_tail,
             best=best,
-            phases=phases,
+            capacity=capacity,
+            startup_s=startup_s,
             started=None,
             finished=self._clock(),
             attempt=0,
@@ -324,25 +373,28 @@ class TrialStore:
         reason: str | None,
         log_tail: str | None,
         best: BestPoint | None,
-        phases: Sequence[Mapping[str, Any]],
+        capacity: Mapping[str, Any] | None,
+        startup_s: float | None,
         started: float | None,
         finished: float | None,
         attempt: int,
     ) -> None:
-        metrics = json.dumps({"phases": list(phases)})
-        best_n = best.concurrency if best else None
+        metrics = json.dumps({"capacity": capacity, "startup_s": startup_s})
+        best_load = best.load if best else None
+        best_kind = best.kind if best else None
         best_tok_s = best.output_tokens_per_s if best else None
         with self._mutex:
             self._conn.execute(
-                f"""INSERT INTO trials ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                f"""INSERT INTO trials ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT(key) DO UPDATE SET status = excluded.status, reason = excluded.reason,
-                    log_tail = excluded.log_tail, best_concurrency = excluded.best_concurrency,
+                    log_tail = excluded.log_tail, best_load = excluded.best_load,
+                    best_load_kind = excluded.best_load_kind,
                     best_output_tok_s = excluded.best_output_tok_s, metrics = excluded.metrics,
                     attempts = attempts + excluded.attempts,
                     started = coalesce(excluded.started, started), finished = excluded.finished""",
                 (
                     *(candidate.key(), _json(candidate.config_dict()), status.value, reason, log_tail),
-                    *(best_n, best_tok_s, metrics, attempt, started, finished),
+                    *(best_load, best_kind, best_tok_s, metrics, attempt, started, finished),
                 ),
             )
 
@@ -370,9 +422,26 @@ class TrialStore:
             ).fetchall()
         return {row[0] for row in rows}
 
-    def best(self, objective: Objective | str = Objective.THROUGHPUT) -> TrialRecord | None:
-        """The feasible trial that does best on ``objective`` (ties: the other figure); None if none."""
-        return best_trial(self.trials(), objective)
+    # --- running servers -----------------------------------------------------------------------------
+
+    def record_server(self, key: str, pid: int, port: int, create_time: float | None) -> None:
+        """A server of this run started: if the tuner dies without stopping it, ``--resume`` will."""
+        with self._mutex:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO servers (pid, port, key, create_time, started) VALUES (?, ?, ?, ?, ?)",
+                (pid, port, key, create_time, self._clock()),
+            )
+
+    def forget_server(self, pid: int) -> None:
+        """The server was stopped (its whole process group is gone)."""
+        with self._mutex:
+            self._conn.execute("DELETE FROM servers WHERE pid = ?", (pid,))
+
+    def servers(self) -> list[ServerRecord]:
+        """Servers recorded as running: on a fresh open, the ones an earlier tuner left behind."""
+        with self._mutex:
+            rows = self._conn.execute("SELECT pid, port, key, create_time, started FROM servers").fetchall()
+        return [ServerRecord(int(pid), int(port), str(key), ct, float(st)) for pid, port, key, ct, st in rows]
 
     # --- lifetime ------------------------------------------------------------------------------------
 
@@ -391,19 +460,6 @@ class TrialStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def best_trial(trials: Iterable[TrialRecord], objective: Objective | str) -> TrialRecord | None:
-    """The feasible trial that does best on ``objective``, among ``trials``."""
-    objective = Objective(objective)
-    scored = [t for t in trials if t.status is TrialStatus.FEASIBLE and t.best is not None]
-
-    def score(trial: TrialRecord) -> tuple[float, float]:
-        assert trial.best is not None
-        tok_s, users = trial.best.output_tokens_per_s, float(trial.best.concurrency)
-        return (tok_s, users) if objective is Objective.THROUGHPUT else (users, tok_s)
-
-    return max(scored, key=score, default=None)
 
 
 def load_run(path: str | Path) -> tuple[RunMeta, list[TrialRecord]]:

@@ -1,53 +1,72 @@
-"""`infertop tune`: launch vLLM with candidate settings, find each one's best load under the SLO, keep the best.
+"""`infertop tune`: launch vLLM with candidate settings, measure each one's capacity under the SLO, keep the best,
+and prove it on a server relaunched from the exported file.
 
-One trial = launch a candidate, search its concurrency (no relaunch), store the result, stop the server. The
-search starts at vLLM's defaults and follows the evidence (tuner/tuning/search.py). Every trial is saved when it ends,
-so Ctrl-C or a crash loses nothing and ``--resume`` carries on. At the end the winner is exported as a
-``vllm serve --config`` file, proven by relaunching vLLM from that file, held at a steady 75 % of its maximum
-load (the production check), and reported.
+One trial = launch a candidate, search its capacity on that one server (:mod:`tuner.tuning.capacity`: the
+highest Poisson arrival rate within the SLO by default, or the most concurrent users), store it, stop the
+server. Every point is judged with its uncertainty, and one configuration beats another only when it held a
+load the other did not; ties go to the configuration closer to vLLM's defaults. The search starts at vLLM's
+defaults and follows the evidence (:mod:`tuner.tuning.search`). Every trial is saved when it ends, and every
+running server is recorded, so Ctrl-C, a crash or ``kill -9`` loses nothing and ``--resume`` carries on after
+stopping what an earlier run left running. At the end the winner is exported and the verdict
+(:mod:`tuner.tuning.verdict`) relaunches vLLM from that file to prove it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.loadgen import LoadMode, LoadSpec, PhaseProgress
-from tuner.measure import MeasuredPhase, measure_phase
-from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
+from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
+from tuner.loadgen.vocab import vocab_size_from_dir
+from tuner.serving.affinity import pin_process, plan_cpus
+from tuner.serving.launcher import LaunchError
+from tuner.serving.leftovers import create_time_of, stop_leftover
 from tuner.telemetry.model import GpuState
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 from tuner.tuning import events as ev
+from tuner.tuning.capacity import (
+    Capacity,
+    CapacityPlan,
+    beats,
+    find_capacity,
+    rank,
+    separating_load,
+    ties_with,
+)
 from tuner.tuning.export import to_vllm_yaml
 from tuner.tuning.modelshape import Hardware, ModelShape
-from tuner.tuning.search import (
-    ConcurrencyPlan,
-    PointResult,
-    best_point,
-    find_max_concurrency,
-    propose_moves,
-    score,
-    signals_from,
-)
-from tuner.tuning.slo import Slo, check
+from tuner.tuning.points import RATE, USERS
+from tuner.tuning.runner import AllRequestsFailed, MeasurePlan, ServerHooks, TrialRunner
+from tuner.tuning.search import propose_moves, signals_from
+from tuner.tuning.slo import Slo
 from tuner.tuning.space import Candidate, SearchSpace, default_space, resolve
 from tuner.tuning.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
+from tuner.tuning.verdict import (
+    EXIT_INTERRUPTED,
+    EXIT_NO_CONFIG,
+    Contender,
+    Verdict,
+    VerdictPlan,
+    reach_verdict,
+    unverified,
+)
 
 GiB = 2**30
-PRODUCTION_FRACTION = 0.75  # the steady share of the maximum load a production server should run at
+OBJECTIVES = {"rate": RATE, "throughput": RATE, "users": USERS}
+"""--objective: "rate" (default; "throughput" is the same: the highest sustained arrival rate is the most
+throughput a server gives within the SLO) or "users"."""
 
 
 class TuneError(RuntimeError):
-    """The run cannot start (model, hardware, store). One line for people."""
+    """The run cannot start or go on (model, hardware, store, a workload the server refuses). One line."""
 
 
 @dataclass(frozen=True)
@@ -61,22 +80,24 @@ class TuneConfig:
     values: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # replace a dimension's ladder
     input_len: int = 512
     output_len: int = 256
-    requests_per_stream: int = 4  # per measured concurrency: enough for a p95 without a long phase
-    min_requests: int = 16
-    min_phase_s: float = (
-        10.0  # and enough requests to last this long: sub-second phases measure start-up noise
-    )
-    vocab_size: int = 1000
+    vocab_size: int | None = None  # prompt token ids are drawn below this; None: the model directory's
+    objective: str = "rate"
+    min_phase_s: float = 10.0  # a phase lasts at least this long: sub-second phases measure start-up noise
+    min_requests: int = round(1.25 * min_requests_for(95))  # 59 in the steady window, room for the ramp
+    max_requests: int = 240  # per point; a point still uncertain after this many counts as not passing
+    production_s: float = 30.0
+    confidence: float = DEFAULT_CONFIDENCE
+    resolution: float = 0.10  # the capacity search narrows its bracket to this
     max_concurrency: int = 512
     launch_budget: int | None = None  # default: a third of the feasible grid, at least 3
     store_path: Path = Path("infertop-tune.sqlite")
     out_dir: Path = Path("infertop-tune")
     startup_timeout_s: float = 900.0
-    prove: bool = True  # relaunch from the exported YAML and measure again
-    production_check: bool = True
+    prove: bool = True  # relaunch from the exported YAML: proof and production check
     price_per_gpu_hour: float | None = None
     gpus: bool = True  # read NVML (False: tune the CPU build)
-    objective: str = "throughput"  # or "users": the most concurrent users within the SLO
+    pin_cpus: str = "auto"  # "auto", "off" or "SERVER:CLIENT" cpu lists (tuner.serving.affinity)
+    verdict: VerdictPlan = field(default_factory=VerdictPlan)
 
 
 @dataclass
@@ -84,26 +105,28 @@ class TrialOutcome:
     candidate: Candidate
     status: TrialStatus
     reason: str
-    points: list[PointResult] = field(default_factory=list)
+    capacity: Capacity | None = None
     log_tail: str = ""
     startup_s: float | None = None
-    objective: str = "throughput"
     failure_kind: str | None = None  # launcher.FailureKind value when the server did not start
 
     @property
-    def best(self) -> PointResult | None:
-        return best_point(self.points, self.objective)
+    def feasible(self) -> bool:
+        return self.status is TrialStatus.FEASIBLE and self.capacity is not None and self.capacity.feasible
 
 
 @dataclass
 class TuneResult:
-    winner: Candidate | None
+    winner: Candidate | None  # the configuration exported (the runner-up, when it was proven instead)
     defaults: Candidate
     trials: list[TrialRecord]
     launches: int
     stopped: str | None
     outputs: dict[str, str]
     report: dict[str, Any]
+    verdict: Verdict | None = None
+    headline: str = ""
+    exit_code: int = 0
 
 
 def detect_hardware(use_gpus: bool, env: Mapping[str, str]) -> tuple[Hardware, str]:
@@ -125,6 +148,9 @@ class Tuner:
     def __init__(self, config: TuneConfig, *, resume: bool = False) -> None:
         self.config = config
         self.resume = resume
+        if config.objective not in OBJECTIVES:
+            raise TuneError(f"unknown objective {config.objective!r}: rate (default) or users")
+        self.objective = OBJECTIVES[config.objective]
         model_dir = Path(config.model)
         if not (model_dir / "config.json").is_file():
             raise TuneError(f"{config.model}: no config.json there (tune needs a local model directory)")
@@ -132,16 +158,23 @@ class Tuner:
             self.shape = ModelShape.from_dir(model_dir)
         except (ValueError, OSError) as exc:
             raise TuneError(f"{config.model}/config.json: {exc}") from None
+        self.vocab_size = config.vocab_size or vocab_size_from_dir(model_dir) or 1000
         self.hardware, self.hardware_label = detect_hardware(config.gpus, config.env)
+        if self.hardware.is_cpu and "VLLM_CPU_KVCACHE_SPACE" not in {**os.environ, **config.env}:
+            # Unset, vLLM's CPU build reserves 92 % of the NUMA node's memory for the KV cache and refuses to
+            # start when anything else uses it: give it the size the search space assumes instead.
+            kv_gib = f"{self.hardware.cpu_kv_cache_bytes / GiB:g}"
+            self.config = config = dataclasses.replace(
+                config, env={**config.env, "VLLM_CPU_KVCACHE_SPACE": kv_gib}
+            )
         try:
             space = default_space(self.shape, self.hardware, dict(config.pins))
             values = {**space.values, **{k: tuple(v) for k, v in config.values.items()}}
             self.space = SearchSpace(self.shape, self.hardware, values, dict(config.pins))
+            self.cpu_plan = plan_cpus(config.pin_cpus, cpu_build=self.hardware.is_cpu)
         except ValueError as exc:
             raise TuneError(str(exc)) from None
-        self.explicit = {
-            k for k in config.values
-        }  # operator-chosen ladders are launched even if predicted to fail
+        self.explicit = set(config.values)  # operator-chosen ladders are launched even if predicted to fail
         self.sampler = Sampler(
             LiveSource(
                 NvmlBackend() if config.gpus and not self.hardware.is_cpu else None,
@@ -149,136 +182,175 @@ class Tuner:
             ),
             history_len=480,
         )
-        self._engine_url: str | None = None
-        self._last_rate: tuple[int, float] | None = None  # (concurrency, requests/s) of the last phase
-        self._moves: dict[str, dict[str, Any]] = {}  # candidate key -> the values its move changed
-        self._rejected: set[tuple[str, Any]] = set()  # (dimension, value) vLLM refused as unsupported
         self.launches = 0
         self.note: str | None = None  # why the search ended before it ran out of moves (the launch budget)
+        self._moves: dict[str, dict[str, Any]] = {}  # candidate key -> the values its move changed
+        self._rejected: set[tuple[str, Any]] = set()  # (dimension, value) vLLM refused as unsupported
         self._listener: ev.Listener = lambda e: None
         self._cancel = threading.Event()
+        self._store: TrialStore | None = None
 
     # --- the run ---------------------------------------------------------------------------------------------
+
+    def runner(self) -> TrialRunner:
+        cfg = self.config
+        plan = MeasurePlan(
+            input_len=cfg.input_len, output_len=cfg.output_len, vocab_size=self.vocab_size,
+            min_phase_s=cfg.min_phase_s, min_requests=cfg.min_requests, max_requests=cfg.max_requests,
+            production_s=cfg.production_s, confidence=cfg.confidence,
+        )  # fmt: skip
+        return TrialRunner(
+            model=cfg.model, slo=cfg.slo, plan=plan, command=cfg.command, fixed_args=cfg.fixed_args, env=cfg.env,
+            startup_timeout_s=cfg.startup_timeout_s, log_dir=cfg.out_dir / "logs", sampler=self.sampler,
+            cpu_plan=self.cpu_plan, cpu_build=self.hardware.is_cpu, emit=self._emit, cancelled=self._cancel.is_set,
+            hooks=ServerHooks(self._server_started, self._server_stopped),
+        )  # fmt: skip
 
     def run(self, listener: ev.Listener | None = None, cancel: threading.Event | None = None) -> TuneResult:
         self._listener = listener or (lambda e: None)
         self._cancel = cancel or threading.Event()
+        with self._pinned():
+            return self._run()
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[None]:
+        """The load generator (this whole process) on the client's cores; servers start on the others."""
+        if self.cpu_plan.client:
+            with pin_process(self.cpu_plan.client):
+                yield
+        else:
+            yield
+
+    def _meta(self) -> RunMeta:
+        cfg = self.config
+        return RunMeta(
+            model=str(Path(cfg.model).resolve()),
+            hardware=self.hardware.to_dict(),
+            slo=cfg.slo.to_dict(),
+            space=self.space.to_dict(),
+            workload={
+                "input_len": cfg.input_len,
+                "output_len": cfg.output_len,
+                "objective": self.objective,
+                "vocab_size": self.vocab_size,
+            },
+        )
+
+    def _run(self) -> TuneResult:
         started = time.time()
         feasible = self.space.feasible()
         budget = self.config.launch_budget or max(3, -(-len(feasible) // 3))
-        meta = RunMeta(
-            model=str(Path(self.config.model).resolve()),
-            hardware=self.hardware.to_dict(),
-            slo=self.config.slo.to_dict(),
-            space=self.space.to_dict(),
-            workload={
-                "input_len": self.config.input_len,
-                "output_len": self.config.output_len,
-                "objective": self.config.objective,
-            },
-        )
+        meta = self._meta()
         if self.config.store_path.exists() and not self.resume:
             raise TuneError(
                 f"{self.config.store_path} exists: pass --resume to continue that run, or another --store"
             )
-        store = TrialStore.open(self.config.store_path, run_meta=meta)
+        store = self._store = TrialStore.open(self.config.store_path, run_meta=meta)
+        notes = self._stop_leftovers(store)
         outcomes: dict[str, TrialOutcome] = {
-            r.key: _outcome_from_record(r, self.config.objective)
+            r.key: _outcome_from_record(r)
             for r in store.trials()
-            if r.status.value in ("feasible", "infeasible", "failed")
+            if r.status in (TrialStatus.FEASIBLE, TrialStatus.INFEASIBLE, TrialStatus.FAILED)
         }
         self.launches = sum(
-            1
-            for o in outcomes.values()
-            if o.startup_s is not None or o.status is TrialStatus.FAILED or o.points
+            1 for o in outcomes.values() if o.startup_s is not None or o.status is TrialStatus.FAILED
         )
         self.sampler.open()
         self.sampler.start()
         self._emit(
             ev.TuneStarted(
-                self.config.model,
-                self.config.slo.describe(),
-                self.hardware_label,
-                len(feasible),
-                budget,
-                len(outcomes),
-                str(self.config.store_path),
-                self.config.slo.ttft_p95_max_s,
-                self.config.slo.tok_s_per_user_min,
+                self.config.model, self.config.slo.describe(), self.hardware_label, len(feasible), budget,
+                len(outcomes), str(self.config.store_path), self.config.slo.ttft_p95_max_s,
+                self.config.slo.tok_s_per_user_min, self.objective,
+                "; ".join(filter(None, [self.cpu_plan.note, *notes])),
             )
-        )
+        )  # fmt: skip
         for key, done in outcomes.items():  # what a resumed run already knows, so watchers show it too
-            best = done.best
-            self._emit(
-                ev.TrialFinished(
-                    key,
-                    self.label(done.candidate),
-                    done.status.value,
-                    done.reason,
-                    best.concurrency if best else None,
-                    best.output_tokens_per_s if best else None,
-                    done.log_tail,
-                )
-            )
+            self._emit(self._finished_event(key, done))
         stopped: str | None = None
-        obj = self.config.objective
         defaults = self.space.baseline()
+        verdict: Verdict | None = None
+        error: str | None = None
         try:
-            incumbent: TrialOutcome | None = None
-            queue: list[tuple[Candidate, str]] = [(defaults, "vLLM's defaults: the configuration to beat")]
-            tried: set[str] = set()
-            while queue:
-                if self._cancel.is_set():
-                    stopped = "interrupted"
-                    break
-                candidate, why = queue.pop(0)
-                if candidate.key() in tried:
-                    continue
-                tried.add(candidate.key())
-                outcome = outcomes.get(candidate.key())
-                if outcome is None:
-                    if self.launches >= budget:
-                        self._emit_note(f"launch budget of {budget} used")
-                        break
-                    outcome = self._trial(store, candidate, why)
-                    if outcome is None:  # interrupted
-                        stopped = "interrupted"
-                        break
-                    outcomes[candidate.key()] = outcome
-                if outcome.failure_kind == "unsupported_option" or "(unsupported option)" in outcome.reason:
-                    self._rejected.update(self._moves.get(candidate.key(), {}).items())
-                if outcome.best is not None and (
-                    incumbent is None or score(outcome.best, obj) > score(incumbent.best, obj)
-                ):
-                    incumbent = outcome
-                    self._emit(
-                        ev.BestChanged(
-                            candidate.key(),
-                            self.label(candidate),
-                            outcome.best.output_tokens_per_s,
-                            outcome.best.concurrency,
-                        )
-                    )
-                if not queue:
-                    queue = self._next_moves(incumbent or outcome, tried)
-            winner = incumbent.candidate if incumbent and incumbent.best else None
-            report = self._finish(store, meta, outcomes, winner, defaults, started, stopped)
+            try:
+                stopped = self._search(store, outcomes, budget, defaults)
+            except TuneError as exc:
+                error = str(exc)
+            feasible_outcomes = [o for o in outcomes.values() if o.feasible]
+            ranked = rank(feasible_outcomes, self._capacity, self._distance, self.config.resolution)
+            report, verdict = self._finish(outcomes, ranked, defaults, started, stopped, error)
         finally:
             self.sampler.stop()
             trials = store.trials()
             store.close()
+            self._store = None
         outputs = report.pop("_outputs", {})
+        headline = str(report.get("headline", ""))
+        exit_code = int(report.get("exit_code", 0))
+        winner = verdict.chosen.candidate if verdict and verdict.chosen else None
         self._emit(
             ev.TuneFinished(
-                winner.key() if winner else None,
-                self.label(winner) if winner else None,
-                self.launches,
-                time.time() - started,
-                stopped,
-                outputs,
+                winner.key() if winner else None, self.label(winner) if winner else None, self.launches,
+                time.time() - started, stopped, outputs, verdict.status if verdict else None, headline, exit_code,
             )
+        )  # fmt: skip
+        return TuneResult(
+            winner, defaults, trials, self.launches, stopped, outputs, report, verdict, headline, exit_code
         )
-        return TuneResult(winner, defaults, trials, self.launches, stopped, outputs, report)
+
+    def _search(
+        self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
+    ) -> str | None:
+        """Coordinate search from vLLM's defaults. Returns why it stopped early ("interrupted") or None."""
+        incumbent: TrialOutcome | None = None
+        queue: list[tuple[Candidate, str]] = [(defaults, "vLLM's defaults: the configuration to beat")]
+        tried: set[str] = set()
+        for o in outcomes.values():  # a resumed run's incumbent
+            if o.feasible and (incumbent is None or self._prefer(o, incumbent)):
+                incumbent = o
+        while queue:
+            if self._cancel.is_set():
+                return "interrupted"
+            candidate, why = queue.pop(0)
+            if candidate.key() in tried:
+                continue
+            tried.add(candidate.key())
+            outcome = outcomes.get(candidate.key())
+            if outcome is None:
+                if self.launches >= budget:
+                    self.note = f"launch budget of {budget} used"
+                    break
+                outcome = self._trial(store, candidate, why, incumbent)
+                if outcome is None:
+                    return "interrupted"
+                outcomes[candidate.key()] = outcome
+            if outcome.failure_kind == "unsupported_option" or "(unsupported option)" in outcome.reason:
+                self._rejected.update(self._moves.get(candidate.key(), {}).items())
+            if outcome.feasible and (incumbent is None or self._prefer(outcome, incumbent)):
+                tie = incumbent is not None and not beats(
+                    self._capacity(outcome), self._capacity(incumbent), self.config.resolution
+                )
+                note = (
+                    f"ties with {self.label(incumbent.candidate)} within the uncertainty; kept the one closer to "
+                    "vLLM's defaults"
+                    if tie and incumbent is not None
+                    else ""
+                )
+                incumbent = outcome
+                best = self._capacity(outcome).best
+                assert best is not None
+                self._emit(
+                    ev.BestChanged(
+                        candidate.key(),
+                        self.label(candidate),
+                        best.output_tokens_per_s,
+                        best.load.label(),
+                        note,
+                    )
+                )
+            if not queue:
+                queue = self._next_moves(incumbent or outcome, tried)
+        return None
 
     def label(self, candidate: Candidate) -> str:
         """The candidate's short label; the baseline says that it is vLLM's defaults (plus any pins)."""
@@ -287,8 +359,23 @@ class Tuner:
             return "vLLM defaults" + (f" ({pinned})" if pinned != "vLLM defaults" else "")
         return candidate.label()
 
-    def _emit_note(self, note: str) -> None:
-        self.note = note
+    def _distance(self, outcome: TrialOutcome) -> int:
+        """How far a configuration is from vLLM's defaults: the dimensions it sets beyond the pins."""
+        baseline = self.space.baseline().config_dict()
+        return sum(1 for k, v in outcome.candidate.config_dict().items() if baseline.get(k) != v)
+
+    @staticmethod
+    def _capacity(outcome: TrialOutcome) -> Capacity:
+        assert outcome.capacity is not None
+        return outcome.capacity
+
+    def _prefer(self, new: TrialOutcome, incumbent: TrialOutcome) -> bool:
+        """``new`` replaces the incumbent: it beats it, or ties with it closer to vLLM's defaults."""
+        res = self.config.resolution
+        a, b = self._capacity(new), self._capacity(incumbent)
+        if beats(a, b, res):
+            return True
+        return ties_with(a, b, res) and self._distance(new) < self._distance(incumbent)
 
     def _emit(self, event: ev.TuneEvent) -> None:
         with contextlib.suppress(Exception):  # a broken listener must not end the run
@@ -297,7 +384,7 @@ class Tuner:
     def _next_moves(self, base: TrialOutcome, tried: set[str]) -> list[tuple[Candidate, str]]:
         # Step from the values the server really ran with (None = vLLM's default, e.g. 128 sequences on CPU).
         current = dataclasses.asdict(resolve(base.candidate, self.hardware, self.shape))
-        signals = signals_from(base.points, base.candidate.max_num_seqs)
+        signals = signals_from(base.capacity, base.candidate.max_num_seqs)
         ladders = {
             name: tuple(v for v in values if v is not None) for name, values in self.space.values.items()
         }
@@ -310,269 +397,258 @@ class Tuner:
                 return [(candidate, move.why)]
         return []
 
+    # --- servers: recorded while they run, stopped on resume if an earlier run left them -------------------
+
+    def _server_started(self, key: str, pid: int, port: int) -> None:
+        if self._store is not None:
+            self._store.record_server(key, pid, port, create_time_of(pid))
+
+    def _server_stopped(self, pid: int) -> None:
+        if self._store is not None:
+            self._store.forget_server(pid)
+
+    def _stop_leftovers(self, store: TrialStore) -> list[str]:
+        notes = []
+        for record in store.servers():
+            if stop_leftover(record.pid, record.create_time):
+                notes.append(
+                    f"stopped the vLLM server an earlier run left (pid {record.pid}, port {record.port})"
+                )
+            store.forget_server(record.pid)
+        return notes
+
     # --- one trial -------------------------------------------------------------------------------------------
 
-    def _trial(self, store: TrialStore, candidate: Candidate, why: str) -> TrialOutcome | None:
+    def _trial(
+        self, store: TrialStore, candidate: Candidate, why: str, incumbent: TrialOutcome | None
+    ) -> TrialOutcome | None:
         feasibility = self.space.check(candidate)
         explicit = any(getattr(candidate, k) is not None for k in self.explicit)
         if not feasibility.ok and not explicit:
             reason = "; ".join(feasibility.reasons) or "predicted not to fit"
             store.record_result(candidate, TrialStatus.INFEASIBLE, reason)
-            self._emit(
-                ev.TrialFinished(
-                    candidate.key(), self.label(candidate), "infeasible", f"not launched: {reason}"
-                )
-            )
-            return TrialOutcome(candidate, TrialStatus.INFEASIBLE, f"not launched: {reason}")
+            outcome = TrialOutcome(candidate, TrialStatus.INFEASIBLE, f"not launched: {reason}")
+            self._emit(self._finished_event(candidate.key(), outcome))
+            return outcome
         self.launches += 1
-        self._emit(
-            ev.TrialStarted(
-                candidate.key(), self.label(candidate), candidate.config_dict(), self.launches, why
-            )
-        )
+        key = candidate.key()
+        self._emit(ev.TrialStarted(key, self.label(candidate), candidate.config_dict(), self.launches, why))
         store.record_start(candidate)
-        spec = ServerSpec(
-            model=self.config.model,
-            args=(*self.config.fixed_args, *candidate.vllm_args()),
-            command=self.config.command,
-            env=dict(self.config.env),
-            startup_timeout_s=self.config.startup_timeout_s,
-            log_path=self.config.out_dir / "logs" / f"{candidate.key()[:60]}.log",
+        runner = self.runner()
+        plan = CapacityPlan(
+            objective=self.objective,
+            max_users=max(
+                1,
+                min(self.config.max_concurrency, 2 * (candidate.max_num_seqs or self.config.max_concurrency)),
+            ),
+            resolution=self.config.resolution,
         )
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-        server = VllmServer(spec)
+        startup_s: float | None = None
         try:
-            server.start()
-        except LaunchError as exc:
-            status = TrialStatus.FAILED
-            store.record_result(candidate, status, exc.summary, log_tail=exc.log_tail)
-            self._emit(
-                ev.TrialFinished(
-                    candidate.key(), self.label(candidate), status.value, exc.summary, log_tail=exc.log_tail
+            with runner.serve(key, candidate.vllm_args(), key) as session:
+                startup_s = session.startup_s
+                capacity = find_capacity(session.measure, plan, self._cancel.is_set)
+                load = (
+                    separating_load(capacity, incumbent.capacity, self.objective)
+                    if incumbent and incumbent.capacity
+                    else None
                 )
+                if load is not None and not self._cancel.is_set() and not _died(capacity):
+                    # Tied so far: one more point at the load the incumbent failed tells them apart.
+                    capacity = capacity.with_point(session.measure(load, "judged"))
+                log_tail = session.server.log_tail(30) if _died(capacity) else ""
+        except LaunchError as exc:
+            outcome = TrialOutcome(
+                candidate, TrialStatus.FAILED, exc.summary, log_tail=exc.log_tail, failure_kind=exc.kind.value
             )
-            return TrialOutcome(
-                candidate, status, exc.summary, log_tail=exc.log_tail, failure_kind=exc.kind.value
-            )
+            store.record_result(candidate, outcome.status, outcome.reason, log_tail=exc.log_tail)
+            self._emit(self._finished_event(key, outcome))
+            return outcome
+        except AllRequestsFailed as exc:
+            reason = f"the server refused every request: {exc}"
+            store.record_result(candidate, TrialStatus.FAILED, reason, startup_s=startup_s)
+            outcome = TrialOutcome(candidate, TrialStatus.FAILED, reason, startup_s=startup_s)
+            self._emit(self._finished_event(key, outcome))
+            if candidate == self.space.baseline():
+                raise TuneError(f"vLLM's defaults: {reason}") from None  # the workload itself is refused
+            return outcome
         except KeyboardInterrupt:
-            server.stop()
-            store.record_result(candidate, TrialStatus.INTERRUPTED, "interrupted during start-up")
+            store.record_result(candidate, TrialStatus.INTERRUPTED, "interrupted")
             return None
-        try:
-            self._emit(ev.ServerReady(candidate.key(), server.url, server.startup_s or 0.0, server.pid))
-            self._watch(server.url)
-            points = self._search_concurrency(server, candidate)
-        finally:
-            self._watch(None)
-            server.stop()
         if self._cancel.is_set():
             store.record_result(
-                candidate, TrialStatus.INTERRUPTED, "interrupted", phases=[p.summary for p in points]
+                candidate, TrialStatus.INTERRUPTED, "interrupted", capacity=capacity.to_dict()
             )
-            self._emit(ev.TrialFinished(candidate.key(), self.label(candidate), "interrupted", "interrupted"))
+            self._emit(ev.TrialFinished(key, self.label(candidate), "interrupted", "interrupted"))
             return None
-        best = best_point(points, self.config.objective)
-        if best is None:
-            first = points[0].summary.get("slo_reasons") if points else None
-            reason = f"no load met the SLO ({'; '.join(first or ['no phase finished'])})"
-            status = TrialStatus.INFEASIBLE
+        if _died(capacity):
+            status, reason = (
+                TrialStatus.FAILED,
+                f"the server stopped answering during the search ({capacity.note})",
+            )
+        elif capacity.best is None:
+            status, reason = TrialStatus.INFEASIBLE, f"no load met the SLO: {capacity.note}"
         else:
-            reason = f"{best.output_tokens_per_s:,.0f} tok/s at {best.concurrency} concurrent"
-            status = TrialStatus.FEASIBLE
-        died = not server_was_healthy(points)
-        if died:
-            status, reason = TrialStatus.FAILED, "the server stopped answering during the search"
+            status, reason = (
+                TrialStatus.FEASIBLE,
+                f"{capacity.describe()}; {capacity.best.output_tokens_per_s:,.0f} tok/s",
+            )
+        best = capacity.best
         store.record_result(
-            candidate,
-            status,
-            reason,
-            phases=[{**p.summary, "startup_s": server.startup_s} for p in points],
-            best=BestPoint(best.concurrency, best.output_tokens_per_s) if best else None,
-            log_tail=server.log_tail(30) if died else None,
-        )
-        self._emit(
-            ev.TrialFinished(
-                candidate.key(),
-                self.label(candidate),
-                status.value,
-                reason,
-                best.concurrency if best else None,
-                best.output_tokens_per_s if best else None,
-            )
-        )
-        return TrialOutcome(
-            candidate, status, reason, points, startup_s=server.startup_s, objective=self.config.objective
-        )
-
-    def _watch(self, url: str | None) -> None:
-        """Point the sampler's engine scraping at the running candidate (or at nothing)."""
-        source = self.sampler.source
-        if isinstance(source, LiveSource):
-            source.set_engine_urls([url] if url else [])
-
-    def _search_concurrency(self, server: VllmServer, candidate: Candidate) -> list[PointResult]:
-        self._last_rate = None  # a new server: its own pace
-        cap = min(self.config.max_concurrency, 2 * (candidate.max_num_seqs or self.config.max_concurrency))
-        plan = ConcurrencyPlan(start=1, max_concurrency=max(1, cap))
-
-        def measure(concurrency: int) -> PointResult:
-            if self._cancel.is_set():
-                return PointResult(
-                    concurrency, False, 0.0, {"concurrency": concurrency, "slo_reasons": ["interrupted"]}
-                )
-            phase = asyncio.run(self._measure(server, candidate, concurrency))
-            verdict = check(self.config.slo, phase.load.stats)
-            summary = {
-                "concurrency": concurrency,
-                "passed": verdict.passed,
-                "slo_reasons": list(verdict.reasons),
-                **_phase_dict(phase),
-            }
-            s = phase.load.stats
-            errors = s.requests_failed / max(1, s.requests_ok + s.requests_failed)
-            self._emit(
-                ev.PhaseMeasured(
-                    candidate.key(), concurrency, verdict.passed, s.output_tokens_per_s, s.ttft_p95_s, s.tpot_p95_s,
-                    s.user_tok_per_s_p50, errors, phase.bound.kind.value, tuple(verdict.reasons),
-                )
-            )  # fmt: skip
-            return PointResult(concurrency, verdict.passed, s.output_tokens_per_s, summary)
-
-        points = find_max_concurrency(measure, plan)
-        return [p for p in points if p.summary.get("stats") is not None]
-
-    def phase_requests(self, concurrency: int) -> int:
-        """Requests for a phase at ``concurrency``: the configured floor, or enough to last ``min_phase_s`` at
-        the request rate the last phase reached, scaled to this concurrency (an over-estimate: fine)."""
-        floor = max(self.config.min_requests, self.config.requests_per_stream * concurrency)
-        if self._last_rate is None:
-            return floor
-        last_c, last_req_s = self._last_rate
-        expected_req_s = last_req_s * max(1.0, concurrency / last_c)
-        return max(floor, int(expected_req_s * self.config.min_phase_s + 0.5))
-
-    async def _measure(self, server: VllmServer, candidate: Candidate, concurrency: int) -> MeasuredPhase:
-        spec = LoadSpec(
-            mode=LoadMode.CONCURRENCY,
-            concurrency=concurrency,
-            num_requests=self.phase_requests(concurrency),
-            warmup_requests=min(concurrency, 32),
-            input_len=self.config.input_len,
-            output_len=self.config.output_len,
-            vocab_size=self.config.vocab_size,
-        )
-
-        def progress(p: PhaseProgress) -> None:
-            rate = p.output_tokens / p.elapsed_s if p.elapsed_s > 0 else 0.0
-            self._emit(
-                ev.PhaseProgressed(
-                    candidate.key(), concurrency, p.stage, p.requests_done, p.requests_total, rate
-                )
-            )
-
-        slo = self.config.slo
-        phase = await measure_phase(
-            server.url, spec, sampler=self.sampler, server_pid=server.pid, ttft_max_s=slo.ttft_p95_max_s,
-            tpot_max_s=slo.tpot_p95_max_s, on_progress=progress, cancel=self._cancel,
+            candidate, status, reason, capacity=capacity.to_dict(),
+            best=BestPoint(best.load.value, best.output_tokens_per_s, best.load.kind) if best else None,
+            log_tail=log_tail or None, startup_s=startup_s,
         )  # fmt: skip
-        if phase.load.stats.requests_per_s > 0:
-            self._last_rate = (concurrency, phase.load.stats.requests_per_s)
-        return phase
+        outcome = TrialOutcome(candidate, status, reason, capacity, log_tail, startup_s)
+        self._emit(self._finished_event(key, outcome))
+        return outcome
 
-    # --- the end: export, prove, production check, report -------------------------------------------------
+    def _finished_event(self, key: str, o: TrialOutcome) -> ev.TrialFinished:
+        best = o.capacity.best if o.capacity else None
+        return ev.TrialFinished(
+            key, self.label(o.candidate), o.status.value, o.reason, best.load.label() if best else None,
+            best.output_tokens_per_s if best else None, o.log_tail, o.capacity.describe() if o.capacity else "",
+        )  # fmt: skip
+
+    # --- the end: export, verdict, report -------------------------------------------------------------------
 
     def _finish(
         self,
-        store: TrialStore,
-        meta: RunMeta,
         outcomes: Mapping[str, TrialOutcome],
-        winner: Candidate | None,
+        ranked: list[TrialOutcome],
         defaults: Candidate,
         started: float,
         stopped: str | None,
-    ) -> dict[str, Any]:
-        from tuner.tuning.verify import prove_and_check
+        error: str | None,
+    ) -> tuple[dict[str, Any], Verdict | None]:
+        from tuner.report.write import write_report
 
         out = self.config.out_dir
         out.mkdir(parents=True, exist_ok=True)
         outputs: dict[str, str] = {}
-        proof = production = None
-        if winner is not None:
-            best = outcomes[winner.key()].best
-            assert best is not None
-            yaml_path = out / "best.yaml"
-            yaml_path.write_text(
-                to_vllm_yaml(
-                    self.config.model,
-                    winner,
-                    comment_lines=[
-                        f"SLO: {self.config.slo.describe()} (judged at {self.config.slo.judged_at} over short phases)",
-                        f"Measured on {self.hardware_label}: {best.output_tokens_per_s:,.0f} output tok/s at "
-                        f"{best.concurrency} concurrent requests "
-                        f"({self.config.input_len} in / {self.config.output_len} out tokens)",
-                    ],
-                )
-            )
-            outputs["yaml"] = str(yaml_path)
-            if not self._cancel.is_set() and (self.config.prove or self.config.production_check):
-                proof, production = prove_and_check(self, yaml_path, best)
-        report = build_report(self, outcomes, winner, defaults, started, stopped, proof, production)
-        from tuner.report.write import write_report
+        contenders = [Contender(o.candidate, self.label(o.candidate), self._capacity(o)) for o in ranked]
+        defaults_outcome = outcomes.get(defaults.key())
+        defaults_capacity = defaults_outcome.capacity if defaults_outcome else None
+        yaml_path = out / "best.yaml"
+        verdict: Verdict | None = None
+        if contenders:
 
+            def write_yaml(contender: Contender, status_line: str) -> Path:
+                yaml_path.write_text(self._yaml(contender, status_line))
+                return yaml_path
+
+            if self.config.prove and not self._cancel.is_set():
+                verdict = reach_verdict(
+                    self.runner(),
+                    contenders,
+                    write_yaml,
+                    self.config.verdict,
+                    defaults_capacity=defaults_capacity,
+                )
+            elif not self.config.prove:
+                verdict = unverified(contenders[0])
+            chosen = verdict.chosen if verdict and verdict.chosen else contenders[0]
+            status_line = (
+                verdict.headline if verdict else "NOT PROVEN: the run was interrupted before the proof"
+            )
+            write_yaml(chosen, status_line)
+            outputs["yaml"] = str(yaml_path)
+        headline, exit_code = self._headline(verdict, contenders, stopped, error, outcomes)
+        report = build_report(
+            self, outcomes, ranked, defaults, started, stopped, verdict, headline, exit_code
+        )
         written = write_report(report, out)
         outputs.update({k: str(v) for k, v in written.items() if not isinstance(v, list)})
         report["_outputs"] = outputs
-        return report
+        if verdict is not None:
+            op = verdict.operating_point
+            self._emit(
+                ev.VerdictReached(
+                    verdict.status, headline, verdict.chosen.candidate.key() if verdict.chosen else None,
+                    verdict.chosen.label if verdict.chosen else None, op.load.label() if op else None, exit_code,
+                )
+            )  # fmt: skip
+        return report, verdict
 
-
-def server_was_healthy(points: Sequence[PointResult]) -> bool:
-    """False when the last phase aborted because the server went away."""
-    return not (points and points[-1].summary.get("aborted"))
-
-
-def _phase_dict(phase: MeasuredPhase) -> dict[str, Any]:
-    d = phase.to_dict()
-    d["stats"].pop("errors", None)
-    d["errors"] = [dataclasses.asdict(e) for e in phase.load.stats.errors]
-    return d
-
-
-def _outcome_from_record(record: TrialRecord, objective: str) -> TrialOutcome:
-    points = [
-        PointResult(
-            int(p["concurrency"]),
-            bool(p.get("passed")),
-            float(p.get("stats", {}).get("output_tokens_per_s", 0.0)),
-            dict(p),
+    def _headline(
+        self,
+        verdict: Verdict | None,
+        contenders: list[Contender],
+        stopped: str | None,
+        error: str | None,
+        outcomes: Mapping[str, TrialOutcome],
+    ) -> tuple[str, int]:
+        if error is not None:
+            return f"NO CONFIGURATION: {error}", EXIT_NO_CONFIG
+        if verdict is not None:
+            code = verdict.exit_code if stopped is None else EXIT_INTERRUPTED
+            return verdict.headline, code
+        if stopped == "interrupted":
+            what = f"; best so far {contenders[0].label}, NOT PROVEN" if contenders else ""
+            return (
+                f"INTERRUPTED: trials kept in {self.config.store_path} (--resume carries on){what}",
+                EXIT_INTERRUPTED,
+            )
+        reasons = [o.reason for o in outcomes.values() if o.status is not TrialStatus.FEASIBLE][:2]
+        return (
+            "NO CONFIGURATION met the SLO ("
+            + self.config.slo.describe()
+            + ")"
+            + (": " + "; ".join(reasons) if reasons else ""),
+            EXIT_NO_CONFIG,
         )
-        for p in record.phases
-    ]
-    startup = next((p.get("startup_s") for p in record.phases if p.get("startup_s") is not None), None)
+
+    def _yaml(self, contender: Contender, status_line: str) -> str:
+        cfg = self.config
+        best = contender.capacity.best
+        assert best is not None
+        load_model = (
+            "Poisson arrivals (open loop)" if self.objective == RATE else "concurrent users (closed loop)"
+        )
+        return to_vllm_yaml(
+            cfg.model,
+            contender.candidate,
+            comment_lines=[
+                status_line,
+                f"SLO: {cfg.slo.describe()} (judged at {cfg.slo.judged_at} with {cfg.confidence:.0%} intervals)",
+                f"Measured on {self.hardware_label}: capacity {contender.capacity.describe()} of {load_model}, "
+                f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens)",
+            ],
+        )
+
+
+def _died(capacity: Capacity) -> bool:
+    return any(p.aborted and p.aborted != "interrupted" for p in capacity.points)
+
+
+def _outcome_from_record(record: TrialRecord) -> TrialOutcome:
+    capacity = Capacity.from_dict(record.capacity) if record.capacity else None
     return TrialOutcome(
         record.candidate,
         record.status,
         record.reason or "",
-        points,
+        capacity,
         record.log_tail or "",
-        startup,
-        objective,
+        record.startup_s,
     )
 
 
 def build_report(
     tuner: Tuner,
     outcomes: Mapping[str, TrialOutcome],
-    winner: Candidate | None,
+    ranked: list[TrialOutcome],
     defaults: Candidate,
     started: float,
     stopped: str | None,
-    proof: dict[str, Any] | None,
-    production: dict[str, Any] | None,
+    verdict: Verdict | None,
+    headline: str,
+    exit_code: int,
 ) -> dict[str, Any]:
-    slo = tuner.config.slo
+    """The run as one JSON-able document (format infertop-tune-report, version 2)."""
+    cfg = tuner.config
+    slo = cfg.slo
     trials = []
     for key, o in outcomes.items():
-        best = o.best
         trials.append(
             {
                 "key": key,
@@ -583,40 +659,55 @@ def build_report(
                 "log_tail": o.log_tail or None,
                 "is_defaults": key == defaults.key(),
                 "startup_s": o.startup_s,
-                "best": {"concurrency": best.concurrency, "output_tokens_per_s": best.output_tokens_per_s}
-                if best
-                else None,
-                "points": [p.summary for p in o.points],
+                "distance_from_defaults": tuner._distance(o),
+                "capacity": o.capacity.to_dict() if o.capacity else None,
             }
+        )
+    rank_keys = [o.candidate.key() for o in ranked]
+    ties = []
+    if len(ranked) > 1 and ties_with(tuner._capacity(ranked[0]), tuner._capacity(ranked[1]), cfg.resolution):
+        ties.append(
+            f"{tuner.label(ranked[0].candidate)} and {tuner.label(ranked[1].candidate)} tie within the "
+            "uncertainty of their capacities; the one closer to vLLM's defaults ranks first"
         )
     return {
         "format": "infertop-tune-report",
-        "version": 1,
-        "model": tuner.config.model,
+        "version": 2,
+        "headline": headline,
+        "exit_code": exit_code,
+        "model": cfg.model,
         "hardware": tuner.hardware.to_dict(),
         "hardware_label": tuner.hardware_label,
         "gpus": tuner.hardware.gpu_count,
         "slo": {**slo.to_dict(), "describe": slo.describe(), "judged_at": slo.judged_at},
+        "objective": tuner.objective,
         "workload": {
-            "input_len": tuner.config.input_len,
-            "output_len": tuner.config.output_len,
-            "requests_per_point": (
-                f"max({tuner.config.min_requests}, {tuner.config.requests_per_stream} x concurrency, "
-                f"enough for {tuner.config.min_phase_s:g} s)"
-            ),
+            "input_len": cfg.input_len,
+            "output_len": cfg.output_len,
+            "vocab_size": tuner.vocab_size,
+            "load_model": "Poisson arrivals (open loop)"
+            if tuner.objective == RATE
+            else "concurrent users (closed loop)",
+            "confidence": cfg.confidence,
+            "min_phase_s": cfg.min_phase_s,
+            "min_requests": cfg.min_requests,
+            "max_requests": cfg.max_requests,
+            "resolution": cfg.resolution,
         },
+        "cpu": tuner.cpu_plan.note,
         "started_s": started,
         "finished_s": time.time(),
         "launches": tuner.launches,
         "grid_size": len(tuner.space.feasible()),
+        "budget_note": tuner.note,
         "trials": trials,
-        "winner": winner.key() if winner else None,
+        "ranking": rank_keys,
+        "ties": ties,
+        "winner": verdict.chosen.candidate.key()
+        if verdict and verdict.chosen
+        else (rank_keys[0] if rank_keys else None),
         "defaults": defaults.key() if defaults.key() in outcomes else None,
-        "proof": proof,
-        "production": production,
-        "price_per_gpu_hour": tuner.config.price_per_gpu_hour,
+        "verdict": verdict.to_dict() if verdict else None,
+        "price_per_gpu_hour": cfg.price_per_gpu_hour,
         "interrupted": stopped == "interrupted",
     }
-
-
-ProgressCallback = Callable[[ev.TuneEvent], None]

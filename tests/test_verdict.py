@@ -1,0 +1,124 @@
+"""The verdict: proof and production check on a relaunch, backing off, the runner-up, not proven (no vLLM:
+a scripted runner stands in for the relaunched servers; tests/test_tune.py runs the real thing)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tuner.serving.launcher import LaunchError
+from tuner.serving.launchlog import FailureKind
+from tuner.tuning.capacity import summarise
+from tuner.tuning.points import RATE, Load, Point, empty_steady
+from tuner.tuning.space import Candidate
+from tuner.tuning.verdict import EXIT_NOT_PROVEN, EXIT_OK, Contender, VerdictPlan, reach_verdict
+
+Decide = Callable[[str, Load, str], tuple[str, float]]  # (contender label, load, role) -> (decision, tok/s)
+
+
+def _point(load: Load, role: str, decision: str, tok_s: float) -> Point:
+    steady = dataclasses.replace(
+        empty_steady(), requests_ok=180, output_tokens_per_s=tok_s, ttft_p95_s=0.2, ttft_p95_ci_s=(0.18, 0.25)
+    )
+    reasons = ("TTFT p95 0.80 s > 0.50 s",) if decision == "fail" else ()
+    return Point(load, role, decision, steady, reasons)
+
+
+class ScriptedRunner:
+    """Relaunches that never start (``broken``) or whose points are decided by ``decide``."""
+
+    def __init__(self, decide: Decide, broken: frozenset[str] = frozenset()) -> None:
+        self.decide = decide
+        self.broken = broken
+        self.held: list[tuple[str, Load, str]] = []
+        self.serving: str | None = None
+
+    def cancelled(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def serve(self, key: str, args: tuple[str, ...], log_name: str) -> Iterator[ScriptedRunner]:
+        label = Path(args[1]).read_text().splitlines()[0]
+        if label in self.broken:
+            raise LaunchError(FailureKind.CUDA_OOM, "vLLM failed to start (CUDA out of memory)")
+        self.serving = label
+        yield self
+
+    startup_s = 42.0
+
+    def measure(self, load: Load, role: str) -> Point:
+        assert self.serving is not None
+        self.held.append((self.serving, load, role))
+        decision, tok_s = self.decide(self.serving, load, role)
+        return _point(load, role, decision, tok_s)
+
+
+def _contender(label: str, capacity_rps: float, tok_s: float = 1000.0) -> Contender:
+    best = _point(Load.rate(capacity_rps), "judged", "pass", tok_s)
+    ceiling = _point(Load.rate(capacity_rps * 1.1), "judged", "fail", tok_s)
+    return Contender(Candidate(max_num_seqs=len(label)), label, summarise(RATE, [best, ceiling]))
+
+
+def _verdict(
+    tmp_path: Path, decide: Decide, broken: frozenset[str] = frozenset()
+) -> tuple[object, ScriptedRunner]:
+    runner = ScriptedRunner(decide, broken)
+    ranked = [_contender("winner", 4.0), _contender("runner-up", 3.0)]
+
+    def write_yaml(contender: Contender, status: str) -> Path:
+        path = tmp_path / "best.yaml"
+        path.write_text(f"{contender.label}\n# {status}\n")
+        return path
+
+    verdict = reach_verdict(runner, ranked, write_yaml, VerdictPlan())  # type: ignore[arg-type]
+    return verdict, runner
+
+
+def test_a_reproduced_capacity_and_a_held_check_are_proven(tmp_path: Path) -> None:
+    verdict, runner = _verdict(
+        tmp_path, lambda who, load, role: ("pass", 1000.0 if role == "proof" else 750.0)
+    )
+    assert verdict.status == "proven" and verdict.exit_code == EXIT_OK  # type: ignore[attr-defined]
+    assert verdict.headline.startswith("PROVEN: winner holds 3 req/s")  # type: ignore[attr-defined]
+    assert [(load, role) for _, load, role in runner.held] == [
+        (Load.rate(4.0), "proof"),
+        (Load.rate(3.0), "production"),
+    ]
+
+
+def test_a_capacity_that_does_not_reproduce_is_only_proven_after_backing_off(tmp_path: Path) -> None:
+    verdict, _ = _verdict(tmp_path, lambda who, load, role: ("pass", 840.0 if role == "proof" else 750.0))
+    assert verdict.status == "backed_off" and verdict.exit_code == EXIT_OK  # type: ignore[attr-defined]
+    assert "did not reproduce on the relaunch (0.84x" in verdict.headline  # type: ignore[attr-defined]
+
+
+def test_a_check_that_fails_backs_off_to_the_highest_load_that_holds(tmp_path: Path) -> None:
+    def decide(who: str, load: Load, role: str) -> tuple[str, float]:
+        if role == "production" and load.value > 2.5:
+            return "fail", 700.0
+        return "pass", 1000.0
+
+    verdict, _ = _verdict(tmp_path, decide)
+    assert verdict.status == "backed_off"  # type: ignore[attr-defined]
+    assert verdict.operating_point.load == Load.rate(2.4)  # type: ignore[attr-defined]  # 4.0 x 0.75 x 0.8
+    assert "3 req/s did not hold" in verdict.headline  # type: ignore[attr-defined]
+
+
+def test_the_runner_up_is_proven_when_the_winner_does_not_start(tmp_path: Path) -> None:
+    verdict, runner = _verdict(
+        tmp_path, lambda who, load, role: ("pass", 1000.0), broken=frozenset({"winner"})
+    )
+    assert verdict.status == "backed_off" and verdict.chosen.label == "runner-up"  # type: ignore[attr-defined]
+    assert "the winner winner did not hold (vLLM failed to start (CUDA out of memory))" in verdict.headline  # type: ignore[attr-defined]
+    assert {who for who, _, _ in runner.held} == {"runner-up"}
+
+
+def test_nothing_holding_is_not_proven_with_exit_code_3(tmp_path: Path) -> None:
+    verdict, runner = _verdict(tmp_path, lambda who, load, role: ("fail", 500.0))
+    assert verdict.status == "not_proven" and verdict.exit_code == EXIT_NOT_PROVEN == 3  # type: ignore[attr-defined]
+    assert verdict.headline.startswith("NOT PROVEN")  # type: ignore[attr-defined]
+    assert "winner" in verdict.headline and "runner-up" in verdict.headline  # type: ignore[attr-defined]
+    # each one: the proof, then the check at 75 %, backed off twice
+    assert len([1 for who, _, role in runner.held if who == "winner" and role == "production"]) == 3

@@ -1,0 +1,296 @@
+"""The trial runner: launch one vLLM server, measure points on it, stop it.
+
+The search's trials, the proof relaunch and the production check all go through :meth:`TrialRunner.serve`,
+which yields a :class:`Session` on a healthy server and stops the server (its whole process group) however the
+block ends. :meth:`Session.measure` holds one load and judges it:
+
+1. a phase sized to last at least ``min_phase_s`` at the pace this server has shown, with at least the requests
+   the judged percentile needs (20 for a p95);
+2. a phase during which other work kept the host busy (:class:`tuner.measure.Disturbance`) is measured again, up
+   to ``remeasures`` times;
+3. while an interval straddles a limit (:func:`tuner.tuning.slo.judge` says ``uncertain``) the load is held again
+   and the phases are pooled, up to ``max_requests``; what is still uncertain then counts as not passing.
+
+Scouting points (short closed-loop phases that find the server's pace) are judged on point estimates alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuner.loadgen import LoadMode, LoadSpec, PhaseProgress
+from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for, steady_stats
+from tuner.measure import MeasuredPhase, measure_phase
+from tuner.serving.affinity import CpuPlan, cpu_list
+from tuner.serving.launcher import ServerSpec, VllmServer
+from tuner.telemetry.sampler import LiveSource, Sampler
+from tuner.tuning import events as ev
+from tuner.tuning.points import Load, Point, empty_steady
+from tuner.tuning.slo import Slo, check, judge
+
+
+class AllRequestsFailed(Exception):
+    """Every request of a phase failed: the server refused the workload. ``str()`` is its first message."""
+
+
+@dataclass(frozen=True)
+class MeasurePlan:
+    """How each point is measured."""
+
+    input_len: int = 512
+    output_len: int = 256
+    vocab_size: int = 1000  # prompt token ids are drawn below this: the model's own vocabulary size
+    min_phase_s: float = 10.0  # a phase lasts at least this long at the pace last seen
+    # A p95 can pass only once its interval is bounded: 59 requests in the steady window (min_requests_for);
+    # a first phase sends a quarter more, for the ramp it leaves out.
+    min_requests: int = round(1.25 * min_requests_for(95))
+    max_requests: int = 240  # a point still uncertain after this many requests counts as not passing
+    production_s: float = 30.0  # the production check holds its load at least this long ...
+    production_min_requests: int = 3 * min_requests_for(95)  # ... over three times the requests a p95 needs
+    remeasures: int = 2  # a phase disturbed by other work on the host is measured again this many times
+    confidence: float = DEFAULT_CONFIDENCE
+    scout_rounds: int = 4  # a scouting phase: this many requests per user (ramp and drain excluded)
+
+
+@dataclass(frozen=True)
+class ServerHooks:
+    """Told when a server starts and stops (the trial store records running servers for ``--resume``)."""
+
+    started: Callable[[str, int, int], None] = lambda key, pid, port: None
+    stopped: Callable[[int], None] = lambda pid: None
+
+
+@dataclass
+class TrialRunner:
+    """Launches candidate servers and measures them. ``emit`` takes tuning events; ``cancel`` stops phases."""
+
+    model: str
+    slo: Slo
+    plan: MeasurePlan
+    command: tuple[str, ...]
+    fixed_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 900.0
+    log_dir: Path = Path("infertop-tune") / "logs"
+    sampler: Sampler | None = None
+    cpu_plan: CpuPlan = field(default_factory=lambda: CpuPlan(None, None, ""))
+    cpu_build: bool = False
+    emit: Callable[[ev.TuneEvent], None] = lambda event: None
+    cancelled: Callable[[], bool] = lambda: False
+    hooks: ServerHooks = field(default_factory=ServerHooks)
+    _seeds: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def spec(self, args: Sequence[str], log_name: str) -> ServerSpec:
+        env = dict(self.env)
+        if self.cpu_build and self.cpu_plan.server and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(
+                self.cpu_plan.server
+            )  # vLLM's CPU build binds by itself
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return ServerSpec(
+            model=self.model,
+            args=(*self.fixed_args, *args),
+            command=self.command,
+            env=env,
+            startup_timeout_s=self.startup_timeout_s,
+            log_path=self.log_dir / f"{log_name[:60]}.log",
+            cpus=self.cpu_plan.server,
+        )
+
+    @contextlib.contextmanager
+    def serve(self, key: str, args: Sequence[str], log_name: str) -> Iterator[Session]:
+        """Start a server with ``args`` (raises :class:`tuner.serving.launcher.LaunchError`), yield a session on
+        it, and stop it however the block ends."""
+        server = VllmServer(
+            self.spec(args, log_name), on_spawned=lambda pid, port: self.hooks.started(key, pid, port)
+        )
+        try:
+            server.start()
+        except BaseException:
+            if server.pid is not None:
+                self.hooks.stopped(server.pid)
+            raise
+        self.emit(ev.ServerReady(key, server.url, server.startup_s or 0.0, server.pid))
+        self._watch(server.url)
+        try:
+            yield Session(self, server, key)
+        finally:
+            self._watch(None)
+            server.stop()
+            if server.pid is not None:
+                self.hooks.stopped(server.pid)
+
+    def _watch(self, url: str | None) -> None:
+        """Point the sampler's server scraping at the running candidate (or at nothing)."""
+        source = self.sampler.source if self.sampler else None
+        if isinstance(source, LiveSource):
+            source.set_engine_urls([url] if url else [])
+
+    def next_seed(self) -> int:
+        return next(self._seeds)
+
+
+class Session:
+    """One running server of a trial, the proof or the production check."""
+
+    def __init__(self, runner: TrialRunner, server: VllmServer, key: str) -> None:
+        self.runner = runner
+        self.server = server
+        self.key = key
+        self._pace: tuple[Load, float] | None = None  # the last load measured here and its requests/s
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def startup_s(self) -> float | None:
+        return self.server.startup_s
+
+    def expected_rate(self, load: Load) -> float | None:
+        """Requests/s this load should bring: the rate itself, or users scaled from the last pace seen."""
+        if load.open_loop:
+            return load.value
+        if self._pace is None or self._pace[1] <= 0:
+            return None
+        last, rate = self._pace
+        users = last.users_count if not last.open_loop else max(1.0, rate)
+        return rate * max(1.0, load.value / users)
+
+    def requests_for(self, load: Load, role: str) -> int:
+        plan = self.runner.plan
+        pace = self.expected_rate(load)
+        seconds = plan.production_s if role == "production" else plan.min_phase_s
+        by_time = math.ceil(pace * seconds) if pace else 0
+        if role == "scout":
+            floor = plan.scout_rounds * load.users_count
+            by_time = math.ceil(by_time / 2)  # scouting only needs the pace: half a phase
+        elif role == "production":
+            floor = plan.production_min_requests
+        else:
+            floor = plan.min_requests
+        if not load.open_loop:
+            floor = max(floor, plan.scout_rounds * load.users_count)  # closed loop: room for a steady window
+        return max(floor, by_time, 1)
+
+    def measure(self, load: Load, role: str) -> Point:
+        """Hold ``load`` and judge it (see the module docstring). Raises :class:`AllRequestsFailed`."""
+        runner, plan = self.runner, self.runner.plan
+        n = self.requests_for(load, role)
+        seed = runner.next_seed()
+        kept: list[MeasuredPhase] = []
+        sent = repeats = 0
+        disturbed = ""
+        while True:
+            phase = asyncio.run(self._phase(load, role, n, seed + 1000 * len(kept), warmup=not kept))
+            sent += n
+            stats = phase.load.stats
+            if phase.load.cancelled or runner.cancelled():
+                return self._aborted(load, role, kept, "interrupted")
+            if phase.load.aborted:
+                return self._aborted(load, role, kept, f"the server stopped answering: {phase.load.aborted}")
+            if stats.requests_ok == 0 and stats.requests_failed > 0:
+                raise AllRequestsFailed(stats.errors[0].example if stats.errors else "no request succeeded")
+            d = phase.disturbance
+            if d is not None and d.disturbed and repeats < plan.remeasures:
+                repeats += 1
+                runner.emit(ev.PhaseRepeated(self.key, load.label(), f"measured again: {d.why}"))
+                continue
+            if d is not None and d.disturbed:
+                disturbed = d.why
+            kept.append(phase)
+            steady = steady_stats([p.window for p in kept if p.window], confidence=plan.confidence, seed=seed)
+            verdict = (
+                check(runner.slo, steady)
+                if role == "scout"
+                else judge(runner.slo, steady, open_loop=load.open_loop)
+            )
+            if role == "scout" or verdict.decision != "uncertain" or sent >= plan.max_requests:
+                break
+            runner.emit(
+                ev.PhaseRepeated(self.key, load.label(), "measuring further: " + "; ".join(verdict.uncertain))
+            )
+            n = max(1, min(sent, plan.max_requests - sent))
+        if steady.requests_per_s > 0:
+            self._pace = (load, steady.requests_per_s)
+        point = Point(
+            load=load,
+            role=role,
+            decision=verdict.decision,
+            steady=steady,
+            reasons=verdict.reasons,
+            uncertain=verdict.uncertain,
+            phases=tuple(_stored(p) for p in kept),
+            disturbed=disturbed,
+        )
+        self._tell(point)
+        return point
+
+    def _aborted(self, load: Load, role: str, kept: list[MeasuredPhase], why: str) -> Point:
+        point = Point(
+            load, role, "fail", empty_steady(), (why,), phases=tuple(_stored(p) for p in kept), aborted=why
+        )
+        self._tell(point)
+        return point
+
+    def _tell(self, p: Point) -> None:
+        s = p.steady
+        finished = s.requests_ok + s.requests_failed
+        self.runner.emit(
+            ev.PhaseMeasured(
+                key=self.key, load_kind=p.load.kind, load=p.load.value, load_label=p.load.label(), role=p.role,
+                decision=p.decision, output_tokens_per_s=s.output_tokens_per_s, ttft_p95_s=s.ttft_p95_s,
+                tpot_p95_s=s.tpot_p95_s, tok_s_per_user_p50=s.user_tok_per_s_p50,
+                error_rate=s.requests_failed / finished if finished else 0.0,
+                bound=str(p.bound.get("kind", "")), reasons=(*p.reasons, *p.uncertain), requests=s.requests_ok,
+                phases=s.phases, ttft_p95_ci_s=s.ttft_p95_ci_s, output_tokens_per_s_ci=s.output_tokens_per_s_ci,
+                requests_per_s=s.requests_per_s, disturbed=p.disturbed,
+            )
+        )  # fmt: skip
+
+    async def _phase(self, load: Load, role: str, n: int, seed: int, *, warmup: bool) -> MeasuredPhase:
+        runner, plan = self.runner, self.runner.plan
+        if load.open_loop:
+            spec = LoadSpec(
+                mode=LoadMode.RATE, concurrency=None, request_rate_per_s=load.value, num_requests=n,
+                warmup_requests=4 if warmup else 0, input_len=plan.input_len, output_len=plan.output_len,
+                vocab_size=plan.vocab_size, seed=seed,
+            )  # fmt: skip
+        else:
+            spec = LoadSpec(
+                mode=LoadMode.CONCURRENCY, concurrency=load.users_count, num_requests=n,
+                warmup_requests=min(load.users_count, 8) if warmup else 0, input_len=plan.input_len,
+                output_len=plan.output_len, vocab_size=plan.vocab_size, seed=seed,
+            )  # fmt: skip
+        label = load.label()
+
+        def progress(p: PhaseProgress) -> None:
+            rate = p.output_tokens / p.elapsed_s if p.elapsed_s > 0 else 0.0
+            runner.emit(
+                ev.PhaseProgressed(self.key, label, p.stage, p.requests_done, p.requests_total, rate, role)
+            )
+
+        slo = runner.slo
+
+        class _Cancel:
+            def is_set(self) -> bool:
+                return runner.cancelled()
+
+        return await measure_phase(
+            self.url, spec, sampler=runner.sampler, server_pid=self.server.pid, ttft_max_s=slo.ttft_p95_max_s,
+            tpot_max_s=slo.tpot_p95_max_s, on_progress=progress, cancel=_Cancel(), confidence=plan.confidence,
+        )  # fmt: skip
+
+
+def _stored(phase: MeasuredPhase) -> dict[str, object]:
+    """A phase as the store and the report keep it (the per-request list stays out: it is large)."""
+    d = phase.to_dict()
+    d["stats"].pop("errors", None)
+    d["errors"] = [{"kind": e.kind, "count": e.count, "example": e.example} for e in phase.load.stats.errors]
+    return d
