@@ -34,9 +34,13 @@ class ScriptedRunner:
         self.broken = broken
         self.held: list[tuple[str, Load, str]] = []
         self.serving: str | None = None
+        self.events: list[object] = []
 
     def cancelled(self) -> bool:
         return False
+
+    def emit(self, event: object) -> None:
+        self.events.append(event)
 
     @contextlib.contextmanager
     def serve(self, key: str, args: tuple[str, ...], log_name: str) -> Iterator[ScriptedRunner]:

@@ -11,7 +11,22 @@ STATUS_STYLES = {
     "failed": "bold red",
     "interrupted": "magenta",
     "skipped": "dim",
+    # The proof row: vLLM relaunched from the exported file.
+    "proven": "bold green",
+    "backed off": "bold green",
+    "not proven": "bold red",
 }
+
+EXIT_INTERRUPTED = 130  # tui.tune_cli's exit status for a run stopped by the operator
+
+
+def verdict_style(exit_code: int) -> str:
+    """How the run's headline is drawn: green when the export was proven (exit 0), yellow when the run was
+    stopped (130: --resume carries on), red otherwise (no configuration, NOT PROVEN)."""
+    if exit_code == 0:
+        return "bold green"
+    return "bold yellow" if exit_code == EXIT_INTERRUPTED else "bold red"
+
 
 # tuner.measure.BoundKind values, short enough for a table column; the help screen spells them out.
 BOUND_SHORT = {

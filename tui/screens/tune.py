@@ -32,7 +32,10 @@ from tuner.telemetry.model import EngineSample, GpuState, Snapshot, SystemInfo
 from tuner.telemetry.sampler import History
 from tuner.tuning.events import PhaseProgressed, TrialFinished, TuneEvent
 
-SHORT_HEIGHT = 28  # below this many rows (80x24): tighter caps and no divider, so every panel stays on screen
+SHORT_HEIGHT = (
+    28  # below this many rows (80x24): tighter caps and no divider, so every panel stays on screen;
+)
+# once the run is over, the chart and telemetry make way for the verdict
 
 
 class TuneScreen(Screen[None]):
@@ -73,6 +76,12 @@ class TuneScreen(Screen[None]):
         border-title-style: bold;
     }
     TuneScreen.short #telemetry { max-height: 5; }
+    /* A short terminal once the run is over: the verdict and the files need the room. The chart gives way
+       (the trial table keeps the winner's numbers), and so does the telemetry, whose readings stopped with
+       the tuner. */
+    TuneScreen.short.ended #telemetry { display: none; }
+    TuneScreen.short.ended SloChart { display: none; }
+    TuneScreen.short.ended BestPanel { min-height: 2; }
     """
 
     def __init__(
@@ -116,7 +125,9 @@ class TuneScreen(Screen[None]):
         self.show_run()
 
     def on_resize(self) -> None:
-        self.set_class(self.size.height < SHORT_HEIGHT, "short")
+        short = self.size.height < SHORT_HEIGHT
+        self.set_class(short, "short")
+        self.query_one(BestPanel).room = 3 if short else 4  # at 80x24 every row is spoken for
 
     # --- tuner events --------------------------------------------------------------------------------
 
@@ -174,15 +185,19 @@ class TuneScreen(Screen[None]):
         """Push the run's state into the widgets (reactives repaint only what changed)."""
         run = self.run
         self._progress_pending = False
+        self.set_class(not run.active or self.ended, "ended")
         header = self.query_one(TuneHeader)
         header.started = run.started
         header.launches_used = run.launches_used
         header.state = self.state
+        header.verdict = run.finished.verdict if run.finished else None
+        header.exit_code = run.finished.exit_code if run.finished else None
         self._show_clock()
         self.query_one(TrialTable).show(run.trials.values())
         phase = self.query_one(PhasePanel)
         phase.trial = run.last
         phase.phase = run.phase
+        phase.repeated = run.repeated
         phase.finished = run.finished
         phase.error = run.error
         self.query_one("#now").border_title = "current trial" if run.active else "result"

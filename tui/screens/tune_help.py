@@ -15,13 +15,16 @@ HELP = """\
 | `↑` `↓` `←` `→` | move through the trial table (`→` reaches the reason column) |
 
 ## The trial table
-One row per launched configuration. **status**: `running`, `feasible` (met the SLO at some concurrency),
-`infeasible` (launched, but no concurrency met the SLO), `failed` (the server did not start or crashed:
-the reason says why), `interrupted` (stopped by you or the budget), `skipped` (not launched).
-The numbers are from the trial's best phase that met the SLO — the highest **out tok/s** (output tokens/s
-of the whole server) at concurrency **conc** (simultaneous users) — and are dimmed while the trial runs.
+One row per launched configuration. **status**: `running`, `feasible` (some load met the SLO),
+`infeasible` (launched, but no load met the SLO), `failed` (the server did not start, crashed, or refused
+every request: the reason says why), `interrupted` (stopped by you or the budget), `skipped` (not launched).
+The numbers are from the trial's capacity: the highest **load** that met the SLO — requests/s arriving at
+random (Poisson, the default objective) or concurrent users (`--objective users`) — with the **out tok/s**
+of the whole server there; dimmed while the trial runs. The **proof** row is vLLM relaunched from the
+exported file (status `proven`, `backed off` or `not proven`); its numbers are from the load it was proven at.
 
-- **TTFT p95** — time to first token, 95th percentile over the phase's requests.
+- **TTFT p95** — time to first token, 95th percentile over the steady part of the load (ramp-up and drain
+  left out).
 - **tok/s/user** — per-user output speed as the SLO judges it: 1 / TPOT p95, so 95 % of requests streamed
   at least this fast.
 - **bound** — what limited the phase: `mem BW` (GPU DRAM bandwidth), `compute` (SMs / tensor cores),
@@ -29,14 +32,31 @@ of the whole server) at concurrency **conc** (simultaneous users) — and are di
   set the pace), `client` (the load generator ran out of CPU), `engine` (no GPU telemetry: the CPU build),
   `unclear`.
 
-## SLO vs concurrency
-Each measured concurrency of the current trial (the best trial once the run ends). The `┃` mark is the
-SLO's limit, mid-bar: the TTFT bar must end left of it, the per-user speed bar must reach past it.
-`✓` the phase met the whole SLO (errors included), `×` it did not.
+## SLO vs load
+Each load measured on the current trial (the best trial once the run ends), in the order measured. Dim rows
+are *scouting* phases (short closed-loop runs that find the server's pace); the others are judged with 90 %
+intervals. The `┃` mark is the SLO's limit, mid-bar: the TTFT bar must end left of it, the per-user speed bar
+must reach past it. `✓` the whole interval met the SLO, `×` it failed, `?` at the limit: an interval still
+straddled a limit after measuring more, which counts as not passing. On a narrow screen `12.5/s` is
+12.5 requests/s and `64u` 64 users.
+
+## Current trial
+The load under way: its role (`scout`, `judged`, `proof`, `production`), how many requests are done, and
+the server's output tok/s. `measure again`: the host was busy with other work, so the phase is measured
+again; `measure further`: an interval straddled a limit, so more requests are measured. The log says why.
 
 ## Best so far
-The configuration with the most output tok/s within the SLO, and its ratio over vLLM's defaults measured
-in the same run (`1.31x` = 31 % more tokens per second at the same SLO).
+The configuration with the highest capacity within the SLO, and its ratio over vLLM's defaults measured in
+the same run: capacity over capacity (`1.76x the defaults (9.13 req/s)`: 76 % more requests/s within the
+SLO), or output tok/s over tok/s when the two loads are not of one kind (`the defaults' tok/s`). One
+configuration beats another only when it held a load the other failed; otherwise they tie and the one closer
+to vLLM's defaults is kept (`= ties with …`, or `(a tie)` on a short screen; the log has the whole note).
+
+## The verdict
+At the end vLLM is relaunched from the exported file: the capacity point again (the **proof**), then 75 % of
+it held longer (the **production check**), backing off if it does not hold. `PROVEN`, `PROVEN AFTER BACKING
+OFF` or `NOT PROVEN` heads the result, the report and the exported file, and is shown whole when the run
+ends (green when proven, red when not, yellow when stopped).
 """
 
 

@@ -11,16 +11,18 @@ from textual.widget import Widget
 
 from tui import format as fmt
 from tui import tune_format as tfmt
-from tui.tune_state import user_tok_s
+from tui.tune_state import PROOF_KEY, user_tok_s
 from tuner.tuning.events import (
     BestChanged,
     PhaseMeasured,
+    PhaseRepeated,
     ServerReady,
     TrialFinished,
     TrialStarted,
     TuneEvent,
     TuneFinished,
     TuneStarted,
+    VerdictReached,
 )
 
 MAX_LINES = 200
@@ -30,6 +32,8 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
     """One line for the log, or None for events not worth a line (progress ticks). ``index``: key -> launch #."""
 
     def trial(key: str) -> str:
+        if key == PROOF_KEY and key not in index:
+            return "proof"
         return f"#{index[key]}" if key in index else "trial"
 
     if isinstance(event, TuneStarted):
@@ -47,7 +51,9 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
             style="dim",
         )
     if isinstance(event, PhaseMeasured):
-        line = Text(f"{trial(event.key)} concurrency {event.concurrency}: ")
+        # The proof's own phase is "proof 2.4 req/s"; its production check "proof production 1.8 req/s".
+        role = "" if event.role in ("judged", "proof") else f"{event.role} "
+        line = Text(f"{trial(event.key)} {role}{event.load_label}: ")
         line.append(fmt.tokens_per_s(event.output_tokens_per_s))
         line.append(
             f", TTFT p95 {fmt.seconds(event.ttft_p95_s)}, {tfmt.per_user(user_tok_s(event))}/user ",
@@ -55,17 +61,25 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
         )
         if event.passed:
             line.append("✓ meets the SLO", style="green")
+        elif event.decision == "uncertain":
+            line.append("? at the limit: " + "; ".join(event.reasons), style="yellow")
         else:
             line.append("× " + ("; ".join(event.reasons) or "misses the SLO"), style="yellow")
+        if event.disturbed:
+            line.append(f" (disturbed: {event.disturbed})", style="dim")
         return line
+    if isinstance(event, PhaseRepeated):
+        return Text(f"{trial(event.key)} {event.load_label}: {event.why}", style="dim")
+    if isinstance(event, VerdictReached):
+        return Text(event.headline, style=tfmt.verdict_style(event.exit_code))
     if isinstance(event, TrialFinished):
         style = tfmt.STATUS_STYLES.get(event.status, "")
         return Text.assemble((f"{trial(event.key)} {event.status}", style), ": ", event.reason)
     if isinstance(event, BestChanged):
         return Text.assemble(
             ("new best ", "bold green"),
-            f"{trial(event.key)} {event.label}: {fmt.tokens_per_s(event.output_tokens_per_s)} "
-            f"at concurrency {event.concurrency}",
+            f"{trial(event.key)} {event.label}: {event.load_label}, {fmt.tokens_per_s(event.output_tokens_per_s)}",
+            (f" ({event.note})" if event.note else "", "dim"),
         )
     if isinstance(event, TuneFinished):
         how = f"stopped ({event.stopped})" if event.stopped else "finished"

@@ -1,6 +1,7 @@
-"""The candidate being measured now: its server, the concurrency under load, and how far the phase has got.
+"""The candidate being measured now: its server, the load it holds, and how far the phase has got.
 
-When the run ends the same place says how it ended and where the YAML and the report were written.
+When the run ends the same place says how it ended, the verdict (the run's headline: PROVEN, NOT PROVEN, ...)
+and where the YAML and the report were written.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from textual.widget import Widget
 from tui import format as fmt
 from tui import tune_format as tfmt
 from tui.tune_state import TrialView
-from tuner.tuning.events import PhaseProgressed, TuneFinished
+from tuner.tuning.events import PhaseProgressed, PhaseRepeated, TuneFinished
 
 # What the tuner wrote, by its key in TuneFinished.outputs; an unknown key is shown as it is.
 OUTPUT_NAMES = {
@@ -47,6 +48,9 @@ class PhasePanel(Widget):
 
     phase: reactive[PhaseProgressed | None] = reactive(None)
     """Latest progress of the phase under way on that trial."""
+
+    repeated: reactive[PhaseRepeated | None] = reactive(None)
+    """Why the phase under way is measured again or further (a busy host, an interval straddling a limit)."""
 
     waiting_s: reactive[int | None] = reactive(None)
     """Whole seconds the running trial's server has been starting."""
@@ -98,12 +102,22 @@ class PhasePanel(Widget):
         )
         tok_s = fmt.tokens_per_s(p.output_tokens_per_s)
         line = Text()
-        # The longest wording that fits, from "concurrency 16 · measure 40/64 requests" to "conc 16 · … req".
-        for conc_word, req_word in (("concurrency", "requests"), ("conc", "requests"), ("conc", "req")):
+        # The longest wording that fits, from "judged 2.4 req/s · measure 40/72 requests" to "2.4 req/s · 40/72
+        # req". The role (scout, judged, proof, production) says how the phase counts: it goes last. A phase
+        # measured again (a busy host) or further (an interval straddled a limit) says so in its stage; the
+        # log has the reason whole.
+        role = f"{p.role} "
+        stage = f" · {p.stage}{self._again(p)} "
+        for role_word, stage_word, req_word in (
+            (role, stage, "requests"),
+            (role, stage, "req"),
+            (role, " · ", "req") if stage == " · measure " else ("", stage, "req"),
+            ("", " · ", "req"),
+        ):
             line = Text()
-            line.append(f"{conc_word} ", style="dim")
-            line.append(str(p.concurrency), style="bold")
-            line.append(f" · {p.stage} ", style="dim")
+            line.append(role_word, style="dim")
+            line.append(p.load_label, style="bold")
+            line.append(stage_word, style="dim")
             line.append(done, style="bold")
             line.append(f" {req_word}", style="dim")
             if line.cell_len <= width:
@@ -116,15 +130,23 @@ class PhasePanel(Widget):
         tail.append(tok_s, style="bold green")
         return [line, Text.assemble(gauge(fraction, max(4, width - tail.cell_len)), tail)]
 
+    def _again(self, p: PhaseProgressed) -> str:
+        again = self.repeated
+        if again is None or again.key != p.key or again.load_label != p.load_label:
+            return ""
+        return " further" if again.why.startswith("measuring further") else " again"
+
     def _render_finished(self, ev: TuneFinished) -> Text:
         head = Text()
         if ev.stopped:
             head.append(f"stopped ({ev.stopped})", style="bold yellow")
         else:
-            head.append("finished", style="bold green")
+            head.append("finished", style="bold green" if ev.exit_code == 0 else "bold")
         head.append(f": {ev.launches} launches in {tfmt.duration(ev.wall_s)}", style="dim")
         head.truncate(max(20, self.size.width), overflow="ellipsis")
         lines = [head]
+        if ev.headline:  # the verdict: wraps, since every word of it matters
+            lines.append(Text(ev.headline, style=tfmt.verdict_style(ev.exit_code)))
         names = {key: OUTPUT_NAMES.get(key, key) for key in ev.outputs}
         pad = max((len(name) for name in names.values()), default=0) + 1
         # Paths are the one thing allowed to wrap: they must stay whole to be copied.

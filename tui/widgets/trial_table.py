@@ -19,7 +19,7 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("#", "index", 2),
     ("config", "label", LABEL_W),
     ("status", "status", 11),
-    ("conc", "concurrency", 4),
+    ("load", "load", 11),
     ("out tok/s", "tok_s", 9),
     ("TTFT p95", "ttft", 8),
     ("tok/s/user", "user", 10),
@@ -40,11 +40,20 @@ def row_cells(trial: TrialView) -> tuple[Text, ...]:
     reason = trial.reason or (f"launch: {trial.why}" if trial.why and trial.running else "")
     muted = "dim" if trial.running else ""  # a running trial's numbers are provisional
     if point is None:
-        numbers = [*(_right("–", "dim") for _ in range(4)), Text("–", style="dim")]
+        # A trial resumed from the store comes without its points: its capacity and tok/s are still known.
+        load, tok_s = trial.result_load_label, trial.result_tok_s
+        numbers = [
+            _right(load or "–", "" if load else "dim"),
+            _right(fmt.number(tok_s), "bold green" if trial.status == "feasible" else "")
+            if tok_s is not None
+            else _right("–", "dim"),
+            *(_right("–", "dim") for _ in range(2)),
+            Text("–", style="dim"),
+        ]
     else:
         tok_s = trial.result_tok_s
         numbers = [
-            _right(str(point.concurrency), muted),
+            _right(point.load_label, muted),
             _right(fmt.number(tok_s), "bold green" if trial.status == "feasible" else muted),
             _right(fmt.seconds(point.ttft_p95_s), muted),
             _right(fmt.number(user_tok_s(point), 1), muted),
@@ -72,7 +81,7 @@ class TrialTable(DataTable[Text]):
 
     def on_mount(self) -> None:
         for label, key, width in COLUMNS:
-            numeric = key in ("index", "concurrency", "tok_s", "ttft", "user")
+            numeric = key in ("index", "load", "tok_s", "ttft", "user")
             self.add_column(Text(label, justify="right" if numeric else "left"), key=key, width=width)
 
     @property

@@ -54,6 +54,13 @@ class TuneHeader(Widget):
     state: reactive[str] = reactive("waiting")
     """"waiting", "running", "stopping", "finished", "stopped" or "crashed"."""
 
+    verdict: reactive[str | None] = reactive(None)
+    """How a finished run was judged (``TuneFinished.verdict``: "proven", "backed_off", "not_proven",
+    "unverified"), None before the end or without a verdict."""
+
+    exit_code: reactive[int | None] = reactive(None)
+    """The finished run's exit status (0: a configuration was proven or exported), None before the end."""
+
     def render(self) -> RenderableType:
         width = max(20, self.size.width)
         title = Text("infertop tune", style="bold")
@@ -90,6 +97,17 @@ class TuneHeader(Widget):
         return Text("\n").join([first, spread(slo, Text(hardware, style="dim"), width)])
 
     def _state_badge(self) -> tuple[str, str]:
+        if self.state == "finished":
+            verdicts = {
+                "proven": ("✓ PROVEN", "bold green"),
+                "backed_off": ("✓ PROVEN AFTER BACKING OFF", "bold green"),
+                "not_proven": ("✗ NOT PROVEN", "bold red"),
+                "unverified": ("finished · UNVERIFIED", "bold yellow"),
+            }
+            if self.verdict in verdicts:
+                return verdicts[self.verdict]
+            if self.exit_code:  # no configuration met the SLO
+                return ("✗ finished: no configuration", "bold red")
         return {
             "running": ("● running", "bold cyan"),
             "stopping": ("■ stopping… (stopping the vLLM server)", "bold yellow"),

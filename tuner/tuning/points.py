@@ -64,7 +64,7 @@ class Load:
     def label(self) -> str:
         """``"2.4 req/s"`` or ``"8 users"``."""
         if self.kind == RATE:
-            return f"{self.value:.3g} req/s"
+            return f"{self.value:,.0f} req/s" if self.value >= 100 else f"{self.value:.3g} req/s"
         return f"{self.users_count} user{'s' if self.users_count != 1 else ''}"
 
     def scaled(self, factor: float) -> Load:

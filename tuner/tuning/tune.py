@@ -544,6 +544,7 @@ class Tuner:
                     write_yaml,
                     self.config.verdict,
                     defaults_capacity=defaults_capacity,
+                    first_launch=self.launches + 1,
                 )
             elif not self.config.prove:
                 verdict = unverified(contenders[0])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.serving.launcher import LaunchError
+from tuner.tuning import events as ev
 from tuner.tuning.capacity import Capacity
 from tuner.tuning.points import Load, Point
 from tuner.tuning.runner import AllRequestsFailed, TrialRunner
@@ -128,6 +129,7 @@ def reach_verdict(
     plan: VerdictPlan,
     *,
     defaults_capacity: Capacity | None = None,
+    first_launch: int = 1,
 ) -> Verdict:
     """Relaunch the best contender from its exported file and check it; the runner-up if it does not hold."""
     attempts: list[Attempt] = []
@@ -137,7 +139,7 @@ def reach_verdict(
         path = write_yaml(
             contender, "NOT YET PROVEN: infertop is relaunching vLLM from this file to check it"
         )
-        attempt = _attempt(runner, contender, path, plan)
+        attempt = _attempt(runner, contender, path, plan, first_launch + len(attempts))
         attempts.append(attempt)
         held = attempt.held
         if held is not None:
@@ -166,10 +168,18 @@ def unverified(contender: Contender) -> Verdict:
     return Verdict("unverified", headline, contender, None)
 
 
-def _attempt(runner: TrialRunner, contender: Contender, path: Path, plan: VerdictPlan) -> Attempt:
+def _attempt(
+    runner: TrialRunner, contender: Contender, path: Path, plan: VerdictPlan, launch: int
+) -> Attempt:
     attempt = Attempt(contender.candidate.key(), contender.label, str(path))
     best = contender.capacity.best
     assert best is not None  # only feasible contenders are ranked
+    runner.emit(
+        ev.TrialStarted(
+            PROOF_KEY, f"proof: {contender.label} from {path.name}", {"config": str(path)}, launch,
+            "relaunch from the exported file: the proof, then the production check",
+        )
+    )  # fmt: skip
     try:
         with runner.serve(
             PROOF_KEY, ("--config", str(path)), f"proof-{len(contender.label)}-{path.stem}"
