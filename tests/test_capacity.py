@@ -79,12 +79,28 @@ def test_one_user_missing_the_slo_means_infeasible_after_a_judged_second_look() 
     assert server.asked[-1] == (Load.users(1), "judged")  # the scout's failure was checked before giving up
 
 
-def test_users_search_doubles_then_bisects_to_the_most_users() -> None:
+def test_users_search_scouts_then_judges_only_around_the_knee() -> None:
     server = SimulatedServer(max_users=11)
     cap = find_capacity(server.measure, CapacityPlan(objective=USERS, max_users=64))
     assert cap.best is not None and cap.best.load == Load.users(11)
     assert cap.ceiling is not None and cap.ceiling.load == Load.users(12)
-    assert all(role == "judged" for _, role in server.asked)
+    scouts = [load.users_count for load, role in server.asked if role == "scout"]
+    judged = [load.users_count for load, role in server.asked if role == "judged"]
+    assert scouts == [1, 2, 4, 8, 16]  # doubling until a scout fails
+    assert judged[:2] == [8, 16] and min(judged) == 8  # judged (59+ requests each) only near the capacity
+
+
+def test_users_search_halves_when_the_scouts_were_optimistic() -> None:
+    """Scouts judge point estimates over short phases: the judged look can disagree, and then wins."""
+    server = SimulatedServer(max_users=5)
+    measure = server.measure
+
+    def optimistic_scouts(load: Load, role: str) -> Point:
+        point = measure(load, role)
+        return dataclasses.replace(point, decision="pass") if role == "scout" and load.users_count <= 8 else point
+
+    cap = find_capacity(optimistic_scouts, CapacityPlan(objective=USERS, max_users=64))
+    assert cap.best is not None and cap.best.load == Load.users(5)
 
 
 def test_an_uncertain_point_counts_as_not_passing() -> None:

@@ -217,6 +217,9 @@ class _Relaunch:
     def cancelled(self) -> bool:
         return False
 
+    def emit(self, event: object) -> None:
+        pass  # the tune screen's events: not part of the report
+
     @contextlib.contextmanager
     def serve(self, key: str, args: tuple[str, ...], log_name: str) -> Iterator[_Relaunch]:
         label = Path(args[1]).read_text().splitlines()[0]

@@ -8,8 +8,11 @@ its intervals (:func:`tuner.tuning.slo.judge`) and returns a :class:`~tuner.tuni
   users find the server's pace (the request rate where adding users stops helping or breaks the SLO); then
   open-loop arrivals at that rate are judged, stepped by x1.25 up or down until one load passes and one does
   not, and the bracket is narrowed (geometric bisection) to ``resolution``.
-* **users** (Artificial Analysis style): judged closed-loop points at 1, 2, 4, ... users until one fails or
-  throughput stops growing, then integer bisection.
+* **users** (Artificial Analysis style): the same scouting, then judged closed-loop points at the most users
+  a scout held and at the first that failed, and integer bisection between them.
+
+Only points near the capacity are judged: a p95 needs 59 requests before it can pass at 90 % confidence
+(:func:`tuner.loadgen.steady.min_requests_for`), which at one user is minutes; scouting costs seconds.
 
 The result is a :class:`Capacity`: the highest load that passed, the lowest above it that did not, and every
 point. That bracket is the uncertainty of the capacity: one configuration **beats** another only when it passed
@@ -144,30 +147,40 @@ def _take(points: list[Point], point: Point) -> Point:
 
 
 def _users(measure: Measure, plan: CapacityPlan, cancelled: Callable[[], bool]) -> Capacity:
+    """Scout the closed loop's knee cheaply, then judge users around it: the most users a scout held first,
+    then the first scout that failed, then integer bisection between (or halving down from a judged miss)."""
     points: list[Point] = []
     note = ""
     try:
-        c, best_tok_s, flat = 1, 0.0, 0
-        while len(points) < plan.max_points and not cancelled():
-            p = _take(points, measure(Load.users(c), "judged"))
-            if not p.passed:
-                break
-            flat = 0 if p.output_tokens_per_s >= best_tok_s * (1 + plan.saturation_gain) else flat + 1
-            best_tok_s = max(best_tok_s, p.output_tokens_per_s)
-            if flat >= plan.patience:
-                note = f"throughput stopped growing by {c} users"
-                break
-            if c >= plan.max_users:
-                note = f"still within the SLO at the most users allowed ({plan.max_users})"
-                break
-            c = min(2 * c, plan.max_users)
-        cap = summarise(USERS, points, note)
+        if _scout(measure, plan, points, cancelled) is None:
+            if cancelled():
+                raise _Stop("interrupted")
+            return summarise(USERS, points, f"one user alone misses the SLO ({points[-1].why()})")
+        scouts = [p for p in points if p.role == "scout"]
+        c = max((p.load.users_count for p in scouts if p.passed), default=1)
+        failing_scout = next((p for p in scouts if not p.passed), None)
+        if _take(points, measure(Load.users(c), "judged")).passed:
+            if failing_scout is not None and len(points) < plan.max_points and not cancelled():
+                _take(points, measure(failing_scout.load, "judged"))  # the bracket's top, judged too
+        else:  # the scout's point estimate was optimistic: halve until a judged load holds
+            while c > 1 and not cancelled() and len(points) < plan.max_points:
+                c = max(1, c // 2)
+                if _take(points, measure(Load.users(c), "judged")).passed:
+                    break
+        cap = summarise(USERS, points)
         while cap.best and cap.ceiling and len(points) < plan.max_points and not cancelled():
             lo, hi = cap.best.load.users_count, cap.ceiling.load.users_count
             if hi - lo <= max(1, math.ceil(plan.resolution * lo)):
                 break
             _take(points, measure(Load.users((lo + hi) // 2), "judged"))
-            cap = summarise(USERS, points, note)
+            cap = summarise(USERS, points)
+        if cap.best and cap.ceiling is None:
+            top = cap.best.load.users_count
+            note = (
+                f"still within the SLO at the most users allowed ({plan.max_users})"
+                if top >= plan.max_users
+                else f"throughput stopped growing by {top} users"
+            )
     except _Stop as stop:
         note = str(stop)
     if cancelled():
