@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,3 +166,22 @@ def test_bench_launch_of_a_bad_model_path_fails_in_one_line_and_leaves_nothing(
         if p.pid not in before and "vllm" in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []
+
+
+def test_the_bench_table_gives_steady_figures_with_their_intervals(tmp_path: Path) -> None:
+    """Against the fast stand-in server: enough requests for a bounded p95, and the table says how sure."""
+    from fakes.sse_server import EmitterConfig, EmitterProcess
+
+    with EmitterProcess(EmitterConfig(first_chunk_delay_s=0.01, chunk_interval_s=0.002)) as emitter:
+        run = subprocess.run(
+            [sys.executable, "-m", "tui.cli", "bench", "--endpoint", emitter.base_url, "--no-gpu",
+             "--concurrency", "4", "--num-requests", "160", "--output-len", "16", "--vocab-size", "1000",
+             "--out", str(tmp_path / "b.json")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    head, _, row = run.stdout.strip().splitlines()[:3]
+    assert "out tok/s, steady (90 % interval)" in head and "TTFT p95 ms (90 % interval)" in head
+    cells = [c.strip() for c in row.split("|")]
+    assert re.fullmatch(r"[\d,]+ \([\d,]+-[\d,]+\)", cells[4]), cells[4]  # tok/s (lo-hi)
+    assert re.fullmatch(r"[\d,]+ \([\d,]+-[\d,?]+\)", cells[7]), cells[7]  # TTFT p95 ms (lo-hi)

@@ -132,14 +132,24 @@ def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v * 1000:,.0f}"
 
 
+def _interval(ci: tuple[float, float | None] | None, scale: float, digits: int) -> str:
+    if ci is None:
+        return ""
+    lo, hi = ci
+    top = "?" if hi is None else f"{hi * scale:,.{digits}f}"
+    return f" ({lo * scale:,.{digits}f}-{top})"
+
+
 def table(phases: Sequence[MeasuredPhase]) -> str:
+    """One row per phase. Throughput and the p95s are the steady window's (ramp-up and drain left out), each
+    with its 90 % interval; "?" where too few requests bound a p95 from above (it takes 59)."""
     head = (
-        "| load | ok | failed | out tok/s | tok/s/user p50 | TTFT p50 / p95 ms | TPOT p50 ms | E2E p95 s "
-        "| server tokens | bound |"
+        "| load | ok | failed | out tok/s, steady (90 % interval) | tok/s/user p50 | TTFT p50 ms "
+        "| TTFT p95 ms (90 % interval) | TPOT p50 ms | E2E p95 s | server tokens | bound |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for p in phases:
-        s, spec = p.load.stats, p.load.spec
+        s, spec, st = p.load.stats, p.load.spec, p.steady
         load = (
             f"c={spec.concurrency}"
             if spec.concurrency and spec.mode.value == "concurrency"
@@ -150,10 +160,14 @@ def table(phases: Sequence[MeasuredPhase]) -> str:
         check = (
             "n/a" if p.tokens.server_output_tokens is None else ("MISMATCH" if p.tokens.mismatch else "match")
         )
+        tok_s = f"{s.output_tokens_per_s:,.0f}"
+        ttft95 = _ms(s.ttft_p95_s)
+        if st is not None and st.requests_ok:
+            tok_s = f"{st.output_tokens_per_s:,.0f}{_interval(st.output_tokens_per_s_ci, 1, 0)}"
+            ttft95 = f"{_ms(st.ttft_p95_s)}{_interval(st.ttft_p95_ci_s, 1000, 0)}"
         rows.append(
-            f"| {load} | {s.requests_ok} | {s.requests_failed} | {s.output_tokens_per_s:,.0f} | {per_user} "
-            f"| {_ms(s.ttft_p50_s)} / {_ms(s.ttft_p95_s)} | {_ms(s.tpot_p50_s)} | {e2e} | {check} "
-            f"| {p.bound.kind.value}: {p.bound.reason} |"
+            f"| {load} | {s.requests_ok} | {s.requests_failed} | {tok_s} | {per_user} | {_ms(s.ttft_p50_s)} "
+            f"| {ttft95} | {_ms(s.tpot_p50_s)} | {e2e} | {check} | {p.bound.kind.value}: {p.bound.reason} |"
         )
     return "\n".join(rows)
 
