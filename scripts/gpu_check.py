@@ -450,7 +450,7 @@ def step_tune(run: Run, limit_s: float) -> str:
     out = run.work / "tune"
     done = run_command(
         run.infertop("tune", str(run.model_dir), "--headless", "--budget", "2", "--phase-seconds", "3",
-                     "--out", str(out), "--store", str(run.work / "tune.sqlite"),
+                     "--production-seconds", "10", "--out", str(out), "--store", str(run.work / "tune.sqlite"),
                      "--vllm-python", run.mode.vllm_python, *args, "--", *extra),
         timeout_s=limit_s, log=run.work / "tune.log", env=dict(run.mode.vllm_env),
     )  # fmt: skip

@@ -97,7 +97,11 @@ def test_users_search_halves_when_the_scouts_were_optimistic() -> None:
 
     def optimistic_scouts(load: Load, role: str) -> Point:
         point = measure(load, role)
-        return dataclasses.replace(point, decision="pass") if role == "scout" and load.users_count <= 8 else point
+        return (
+            dataclasses.replace(point, decision="pass")
+            if role == "scout" and load.users_count <= 8
+            else point
+        )
 
     cap = find_capacity(optimistic_scouts, CapacityPlan(objective=USERS, max_users=64))
     assert cap.best is not None and cap.best.load == Load.users(5)

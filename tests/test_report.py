@@ -4,7 +4,7 @@ configuration, interrupted, missing figures, a version-1 report of an older infe
 
 The report dicts are made by the real code: points judged by the real SLO judge, capacities summarised by the
 capacity search's own rules, the verdict reached by :func:`reach_verdict` on a scripted relaunch, and the
-whole dict built by :func:`tuner.tuning.tune.build_report`."""
+whole dict built by :func:`tuner.tuning.conclusion.build_report`."""
 
 from __future__ import annotations
 
@@ -40,13 +40,14 @@ from tuner.serving.launcher import LaunchError
 from tuner.serving.launchlog import FailureKind
 from tuner.serving.tinymodel import write_tiny_model
 from tuner.tuning.capacity import Capacity, rank, summarise
+from tuner.tuning.conclusion import build_report
 from tuner.tuning.modelshape import Hardware
 from tuner.tuning.points import RATE, USERS, Load, Point, empty_steady
 from tuner.tuning.runner import _stored
 from tuner.tuning.slo import PRESETS, check, judge
 from tuner.tuning.space import Candidate
 from tuner.tuning.store import TrialStatus
-from tuner.tuning.tune import TrialOutcome, TuneConfig, Tuner, build_report
+from tuner.tuning.tune import TrialOutcome, TuneConfig, Tuner
 from tuner.tuning.verdict import Contender, Verdict, VerdictPlan, reach_verdict, unverified
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -266,8 +267,8 @@ def _report(
         OOM, TrialStatus.FAILED, "vLLM failed to start (CUDA out of memory)", log_tail=OOM_LOG
     )
     feasible = [o for o in outcomes.values() if o.feasible]
-    ranked = rank(feasible, tuner._capacity, tuner._distance, config.resolution)
-    contenders = [Contender(o.candidate, tuner.label(o.candidate), tuner._capacity(o)) for o in ranked]
+    ranked = rank(feasible, tuner.capacity_of, tuner.distance, config.resolution)
+    contenders = [Contender(o.candidate, tuner.label(o.candidate), tuner.capacity_of(o)) for o in ranked]
     verdict: Verdict | None = None
     if contenders and script is not None:
 

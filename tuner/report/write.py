@@ -2,7 +2,7 @@
 with SVG plots.
 
 :func:`write_report` takes the dict the tuner builds at the end of a run (``format: infertop-tune-report``,
-version 2; see ``build_report`` in ``tuner/tuning/tune.py``) and writes ``report.json`` (that dict, as is),
+version 2; see ``build_report`` in ``tuner/tuning/conclusion.py``) and writes ``report.json`` (that dict, as is),
 ``report.md``, ``report.html`` and the plots into a directory. The summary opens with the result's line (the
 verdict: PROVEN, NOT PROVEN, ...) because that is what an operator must read first; then what was exported and
 at which load, with the figures and their 90 % intervals. Its sections are built here as one list of

@@ -188,7 +188,8 @@ class Session:
         sent = repeats = 0
         disturbed = ""
         while True:
-            phase = asyncio.run(self._phase(load, role, n, seed + 1000 * len(kept), warmup=not kept))
+            # Every phase its own prompts (a phase measured again must not find the last one's in the prefix cache).
+            phase = asyncio.run(self._phase(load, role, n, runner.next_seed(), warmup=not kept))
             sent += n
             stats = phase.load.stats
             if phase.load.cancelled or runner.cancelled():

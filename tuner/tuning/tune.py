@@ -41,7 +41,7 @@ from tuner.tuning.capacity import (
     separating_load,
     ties_with,
 )
-from tuner.tuning.export import to_vllm_yaml
+from tuner.tuning.conclusion import build_report, export_text, run_headline
 from tuner.tuning.modelshape import Hardware, ModelShape
 from tuner.tuning.points import RATE, USERS
 from tuner.tuning.runner import AllRequestsFailed, MeasurePlan, ServerHooks, TrialRunner
@@ -50,8 +50,6 @@ from tuner.tuning.slo import Slo
 from tuner.tuning.space import Candidate, SearchSpace, default_space, resolve
 from tuner.tuning.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
 from tuner.tuning.verdict import (
-    EXIT_INTERRUPTED,
-    EXIT_NO_CONFIG,
     Contender,
     Verdict,
     VerdictPlan,
@@ -277,7 +275,7 @@ class Tuner:
             except TuneError as exc:
                 error = str(exc)
             feasible_outcomes = [o for o in outcomes.values() if o.feasible]
-            ranked = rank(feasible_outcomes, self._capacity, self._distance, self.config.resolution)
+            ranked = rank(feasible_outcomes, self.capacity_of, self.distance, self.config.resolution)
             report, verdict = self._finish(outcomes, ranked, defaults, started, stopped, error)
         finally:
             self.sampler.stop()
@@ -328,7 +326,7 @@ class Tuner:
                 self._rejected.update(self._moves.get(candidate.key(), {}).items())
             if outcome.feasible and (incumbent is None or self._prefer(outcome, incumbent)):
                 tie = incumbent is not None and not beats(
-                    self._capacity(outcome), self._capacity(incumbent), self.config.resolution
+                    self.capacity_of(outcome), self.capacity_of(incumbent), self.config.resolution
                 )
                 note = (
                     f"ties with {self.label(incumbent.candidate)} within the uncertainty; kept the one closer to "
@@ -337,7 +335,7 @@ class Tuner:
                     else ""
                 )
                 incumbent = outcome
-                best = self._capacity(outcome).best
+                best = self.capacity_of(outcome).best
                 assert best is not None
                 self._emit(
                     ev.BestChanged(
@@ -359,23 +357,23 @@ class Tuner:
             return "vLLM defaults" + (f" ({pinned})" if pinned != "vLLM defaults" else "")
         return candidate.label()
 
-    def _distance(self, outcome: TrialOutcome) -> int:
+    def distance(self, outcome: TrialOutcome) -> int:
         """How far a configuration is from vLLM's defaults: the dimensions it sets beyond the pins."""
         baseline = self.space.baseline().config_dict()
         return sum(1 for k, v in outcome.candidate.config_dict().items() if baseline.get(k) != v)
 
     @staticmethod
-    def _capacity(outcome: TrialOutcome) -> Capacity:
+    def capacity_of(outcome: TrialOutcome) -> Capacity:
         assert outcome.capacity is not None
         return outcome.capacity
 
     def _prefer(self, new: TrialOutcome, incumbent: TrialOutcome) -> bool:
         """``new`` replaces the incumbent: it beats it, or ties with it closer to vLLM's defaults."""
         res = self.config.resolution
-        a, b = self._capacity(new), self._capacity(incumbent)
+        a, b = self.capacity_of(new), self.capacity_of(incumbent)
         if beats(a, b, res):
             return True
-        return ties_with(a, b, res) and self._distance(new) < self._distance(incumbent)
+        return ties_with(a, b, res) and self.distance(new) < self.distance(incumbent)
 
     def _emit(self, event: ev.TuneEvent) -> None:
         with contextlib.suppress(Exception):  # a broken listener must not end the run
@@ -526,7 +524,7 @@ class Tuner:
         out = self.config.out_dir
         out.mkdir(parents=True, exist_ok=True)
         outputs: dict[str, str] = {}
-        contenders = [Contender(o.candidate, self.label(o.candidate), self._capacity(o)) for o in ranked]
+        contenders = [Contender(o.candidate, self.label(o.candidate), self.capacity_of(o)) for o in ranked]
         defaults_outcome = outcomes.get(defaults.key())
         defaults_capacity = defaults_outcome.capacity if defaults_outcome else None
         yaml_path = out / "best.yaml"
@@ -534,7 +532,7 @@ class Tuner:
         if contenders:
 
             def write_yaml(contender: Contender, status_line: str) -> Path:
-                yaml_path.write_text(self._yaml(contender, status_line))
+                yaml_path.write_text(export_text(self, contender, status_line))
                 return yaml_path
 
             if self.config.prove and not self._cancel.is_set():
@@ -554,7 +552,7 @@ class Tuner:
             )
             write_yaml(chosen, status_line)
             outputs["yaml"] = str(yaml_path)
-        headline, exit_code = self._headline(verdict, contenders, stopped, error, outcomes)
+        headline, exit_code = run_headline(self, verdict, contenders, stopped, error, outcomes)
         report = build_report(
             self, outcomes, ranked, defaults, started, stopped, verdict, headline, exit_code
         )
@@ -571,52 +569,6 @@ class Tuner:
             )  # fmt: skip
         return report, verdict
 
-    def _headline(
-        self,
-        verdict: Verdict | None,
-        contenders: list[Contender],
-        stopped: str | None,
-        error: str | None,
-        outcomes: Mapping[str, TrialOutcome],
-    ) -> tuple[str, int]:
-        if error is not None:
-            return f"NO CONFIGURATION: {error}", EXIT_NO_CONFIG
-        if verdict is not None:
-            code = verdict.exit_code if stopped is None else EXIT_INTERRUPTED
-            return verdict.headline, code
-        if stopped == "interrupted":
-            what = f"; best so far {contenders[0].label}, NOT PROVEN" if contenders else ""
-            return (
-                f"INTERRUPTED: trials kept in {self.config.store_path} (--resume carries on){what}",
-                EXIT_INTERRUPTED,
-            )
-        reasons = [o.reason for o in outcomes.values() if o.status is not TrialStatus.FEASIBLE][:2]
-        return (
-            "NO CONFIGURATION met the SLO ("
-            + self.config.slo.describe()
-            + ")"
-            + (": " + "; ".join(reasons) if reasons else ""),
-            EXIT_NO_CONFIG,
-        )
-
-    def _yaml(self, contender: Contender, status_line: str) -> str:
-        cfg = self.config
-        best = contender.capacity.best
-        assert best is not None
-        load_model = (
-            "Poisson arrivals (open loop)" if self.objective == RATE else "concurrent users (closed loop)"
-        )
-        return to_vllm_yaml(
-            cfg.model,
-            contender.candidate,
-            comment_lines=[
-                status_line,
-                f"SLO: {cfg.slo.describe()} (judged at {cfg.slo.judged_at} with {cfg.confidence:.0%} intervals)",
-                f"Measured on {self.hardware_label}: capacity {contender.capacity.describe()} of {load_model}, "
-                f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens)",
-            ],
-        )
-
 
 def _died(capacity: Capacity) -> bool:
     return any(p.aborted and p.aborted != "interrupted" for p in capacity.points)
@@ -632,83 +584,3 @@ def _outcome_from_record(record: TrialRecord) -> TrialOutcome:
         record.log_tail or "",
         record.startup_s,
     )
-
-
-def build_report(
-    tuner: Tuner,
-    outcomes: Mapping[str, TrialOutcome],
-    ranked: list[TrialOutcome],
-    defaults: Candidate,
-    started: float,
-    stopped: str | None,
-    verdict: Verdict | None,
-    headline: str,
-    exit_code: int,
-) -> dict[str, Any]:
-    """The run as one JSON-able document (format infertop-tune-report, version 2)."""
-    cfg = tuner.config
-    slo = cfg.slo
-    trials = []
-    for key, o in outcomes.items():
-        trials.append(
-            {
-                "key": key,
-                "label": tuner.label(o.candidate),
-                "config": o.candidate.config_dict(),
-                "status": o.status.value,
-                "reason": o.reason,
-                "log_tail": o.log_tail or None,
-                "is_defaults": key == defaults.key(),
-                "startup_s": o.startup_s,
-                "distance_from_defaults": tuner._distance(o),
-                "capacity": o.capacity.to_dict() if o.capacity else None,
-            }
-        )
-    rank_keys = [o.candidate.key() for o in ranked]
-    ties = []
-    if len(ranked) > 1 and ties_with(tuner._capacity(ranked[0]), tuner._capacity(ranked[1]), cfg.resolution):
-        ties.append(
-            f"{tuner.label(ranked[0].candidate)} and {tuner.label(ranked[1].candidate)} tie within the "
-            "uncertainty of their capacities; the one closer to vLLM's defaults ranks first"
-        )
-    return {
-        "format": "infertop-tune-report",
-        "version": 2,
-        "headline": headline,
-        "exit_code": exit_code,
-        "model": cfg.model,
-        "hardware": tuner.hardware.to_dict(),
-        "hardware_label": tuner.hardware_label,
-        "gpus": tuner.hardware.gpu_count,
-        "slo": {**slo.to_dict(), "describe": slo.describe(), "judged_at": slo.judged_at},
-        "objective": tuner.objective,
-        "workload": {
-            "input_len": cfg.input_len,
-            "output_len": cfg.output_len,
-            "vocab_size": tuner.vocab_size,
-            "load_model": "Poisson arrivals (open loop)"
-            if tuner.objective == RATE
-            else "concurrent users (closed loop)",
-            "confidence": cfg.confidence,
-            "min_phase_s": cfg.min_phase_s,
-            "min_requests": cfg.min_requests,
-            "max_requests": cfg.max_requests,
-            "resolution": cfg.resolution,
-        },
-        "cpu": tuner.cpu_plan.note,
-        "started_s": started,
-        "finished_s": time.time(),
-        "launches": tuner.launches,
-        "grid_size": len(tuner.space.feasible()),
-        "budget_note": tuner.note,
-        "trials": trials,
-        "ranking": rank_keys,
-        "ties": ties,
-        "winner": verdict.chosen.candidate.key()
-        if verdict and verdict.chosen
-        else (rank_keys[0] if rank_keys else None),
-        "defaults": defaults.key() if defaults.key() in outcomes else None,
-        "verdict": verdict.to_dict() if verdict else None,
-        "price_per_gpu_hour": cfg.price_per_gpu_hour,
-        "interrupted": stopped == "interrupted",
-    }

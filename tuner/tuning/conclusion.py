@@ -1,0 +1,151 @@
+"""How a tuning run ends in words and files: the result's first line (the headline and the exit code), the
+exported ``vllm serve --config`` text, and the report document (format infertop-tune-report, version 2)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tuner.tuning.capacity import ties_with
+from tuner.tuning.export import to_vllm_yaml
+from tuner.tuning.points import RATE
+from tuner.tuning.store import TrialStatus
+from tuner.tuning.verdict import EXIT_INTERRUPTED, EXIT_NO_CONFIG, Contender, Verdict
+
+if TYPE_CHECKING:
+    from tuner.tuning.space import Candidate
+    from tuner.tuning.tune import TrialOutcome, Tuner
+
+LOAD_MODELS = {RATE: "Poisson arrivals (open loop)"}
+CLOSED_LOOP = "concurrent users (closed loop)"
+
+
+def run_headline(
+    tuner: Tuner,
+    verdict: Verdict | None,
+    contenders: list[Contender],
+    stopped: str | None,
+    error: str | None,
+    outcomes: Mapping[str, TrialOutcome],
+) -> tuple[str, int]:
+    """The result's first line and the exit code it comes with (see the CLI's --help)."""
+    if error is not None:
+        return f"NO CONFIGURATION: {error}", EXIT_NO_CONFIG
+    if verdict is not None:
+        code = verdict.exit_code if stopped is None else EXIT_INTERRUPTED
+        return verdict.headline, code
+    if stopped == "interrupted":
+        what = f"; best so far {contenders[0].label}, NOT PROVEN" if contenders else ""
+        return (
+            f"INTERRUPTED: trials kept in {tuner.config.store_path} (--resume carries on){what}",
+            EXIT_INTERRUPTED,
+        )
+    reasons = [o.reason for o in outcomes.values() if o.status is not TrialStatus.FEASIBLE][:2]
+    return (
+        "NO CONFIGURATION met the SLO ("
+        + tuner.config.slo.describe()
+        + ")"
+        + (": " + "; ".join(reasons) if reasons else ""),
+        EXIT_NO_CONFIG,
+    )
+
+
+def export_text(tuner: Tuner, contender: Contender, status_line: str) -> str:
+    """The exported file, its header opening with ``status_line`` (the verdict, or that it is pending)."""
+    cfg = tuner.config
+    best = contender.capacity.best
+    assert best is not None
+    load_model = LOAD_MODELS.get(tuner.objective, CLOSED_LOOP)
+    return to_vllm_yaml(
+        cfg.model,
+        contender.candidate,
+        comment_lines=[
+            status_line,
+            f"SLO: {cfg.slo.describe()} (judged at {cfg.slo.judged_at} with {cfg.confidence:.0%} intervals)",
+            f"Measured on {tuner.hardware_label}: capacity {contender.capacity.describe()} of {load_model}, "
+            f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens)",
+        ],
+    )
+
+
+def build_report(
+    tuner: Tuner,
+    outcomes: Mapping[str, TrialOutcome],
+    ranked: list[TrialOutcome],
+    defaults: Candidate,
+    started: float,
+    stopped: str | None,
+    verdict: Verdict | None,
+    headline: str,
+    exit_code: int,
+) -> dict[str, Any]:
+    """The run as one JSON-able document (format infertop-tune-report, version 2)."""
+    cfg = tuner.config
+    slo = cfg.slo
+    trials = []
+    for key, o in outcomes.items():
+        trials.append(
+            {
+                "key": key,
+                "label": tuner.label(o.candidate),
+                "config": o.candidate.config_dict(),
+                "status": o.status.value,
+                "reason": o.reason,
+                "log_tail": o.log_tail or None,
+                "is_defaults": key == defaults.key(),
+                "startup_s": o.startup_s,
+                "distance_from_defaults": tuner.distance(o),
+                "capacity": o.capacity.to_dict() if o.capacity else None,
+            }
+        )
+    rank_keys = [o.candidate.key() for o in ranked]
+    ties = []
+    if len(ranked) > 1 and ties_with(
+        tuner.capacity_of(ranked[0]), tuner.capacity_of(ranked[1]), cfg.resolution
+    ):
+        ties.append(
+            f"{tuner.label(ranked[0].candidate)} and {tuner.label(ranked[1].candidate)} tie within the "
+            "uncertainty of their capacities; the one closer to vLLM's defaults ranks first"
+        )
+    return {
+        "format": "infertop-tune-report",
+        "version": 2,
+        "headline": headline,
+        "exit_code": exit_code,
+        "model": cfg.model,
+        "hardware": tuner.hardware.to_dict(),
+        "hardware_label": tuner.hardware_label,
+        "gpus": tuner.hardware.gpu_count,
+        "slo": {**slo.to_dict(), "describe": slo.describe(), "judged_at": slo.judged_at},
+        "objective": tuner.objective,
+        "workload": {
+            "input_len": cfg.input_len,
+            "output_len": cfg.output_len,
+            "vocab_size": tuner.vocab_size,
+            "load_model": "Poisson arrivals (open loop)"
+            if tuner.objective == RATE
+            else "concurrent users (closed loop)",
+            "confidence": cfg.confidence,
+            "min_phase_s": cfg.min_phase_s,
+            "min_requests": cfg.min_requests,
+            "max_requests": cfg.max_requests,
+            "resolution": cfg.resolution,
+        },
+        "cpu": tuner.cpu_plan.note,
+        "started_s": started,
+        "finished_s": time.time(),
+        "launches": tuner.launches,
+        "grid_size": len(tuner.space.feasible()),
+        "budget_note": tuner.note,
+        "trials": trials,
+        "ranking": rank_keys,
+        "ties": ties,
+        "winner": verdict.chosen.candidate.key()
+        if verdict and verdict.chosen
+        else (rank_keys[0] if rank_keys else None),
+        "defaults": defaults.key() if defaults.key() in outcomes else None,
+        "verdict": verdict.to_dict() if verdict else None,
+        "price_per_gpu_hour": cfg.price_per_gpu_hour,
+        "interrupted": stopped == "interrupted",
+    }
