@@ -7,6 +7,7 @@ Tests marked ``@pytest.mark.vllm`` launch or use a real vLLM from ``.venv-vllm/`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,7 +83,14 @@ def vllm_server(
 ) -> Iterator[VllmServer]:
     """One running vLLM server on the tiny model, shared by every test that needs one; stopped at the end."""
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    server = VllmServer(vllm_spec(tiny_model_dir, log_path=log_path))
+    with serving(vllm_spec(tiny_model_dir, log_path=log_path)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(spec: ServerSpec) -> Iterator[VllmServer]:
+    """A started server for tests (a failed start fails the test with the log's tail), stopped at the end."""
+    server = VllmServer(spec)
     try:
         server.start()
     except LaunchError as error:

@@ -19,12 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import VLLM_TEST_ARGS, VLLM_TEST_ENV, SpecFactory
+from conftest import VLLM_TEST_ARGS, VLLM_TEST_ENV, SpecFactory, serving
 from fakes.sse_server import EmitterConfig, EmitterProcess
 
 from tuner.bench import FALLBACK_VOCAB_SIZE, BenchPlan, BenchReport, find_vocab_size, run_bench
 from tuner.loadgen.vocab import _tokenize_bound, vocab_size_from_dir, vocab_size_from_server
-from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
+from tuner.serving.launcher import ServerSpec, VllmServer
 from tuner.serving.tinymodel import tokenizer_json, write_tiny_model
 
 # --- from a model directory ---------------------------------------------------------------------------------
@@ -245,15 +245,8 @@ def small_vocab_server(
 ) -> Iterator[VllmServer]:
     """One vLLM on the 513-token model, shared by this module's tests."""
     log_path = tmp_path_factory.mktemp("vocab-513-server") / "server.log"
-    server = VllmServer(vllm_spec(small_vocab_model, log_path=log_path))
-    try:
-        server.start()
-    except LaunchError as error:
-        pytest.fail(f"{error.summary}\n--- log tail ---\n{error.log_tail}", pytrace=False)
-    try:
+    with serving(vllm_spec(small_vocab_model, log_path=log_path)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _bench(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
