@@ -172,6 +172,9 @@ def table(phases: Sequence[MeasuredPhase]) -> str:
     return "\n".join(rows)
 
 
+PREFIX_HIT_WARN = 0.05  # this bench never repeats a prompt: more hits than this come from elsewhere
+
+
 def _status(message: str) -> None:
     sys.stderr.write(f"infertop bench: {message}\n")
 
@@ -221,6 +224,12 @@ def run_bench_cli(argv: Sequence[str]) -> int:
         for p in report.phases:
             if p.tokens.mismatch:
                 print(f"! c={p.load.spec.concurrency}: {p.tokens.note}")
+            hits, queries = p.evidence.prefix_cache_hits, p.evidence.prefix_cache_queries
+            if hits and queries and hits / queries > PREFIX_HIT_WARN:
+                print(
+                    f"! c={p.load.spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from vLLM's "
+                    "prefix cache (another client repeating prompts?): the figures are optimistic"
+                )
     sys.stderr.write(f"infertop bench: results in {out}\n")
     if report.error:
         sys.stderr.write(f"infertop bench: {report.error}\n")

@@ -78,6 +78,10 @@ class Evidence:
     preemptions: float | None = None  # counter delta over the window
     server_generation_tokens: float | None = None  # counter delta over the window
     server_prompt_tokens: float | None = None
+    # Prompt tokens the server found in its prefix cache over the window, of those it looked up. Prompts are
+    # drawn fresh for every phase, so this stays near zero; more means the load repeated itself (optimistic).
+    prefix_cache_hits: float | None = None
+    prefix_cache_queries: float | None = None
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,8 @@ async def measure_phase(
         preemptions=_delta(after, before, "vllm:num_preemptions_total"),
         server_generation_tokens=_delta(after, before, "vllm:generation_tokens_total"),
         server_prompt_tokens=_delta(after, before, "vllm:prompt_tokens_total"),
+        prefix_cache_hits=_delta(after, before, "vllm:prefix_cache_hits_total"),
+        prefix_cache_queries=_delta(after, before, "vllm:prefix_cache_queries_total"),
     )
     bound = classify_bound(evidence, spec.concurrency)
     tokens = check_tokens(result.stats.output_tokens_total, evidence.server_generation_tokens)
