@@ -55,6 +55,8 @@ def _figures(p: Point | None) -> dict[str, Any]:
         "ttft_p95_ci_s": s.ttft_p95_ci_s,
         "tpot_p95_s": s.tpot_p95_s,
         "requests": s.requests_ok,
+        "phases": s.phases,
+        "disturbed": p.disturbed,
         "why": p.why(),
     }
 
@@ -127,7 +129,8 @@ def main() -> int:
             print(
                 f"| {r['workload']} | {name} | {e['capacity']} | {_fmt(b, 'requests_per_s')} | "
                 f"{_fmt(b, 'ttft_p95_s')} | {c.get('load', 'n/a')} | {_fmt(c, 'ttft_p95_s')}{ci_text} | "
-                f"{c.get('decision', 'n/a')}{'' if c.get('decision') == 'pass' else ': ' + str(c.get('why'))} |"
+                f"{c.get('decision', 'n/a')}{'' if c.get('decision') == 'pass' else ': ' + str(c.get('why'))}"
+                f"{' (disturbed: ' + c['disturbed'] + ')' if c.get('disturbed') else ''} |"
             )
     return 0
 

@@ -48,6 +48,9 @@ def test_phases_last_at_least_min_phase_s_at_the_pace_last_seen(tuner: Tuner) ->
     assert session.requests_for(Load.rate(3.0), "production") == 3 * 59  # 3 x 30 s = 90 < three p95s' worth
     session._pace = (Load.users(8), 0.5)
     assert session.requests_for(Load.users(8), "judged") == floor  # a slow server: the floor still holds
+    session._e2e_s = 8.0  # long requests: a phase must cover three request times to have a steady part
+    assert session.requests_for(Load.rate(14.5), "judged") == 348  # 14.5 req/s x 24 s, not x 10 s
+    assert session.requests_for(Load.rate(14.5), "production") == 435  # 30 s already covers three
 
 
 def test_prompt_token_ids_stay_inside_the_models_vocabulary(tmp_path: Path) -> None:

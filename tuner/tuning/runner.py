@@ -4,8 +4,9 @@ The search's trials, the proof relaunch and the production check all go through 
 which yields a :class:`Session` on a healthy server and stops the server (its whole process group) however the
 block ends. :meth:`Session.measure` holds one load and judges it:
 
-1. a phase sized to last at least ``min_phase_s`` at the pace this server has shown, with at least the requests
-   the judged percentile needs (20 for a p95);
+1. a phase sized to last at least ``min_phase_s``, and at least three request times (one to fill the server's
+   batch, two of steady window), at the pace this server has shown, with at least the requests a bounded p95
+   needs (59 in the window);
 2. a phase during which other work kept the host busy (:class:`tuner.measure.Disturbance`) is measured again, up
    to ``remeasures`` times;
 3. while an interval straddles a limit (:func:`tuner.tuning.slo.judge` says ``uncertain``) the load is held again
@@ -33,6 +34,9 @@ from tuner.telemetry.sampler import LiveSource, Sampler
 from tuner.tuning import events as ev
 from tuner.tuning.points import Load, Point, empty_steady
 from tuner.tuning.slo import Slo, check, judge
+
+STEADY_REQUEST_TIMES = 3.0
+"""A judged phase issues requests for at least this many median request times (one of ramp, two of window)."""
 
 
 class AllRequestsFailed(Exception):
@@ -144,6 +148,7 @@ class Session:
         self.server = server
         self.key = key
         self._pace: tuple[Load, float] | None = None  # the last load measured here and its requests/s
+        self._e2e_s: float | None = None  # the median request time last seen here
 
     @property
     def url(self) -> str:
@@ -167,6 +172,10 @@ class Session:
         plan = self.runner.plan
         pace = self.expected_rate(load)
         seconds = plan.production_s if role == "production" else plan.min_phase_s
+        if self._e2e_s is not None and role != "scout":
+            # A steady window needs the server's batch to have filled (about one request time of ramp) and
+            # then to hold (two more): a phase shorter than that measures a server still filling up.
+            seconds = max(seconds, STEADY_REQUEST_TIMES * self._e2e_s)
         by_time = math.ceil(pace * seconds) if pace else 0
         if role == "scout":
             floor = plan.scout_rounds * load.users_count
@@ -220,6 +229,9 @@ class Session:
             n = max(1, min(sent, plan.max_requests - sent))
         if steady.requests_per_s > 0:
             self._pace = (load, steady.requests_per_s)
+        e2e = kept[-1].load.stats.e2e_p50_s
+        if e2e:
+            self._e2e_s = e2e
         point = Point(
             load=load,
             role=role,
