@@ -71,7 +71,7 @@ def plan_cpus(mode: str, *, cpu_build: bool, available: Collection[int] | None =
             f"{cpu_list(cores) or 'none'})"
         )
     return CpuPlan(
-        server, client, f"server on cores {cpu_list(server)}, client on {cpu_list(client)} (as asked)"
+        server, client, f"server on {_cores(server)}, client on {_cores(client)} (as asked)"
     )
 
 
@@ -91,7 +91,7 @@ def _auto_plan(cores: frozenset[int], *, cpu_build: bool) -> CpuPlan:
     return CpuPlan(
         server,
         client,
-        f"server on cores {cpu_list(server)}, client on core {cpu_list(client)} ({why}: they would compete)",
+        f"server on {_cores(server)}, client on {_cores(client)} ({why}: they would compete)",
     )
 
 
@@ -236,3 +236,8 @@ def _thread_ids() -> list[int]:
         return [int(name) for name in os.listdir("/proc/self/task")]
     except OSError:
         return [0]
+
+
+def _cores(cpus: Collection[int]) -> str:
+    """``"core 0"`` or ``"cores 0-2"``."""
+    return f"core{'s' if len(cpus) > 1 else ''} {cpu_list(cpus)}"
