@@ -133,3 +133,16 @@ def test_judge_fails_an_open_loop_whose_queue_grows_even_under_the_p95_limit() -
     assert judge(SLO, s, open_loop=False).decision == "pass"  # a closed loop cannot build a queue
     v = judge(SLO, s, open_loop=True)
     assert v.decision == "fail" and any("queue building" in r for r in v.reasons)
+
+
+def test_a_closed_loop_of_equal_requests_is_not_miscounted_by_its_bursts() -> None:
+    """16 users, each request 1 s long, 8 rounds: starts come in bursts of 16 once a second. The request rate is
+    16/s; counting the starts inside a window whose edges cut the bursts read a quarter high."""
+    requests = [
+        _request(16 * k + u, float(k) + 0.001 * u, ttft_s=0.1, tokens=64, gap_s=0.9 / 63)
+        for k in range(8)
+        for u in range(16)
+    ]
+    s = steady_stats([steady_window(requests)])
+    assert s.requests_per_s == pytest.approx(16.0, rel=0.05)
+    assert s.arrivals_per_s == pytest.approx(127 / 7.015, rel=0.01)  # issued over the issuing span: informative

@@ -61,7 +61,10 @@ class SteadyStats:
     requests_failed: int
     output_tokens_per_s: float
     output_tokens_per_s_ci: tuple[float, float] | None
-    requests_per_s: float  # requests started per second in the window(s): the load actually offered
+    # Requests completed per second: the window's delivered tokens over the tokens a request asks for. Counting
+    # starts inside the window instead is biased: a closed loop of equal requests starts them in bursts (one per
+    # round), and a window edge that cuts a burst counted a quarter too many on the CPU build.
+    requests_per_s: float
     ttft_p50_s: float | None
     ttft_p95_s: float | None
     ttft_p95_ci_s: tuple[float, float | None] | None  # top None: too few requests to bound it from above
@@ -71,6 +74,7 @@ class SteadyStats:
     user_tok_per_s_p50: float | None  # 1 / TPOT of the median request
     ttft_growth_s: float | None  # median TTFT of the window's last third minus its first third
     whole_phase: bool  # some phase had no steady part: its figures include ramp and drain
+    arrivals_per_s: float = 0.0  # requests issued per second over the whole issuing span (the load offered)
     confidence: float = DEFAULT_CONFIDENCE
 
     @property
@@ -181,7 +185,8 @@ def steady_stats(
         requests_failed=sum(1 for r in inside if not r.ok and r.error_kind != "cancelled"),
         output_tokens_per_s=tokens / window_s if window_s > 0 else 0.0,
         output_tokens_per_s_ci=_mean_ci(rates, confidence, rng),
-        requests_per_s=len(inside) / window_s if window_s > 0 else 0.0,
+        requests_per_s=_completion_rate(tokens / window_s if window_s > 0 else 0.0, ok),
+        arrivals_per_s=_arrival_rate(windows),
         ttft_p50_s=percentile(ttft, 50),
         ttft_p95_s=percentile(ttft, 95),
         ttft_p95_ci_s=quantile_interval(ttft, 95, confidence),
@@ -193,6 +198,22 @@ def steady_stats(
         whole_phase=any(w.whole_phase for w in windows),
         confidence=confidence,
     )
+
+
+def _completion_rate(tokens_per_s: float, ok: Sequence[RequestResult]) -> float:
+    per_request = statistics.fmean(r.output_tokens or 0 for r in ok) if ok else 0.0
+    return tokens_per_s / per_request if per_request > 0 else 0.0
+
+
+def _arrival_rate(windows: Sequence[PhaseWindow]) -> float:
+    """Requests issued per second, first to last issue of each phase, pooled."""
+    issued = span = 0.0
+    for w in windows:
+        starts = [r.start_s for r in w.requests]
+        if len(starts) > 1:
+            issued += len(starts) - 1
+            span += max(starts) - min(starts)
+    return issued / span if span > 0 else 0.0
 
 
 def _growth(windows: Sequence[PhaseWindow]) -> float | None:

@@ -70,9 +70,7 @@ def plan_cpus(mode: str, *, cpu_build: bool, available: Collection[int] | None =
             f"cpu split {mode!r}: cores {cpu_list(outside)} are not available (this process may use "
             f"{cpu_list(cores) or 'none'})"
         )
-    return CpuPlan(
-        server, client, f"server on {_cores(server)}, client on {_cores(client)} (as asked)"
-    )
+    return CpuPlan(server, client, f"server on {_cores(server)}, client on {_cores(client)} (as asked)")
 
 
 def _auto_plan(cores: frozenset[int], *, cpu_build: bool) -> CpuPlan:
