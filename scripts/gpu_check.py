@@ -460,7 +460,7 @@ def step_tune(run: Run, limit_s: float) -> str:
         raise StepFailed(f"no tune report (exit {done.rc}{', time limit' if done.timed_out else ''})")
     report = json.loads(report_path.read_text())
     run.figures["tune"].update(tune_figures(report))
-    last = tail_line(run.work / "tune.log", ("winner", "verdict", "not proven", "stopped", "done"))
+    last = tail_line(run.work / "tune.log", ("PROVEN", "NO CONFIGURATION", "UNVERIFIED", "INTERRUPTED"))
     if done.timed_out:
         raise StepFailed(f"stopped at the time limit; report of what was measured kept; last line: {last}")
     return last
@@ -637,9 +637,12 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
         winner = tune.get("winner") or "none"
         lines.append(f"- winner: {winner}; launches {tune.get('launches')}; exit {tune.get('rc')}")
         for t in tune.get("trials", []):
-            lines.append(
-                f"  - {t['label']}: {t['status']}, capacity {t.get('capacity') or 'n/a'}; {t['reason']}"
+            what = (
+                f"capacity {t['capacity']}"
+                if t.get("capacity") and t["status"] == "feasible"
+                else t["reason"]
             )
+            lines.append(f"  - {t['label']}: {t['status']}, {what}")
         for tie in tune.get("ties") or []:
             lines.append(f"- {tie}")
     return "\n".join(lines) + "\n"
