@@ -145,4 +145,4 @@ def test_a_closed_loop_of_equal_requests_is_not_miscounted_by_its_bursts() -> No
     ]
     s = steady_stats([steady_window(requests)])
     assert s.requests_per_s == pytest.approx(16.0, rel=0.05)
-    assert s.arrivals_per_s == pytest.approx(127 / 7.015, rel=0.01)  # issued over the issuing span: informative
+    assert s.arrivals_per_s == pytest.approx(127 / 7.015, rel=0.01)  # over the issuing span: informative
