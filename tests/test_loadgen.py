@@ -431,3 +431,20 @@ async def test_ladder_runs_one_phase_per_concurrency(start_emitter: StartEmitter
     assert [p.spec.concurrency for p in phases] == [1, 6]
     assert [p.stats.requests_ok for p in phases] == [2, 12]
     assert done == [1, 6]
+
+
+async def test_a_phase_whose_ttft_limit_is_certain_to_fail_stops_early(start_emitter: StartEmitter) -> None:
+    """Every first token takes 0.4 s against a 0.1 s limit: once 5 % of the planned requests (plus one) are
+    late, the p95 cannot be met, and the phase stops instead of serving all 400."""
+    from tuner.loadgen import FailFast
+
+    emitter = start_emitter(first_chunk_delay_s=0.4, chunk_interval_s=0.001)
+    load = spec(concurrency=8, num_requests=400, output_len=8)
+    started = time.perf_counter()
+    phase = await run_phase(emitter.base_url, load, fail_fast=FailFast(ttft_limit_s=0.1))
+    assert phase.failed_early and "whatever the rest do" in phase.failed_early
+    assert time.perf_counter() - started < 5.0  # 400 requests at 8 in flight would take over 20 s
+    assert phase.stats.requests_ok < 100
+    fast = await run_phase(emitter.base_url, spec(concurrency=8, num_requests=16, output_len=8),
+                           fail_fast=FailFast(ttft_limit_s=2.0))  # fmt: skip
+    assert fast.failed_early is None and fast.stats.requests_ok == 16  # a limit that holds stops nothing

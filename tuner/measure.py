@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tuner.loadgen import CancelToken, LoadSpec, PhaseProgress, PhaseResult, run_phase
+from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult, run_phase
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, PhaseWindow, SteadyStats, steady_stats, steady_window
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.sampler import Sampler
@@ -122,6 +122,7 @@ class MeasuredPhase:
             "stats": stats,
             "cancelled": self.load.cancelled,
             "aborted": self.load.aborted,
+            "failed_early": self.load.failed_early,
             "started_at_s": self.load.started_at_s,
             "ended_at_s": self.load.ended_at_s,
             "evidence": dataclasses.asdict(self.evidence),
@@ -350,6 +351,7 @@ async def measure_phase(
     on_progress: Callable[[PhaseProgress], None] | None = None,
     cancel: CancelToken | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
+    fail_fast: FailFast | None = None,
 ) -> MeasuredPhase:
     """Warm up, then run ``spec`` while recording telemetry; return the phase with its evidence and bound, its
     steady window's figures with their intervals (:mod:`tuner.loadgen.steady`) and whether other work on the
@@ -393,6 +395,7 @@ async def measure_phase(
                 tpot_max_s=tpot_max_s,
                 on_progress=on_progress,
                 cancel=cancel,
+                fail_fast=fail_fast,
             )
         finally:
             if sampler is not None:

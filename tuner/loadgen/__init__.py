@@ -22,7 +22,7 @@ response's SSE parsing and timing), :mod:`~tuner.loadgen.transport` (the target 
 measurements behind it) and :mod:`~tuner.loadgen.runner` (a phase, a ladder of phases).
 """
 
-from tuner.loadgen.runner import CancelToken, PhaseProgress, PhaseResult, run_ladder, run_phase
+from tuner.loadgen.runner import CancelToken, FailFast, PhaseProgress, PhaseResult, run_ladder, run_phase
 from tuner.loadgen.spec import LoadMode, LoadSpec, RequestSpec, Timeouts, make_requests
 from tuner.loadgen.stats import ErrorCount, PhaseStats, RequestResult, compute_stats, percentile
 from tuner.loadgen.transport import LoadgenError, Transport, discover_model
@@ -30,6 +30,7 @@ from tuner.loadgen.transport import LoadgenError, Transport, discover_model
 __all__ = [
     "CancelToken",
     "ErrorCount",
+    "FailFast",
     "LoadMode",
     "LoadSpec",
     "LoadgenError",

@@ -35,6 +35,18 @@ class PhaseResult:
     warmup_s: float
     cancelled: bool = False
     aborted: str | None = None  # why the phase stopped early on its own (the server went away)
+    failed_early: str | None = None  # the phase stopped once its TTFT limit was certain to fail (FailFast)
+
+
+@dataclass(frozen=True, slots=True)
+class FailFast:
+    """Stop a phase as soon as its TTFT p95 cannot meet ``ttft_limit_s`` whatever the rest do: more than
+    ``share`` of the planned requests (plus one) already got their first token later than the limit, or have
+    waited longer than it without one. An overloaded server's queue otherwise holds a phase for minutes; the
+    requests still in flight are cancelled."""
+
+    ttft_limit_s: float
+    share: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,7 @@ class _Phase:
         timeouts: Timeouts,
         on_progress: Callable[[PhaseProgress], None] | None,
         cancel: CancelToken | None,
+        fail_fast: FailFast | None = None,
     ) -> None:
         self.client = client
         self.spec = spec
@@ -79,6 +92,11 @@ class _Phase:
         self.stopping = asyncio.Event()
         self.cancelled = False
         self.aborted: str | None = None
+        self.fail_fast = fail_fast
+        self.failed_early: str | None = None
+        self.late_first_tokens = (
+            0  # finished requests of the measured stage whose TTFT broke fail_fast's limit
+        )
         self.in_flight: set[_Stream] = set()
         self.connect_failures_in_row = 0
         body: dict[str, Any] = {
@@ -146,9 +164,29 @@ class _Phase:
             self.connect_failures_in_row = 0
         if result.ok:
             self.tokens += result.output_tokens or 0
+            limit = self.fail_fast.ttft_limit_s if self.fail_fast else None
+            if limit is not None and self.stage == "measure" and (result.ttft_s or 0.0) > limit:
+                self.late_first_tokens += 1
         elif result.error_kind != "cancelled":
             self.failed_count += 1
         self._progress()
+
+    def _check_fail_fast(self, now_s: float) -> None:
+        """Stop the measured stage once its TTFT p95 is certain to break the limit (see :class:`FailFast`)."""
+        ff = self.fail_fast
+        if ff is None or self.stage != "measure" or self.failed_early or self.stopping.is_set():
+            return
+        planned = self.stage_total or max(1, self.done_count + len(self.in_flight))
+        waiting = sum(
+            1 for st in self.in_flight if not st.chunk_times and now_s - st.start_s > ff.ttft_limit_s
+        )
+        late = self.late_first_tokens + waiting
+        if late > ff.share * planned + 1:
+            self.failed_early = (
+                f"stopped early: {late} of {planned} requests waited over {ff.ttft_limit_s:.2f} s for their first "
+                f"token, so the TTFT p95 breaks the limit whatever the rest do"
+            )
+            self.stopping.set()
 
     async def _watchdog(self) -> None:
         idle_s, total_s = self.timeouts.read_idle_s, self.timeouts.total_s
@@ -158,9 +196,12 @@ class _Phase:
                 self.cancelled = True
                 self.stopping.set()
             now_s = time.perf_counter()
+            self._check_fail_fast(now_s)
             for stream in list(self.in_flight):
                 if self.cancelled:
                     stream.fail("cancelled", "the phase was cancelled")
+                elif self.failed_early:
+                    stream.fail("cancelled", self.failed_early)
                 elif now_s - stream.last_rx_s > idle_s:
                     stream.fail("timeout", f"no data from the server for {idle_s:g} s")
                 elif total_s is not None and now_s - stream.start_s > total_s:
@@ -263,8 +304,11 @@ async def run_phase(
     on_progress: Callable[[PhaseProgress], None] | None = None,
     cancel: CancelToken | None = None,
     transport: Transport = "raw",
+    fail_fast: FailFast | None = None,
 ) -> PhaseResult:
     """Run one phase of load against ``base_url`` (e.g. ``http://127.0.0.1:8000``) and measure it.
+
+    ``fail_fast`` ends the phase as soon as its TTFT p95 is certain to break a limit (``failed_early`` says so).
 
     ``model`` defaults to the first one at ``/v1/models``. ``ttft_max_s``/``tpot_max_s`` are the SLOs for
     goodput. ``on_progress`` is called on this event loop (keep it cheap). Setting ``cancel`` stops the phase
@@ -279,7 +323,7 @@ async def run_phase(
     client: _Client = (
         _RawPool(target, timeouts, headers) if transport == "raw" else _HttpxClient(target, timeouts, headers)
     )
-    phase = _Phase(client, model, spec, timeouts, on_progress, cancel)
+    phase = _Phase(client, model, spec, timeouts, on_progress, cancel, fail_fast)
     try:
         results, wall_s, started_at_s, ended_at_s, warmup_s = await phase.run()
     finally:
@@ -296,6 +340,7 @@ async def run_phase(
         warmup_s=warmup_s,
         cancelled=phase.cancelled,
         aborted=phase.aborted,
+        failed_early=phase.failed_early,
     )
 
 

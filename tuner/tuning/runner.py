@@ -22,10 +22,10 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tuner.loadgen import LoadMode, LoadSpec, PhaseProgress
+from tuner.loadgen import FailFast, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for, steady_stats
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.affinity import CpuPlan, cpu_list
@@ -37,6 +37,8 @@ from tuner.tuning.slo import Slo, check, judge
 
 STEADY_REQUEST_TIMES = 3.0
 """A judged phase issues requests for at least this many median request times (one of ramp, two of window)."""
+MAX_PHASE_FACTOR = 6.0
+"""... but never for more than this many times its configured length."""
 
 
 class AllRequestsFailed(Exception):
@@ -175,7 +177,7 @@ class Session:
         if self._e2e_s is not None and role != "scout":
             # A steady window needs the server's batch to have filled (about one request time of ramp) and
             # then to hold (two more): a phase shorter than that measures a server still filling up.
-            seconds = max(seconds, STEADY_REQUEST_TIMES * self._e2e_s)
+            seconds = max(seconds, min(STEADY_REQUEST_TIMES * self._e2e_s, MAX_PHASE_FACTOR * seconds))
         by_time = math.ceil(pace * seconds) if pace else 0
         if role == "scout":
             floor = plan.scout_rounds * load.users_count
@@ -216,6 +218,11 @@ class Session:
                 disturbed = d.why
             kept.append(phase)
             steady = steady_stats([p.window for p in kept if p.window], confidence=plan.confidence, seed=seed)
+            if phase.load.failed_early:  # certain to fail: no interval can save it, no more requests needed
+                point_verdict = check(runner.slo, steady)
+                reasons = (*point_verdict.reasons, phase.load.failed_early)
+                verdict = replace(point_verdict, passed=False, decision="fail", reasons=reasons)
+                break
             verdict = (
                 check(runner.slo, steady)
                 if role == "scout"
@@ -230,7 +237,9 @@ class Session:
         if steady.requests_per_s > 0:
             self._pace = (load, steady.requests_per_s)
         e2e = kept[-1].load.stats.e2e_p50_s
-        if e2e:
+        if e2e and verdict.decision == "pass":
+            # The request time of a server that kept up: a failing load's includes its queue, and sizing the
+            # next phase by it would hold an overloaded server for minutes.
             self._e2e_s = e2e
         point = Point(
             load=load,
@@ -298,6 +307,7 @@ class Session:
         return await measure_phase(
             self.url, spec, sampler=runner.sampler, server_pid=self.server.pid, ttft_max_s=slo.ttft_p95_max_s,
             tpot_max_s=slo.tpot_p95_max_s, on_progress=progress, cancel=_Cancel(), confidence=plan.confidence,
+            fail_fast=FailFast(slo.ttft_p95_max_s) if slo.ttft_p95_max_s is not None else None,
         )  # fmt: skip
 
 
