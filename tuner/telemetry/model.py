@@ -37,6 +37,10 @@ class GpuProcess:
     command: str | None = None
     cpu_pct: float | None = None
     host_rss_bytes: int | None = None
+    # Whether this pid, as seen from here, really holds the GPU (/dev/nvidia* open): True; False: NVML gave a
+    # pid of another PID namespace (a container) that names an unrelated process here, so the host facts are
+    # left out and it may not be signalled; None: not checkable (another user's process, no /proc).
+    host_verified: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
