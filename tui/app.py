@@ -121,6 +121,13 @@ class InfertopApp(App[None]):
         if proc is None:
             self.notify("No process selected", severity="warning")
             return
+        if proc.host_verified is False:
+            self.notify(
+                f"Process {proc.pid} is the driver's pid of another PID namespace (a container): here that number "
+                "names a different process, so infertop will not signal it",
+                severity="warning",
+            )
+            return
         label = f"{proc.pid} ({(proc.command or proc.name or '?')[:50]})"
 
         def answered(yes: bool | None) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +24,7 @@ import psutil
 
 from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult, run_phase
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, PhaseWindow, SteadyStats, steady_stats, steady_window
-from tuner.telemetry.model import Snapshot
+from tuner.telemetry.model import GpuInfo, GpuSample, Snapshot
 from tuner.telemetry.sampler import Sampler
 from tuner.telemetry.vllm_metrics import MetricsText, fetch_metrics
 
@@ -82,6 +84,8 @@ class Evidence:
     # drawn fresh for every phase, so this stays near zero; more means the load repeated itself (optimistic).
     prefix_cache_hits: float | None = None
     prefix_cache_queries: float | None = None
+    gpu_indices: tuple[int, ...] | None = None  # the GPUs the GPU figures cover (None: every GPU)
+    gpu_attribution: str = ""  # how they were chosen, for people
 
 
 @dataclass(frozen=True)
@@ -144,20 +148,23 @@ def _max(values: Sequence[float | None]) -> float | None:
     return max(known) if known else None
 
 
-def summarise_snapshots(snaps: Sequence[Snapshot]) -> dict[str, Any]:
-    """GPU, host and engine telemetry over a window: means per GPU averaged, power summed over GPUs."""
-    gpu_rows = [g for s in snaps for g in s.gpus if g.error is None]
-    per_tick_power = [sum(g.power_w for g in s.gpus if g.power_w is not None) for s in snaps if s.gpus]
-    energy = None
-    if len(snaps) >= 2 and per_tick_power:
-        # Trapezoid over tick times: the energy counter is read too rarely to bracket a short phase.
-        times = [s.time_s for s in snaps if s.gpus]
-        energy = sum(
-            (times[i + 1] - times[i]) * (per_tick_power[i] + per_tick_power[i + 1]) / 2
-            for i in range(len(times) - 1)
-        )
+def summarise_snapshots(
+    snaps: Sequence[Snapshot], gpu_indices: Collection[int] | None = None
+) -> dict[str, Any]:
+    """GPU, host and engine telemetry over a window: means per GPU averaged, power and energy summed over GPUs.
+
+    ``gpu_indices`` keeps only those GPUs (the server's: NVML reports every GPU of the machine, and a
+    one-GPU server on an 8-GPU box would otherwise read at an eighth of its bandwidth, with seven idle GPUs'
+    power in its joules per token). None: every GPU.
+    """
+    keep = (lambda g: True) if gpu_indices is None else (lambda g: g.index in gpu_indices)
+    ticks = [(s.time_s, [g for g in s.gpus if keep(g)]) for s in snaps]
+    ticks = [(t, gpus) for t, gpus in ticks if gpus]
+    gpu_rows = [g for _, gpus in ticks for g in gpus if g.error is None]
+    per_tick_power = [sum(g.power_w for g in gpus if g.power_w is not None) for _, gpus in ticks]
     engines = [e for s in snaps for e in s.engines if e.error is None]
     vram = [g.vram_used_bytes for g in gpu_rows if g.vram_used_bytes is not None]
+    window_s = snaps[-1].time_s - snaps[0].time_s if len(snaps) >= 2 else 0.0
     return {
         "gpu_samples": len(gpu_rows),
         "dram_bw_util_pct_mean": _mean([g.dram_bw_util_pct for g in gpu_rows]),
@@ -166,7 +173,7 @@ def summarise_snapshots(snaps: Sequence[Snapshot]) -> dict[str, Any]:
         "gpu_util_pct_mean": _mean([g.gpu_util_pct for g in gpu_rows]),
         "mem_busy_pct_mean": _mean([g.mem_busy_pct for g in gpu_rows]),
         "power_w_mean": _mean(per_tick_power) if per_tick_power else None,
-        "energy_j": energy,
+        "energy_j": _energy_j(ticks, window_s),
         "vram_used_bytes_max": max(vram) if vram else None,
         "host_cpu_pct_mean": _mean([s.host.cpu_pct for s in snaps if s.host is not None]),
         "engine_samples": len(engines),
@@ -175,6 +182,64 @@ def summarise_snapshots(snaps: Sequence[Snapshot]) -> dict[str, Any]:
         "requests_waiting_mean": _mean([e.requests_waiting for e in engines]),
         "kv_cache_usage_pct_max": _max([e.kv_cache_usage_pct for e in engines]),
     }
+
+
+def _energy_j(ticks: Sequence[tuple[float, Sequence[GpuSample]]], window_s: float) -> float | None:
+    """Energy of the window, GPU by GPU: from the driver's energy counter where it was read at least twice
+    inside the window (its rate over the window's length), else power integrated over the ticks (power is a
+    one-second average on recent GPUs: the counter is the better witness)."""
+    if len(ticks) < 2 or window_s <= 0:
+        return None
+    total, known = 0.0, False
+    for index in sorted({g.index for _, gpus in ticks for g in gpus}):
+        readings: list[tuple[float, float]] = []  # (time first seen, counter J): a new value is a new read
+        powers: list[tuple[float, float]] = []
+        for t, gpus in ticks:
+            g = next((g for g in gpus if g.index == index), None)
+            if g is None:
+                continue
+            if g.energy_counter_j is not None and (not readings or g.energy_counter_j != readings[-1][1]):
+                readings.append((t, g.energy_counter_j))
+            if g.power_w is not None:
+                powers.append((t, g.power_w))
+        if len(readings) >= 2 and readings[-1][0] > readings[0][0] and readings[-1][1] >= readings[0][1]:
+            rate_w = (readings[-1][1] - readings[0][1]) / (readings[-1][0] - readings[0][0])
+            total, known = total + rate_w * window_s, True
+        elif len(powers) >= 2:
+            total += sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in itertools.pairwise(powers))
+            known = True
+    return total if known else None
+
+
+def server_gpus(snaps: Sequence[Snapshot], pids: Collection[int]) -> set[int]:
+    """Indices of the GPUs whose process lists hold one of ``pids`` (the server's processes) in the window."""
+    wanted = set(pids)
+    return {g.index for s in snaps for g in s.gpus for p in (g.processes or ()) if p.pid in wanted}
+
+
+def visible_devices(pids: Collection[int], gpus: Sequence[GpuInfo]) -> set[int] | None:
+    """The GPUs named by the server's ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs), None when it is unset or
+    unreadable. For servers in another PID namespace, whose pids NVML's process lists do not show."""
+    for pid in pids:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        value = next(
+            (e[len(b"CUDA_VISIBLE_DEVICES=") :] for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES=")),
+            None,
+        )
+        if value is None:
+            continue
+        found: set[int] = set()
+        for item in value.decode(errors="replace").split(","):
+            item = item.strip()
+            if item.isdigit():
+                found.add(int(item))
+            elif item.startswith("GPU-"):
+                found.update(g.index for g in gpus if g.uuid.startswith(item))
+        return found or None
+    return None
 
 
 def classify_bound(evidence: Evidence, concurrency: int | None) -> Bound:
@@ -406,7 +471,8 @@ async def measure_phase(
 
     with lock:
         inside = [s for s in window if result.started_at_s <= s.time_s <= result.ended_at_s]
-    summary = summarise_snapshots(inside)
+    gpu_indices, attribution = _attribute_gpus(inside, server_pid, sampler)
+    summary = summarise_snapshots(inside, gpu_indices)
     evidence = Evidence(
         **summary,
         client_cpu_pct=client_pct,
@@ -416,6 +482,8 @@ async def measure_phase(
         server_prompt_tokens=_delta(after, before, "vllm:prompt_tokens_total"),
         prefix_cache_hits=_delta(after, before, "vllm:prefix_cache_hits_total"),
         prefix_cache_queries=_delta(after, before, "vllm:prefix_cache_queries_total"),
+        gpu_indices=tuple(sorted(gpu_indices)) if gpu_indices is not None else None,
+        gpu_attribution=attribution,
     )
     bound = classify_bound(evidence, spec.concurrency)
     tokens = check_tokens(result.stats.output_tokens_total, evidence.server_generation_tokens)
@@ -428,6 +496,25 @@ async def measure_phase(
         else Disturbance(None, None, False, "")
     )
     return MeasuredPhase(result, evidence, bound, tokens, steady_part, steady, disturbed)
+
+
+def _attribute_gpus(
+    snaps: Sequence[Snapshot], server_pid: int | None, sampler: Sampler | None
+) -> tuple[set[int] | None, str]:
+    """Which GPUs a phase's GPU figures should cover: the server's, found by its processes in NVML's lists,
+    else by its CUDA_VISIBLE_DEVICES, else every GPU (and the phase says so)."""
+    if not any(s.gpus for s in snaps):
+        return None, ""
+    if server_pid is None:
+        return None, "every GPU: the server's processes are not known"
+    pids = group_pids(server_pid)
+    found = server_gpus(snaps, pids)
+    if found:
+        return found, "the GPUs holding the server's processes"
+    visible = visible_devices(pids, sampler.info.gpus if sampler is not None else ())
+    if visible:
+        return visible, "the server's CUDA_VISIBLE_DEVICES"
+    return None, "every GPU: no GPU lists the server's processes (another PID namespace?)"
 
 
 async def _settled_scrape(http: httpx.Client, url: str, attempts: int = 6) -> MetricsText | None:

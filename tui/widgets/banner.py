@@ -8,7 +8,7 @@ from tuner.telemetry.model import GpuState
 
 HINTS: dict[GpuState, str] = {
     GpuState.NO_DRIVER: "Install the NVIDIA driver to see GPUs. Host telemetry below is live.",
-    GpuState.NO_GPU: "The NVIDIA driver is loaded but reports no GPU (check `nvidia-smi`, MIG, or "
+    GpuState.NO_GPU: "The NVIDIA driver is loaded but reports no GPU (check `nvidia-smi` and MIG; NVML ignores "
     "CUDA_VISIBLE_DEVICES). Host telemetry below is live.",
     GpuState.PERMISSION_DENIED: "Run as a user allowed to open /dev/nvidia* (or root). Host telemetry below is live.",
     GpuState.DRIVER_MISMATCH: "The driver's kernel module and library differ: a reboot usually fixes it.",

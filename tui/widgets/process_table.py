@@ -93,7 +93,15 @@ class ProcessTable(DataTable[Text | str]):
     def _rebuild(self, force: bool = False) -> None:
         rows = sort_processes(self._procs, self.sort_key, self.descending)
         signature = tuple(
-            (p.gpu_index, p.pid, p.vram_used_bytes, round(p.cpu_pct or 0), p.host_rss_bytes, p.command)
+            (
+                p.gpu_index,
+                p.pid,
+                p.vram_used_bytes,
+                round(p.cpu_pct or 0),
+                p.host_rss_bytes,
+                p.command,
+                p.host_verified,
+            )
             for p in rows
         )
         if not force and signature == self._shown_signature:
@@ -109,9 +117,19 @@ class ProcessTable(DataTable[Text | str]):
                 Text(fmt.vram_short(p.vram_used_bytes), justify="right"),
                 Text(fmt.pct(p.cpu_pct), justify="right"),
                 Text(fmt.vram_short(p.host_rss_bytes), justify="right"),
-                Text(p.command or p.name or fmt.NA, no_wrap=True, overflow="ellipsis"),
+                _command(p),
                 key=f"{p.gpu_index}:{p.pid}",
             )
         if selected is not None:
             with contextlib.suppress(RowDoesNotExist):  # the selected process ended
                 self.move_cursor(row=self.get_row_index(f"{selected.gpu_index}:{selected.pid}"))
+
+
+OTHER_NAMESPACE = "(pid of another namespace: a container; not this host's process)"
+
+
+def _command(p: GpuProcess) -> Text:
+    """The command line; a pid that does not hold the GPU here says so instead of naming a stranger."""
+    if p.host_verified is False:
+        return Text(OTHER_NAMESPACE, style="dim italic", no_wrap=True, overflow="ellipsis")
+    return Text(p.command or p.name or fmt.NA, no_wrap=True, overflow="ellipsis")

@@ -1,0 +1,110 @@
+"""On an 8-GPU box the tuner's evidence is the candidate's GPUs', not the machine's: a trial on a stand-in server
+whose process the scripted NVML lists on GPU 3 only (the other seven idle)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuner.measure import summarise_snapshots, visible_devices
+from tuner.telemetry import scripted
+from tuner.telemetry.model import GpuInfo, GpuSample, Snapshot
+from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+from tuner.tuning.points import Load
+from tuner.tuning.runner import MeasurePlan, ServerHooks, TrialRunner
+from tuner.tuning.slo import parse_slo
+
+FAKE_SERVER = Path(__file__).resolve().parent / "fakes" / "sse_server.py"
+BUSY_GPU = 3
+
+
+def _load(t: float, gpu_index: int) -> scripted.Load:
+    busy = scripted.steady_load(dram_bw_util_pct=60.0, sm_active_pct=40.0, power_frac=0.9)(t, gpu_index)
+    idle = scripted.steady_load(dram_bw_util_pct=1.0, sm_active_pct=0.5, power_frac=0.1)(t, gpu_index)
+    return busy if gpu_index == BUSY_GPU else idle
+
+
+def test_a_trial_on_one_of_eight_gpus_reads_that_gpu_alone(tmp_path: Path) -> None:
+    nvml = scripted.h100_sxm(8, load=_load, processes=[])
+    source = LiveSource(
+        scripted.scripted_backend(nvml),
+        config=SamplerConfig(discover_vllm=False, interval_s=0.1, slow_every=2),
+    )
+    sampler = Sampler(source)
+    sampler.open()
+    sampler.start()
+
+    def started(key: str, pid: int, port: int) -> None:  # the driver lists the new server on GPU 3
+        nvml.processes = (scripted.FakeProcess(pid, BUSY_GPU, 2 * 2**30),)
+
+    runner = TrialRunner(
+        model="fake-model",
+        slo=parse_slo("ttft=2,tps=5"),
+        plan=MeasurePlan(input_len=16, output_len=8, vocab_size=1000, min_phase_s=1.5, min_requests=40),
+        command=(sys.executable, str(FAKE_SERVER)),  # a stand-in for vLLM: serves /health and completions
+        log_dir=tmp_path,
+        sampler=sampler,
+        hooks=ServerHooks(started=started),
+    )
+    try:
+        with runner.serve("trial", ("--chunk-interval-s", "0.002"), "fake") as session:
+            point = session.measure(Load.users(4), "judged")
+    finally:
+        sampler.stop()
+    evidence = point.evidence
+    assert list(evidence["gpu_indices"]) == [BUSY_GPU], evidence.get("gpu_attribution")
+    assert evidence["gpu_attribution"] == "the GPUs holding the server's processes"
+    assert evidence["dram_bw_util_pct_mean"] == pytest.approx(
+        60.0, abs=1.0
+    )  # not ~8 %: seven idle GPUs left out
+    assert evidence["power_w_mean"] == pytest.approx(0.9 * 700, rel=0.05)  # one GPU's power, not eight
+    bound = point.bound["kind"]
+    assert bound == "gpu_memory_bandwidth", point.bound  # the memory-bound rule can fire again
+
+
+def _sample(index: int, t: float, power_w: float, energy_j: float | None) -> GpuSample:
+    return GpuSample(index=index, time_s=t, power_w=power_w, energy_counter_j=energy_j)
+
+
+def test_energy_comes_from_the_driver_counter_where_it_was_read_twice() -> None:
+    """Power is a one-second average: over a window the energy counter is the better witness. GPU 0's counter
+    was read at t=0 and t=5 (1,000 J: 200 W); its power readings say 100 W. GPU 1 has no counter: its power
+    is integrated."""
+    snaps = [
+        Snapshot(
+            time_s=t,
+            host=None,
+            gpus=(_sample(0, t, 100.0, 5000.0 if t < 5 else 6000.0), _sample(1, t, 50.0, None)),
+        )
+        for t in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 10.0)
+    ]
+    summary = summarise_snapshots(snaps)
+    assert summary["energy_j"] == pytest.approx(200.0 * 10 + 50.0 * 10)
+    only_gpu_1 = summarise_snapshots(snaps, {1})
+    assert only_gpu_1["energy_j"] == pytest.approx(500.0) and only_gpu_1["power_w_mean"] == pytest.approx(
+        50.0
+    )
+
+
+def test_cuda_visible_devices_names_the_gpus_of_a_server_in_another_pid_namespace(tmp_path: Path) -> None:
+    import subprocess
+
+    gpus = [GpuInfo(i, "H100", f"GPU-{i:04d}aaaa", 80 * 2**30, 3350.0, "datasheet", True) for i in range(8)]
+    env = {"CUDA_VISIBLE_DEVICES": "GPU-0005aaaa,6", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(["sleep", "30"], env=env)
+    try:
+        assert visible_devices([proc.pid], gpus) == {5, 6}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert visible_devices([], gpus) is None
+
+
+def test_the_no_gpu_hint_does_not_blame_cuda_visible_devices() -> None:
+    from tui.widgets.banner import HINTS
+    from tuner.telemetry.model import GpuState
+
+    hint = HINTS[GpuState.NO_GPU]
+    assert "ignores CUDA_VISIBLE_DEVICES" in hint  # NVML sees every GPU whatever that variable says
