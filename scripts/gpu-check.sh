@@ -7,7 +7,8 @@
 #   scripts/gpu-check.sh ... --steps inventory,serve,bench --budget 300   a subset, a shorter budget
 #
 # What it runs (scripts/gpu_check.py; each step has its own time limit, the summary says what was skipped):
-#   1. inventory  driver, GPUs, GPM; the GPU-marked tests; NVML call costs (benchmarks/monitor_cost.py --real)
+#   1. inventory  driver, GPUs, GPM; the GPU-marked tests; NVML call costs (benchmarks/monitor_cost.py --real);
+#                 what only a real driver shows (benchmarks/nvml_probe.py: process-entry size, power, GPM)
 #   2. serve      a Llama-3.2-1B-shaped dummy-weight model in vLLM; `infertop record` from before its start
 #   3. bench      `infertop bench` and vLLM's `bench serve`, interleaved, at c=32 and c=256 (128 in / 512 out,
 #                 as REFERENCE.md's H100 figures); the monitor captured to SVG during the c=256 pair

@@ -4,6 +4,7 @@ One Python process runs the steps in order, each under its own time limit and al
 always ends with a summary, even when a step failed, timed out or was skipped for lack of time:
 
 1. ``inventory``: driver, GPUs, GPM support; the GPU-marked tests; NVML call costs (monitor_cost.py --real);
+   what only a real driver shows (nvml_probe.py: process-info entry size, instant power, GPM's shortest interval);
 2. ``serve``: a Llama-3.2-1B-shaped dummy-weight model served by vLLM, with ``infertop record`` running from
    before its start to the end of the run;
 3. ``bench``: ``infertop bench`` and vLLM's own ``bench serve`` (token-id prompts, as ours) on that server,
@@ -46,6 +47,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 MAX_OUT_FILES = 8  # the device tool brings back at most 8 files ...
 MAX_FILE_BYTES = 15 * 2**20  # ... of at most 16 MiB each (a margin kept)
 SUMMARY_RESERVE_S = 20.0  # kept back from the last step for stopping everything and packing
+PROBE_S = 20.0  # benchmarks/nvml_probe.py's own budget (--seconds), with CUDA children on GPU 0
+PROBE_MIN_S = 8.0  # with less of the inventory step left the probe is not run
 GRACE_S = 20.0  # after SIGINT, how long a step's process may take to write its results before SIGTERM
 
 
@@ -85,7 +88,8 @@ def gpu_mode(budget_s: float) -> Mode:
         rounds=2,
         tune_args=("--slo", "mlperf-llama3.1-8b-interactive", "--max-concurrency", "256"),
         budget_s=budget_s,
-        limits_s={"inventory": 75, "serve": 150, "bench": 130, "tune": 1e9},
+        # inventory: 75 s, and 25 more for nvml_probe.py (its 20 s budget, start and stop)
+        limits_s={"inventory": 100, "serve": 150, "bench": 130, "tune": 1e9},
     )
 
 
@@ -248,6 +252,7 @@ def step_inventory(run: Run, limit_s: float) -> str:
     (run.work / "monitor-cost.md").write_text(cost.stdout)
     with contextlib.suppress(OSError, ValueError):
         run.figures["monitor_cost"] = json.loads((run.work / "monitor-cost.json").read_text())
+    probe = run_probe(run, deadline)
     gpus = ", ".join(g.name for g in info.gpus) or "no GPU"
     problems = []
     if tests.rc not in (0, 5):  # 5: no test collected
@@ -256,10 +261,39 @@ def step_inventory(run: Run, limit_s: float) -> str:
         problems.append(
             "monitor_cost.py failed (log in artifacts)" + (" (time limit)" if cost.timed_out else "")
         )
+    if probe is not None and probe.rc != 0:
+        problems.append(
+            "nvml_probe.py failed (log in artifacts)" + (" (time limit)" if probe.timed_out else "")
+        )
     if problems:
         raise StepFailed("; ".join(problems))
     state = "" if info.state is GpuState.OK else f" ({info.message})"
     return f"{gpus}{state}; GPU tests: {run.figures['gpu_tests']['result']}"
+
+
+def run_probe(run: Run, deadline: float) -> Finished | None:
+    """benchmarks/nvml_probe.py within what is left of the inventory step: its JSON becomes the
+    ``nvml_probe`` figures, its Markdown nvml-probe.md. It starts two CUDA processes on GPU 0 (torch from this
+    Python, else from the vLLM Python) and ends them itself; without NVML it says so and exits 0."""
+    left = deadline - time.monotonic()
+    if left < PROBE_MIN_S:
+        run.figures["nvml_probe"] = {"skipped": f"{left:.0f} s of the inventory step left"}
+        return None
+    seconds = min(PROBE_S, left - 5.0)
+    out = run.work / "nvml-probe.json"
+    probe = run_command(
+        [run.python, "benchmarks/nvml_probe.py", "--seconds", f"{seconds:.0f}", "--json", str(out),
+         "--cuda-python", run.mode.vllm_python],
+        timeout_s=min(seconds + 15.0, left),
+        log=run.work / "nvml-probe.log",
+        capture=True,
+    )  # fmt: skip
+    (run.work / "nvml-probe.md").write_text(probe.stdout)
+    try:
+        run.figures["nvml_probe"] = json.loads(out.read_text())
+    except (OSError, ValueError):
+        run.figures["nvml_probe"] = {"skipped": f"no JSON (exit {probe.rc}, log in artifacts)"}
+    return probe
 
 
 def step_serve(run: Run, limit_s: float) -> str:
@@ -611,6 +645,9 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
         )
         for name, c in sorted((cost.get("nvml_calls") or {}).items(), key=lambda kv: -kv[1]["ms_per_call"]):
             lines.append(f"  - `{name}`: {c['ms_per_call']:.3f} ms per call, {c['calls']} calls")
+    probe = f.get("nvml_probe")
+    if probe:
+        lines += ["", "## NVML probe (benchmarks/nvml_probe.py)", "", probe_markdown(probe)]
     bench = f.get("bench")
     if bench:
         lines += [
@@ -646,6 +683,18 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
         for tie in tune.get("ties") or []:
             lines.append(f"- {tie}")
     return "\n".join(lines) + "\n"
+
+
+def probe_markdown(probe: Mapping[str, Any]) -> str:
+    """The probe's section: its own tables (nvml_probe.markdown), or why there are none."""
+    if probe.get("skipped"):
+        return f"- not run: {probe['skipped']}"
+    try:
+        import nvml_probe
+
+        return nvml_probe.markdown(probe, heading=False).rstrip("\n")
+    except Exception as error:  # the summary is always written
+        return f"- the probe's figures could not be rendered ({type(error).__name__}: {error})"
 
 
 def bench_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:

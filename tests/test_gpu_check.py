@@ -63,6 +63,86 @@ def test_summary_names_the_gpu_every_step_and_what_was_skipped(tmp_path: Path) -
     assert "c=256: infertop bench / vLLM bench serve output tok/s = 0.950" in text
 
 
+def _probe_figures() -> dict[str, object]:
+    """nvml_probe.py's JSON as a 535 driver on two GPUs might give it (only the keys the summary reads)."""
+    watts = {"n": 20, "mean": 71.2, "min": 69.0, "max": 80.5, "stdev": 3.1, "range": 11.5}
+    steady = {**watts, "mean": 70.0, "min": 69.8, "max": 70.3, "stdev": 0.2}
+    fine = {
+        "repeats": 5, "wanted": 5, "ok": 5, "errors": {},
+        "metrics": {"DRAM_BW_UTIL": {"returns": {"0": 5}, "values": {"min": 0.0, "max": 0.4}}},
+    }  # fmt: skip
+    return {
+        "available": True,
+        "driver": "535.104.05",
+        "nvml": "12.535.104.05",
+        "seconds": 20,
+        "wall_s": 14.2,
+        "gpus": [{"index": 0}, {"index": 1}],
+        "processes": {
+            "symbols": {"nvmlDeviceGetComputeRunningProcesses_v3": True,
+                        "nvmlDeviceGetRunningProcessDetailList": False},
+            "rule": {"entry_bytes": 32, "why": "_v3 and ConfCompute without DetailList"},
+            "children": {"gpu": 0, "ready": 2, "started": 2, "python": "python3", "failures": []},
+            "note": "32-byte entries on GPU 0 (pids in /proc): agrees with the rule",
+            "gpus": [{"index": 0, "call": "nvmlDeviceGetComputeRunningProcesses_v3", "count": 2,
+                      "verdict": {"entry_bytes": 32, "basis": "in_proc",
+                                  "pids": {"24": [4242, 0], "32": [4242, 4243]}}}],
+        },
+        "power": {
+            "samples": 20,
+            "window_s": 2.0,
+            "gpus": [
+                {"index": 0, "instant_varies_more": True,
+                 "instant": {"watts": watts, "returns": {"0": 20}, "value_type": "unsigned int"},
+                 "average": {"watts": steady, "returns": {"0": 20}},
+                 "usage": {"watts": steady, "returns": {"0": 20}}},
+                {"index": 1, "instant_varies_more": None,
+                 "instant": {"watts": None, "returns": {"3": 20}, "return_text": {"3": "Not Supported"}},
+                 "average": {"watts": steady, "returns": {"0": 20}},
+                 "usage": {"watts": steady, "returns": {"0": 20}}},
+            ],
+        },
+        "gpm": {
+            "repeats": 5,
+            "intervals_s": [0.01, 0.1],
+            "gpus": [
+                {"index": 0, "supported": True, "smallest_fine_interval_s": 0.1, "intervals": [
+                    {**fine, "interval_s": 0.01, "ok": 0, "errors": {"nvmlGpmMetricsGet: Invalid Argument (2)": 5}},
+                    {**fine, "interval_s": 0.1},
+                ]},
+                {"index": 1, "supported": False, "errors": [], "intervals": []},
+            ],
+        },
+    }  # fmt: skip
+
+
+def test_summary_has_the_nvml_probe_section(tmp_path: Path) -> None:
+    run = _run(tmp_path, gpu_check.gpu_mode(500.0))
+    run.figures["nvml_probe"] = _probe_figures()
+    text = gpu_check.summary_markdown(gpu_check.summary_document(run))
+    section = text.split("## NVML probe (benchmarks/nvml_probe.py)", 1)[1]
+    assert "driver 535.104.05" in section
+    assert "the rule predicts 32-byte entries" in section
+    assert "observed: 32-byte entries on GPU 0 (pids in /proc): agrees with the rule" in section
+    assert "| 0 | ComputeRunningProcesses_v3 | 2 | 4242, 0 | 4242, 4243 | 32 B (pids in /proc) |" in section
+    assert "| 0 | 71.2 W (69.0–80.5), sd 3.10" in section
+    assert "| 1 | no value (Not Supported x20)" in section
+    assert "0/5: DRAM 0.0–0.4; nvmlGpmMetricsGet: Invalid Argument (2) x5" in section
+    assert "| 5/5: DRAM 0.0–0.4 | 0.1 s |" in section  # the shortest fine interval
+    assert "could not be rendered" not in section
+    run.figures["nvml_probe"] = {
+        "available": False,
+        "reason": "nvmlInit failed: NVML Shared Library Not Found",
+    }
+    assert "- NVML not available: nvmlInit failed" in gpu_check.summary_markdown(
+        gpu_check.summary_document(run)
+    )
+    run.figures["nvml_probe"] = {"skipped": "5 s of the inventory step left"}
+    assert "- not run: 5 s of the inventory step left" in gpu_check.summary_markdown(
+        gpu_check.summary_document(run)
+    )
+
+
 def test_pack_brings_back_at_most_eight_files_with_the_logs_inside_one_archive(tmp_path: Path) -> None:
     run = _run(tmp_path, gpu_check.rehearse_mode(60.0))
     (run.work / "recording.ndjson.gz").write_bytes(b"\x1f\x8b" + b"0" * 100)
@@ -112,4 +192,7 @@ def test_rehearsed_inventory_step_writes_a_summary_that_says_what_it_found(tmp_p
     )
     cost = doc["figures"]["monitor_cost"]
     assert cost["real_nvml"] is True and cost["gpus"] == 0 and cost["own_ms"] > 0
+    probe = doc["figures"]["nvml_probe"]
+    assert probe["available"] is False and probe["reason"]
+    assert "## NVML probe" in (out / "summary.md").read_text()
     assert (out / "summary.md").read_text().startswith("# infertop GPU check, REHEARSAL")
