@@ -37,7 +37,8 @@ NVITOP_PCT = 1.07
 
 
 class TimedNvml:
-    """Forwards to an NVML module and adds up the CPU time spent inside its nvml* functions."""
+    """Forwards to an NVML module and adds up the CPU time spent inside its nvml* functions, and inside the
+    driver entry points the backend calls directly (``_nvmlGetFunctionPointer``'s, for process lists)."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -46,13 +47,17 @@ class TimedNvml:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._inner, name)
-        if not (name.startswith("nvml") and callable(value)):
+        if not (name.startswith(("nvml", "_nvml")) and callable(value)):
             return value
+        if name == "_nvmlGetFunctionPointer":
+            return lambda symbol: self._timed(symbol, value(symbol))
+        return self._timed(name, value)
 
+    def _timed(self, name: str, fn: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.process_time()
             try:
-                return value(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
                 spent = time.process_time() - start
                 self.inside_s += spent

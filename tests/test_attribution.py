@@ -4,6 +4,7 @@ whose process the scripted NVML lists on GPU 3 only (the other seven idle)."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,9 @@ def test_cuda_visible_devices_names_the_gpus_of_a_server_in_another_pid_namespac
     env = {"CUDA_VISIBLE_DEVICES": "GPU-0005aaaa,6", "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(["sleep", "30"], env=env)
     try:
+        deadline = time.monotonic() + 5  # until the exec, /proc shows the parent's environment
+        while b"sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert visible_devices([proc.pid], gpus) == {5, 6}
     finally:
         proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import subprocess
@@ -82,10 +83,13 @@ def test_clock_event_reason_bits_are_pynvml_bits() -> None:
         "hw_thermal_slowdown": "HwThermalSlowdown",
         "hw_power_brake_slowdown": "HwPowerBrakeSlowdown",
         "display_clock_setting": "DisplayClockSetting",
+        "board_limit": "BoardLimit",
+        "reliability": "Reliability",
     }
     for bit, name in nvml.CLOCK_EVENT_REASONS:
-        assert getattr(pynvml, "nvmlClocksEventReason" + pynvml_names[name]) == bit
         assert getattr(pynvml, "nvmlClocksThrottleReason" + pynvml_names[name]) == bit
+        if name not in ("board_limit", "reliability"):  # pynvml names these two only the old way
+            assert getattr(pynvml, "nvmlClocksEventReason" + pynvml_names[name]) == bit
 
 
 def test_scripted_module_mirrors_pynvml_names_and_values() -> None:
@@ -129,8 +133,12 @@ def test_unit_helpers() -> None:
 def test_clock_event_reasons_decode_to_names() -> None:
     assert nvml.decode_clock_event_reasons(0) == ()
     assert nvml.decode_clock_event_reasons(0x4 | 0x40) == ("sw_power_cap", "hw_thermal_slowdown")
-    assert nvml.decode_clock_event_reasons(0x1FF) == tuple(name for _, name in nvml.CLOCK_EVENT_REASONS)
-    assert nvml.decode_clock_event_reasons(0x200 | 0x8) == ("hw_slowdown",)  # unknown bits are ignored
+    assert nvml.decode_clock_event_reasons(0x7FF) == tuple(name for _, name in nvml.CLOCK_EVENT_REASONS)
+    assert nvml.decode_clock_event_reasons(0x400) == ("reliability",)
+    assert nvml.decode_clock_event_reasons(0x200 | 0x8) == ("hw_slowdown", "board_limit")
+    # A bit no table knows (a newer driver's) is named, not dropped, and counts as throttling.
+    assert nvml.decode_clock_event_reasons(0x8000 | 0x1) == ("gpu_idle", "other(0x8000)")
+    assert GpuSample(index=0, time_s=0.0, clock_event_reasons=("gpu_idle", "other(0x8000)")).throttled
 
 
 def test_readings_are_converted_to_the_models_units(clock: ManualClock) -> None:
@@ -391,21 +399,49 @@ def test_gpu_lost_mid_run_marks_that_gpu_and_the_others_continue(clock: ManualCl
     backend.close()
 
 
-def test_unknown_error_on_a_gpu_is_shown_for_that_tick_only(clock: ManualClock) -> None:
+def test_unknown_error_is_no_value_for_that_call_not_a_lost_gpu(clock: ManualClock) -> None:
+    """NVML's catch-all UNKNOWN means "no value this tick" for that one call: the GPU's other metrics stay."""
     fake = scripted.h100_sxm(2, clock=clock)
     backend = opened(fake)
     tick(backend, clock)
-    real_power = fake.nvmlDeviceGetPowerUsage
-
-    def flaky(handle: Any) -> int:
-        if handle.index == 0:
-            raise nvml_error(scripted.NVML_ERROR_UNKNOWN)
-        return real_power(handle)
-
-    fake.nvmlDeviceGetPowerUsage = flaky  # type: ignore[method-assign]
+    fake.inject("nvmlDeviceGetClockInfo", scripted.NVML_ERROR_UNKNOWN, gpu=0)
     first, second = tick(backend, clock)
-    assert first.error == "GPU lost: Unknown Error" and second.error is None
-    fake.nvmlDeviceGetPowerUsage = real_power  # type: ignore[method-assign]
+    assert first.error is None and first.sm_clock_mhz is None
+    assert (
+        first.power_w is not None and first.vram_used_bytes is not None and first.dram_bw_util_pct is not None
+    )
+    assert second.sm_clock_mhz is not None
+    first, _ = tick(backend, clock)
+    assert first.sm_clock_mhz is not None  # asked again, and answered
+
+
+def test_unknown_error_at_open_does_not_lose_the_gpu(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    fake.inject("nvmlDeviceGetCudaComputeCapability", scripted.NVML_ERROR_UNKNOWN)
+    backend = opened(fake)
+    info = backend.open().gpus[0]
+    assert info.compute_capability is None and info.name == scripted.H100_SXM.name
+    (sample,) = tick(backend, clock)
+    assert sample.error is None and sample.power_w is not None
+
+
+def test_a_gpu_answering_nothing_but_unknown_shows_it_for_that_tick_only(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(2, clock=clock)
+    backend = opened(fake)
+    tick(backend, clock)
+    tick(backend, clock)
+    real_device = fake._device
+
+    def unknown_on_gpu_0(function: str, handle: Any) -> Any:
+        device = real_device(function, handle)
+        if device.index == 0:
+            raise nvml_error(scripted.NVML_ERROR_UNKNOWN)
+        return device
+
+    fake._device = unknown_on_gpu_0  # type: ignore[method-assign]
+    first, second = tick(backend, clock)
+    assert first.error == "GPU not answering this tick (NVML: Unknown Error)" and second.error is None
+    fake._device = real_device  # type: ignore[method-assign]
     first, _ = tick(backend, clock)
     assert first.error is None and first.power_w is not None
     assert first.dram_bw_util_pct is None  # GPM restarts after the gap: one sample is not an interval
@@ -416,15 +452,11 @@ def test_unknown_error_on_a_gpu_is_shown_for_that_tick_only(clock: ManualClock) 
 def test_transient_error_gives_none_this_tick_and_is_asked_again(clock: ManualClock) -> None:
     fake = scripted.h100_sxm(clock=clock)
     backend = opened(fake)
-    real_power = fake.nvmlDeviceGetPowerUsage
-    fake.nvmlDeviceGetPowerUsage = lambda handle: (_ for _ in ()).throw(  # type: ignore[method-assign]
-        nvml_error(scripted.NVML_ERROR_TIMEOUT)
-    )
+    fake.inject("nvmlDeviceGetClockInfo", scripted.NVML_ERROR_TIMEOUT)
     (sample,) = tick(backend, clock)
-    assert sample.power_w is None and sample.error is None and sample.gpu_util_pct is not None
-    fake.nvmlDeviceGetPowerUsage = real_power  # type: ignore[method-assign]
+    assert sample.sm_clock_mhz is None and sample.error is None and sample.gpu_util_pct is not None
     (sample,) = tick(backend, clock)
-    assert sample.power_w is not None
+    assert sample.sm_clock_mhz is not None
 
 
 def test_driver_gone_mid_run_raises_gpu_lost_error(clock: ManualClock) -> None:
@@ -459,11 +491,13 @@ def test_old_driver_falls_back_to_older_functions(clock: ManualClock) -> None:
     assert sample.vram_used_bytes == int(total * 0.9) + 543 * MIB  # v1 counts reserved memory as used
     assert sample.clock_event_reasons == ()  # read through the older ...ThrottleReasons name
     assert sample.processes is not None and len(sample.processes) == 2  # through the _v2 process lists
+    assert backend.process_layout == "_v2:24B"
+    assert sample.power_w is not None  # no instantaneous power field: nvmlDeviceGetPowerUsage
     assert all(getattr(sample, f) is None for f in GPM_FIELDS)
     # Each missing function was tried once, then never again.
     assert fake.calls["nvmlDeviceGetMemoryInfo_v2"] == 1
     assert fake.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 1
-    assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 1
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 0  # its symbol is missing: never called
     assert fake.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 4
     assert fake.calls["nvmlDeviceGetMemoryInfo"] == 5  # once at open, once per tick
     assert fake.calls["nvmlGpmSampleGet"] == 0
@@ -501,8 +535,20 @@ def test_unsupported_metrics_are_none_and_not_asked_again(clock: ManualClock) ->
         (sample,) = tick(backend, clock)
     assert sample.fan_pct is None and sample.mem_temp_c is None
     assert fake.calls["nvmlDeviceGetFanSpeed"] == after_first["nvmlDeviceGetFanSpeed"] == 1
-    assert fake.calls["nvmlDeviceGetFieldValues"] == after_first["nvmlDeviceGetFieldValues"]
-    assert fake.calls["nvmlDeviceGetPowerUsage"] == 6  # a supported metric is read every tick
+    assert fake.calls["nvmlDeviceGetPowerUsage"] == 0  # power comes from the instantaneous field ...
+    assert (
+        fake.calls["nvmlDeviceGetFieldValues"] == after_first["nvmlDeviceGetFieldValues"] + 5
+    )  # ... each tick
+    requested: list[list[int]] = []
+    real_fields = fake.nvmlDeviceGetFieldValues
+
+    def spy(handle: Any, field_ids: Any) -> Any:
+        requested.append(list(field_ids))
+        return real_fields(handle, field_ids)
+
+    fake.nvmlDeviceGetFieldValues = spy  # type: ignore[method-assign]
+    tick(backend, clock, slow=True)
+    assert all(nvml.NVML_FI_DEV_MEMORY_TEMP not in ids for ids in requested)  # unsupported: not asked again
 
 
 def test_l4_has_no_gpm_fields_but_has_the_duty_cycle(clock: ManualClock) -> None:
@@ -538,15 +584,10 @@ def test_gpm_first_tick_is_none_then_values(clock: ManualClock) -> None:
     assert fake.calls["nvmlGpmMetricsGet"] == 4  # from the second tick on, one per GPU per tick
 
 
-def test_gpm_metric_a_gpu_lacks_is_none_and_dropped(clock: ManualClock) -> None:
+def test_gpm_metric_a_gpu_lacks_is_none_and_dropped_after_failing_in_a_row(clock: ManualClock) -> None:
     pcie_h100 = scripted.FakeGpuSpec(**{**_spec_fields(scripted.H100_SXM), "nvlink_links": None})
     fake = ScriptedNvml([pcie_h100], clock=clock, load=steady_load())
     backend = opened(fake)
-    tick(backend, clock)
-    (sample,) = tick(backend, clock)
-    assert sample.nvlink_rx_bytes_per_s is None and sample.nvlink_tx_bytes_per_s is None
-    assert sample.dram_bw_util_pct == pytest.approx(50.0)
-
     requested: list[list[int]] = []
     real_get = fake.nvmlGpmMetricsGet
 
@@ -555,9 +596,35 @@ def test_gpm_metric_a_gpu_lacks_is_none_and_dropped(clock: ManualClock) -> None:
         return real_get(request)
 
     fake.nvmlGpmMetricsGet = spy  # type: ignore[method-assign]
+    for _ in range(1 + nvml.GPM_FAILURES_TO_DROP):
+        (sample,) = tick(backend, clock)
+    assert sample.nvlink_rx_bytes_per_s is None and sample.nvlink_tx_bytes_per_s is None
+    assert sample.dram_bw_util_pct == pytest.approx(50.0)
+    assert all(nvml.GPM_NVLINK_TOTAL_RX_PER_SEC in ids for ids in requested)  # asked while failing ...
     tick(backend, clock)
-    assert nvml.GPM_NVLINK_TOTAL_RX_PER_SEC not in requested[0]
-    assert nvml.GPM_DRAM_BW_UTIL in requested[0]
+    assert nvml.GPM_NVLINK_TOTAL_RX_PER_SEC not in requested[-1]  # ... then set aside
+    assert nvml.GPM_DRAM_BW_UTIL in requested[-1]
+    tick(backend, clock, dt_s=nvml.GPM_REPROBE_S)  # (a pause: this tick re-primes)
+    tick(backend, clock)
+    assert nvml.GPM_NVLINK_TOTAL_RX_PER_SEC in requested[-1]  # asked for again a minute later
+
+
+def test_one_gpm_metric_failing_once_is_kept_and_a_skipped_entry_does_not_repeat(clock: ManualClock) -> None:
+    """A transient failure of one metric costs that tick's value only; an entry the driver leaves unwritten
+    must read as missing, not as last tick's value."""
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(dram_bw_util_pct=40.0))
+    backend = opened(fake)
+    tick(backend, clock)
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct == pytest.approx(40.0)
+    fake.inject_gpm_metric(nvml.GPM_DRAM_BW_UTIL, None)  # left unwritten by the driver
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct is None and sample.sm_active_pct is not None
+    fake.inject_gpm_metric(nvml.GPM_DRAM_BW_UTIL, scripted.NVML_ERROR_UNKNOWN)
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct is None
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct == pytest.approx(40.0)  # still asked for: it never failed 3 times in a row
 
 
 def test_gpm_call_failing_as_a_whole_falls_back_to_the_core_metrics(clock: ManualClock) -> None:
@@ -571,16 +638,32 @@ def test_gpm_call_failing_as_a_whole_falls_back_to_the_core_metrics(clock: Manua
     fake = StrictGpm([scripted.H100_SXM], clock=clock, load=steady_load())
     backend = opened(fake)
     tick(backend, clock)
-    (failed,) = tick(backend, clock)
-    assert failed.dram_bw_util_pct is None and failed.error is None
+    for _ in range(nvml.GPM_FAILURES_TO_DROP):
+        (failed,) = tick(backend, clock)
+        assert failed.dram_bw_util_pct is None and failed.error is None
     for _ in range(3):
         (sample,) = tick(backend, clock)
     assert sample.dram_bw_util_pct == pytest.approx(50.0) and sample.sm_active_pct == pytest.approx(35.0)
     assert sample.pcie_rx_bytes_per_s is None and sample.nvlink_rx_bytes_per_s is None
-    assert fake.calls["nvmlGpmMetricsGet"] == 4  # one failure, then every tick
+    assert fake.calls["nvmlGpmMetricsGet"] == nvml.GPM_FAILURES_TO_DROP + 3
 
 
-def test_gpm_given_up_when_even_the_core_metrics_fail(clock: ManualClock) -> None:
+def test_gpm_set_aside_after_failures_is_probed_again_and_info_stays_true(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load())
+    backend = opened(fake)
+    tick(backend, clock)
+    fake.inject("nvmlGpmSampleGet", *[scripted.NVML_ERROR_NOT_SUPPORTED] * nvml.GPM_FAILURES_TO_DROP)
+    for _ in range(10):
+        (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct is None
+    assert fake.calls["nvmlGpmSampleGet"] == 1 + nvml.GPM_FAILURES_TO_DROP  # then left alone ...
+    assert backend.open().gpus[0].gpm_supported is True
+    tick(backend, clock, dt_s=nvml.GPM_REPROBE_S)  # ... until a minute has passed
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct == pytest.approx(50.0)
+
+
+def test_gpm_given_up_for_a_while_when_even_the_core_metrics_fail(clock: ManualClock) -> None:
     class NoGpmMetrics(ScriptedNvml):
         def nvmlGpmMetricsGet(self, request: Any) -> Any:
             self.calls["nvmlGpmMetricsGet"] += 1
@@ -588,22 +671,178 @@ def test_gpm_given_up_when_even_the_core_metrics_fail(clock: ManualClock) -> Non
 
     fake = NoGpmMetrics([scripted.H100_SXM], clock=clock)
     backend = opened(fake)
-    for _ in range(6):
+    for _ in range(12):
         (sample,) = tick(backend, clock)
     assert sample.dram_bw_util_pct is None and sample.power_w is not None
-    assert fake.calls["nvmlGpmMetricsGet"] == 2  # full set, core set, then never again
+    assert (
+        fake.calls["nvmlGpmMetricsGet"] == 2 * nvml.GPM_FAILURES_TO_DROP
+    )  # full set, core set, then a pause
 
 
-def test_mig_mode_reports_gpm_unsupported(clock: ManualClock) -> None:
-    mig_h100 = scripted.FakeGpuSpec(**{**_spec_fields(scripted.H100_SXM), "mig_enabled": True})
-    fake = ScriptedNvml([mig_h100], clock=clock)
+def test_gpm_samples_are_at_least_0_2_s_apart_however_fast_the_ticks(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(dram_bw_util_pct=30.0))
     backend = opened(fake)
-    gpu = backend.open().gpus[0]
-    assert gpu.mig_enabled is True and gpu.gpm_supported is False
-    tick(backend, clock)
+    seen = []
+    for _ in range(40):  # 2 s at 20 Hz
+        (sample,) = tick(backend, clock, dt_s=0.05)
+        seen.append(sample.dram_bw_util_pct)
+    assert fake.gpm_short_intervals == 0
+    assert fake.calls["nvmlGpmSampleGet"] == 10  # one per 0.2 s
+    assert seen[:3] == [None, None, None] and seen[-1] == pytest.approx(30.0)
+    assert all(v == pytest.approx(30.0) for v in seen[8:])  # between samples the last interval stands
+
+
+def test_gpm_after_a_pause_measures_from_the_resume_not_across_the_pause(clock: ManualClock) -> None:
+    resume_at = clock() + 30.0
+    fake = scripted.h100_sxm(
+        clock=clock,
+        load=lambda t, i: steady_load(dram_bw_util_pct=90.0 if t < resume_at else 10.0)(t, i),
+    )
+    backend = opened(fake)
+    for _ in range(4):
+        tick(backend, clock)
+    clock.advance(30.0)  # the sampler was paused while the GPU ran hot
+    (first,) = tick(backend, clock)
+    (second,) = tick(backend, clock)
+    assert first.dram_bw_util_pct is None  # re-primed
+    assert second.dram_bw_util_pct == pytest.approx(10.0)  # not the pause's 90 %
+
+
+# --- MIG, power, clocks, deprecated calls, per-tick cost -------------------------------------------------
+
+
+def test_mig_unprivileged_reads_memory_processes_and_gpm_from_the_gpu_instances(clock: ManualClock) -> None:
+    """MIG mode as an ordinary user: the parent handle's memory and process lists answer NO_PERMISSION and
+    utilisation is unsupported; the MIG device handles give memory and processes, GPM comes per instance."""
+    procs = [
+        scripted.FakeProcess(os.getpid(), 0, 4 * 2**30, gpu_instance_id=1),
+        scripted.FakeProcess(os.getpid() + 1, 0, 2**30, gpu_instance_id=2),
+    ]
+    fake = scripted.mig_h100(clock=clock, load=steady_load(dram_bw_util_pct=40.0), processes=procs)
+    backend = opened(fake)
+    info = backend.open().gpus[0]
+    card = scripted.H100_SXM.vram_total_bytes
+    assert info.mig_enabled is True and info.gpm_supported is True
+    assert info.vram_total_bytes == int(card * 3 / 7) + int(
+        card * 4 / 7
+    )  # the tuner's memory check has a size
+    tick(backend, clock, slow=True)
     (sample,) = tick(backend, clock)
-    assert sample.dram_bw_util_pct is None and sample.mem_busy_pct is not None
-    assert fake.calls["nvmlGpmSampleAlloc"] == 0
+    assert sample.gpu_util_pct is None  # not supported on MIG-enabled GPUs
+    assert sample.vram_used_bytes == int(int(card * 3 / 7) * 0.9) + int(int(card * 4 / 7) * 0.9)
+    assert sample.processes is not None and {p.pid for p in sample.processes} == {p.pid for p in procs}
+    assert sample.dram_bw_util_pct == pytest.approx(40.0)
+    assert fake.calls["nvmlGpmMigSampleGet"] >= 4 and fake.calls["nvmlGpmSampleGet"] == 0
+
+
+def test_mig_privileged_uses_the_parent_handle(clock: ManualClock) -> None:
+    fake = scripted.mig_h100(clock=clock, privileged=True)
+    backend = opened(fake)
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.vram_total_bytes == scripted.H100_SXM.vram_total_bytes
+    assert sample.processes is not None and len(sample.processes) == 2
+
+
+def test_live_power_is_the_instantaneous_reading_not_the_one_second_average(clock: ManualClock) -> None:
+    step_at = clock() + 2.0
+    fake = scripted.h100_sxm(
+        clock=clock, load=lambda t, i: steady_load(power_frac=0.2 if t < step_at else 0.9)(t, i)
+    )
+    backend = opened(fake)
+    for _ in range(8):
+        tick(backend, clock)
+    (sample,) = tick(backend, clock)  # 0.25 s after the step
+    assert sample.power_w == pytest.approx(0.9 * 700)  # the 1 s average would still say ~315 W
+    assert fake.calls["nvmlDeviceGetPowerUsage"] == 0
+
+
+def test_power_falls_back_to_power_usage_without_the_instant_field(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(
+        clock=clock, load=steady_load(power_frac=0.5), missing_fields=[nvml.NVML_FI_DEV_POWER_INSTANT]
+    )
+    backend = opened(fake)
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.power_w == pytest.approx(350.0)
+    assert fake.calls["nvmlDeviceGetPowerUsage"] == 3
+
+
+@pytest.mark.parametrize(
+    ("fake_driver", "layout"), [(scripted.h100_sxm, "_v3:24B"), (scripted.driver_535, "_v3:32B")]
+)
+def test_process_lists_are_read_in_the_layout_the_driver_fills(
+    clock: ManualClock, fake_driver: Any, layout: str
+) -> None:
+    """Some 535 drivers fill 32-byte entries where pynvml reads 24: every entry after the first is garbage."""
+    pids = [os.getpid(), 4_100_001, 4_100_002, 4_100_003]
+    procs = [scripted.FakeProcess(pid, 0, (i + 1) * 2**30) for i, pid in enumerate(pids)]
+    fake = fake_driver(clock=clock, processes=procs)
+    backend = opened(fake)
+    (sample,) = tick(backend, clock, slow=True)
+    assert backend.process_layout == layout
+    assert sample.processes is not None
+    assert [(p.pid, p.vram_used_bytes) for p in sample.processes] == [
+        (p.pid, p.vram_used_bytes) for p in procs
+    ]
+    assert fake.buffer_overflows == 0
+
+
+def test_pynvmls_own_wrapper_garbles_a_535_drivers_list() -> None:
+    """What the backend avoids: the fake decodes like pynvml, so this shows the bug is really scripted."""
+    fake = scripted.driver_535(processes=[scripted.FakeProcess(p, 0, 2**30) for p in (11, 12, 13)])
+    fake.nvmlInit()
+    procs = fake.nvmlDeviceGetComputeRunningProcesses_v3(fake.nvmlDeviceGetHandleByIndex(0))
+    assert procs[0].pid == 11 and [p.pid for p in procs] != [11, 12, 13]
+
+
+def test_deprecated_calls_go_to_their_successors(clock: ManualClock) -> None:
+    fake = ScriptedNvml(
+        [scripted.H100_SXM],
+        clock=clock,
+        deprecated_functions=["nvmlDeviceGetTemperature", "nvmlDeviceGetCurrentClocksThrottleReasons"],
+    )
+    backend = opened(fake)
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.gpu_temp_c is not None and sample.clock_event_reasons is not None
+    assert fake.calls["nvmlDeviceGetTemperature"] == 0  # the versioned call is asked first
+
+
+def test_temperature_falls_back_to_the_old_call_where_the_versioned_one_is_missing(
+    clock: ManualClock,
+) -> None:
+    fake = ScriptedNvml([scripted.H100_SXM], clock=clock, missing_functions=["nvmlDeviceGetTemperatureV"])
+    backend = opened(fake)
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.gpu_temp_c is not None
+    assert fake.calls["nvmlDeviceGetTemperatureV"] == 1 and fake.calls["nvmlDeviceGetTemperature"] == 3
+
+
+def test_clock_event_bits_outside_the_table_count_as_throttling(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(
+        clock=clock,
+        load=lambda t, i: dataclasses.replace(steady_load()(t, i), clock_event_bits=0x400 | 0x2000),
+    )
+    backend = opened(fake)
+    (sample,) = tick(backend, clock)
+    assert sample.clock_event_reasons == ("reliability", "other(0x2000)") and sample.throttled
+
+
+def test_slowly_changing_values_are_read_on_slow_ticks_only(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    backend = opened(fake)
+    tick(backend, clock, slow=True)
+    before = dict(fake.calls)
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    fast = {name: n - before.get(name, 0) for name, n in fake.calls.items() if n != before.get(name, 0)}
+    assert "nvmlDeviceGetEnforcedPowerLimit" not in fast
+    assert fast["nvmlDeviceGetClockInfo"] == 3  # the SM clock; the memory clock waits for a slow tick
+    assert sum(fast.values()) / 3 <= 9  # NVML calls per GPU per fast tick (11 and more before)
+    assert sample.power_limit_w == 700.0 and sample.mem_clock_mhz == 2619 and sample.mem_temp_c is not None
+    tick(backend, clock, slow=True)
+    assert fake.calls["nvmlDeviceGetEnforcedPowerLimit"] == before["nvmlDeviceGetEnforcedPowerLimit"] + 1
 
 
 def _spec_fields(spec: scripted.FakeGpuSpec) -> dict[str, Any]:
@@ -720,3 +959,15 @@ def test_decode_load_looks_like_a_busy_h100() -> None:
 def test_read_benchmark_helper_measures_cpu_per_tick() -> None:
     per_tick_s = scripted.read_cpu_s_per_tick(2, ticks=20)
     assert 0.0 < per_tick_s < 0.05
+
+
+def test_a_process_list_longer_than_the_buffer_kept_is_read_whole(clock: ManualClock) -> None:
+    procs = [scripted.FakeProcess(4_000_000 + i, 0, 2**30) for i in range(40)]
+    fake = scripted.driver_535(clock=clock, processes=procs)
+    backend = opened(fake)
+    (sample,) = tick(backend, clock, slow=True)
+    assert sample.processes is not None and [p.pid for p in sample.processes] == [p.pid for p in procs]
+    assert fake.buffer_overflows == 0
+    calls = fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"]
+    tick(backend, clock, slow=True)
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == calls + 1  # the grown buffer is kept

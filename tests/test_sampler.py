@@ -132,3 +132,45 @@ def test_history_tail_copies_only_the_newest_readings() -> None:
         h.add(Snapshot(time_s=0, host=None, gpus=(GpuSample(index=0, time_s=0, power_w=float(v)),)))
     assert h.gpu_series(0, "power_w", last=3) == [5.0, 6.0, 7.0]
     assert h.gpu_series(0, "power_w", last=50) == [float(v) for v in range(8)]
+
+
+def test_a_call_hanging_at_stop_is_not_pulled_from_under_the_thread() -> None:
+    """stop() while a GPM call hangs (a sick GPU): the samples are freed only after that call returns, by the
+    thread that made it; freeing them first is a use-after-free inside libnvidia-ml."""
+    nvml = scripted.h100_sxm(1)
+    config = SamplerConfig(interval_s=0.05, discover_vllm=False)
+    sampler = Sampler(LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost()))
+    sampler.open()
+    release = threading.Event()
+    try:
+        sampler.start()
+        deadline = time.monotonic() + 5
+        while nvml.calls["nvmlGpmSampleGet"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        nvml.hang("nvmlGpmSampleGet", release)
+        assert nvml.hanging.wait(5.0)
+        started = time.monotonic()
+        sampler.stop(timeout_s=0.3)
+        assert time.monotonic() - started < 2.0  # stop() does not wait for the stuck call
+        assert nvml.initialized and nvml.gpm_samples_live == 2  # nothing freed under the call
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while nvml.initialized and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert nvml.use_after_free == 0
+    assert nvml.gpm_samples_live == 0 and not nvml.initialized and nvml.calls["nvmlShutdown"] == 1
+
+
+def test_a_sampler_never_started_is_closed_by_stop() -> None:
+    nvml = scripted.h100_sxm(1)
+    sampler = Sampler(
+        LiveSource(
+            scripted.scripted_backend(nvml), config=SamplerConfig(discover_vllm=False), host=FixedHost()
+        )
+    )
+    sampler.open()
+    sampler.tick()
+    sampler.stop()
+    sampler.stop()
+    assert not nvml.initialized and nvml.calls["nvmlShutdown"] == 1

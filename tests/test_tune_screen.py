@@ -376,7 +376,11 @@ class FakeTuner:
             listener(event)
             current = event if isinstance(event, TrialStarted) else current
             self.clock.advance(delay_s)
-            self.sampler.tick()  # a reading per event, on this thread, as the sampler's own thread would
+            # Readings on this thread, as the sampler's own thread would take them: the last two 0.25 s apart,
+            # so that GPM (which re-primes after a gap) has an interval to report.
+            self.sampler.tick()
+            self.clock.advance(0.25)
+            self.sampler.tick()
         if cancel.is_set():
             if current is not None:
                 listener(TrialFinished(current.key, current.label, "interrupted", "interrupted"))

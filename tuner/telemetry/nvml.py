@@ -1,9 +1,17 @@
 """NVIDIA GPUs through NVML (NVIDIA's nvidia-ml-py bindings, ``import pynvml``), with GPM on Hopper and newer.
 
 Every NVML call goes through :meth:`NvmlBackend._call`, which turns "this GPU or driver cannot do that" into
-None and remembers it, so an unsupported metric costs one failed call per GPU, not one per tick. A GPU that
-falls off the bus gets an error on its own sample; only the whole driver going away raises
-:class:`~tuner.telemetry.backend.GpuLostError`.
+None and remembers it, so an unsupported metric costs one failed call per GPU, not one per tick. Any other
+failure (a timeout, NVML's catch-all "Unknown Error") is "no value this tick" for that one call. A GPU that
+falls off the bus (GPU_IS_LOST, RESET_REQUIRED) gets an error on its own sample; only the whole driver going
+away raises :class:`~tuner.telemetry.backend.GpuLostError`.
+
+Per tick and GPU the fast set is memory, utilisation, clock-event reasons, instantaneous power, temperature,
+SM clock, P-state and two GPM calls; limits, memory clock, memory temperature, energy and processes change
+slowly and are read on slow ticks. GPM samples are taken at least 0.2 s apart (NVML's GPM notes ask for more
+than ~100 ms), re-primed after a pause, and a metric or GPM itself is dropped only after several failures in a
+row and asked for again a minute later. On MIG-enabled GPUs memory and processes come from the MIG device
+handles where the parent's need privileges, and GPM from ``nvmlGpmMigSampleGet`` per GPU instance.
 
 The module is injectable: tests, demos and benchmarks pass :mod:`tuner.telemetry.scripted`'s fake, so this
 exact code runs on machines without a GPU.
@@ -12,7 +20,9 @@ exact code runs on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +39,14 @@ NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_INSUFFICIENT_SIZE = 7
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_DEPRECATED = 26
 NVML_ERROR_UNKNOWN = 999
 
 NVML_TEMPERATURE_GPU = 0
@@ -44,6 +56,7 @@ NVML_DEVICE_MIG_ENABLE = 1
 NVML_PSTATE_UNKNOWN = 32
 NVML_FI_DEV_MEMORY_TEMP = 82
 NVML_FI_DEV_NVLINK_LINK_COUNT = 91
+NVML_FI_DEV_POWER_INSTANT = 186  # mW, now; nvmlDeviceGetPowerUsage is a 1 s average on Ampere and newer
 NVML_GPM_METRICS_GET_VERSION = 1
 
 GPM_SM_UTIL = 2
@@ -65,6 +78,13 @@ GPM_METRIC_IDS = (
     GPM_NVLINK_TOTAL_TX_PER_SEC,
 )
 GPM_CORE_METRIC_IDS = (GPM_DRAM_BW_UTIL, GPM_SM_UTIL, GPM_SM_OCCUPANCY, GPM_ANY_TENSOR_UTIL)
+GPM_RATE_METRIC_IDS = frozenset(GPM_METRIC_IDS) - frozenset(
+    GPM_CORE_METRIC_IDS
+)  # MiB/s: add up over instances
+GPM_MIN_INTERVAL_S = 0.2  # NVML's GPM notes: intervals below ~100 ms are not meaningful; a margin kept
+GPM_PAUSE_FACTOR = 3.0  # a gap this many times the last interval (and over 1 s) is a pause: re-prime
+GPM_FAILURES_TO_DROP = 3  # failures in a row before a metric (or GPM) is set aside ...
+GPM_REPROBE_S = 60.0  # ... and asked for again after this long
 # nvml.h documents the PCIe and NVLink GPM rates in MiB/sec.
 BYTES_PER_MIB = 1024 * 1024
 
@@ -79,11 +99,21 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (0x40, "hw_thermal_slowdown"),
     (0x80, "hw_power_brake_slowdown"),
     (0x100, "display_clock_setting"),
+    (0x200, "board_limit"),  # pynvml: nvmlClocksThrottleReasonBoardLimit
+    (0x400, "reliability"),  # pynvml: nvmlClocksThrottleReasonReliability
 )
+_KNOWN_CLOCK_EVENT_BITS = sum(bit for bit, _ in CLOCK_EVENT_REASONS)
 
-# The GPU or driver cannot do this, and will not be able to next tick either: stop asking.
+# The GPU or driver cannot do this, and will not be able to next tick either: stop asking (a DEPRECATED
+# function sends the caller to its successor).
 _UNSUPPORTED = frozenset(
-    {NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NOT_FOUND, NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_NO_PERMISSION}
+    {
+        NVML_ERROR_NOT_SUPPORTED,
+        NVML_ERROR_NOT_FOUND,
+        NVML_ERROR_FUNCTION_NOT_FOUND,
+        NVML_ERROR_NO_PERMISSION,
+        NVML_ERROR_DEPRECATED,
+    }
 )
 # The GPU fell off the bus; it stays gone until it is reset, so it is not asked again.
 _GPU_GONE = frozenset({NVML_ERROR_GPU_IS_LOST, NVML_ERROR_RESET_REQUIRED})
@@ -94,15 +124,48 @@ _LIBRARY_GONE = frozenset({NVML_ERROR_UNINITIALIZED, NVML_ERROR_DRIVER_NOT_LOADE
 _FIELD_VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 _NOT_AVAILABLE_U64 = 2**64 - 1
 
-_PROCESS_FUNCTIONS = (
-    ("compute", ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")),
-    ("graphics", ("nvmlDeviceGetGraphicsRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v2")),
+_PROCESS_KINDS = (
+    ("compute", "nvmlDeviceGetComputeRunningProcesses"),
+    ("graphics", "nvmlDeviceGetGraphicsRunningProcesses"),
 )
 
 
+class _ProcessInfo16(ctypes.Structure):
+    """nvmlProcessInfo_v1_t: drivers without the _v2 functions."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
+
+
+class _ProcessInfo24(ctypes.Structure):
+    """nvmlProcessInfo_v2_t, which pynvml also uses for the _v3 functions."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    ]
+
+
+class _ProcessInfo32(ctypes.Structure):
+    """The _v3 entry some 535 drivers fill: v2 plus the confidential-computing protected memory."""
+
+    _fields_ = [*_ProcessInfo24._fields_, ("usedGpuCcProtectedMemory", ctypes.c_ulonglong)]
+
+
+@functools.lru_cache(maxsize=1024)  # a GPU shows few distinct bit sets; this runs per GPU per tick
 def decode_clock_event_reasons(bits: int) -> tuple[str, ...]:
-    """Names of the clock-event reason bits set in ``bits``; () when the clocks run free."""
-    return tuple(name for bit, name in CLOCK_EVENT_REASONS if bits & bit)
+    """Names of the clock-event reason bits set in ``bits``; () when the clocks run free. A bit this table does
+    not know (a newer driver's) is named ``other(0x...)`` rather than dropped: it counts as throttling."""
+    names = [name for bit, name in CLOCK_EVENT_REASONS if bits & bit]
+    unknown = bits & ~_KNOWN_CLOCK_EVENT_BITS
+    bit = 1
+    while unknown:
+        if unknown & bit:
+            names.append(f"other({bit:#x})")
+            unknown &= ~bit
+        bit <<= 1
+    return tuple(names)
 
 
 def mw_to_w(milliwatts: int | None) -> float | None:
@@ -135,6 +198,27 @@ class _NeverRaised(Exception):
 
 
 @dataclass(slots=True)
+class _GpmStream:
+    """GPM samples of one GPU, or of one GPU instance of a MIG-enabled GPU, and what they gave last."""
+
+    gpu_instance_id: int | None  # None: the whole GPU (nvmlGpmSampleGet); else nvmlGpmMigSampleGet
+    weight: float  # its share of the card when instances are combined (MIG: of the memory)
+    samples: list[Any]  # two, swapped every sample
+    request: Any  # one c_nvmlGpmMetricsGet_t, cleared before every use
+    metric_ids: list[int] = field(default_factory=lambda: list(GPM_METRIC_IDS))
+    requested: list[int] = field(default_factory=list)  # the ids the request holds now
+    current: int = 0
+    primed: bool = False  # a previous sample exists, so metrics can be computed
+    last_s: float | None = None  # when the previous sample was taken
+    interval_s: float | None = None  # between the last two samples
+    values: dict[int, float] | None = None  # the last interval's metrics, repeated until the next sample
+    failures: dict[str, int] = field(default_factory=dict)  # per GPM call ("sample", "metrics"), in a row
+    metric_failures: dict[int, int] = field(default_factory=dict)  # per metric, in a row
+    paused_until_s: float | None = None  # GPM set aside after failures: asked again then
+    reprobe_at_s: float | None = None  # metrics set aside are asked for again then
+
+
+@dataclass(slots=True)
 class _Gpu:
     """What the backend keeps per GPU between ticks."""
 
@@ -143,12 +227,13 @@ class _Gpu:
     info: GpuInfo
     unsupported: set[str] = field(default_factory=set)
     lost: str | None = None  # set once the GPU fell off the bus; its samples then carry only this
-    gpm_samples: list[Any] = field(default_factory=list)  # two, swapped every tick
-    gpm_current: int = 0
-    gpm_primed: bool = False  # a previous GPM sample exists, so metrics can be computed
-    gpm_request: Any = None  # one c_nvmlGpmMetricsGet_t, reused every tick
-    gpm_metric_ids: list[int] = field(default_factory=list)
+    unknown: str | None = None  # the last "Unknown Error" of this tick's calls
+    mig_devices: list[tuple[Any, int, int | None]] = field(
+        default_factory=list
+    )  # handle, GI id, memory total
+    gpm: list[_GpmStream] = field(default_factory=list)
     # Slow readings, repeated on fast ticks.
+    slow_values: dict[str, Any] = field(default_factory=dict)
     energy_prev_j: float | None = None
     energy_prev_s: float | None = None
     energy_counter_j: float | None = None
@@ -158,11 +243,23 @@ class _Gpu:
     processes: tuple[GpuProcess, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Memory:
+    """Memory of a MIG-enabled GPU's instances, added up (shaped like NVML's memory struct)."""
+
+    total: int
+    used: int
+
+
 class NvmlBackend:
     """Reads NVIDIA GPUs through NVML. Implements :class:`~tuner.telemetry.backend.GpuBackend`.
 
     ``nvml`` is the pynvml module to use; by default the real one is imported on :meth:`open`. ``source`` and
     ``label`` end up in :class:`SystemInfo` (the scripted fake passes "scripted").
+
+    Not thread-safe: one thread opens, reads and closes it (the sampler's, see
+    :meth:`~tuner.telemetry.sampler.Sampler.stop`). Freeing GPM samples while another thread's
+    ``nvmlGpmSampleGet`` still runs is a use-after-free inside libnvidia-ml.
     """
 
     def __init__(
@@ -187,6 +284,17 @@ class NvmlBackend:
         self._nvml_error: type[BaseException] = _NeverRaised
         self._mismatch_error: type[BaseException] = _NeverRaised
         self._host_processes = HostProcesses()
+        # How process lists are read: (function suffix, entry struct), chosen once per driver; None: pynvml's.
+        self._process_layout: tuple[str, type[ctypes.Structure]] | None = None
+        self._process_buffer: Any = None  # entries, kept between reads (grown when a list does not fit)
+
+    @property
+    def process_layout(self) -> str:
+        """Which process-list entry layout this driver was found to use (for inventories and tests)."""
+        if self._process_layout is None:
+            return "pynvml"
+        suffix, entry = self._process_layout
+        return f"{suffix or 'v1'}:{ctypes.sizeof(entry)}B"
 
     # --- the protocol --------------------------------------------------------------------------------------
 
@@ -204,8 +312,9 @@ class NvmlBackend:
     def read(self, now_s: float, *, slow: bool) -> tuple[GpuSample, ...]:
         """One sample per GPU found by :meth:`open`; () when there are none.
 
-        ``slow`` also reads the energy counter and the process list (costly); other ticks repeat the last
-        slow values. The first read is always slow so that every sample is complete.
+        ``slow`` also reads the slowly changing values (energy, processes, limits, memory clock and
+        temperature); other ticks repeat the last slow values. The first read is always slow so that every
+        sample is complete.
         """
         if not self._gpus:
             return ()
@@ -215,17 +324,24 @@ class NvmlBackend:
             if gpu.lost is not None:
                 readings.append(gpu.lost)
                 continue
+            gpu.unknown = None
             try:
-                fast = self._read_fast(gpu)
+                fast = self._read_fast(gpu, now_s)
                 if slow:
                     self._read_slow(gpu, now_s)
-                readings.append(fast)
             except _DeviceLost as exc:
                 if exc.sticky:
                     gpu.lost = str(exc)
-                gpu.gpm_primed = False
+                self._unprime(gpu)
                 gpu.raw_processes = None
                 readings.append(str(exc))
+                continue
+            if gpu.unknown is not None and all(v is None for v in fast.values()):
+                # Every call failed, with NVML's catch-all among the reasons: the GPU did not answer this tick.
+                self._unprime(gpu)
+                readings.append(f"GPU not answering this tick (NVML: {gpu.unknown})")
+                continue
+            readings.append(fast)
         if slow:
             self._enrich_processes()
             self._slow_done = True
@@ -242,6 +358,7 @@ class NvmlBackend:
                     energy_interval_j=gpu.energy_interval_j,
                     energy_interval_s=gpu.energy_interval_s,
                     processes=gpu.processes,
+                    **gpu.slow_values,
                     **values,
                 )
             )
@@ -250,9 +367,7 @@ class NvmlBackend:
     def close(self) -> None:
         """Free GPM samples and shut NVML down. Safe to call twice, and after the driver went away."""
         for gpu in self._gpus:
-            for sample in gpu.gpm_samples:
-                self._quietly("nvmlGpmSampleFree", sample)
-            gpu.gpm_samples = []
+            self._free_gpm(gpu)
         self._gpus = []
         if self._initialized:
             self._initialized = False
@@ -287,6 +402,7 @@ class NvmlBackend:
             count = nvml.nvmlDeviceGetCount()
             if count == 0:
                 return self._state(GpuState.NO_GPU, "The NVIDIA driver is loaded but sees no GPU")
+            self._process_layout = self._choose_process_layout()
             driver = _text(self._call(None, "driver_version", "nvmlSystemGetDriverVersion"))
             cuda = self._call(None, "cuda_version", "nvmlSystemGetCudaDriverVersion")
             nvml_version = _text(self._call(None, "nvml_version", "nvmlSystemGetNVMLVersion"))
@@ -342,11 +458,11 @@ class NvmlBackend:
     def _open_gpu(self, index: int, handle: Any) -> _Gpu:
         gpu = _Gpu(index, handle, _placeholder_info(index))
         if getattr(self._nvml, "nvmlMemory_v2", None) is None:  # bindings too old for the v2 memory struct
-            gpu.unsupported.add("memory_v2")
+            gpu.unsupported.update({"memory_v2", "mig_memory_v2"})
         try:
             gpu.info = self._read_info(gpu)
             if gpu.info.gpm_supported and not self._start_gpm(gpu):
-                gpu.info = _replace_gpm(gpu.info, False)
+                gpu.info = dataclasses.replace(gpu.info, gpm_supported=False)
         except _DeviceLost as exc:
             gpu.lost = str(exc)
         return gpu
@@ -354,6 +470,10 @@ class NvmlBackend:
     def _read_info(self, gpu: _Gpu) -> GpuInfo:
         h = gpu.handle
         name = _text(self._call(gpu, "name", "nvmlDeviceGetName", h)) or "NVIDIA GPU"
+        mig = self._call(gpu, "mig_mode", "nvmlDeviceGetMigMode", h)
+        mig_enabled = None if mig is None else mig[0] == NVML_DEVICE_MIG_ENABLE
+        if mig_enabled:
+            self._find_mig_devices(gpu)
         memory = self._read_memory(gpu)
         cc = self._call(gpu, "compute_capability", "nvmlDeviceGetCudaComputeCapability", h)
         cc = (int(cc[0]), int(cc[1])) if cc is not None else None
@@ -361,13 +481,11 @@ class NvmlBackend:
         bus_width = self._call(gpu, "bus_width", "nvmlDeviceGetMemoryBusWidth", h)
         peak_gbps, peak_source = gpus.peak_dram_bw(name, bus_width, mem_clock_max)
         known = gpus.lookup(name)
-        mig = self._call(gpu, "mig_mode", "nvmlDeviceGetMigMode", h)
-        mig_enabled = None if mig is None else mig[0] == NVML_DEVICE_MIG_ENABLE
         support = self._call(gpu, "gpm_support", "nvmlGpmQueryDeviceSupport", h)
-        # In MIG mode GPM samples are per GPU instance (nvmlGpmMigSampleGet); a card-level sample would need
-        # every instance enumerated and combined, so GPM is reported as unsupported there for now.
-        gpm = bool(support is not None and support.isSupportedDevice) and not mig_enabled
-        nvlinks = self._field_value(gpu, "nvlink_count", NVML_FI_DEV_NVLINK_LINK_COUNT)
+        gpm = bool(support is not None and support.isSupportedDevice)
+        if mig_enabled and getattr(self._nvml, "nvmlGpmMigSampleGet", None) is None:
+            gpm = False  # bindings too old for per-instance GPM
+        nvlinks = self._field_values(gpu, {"nvlink_count": NVML_FI_DEV_NVLINK_LINK_COUNT})["nvlink_count"]
         return GpuInfo(
             index=gpu.index,
             name=name,
@@ -389,34 +507,183 @@ class NvmlBackend:
             mig_enabled=mig_enabled,
         )
 
+    # --- MIG -----------------------------------------------------------------------------------------------
+
+    def _find_mig_devices(self, gpu: _Gpu) -> bool:
+        """The MIG devices (GPU instances) of a MIG-enabled GPU; True when they changed since last time."""
+        count = self._call(gpu, "mig_count", "nvmlDeviceGetMaxMigDeviceCount", gpu.handle) or 0
+        found: list[tuple[Any, int, int | None]] = []
+        for slot in range(int(count)):
+            # Not cached: an empty slot answers NOT_FOUND, and the next slot may hold an instance.
+            handle = self._call(gpu, None, "nvmlDeviceGetMigDeviceHandleByIndex", gpu.handle, slot)
+            if handle is None:
+                continue
+            gi = self._call(gpu, None, "nvmlDeviceGetGpuInstanceId", handle)
+            if gi is None:
+                continue
+            memory = self._call(gpu, None, "nvmlDeviceGetMemoryInfo", handle)
+            found.append((handle, int(gi), None if memory is None else int(memory.total)))
+        changed = [gi for _, gi, _ in found] != [gi for _, gi, _ in gpu.mig_devices]
+        gpu.mig_devices = found
+        return changed
+
+    # --- GPM -----------------------------------------------------------------------------------------------
+
     def _start_gpm(self, gpu: _Gpu) -> bool:
-        """Allocate the two GPM samples and the reusable metrics request; False where that fails."""
-        for _ in range(2):
-            sample = self._call(gpu, "gpm_alloc", "nvmlGpmSampleAlloc")
-            if sample is None:
-                for allocated in gpu.gpm_samples:
-                    self._quietly("nvmlGpmSampleFree", allocated)
-                gpu.gpm_samples = []
-                return False
-            gpu.gpm_samples.append(sample)
+        """One GPM stream for the GPU, or one per GPU instance in MIG mode; False where that fails."""
         request_type = getattr(self._nvml, "c_nvmlGpmMetricsGet_t", None)
         if request_type is None:
             return False
-        gpu.gpm_request = request_type()
-        gpu.gpm_request.version = NVML_GPM_METRICS_GET_VERSION
-        self._set_gpm_metrics(gpu, list(GPM_METRIC_IDS))
-        return True
+        parts: list[tuple[int | None, float]]
+        if gpu.info.mig_enabled:
+            memory = [m or 0 for _, _, m in gpu.mig_devices]
+            total = sum(memory) or 1
+            parts = [
+                (gi, (m / total) if sum(memory) else 1 / len(memory))
+                for (_, gi, _), m in zip(gpu.mig_devices, memory, strict=True)
+            ]
+        else:
+            parts = [(None, 1.0)]
+        for gi, weight in parts:
+            samples: list[Any] = []
+            for _ in range(2):
+                sample = self._call(gpu, None, "nvmlGpmSampleAlloc")
+                if sample is None:
+                    for allocated in samples:
+                        self._quietly("nvmlGpmSampleFree", allocated)
+                    self._free_gpm(gpu)
+                    return False
+                samples.append(sample)
+            request = request_type()
+            request.version = NVML_GPM_METRICS_GET_VERSION
+            gpu.gpm.append(_GpmStream(gi, weight, samples, request))
+        return bool(gpu.gpm) or not gpu.info.mig_enabled
+
+    def _free_gpm(self, gpu: _Gpu) -> None:
+        for stream in gpu.gpm:
+            for sample in stream.samples:
+                self._quietly("nvmlGpmSampleFree", sample)
+        gpu.gpm = []
 
     @staticmethod
-    def _set_gpm_metrics(gpu: _Gpu, metric_ids: list[int]) -> None:
-        gpu.gpm_metric_ids = metric_ids
-        gpu.gpm_request.numMetrics = len(metric_ids)
-        for i, metric_id in enumerate(metric_ids):
-            gpu.gpm_request.metrics[i].metricId = metric_id
+    def _unprime(gpu: _Gpu) -> None:
+        for stream in gpu.gpm:
+            stream.primed, stream.values = False, None
+
+    def _read_gpm(self, gpu: _Gpu, now_s: float) -> dict[int, float] | None:
+        """GPM metrics of the last interval, the GPU's instances combined; None until two samples exist."""
+        if len(gpu.gpm) == 1:
+            return self._read_gpm_stream(gpu, gpu.gpm[0], now_s)
+        parts = [(s.weight, v) for s in gpu.gpm if (v := self._read_gpm_stream(gpu, s, now_s)) is not None]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0][1]
+        combined: dict[int, float] = {}
+        for metric in {m for _, values in parts for m in values}:
+            known = [(w, values[metric]) for w, values in parts if metric in values]
+            if metric in GPM_RATE_METRIC_IDS:  # traffic adds up over instances
+                combined[metric] = sum(v for _, v in known)
+            else:  # percentages of each instance's share of the GPU (assumed; see the module's notes)
+                weights = sum(w for w, _ in known)
+                combined[metric] = sum(w * v for w, v in known) / weights if weights else 0.0
+        return combined
+
+    def _read_gpm_stream(self, gpu: _Gpu, st: _GpmStream, now_s: float) -> dict[int, float] | None:
+        if st.paused_until_s is not None:
+            if now_s < st.paused_until_s:
+                return None
+            st.paused_until_s, st.primed, st.metric_ids = None, False, list(GPM_METRIC_IDS)
+        if st.primed and st.last_s is not None:
+            elapsed = now_s - st.last_s
+            if elapsed < GPM_MIN_INTERVAL_S - 0.005:  # (a tick's jitter is not a reason to wait a tick more)
+                return st.values  # too soon for a new interval: the last one stands
+            if st.interval_s is not None and elapsed > max(1.0, GPM_PAUSE_FACTOR * st.interval_s):
+                st.primed, st.values = (
+                    False,
+                    None,
+                )  # after a pause: a fresh interval, not one across the pause
+        if st.reprobe_at_s is not None and now_s >= st.reprobe_at_s:
+            st.reprobe_at_s, st.metric_ids, st.metric_failures = None, list(GPM_METRIC_IDS), {}
+        sample = st.samples[st.current]
+        if st.gpu_instance_id is None:
+            got = self._call(gpu, None, "nvmlGpmSampleGet", gpu.handle, sample)
+        else:
+            got = self._call(gpu, None, "nvmlGpmMigSampleGet", gpu.handle, st.gpu_instance_id, sample)
+        if got is None or st.failures:
+            self._gpm_outcome(st, "sample", got is not None, now_s)
+        if got is None:
+            st.primed, st.values = False, None
+            return None
+        previous = st.samples[1 - st.current]
+        st.current = 1 - st.current
+        if not st.primed:
+            st.primed, st.last_s, st.values = True, now_s, None
+            return None
+        st.interval_s = now_s - st.last_s if st.last_s is not None else None
+        st.last_s = now_s
+        request = st.request
+        request.sample1, request.sample2 = previous, sample
+        metrics = request.metrics
+        ids = st.metric_ids
+        if st.requested != ids:
+            request.numMetrics = len(ids)
+            for i, metric_id in enumerate(ids):
+                metrics[i].metricId = metric_id
+            st.requested = list(ids)
+        for i in range(len(ids)):
+            # Cleared every time: an entry the driver skips must not repeat the last interval's value.
+            metrics[i].nvmlReturn = NVML_ERROR_UNKNOWN
+        got = self._call(gpu, None, "nvmlGpmMetricsGet", request)
+        if got is None or st.failures:
+            self._gpm_outcome(st, "metrics", got is not None, now_s)
+        if got is None:
+            st.values = None
+            return None
+        values: dict[int, float] = {}
+        failed: list[int] = []
+        for i, metric_id in enumerate(ids):
+            entry = metrics[i]
+            if entry.nvmlReturn == NVML_SUCCESS:
+                values[metric_id] = float(entry.value)
+            else:
+                failed.append(metric_id)
+        if failed or st.metric_failures:
+            self._count_metric_failures(st, failed, now_s)
+        st.values = values
+        return values
+
+    @staticmethod
+    def _count_metric_failures(st: _GpmStream, failed: list[int], now_s: float) -> None:
+        """A metric failing several times in a row is set aside (e.g. NVLink on a GPU without NVLink)."""
+        counts = {m: st.metric_failures.get(m, 0) + 1 for m in failed}
+        st.metric_failures = counts
+        dropped = [m for m, n in counts.items() if n >= GPM_FAILURES_TO_DROP]
+        if dropped:
+            st.metric_ids = [m for m in st.metric_ids if m not in dropped]
+            st.reprobe_at_s = now_s + GPM_REPROBE_S
+
+    @staticmethod
+    def _gpm_outcome(st: _GpmStream, call: str, ok: bool, now_s: float) -> None:
+        """GPM failures are counted rather than cached: a few in a row set GPM aside for a while (after first
+        retrying the metrics call with only the percentages every GPM-capable GPU has)."""
+        if ok:
+            st.failures.pop(call, None)
+            return
+        st.failures[call] = st.failures.get(call, 0) + 1
+        if st.failures[call] >= GPM_FAILURES_TO_DROP:
+            st.failures.pop(call)
+            if call == "metrics" and len(st.metric_ids) > len(GPM_CORE_METRIC_IDS):
+                # Whether one unsupported metric fails the whole call is not documented: before setting
+                # GPM aside, try the percentages alone.
+                st.metric_ids = [m for m in st.metric_ids if m in GPM_CORE_METRIC_IDS]
+                st.reprobe_at_s = now_s + GPM_REPROBE_S
+            else:
+                st.paused_until_s = now_s + GPM_REPROBE_S
 
     # --- every tick ----------------------------------------------------------------------------------------
 
-    def _read_fast(self, gpu: _Gpu) -> dict[str, Any]:
+    def _read_fast(self, gpu: _Gpu, now_s: float) -> dict[str, Any]:
         h = gpu.handle
         call = self._call
         memory = self._read_memory(gpu)
@@ -424,24 +691,20 @@ class NvmlBackend:
         reasons = call(gpu, "clock_events", "nvmlDeviceGetCurrentClocksEventReasons", h)
         if reasons is None and "clock_events" in gpu.unsupported:  # drivers before 535 use the old name
             reasons = call(gpu, "throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons", h)
-        mem_temp = self._field_value(gpu, "mem_temp", NVML_FI_DEV_MEMORY_TEMP)
         values: dict[str, Any] = {
             "vram_used_bytes": None if memory is None else int(memory.used),
             "vram_total_bytes": None if memory is None else int(memory.total),
             "gpu_util_pct": None if util is None else float(util.gpu),
             "mem_busy_pct": None if util is None else float(util.memory),
-            "power_w": mw_to_w(call(gpu, "power", "nvmlDeviceGetPowerUsage", h)),
-            "power_limit_w": mw_to_w(call(gpu, "power_limit", "nvmlDeviceGetEnforcedPowerLimit", h)),
+            "power_w": mw_to_w(self._read_power_mw(gpu)),
             "gpu_temp_c": _float(self._read_gpu_temp(gpu)),
-            "mem_temp_c": _float(mem_temp),
             "fan_pct": _float(call(gpu, "fan", "nvmlDeviceGetFanSpeed", h)),
             "sm_clock_mhz": call(gpu, "sm_clock", "nvmlDeviceGetClockInfo", h, NVML_CLOCK_SM),
-            "mem_clock_mhz": call(gpu, "mem_clock", "nvmlDeviceGetClockInfo", h, NVML_CLOCK_MEM),
             "pstate": _pstate(call(gpu, "pstate", "nvmlDeviceGetPerformanceState", h)),
             "clock_event_reasons": None if reasons is None else decode_clock_event_reasons(reasons),
         }
-        if gpu.gpm_request is not None:
-            gpm = self._read_gpm(gpu)
+        if gpu.gpm:
+            gpm = self._read_gpm(gpu, now_s)
             if gpm is not None:
                 dram_pct = gpm.get(GPM_DRAM_BW_UTIL)
                 values["dram_bw_util_pct"] = dram_pct
@@ -455,75 +718,95 @@ class NvmlBackend:
                 values["nvlink_rx_bytes_per_s"] = mib_per_s_to_bytes(gpm.get(GPM_NVLINK_TOTAL_RX_PER_SEC))
         return values
 
+    def _read_power_mw(self, gpu: _Gpu) -> Any:
+        """Power now: the instantaneous field where the driver has it, else nvmlDeviceGetPowerUsage (which is a
+        one-second average on Ampere and newer: a live value that lags; energy comes from the counter)."""
+        if "power_instant" not in gpu.unsupported:
+            instant = self._field_value(gpu, "power_instant", NVML_FI_DEV_POWER_INSTANT)
+            if instant is not None or "power_instant" not in gpu.unsupported:
+                return instant
+        return self._call(gpu, "power", "nvmlDeviceGetPowerUsage", gpu.handle)
+
     def _read_memory(self, gpu: _Gpu) -> Any:
+        """An object with ``total`` and ``used`` bytes, or None."""
+        memory = self._read_memory_of(gpu, gpu.handle, "")
+        if memory is None and gpu.mig_devices:
+            # MIG mode: the parent handle's memory needs privileges; the instances' add up to what is in use.
+            parts = [self._read_memory_of(gpu, handle, "mig_") for handle, _, _ in gpu.mig_devices]
+            known = [m for m in parts if m is not None]
+            if known:
+                return _Memory(sum(m.total for m in known), sum(m.used for m in known))
+        return memory
+
+    def _read_memory_of(self, gpu: _Gpu, handle: Any, prefix: str) -> Any:
         # v2 counts driver-reserved memory apart from "used", as nvidia-smi does; v1 lumps it into "used".
-        if "memory_v2" not in gpu.unsupported:
+        memory = None
+        if f"{prefix}memory_v2" not in gpu.unsupported:
             memory = self._call(
-                gpu, "memory_v2", "nvmlDeviceGetMemoryInfo", gpu.handle, self._nvml.nvmlMemory_v2
+                gpu, f"{prefix}memory_v2", "nvmlDeviceGetMemoryInfo", handle, self._nvml.nvmlMemory_v2
             )
-            if memory is not None or "memory_v2" not in gpu.unsupported:
-                return memory
-        return self._call(gpu, "memory", "nvmlDeviceGetMemoryInfo", gpu.handle)
+            if memory is None and f"{prefix}memory_v2" not in gpu.unsupported:
+                return None  # failed this tick only
+        if memory is None:
+            memory = self._call(gpu, f"{prefix}memory", "nvmlDeviceGetMemoryInfo", handle)
+        return memory
 
     def _read_gpu_temp(self, gpu: _Gpu) -> Any:
-        temp = self._call(gpu, "gpu_temp", "nvmlDeviceGetTemperature", gpu.handle, NVML_TEMPERATURE_GPU)
-        if temp is None and "gpu_temp" in gpu.unsupported:  # deprecated name, dropped from newer bindings
-            temp = self._call(
-                gpu, "gpu_temp_v", "nvmlDeviceGetTemperatureV", gpu.handle, NVML_TEMPERATURE_GPU
-            )
+        # The versioned call first: the old one is deprecated (NVML_ERROR_DEPRECATED on newer drivers).
+        temp = self._call(gpu, "gpu_temp_v", "nvmlDeviceGetTemperatureV", gpu.handle, NVML_TEMPERATURE_GPU)
+        if temp is None and "gpu_temp_v" in gpu.unsupported:  # drivers and bindings before the V call
+            temp = self._call(gpu, "gpu_temp", "nvmlDeviceGetTemperature", gpu.handle, NVML_TEMPERATURE_GPU)
         return temp
 
-    def _read_gpm(self, gpu: _Gpu) -> dict[int, float] | None:
-        """Take this tick's GPM sample; metrics between it and the previous one (None on the first tick)."""
-        sample = gpu.gpm_samples[gpu.gpm_current]
-        if self._call(gpu, "gpm_sample", "nvmlGpmSampleGet", gpu.handle, sample) is None:
-            gpu.gpm_primed = False
-            return None
-        previous = gpu.gpm_samples[1 - gpu.gpm_current]
-        gpu.gpm_current = 1 - gpu.gpm_current
-        if not gpu.gpm_primed:
-            gpu.gpm_primed = True
-            return None
-        request = gpu.gpm_request
-        request.sample1 = previous
-        request.sample2 = sample
-        if self._call(gpu, "gpm_metrics", "nvmlGpmMetricsGet", request) is None:
-            if "gpm_metrics" in gpu.unsupported and len(gpu.gpm_metric_ids) > len(GPM_CORE_METRIC_IDS):
-                # Whether one unsupported metric fails the whole call is not documented: before giving up
-                # on GPM, retry with only the percentages every GPM-capable GPU has.
-                gpu.unsupported.discard("gpm_metrics")
-                self._set_gpm_metrics(gpu, list(GPM_CORE_METRIC_IDS))
-            return None
-        values: dict[int, float] = {}
-        dropped = []
-        for i in range(len(gpu.gpm_metric_ids)):
-            metric = request.metrics[i]
-            if metric.nvmlReturn == NVML_SUCCESS:
-                values[metric.metricId] = float(metric.value)
-            elif metric.nvmlReturn in _UNSUPPORTED:
-                dropped.append(metric.metricId)
-        if dropped:  # e.g. NVLink metrics on a GPU without NVLink: stop asking for them
-            self._set_gpm_metrics(gpu, [m for m in gpu.gpm_metric_ids if m not in dropped])
-        return values
-
     def _field_value(self, gpu: _Gpu, key: str, field_id: int) -> Any:
-        values = self._call(gpu, key, "nvmlDeviceGetFieldValues", gpu.handle, [field_id])
+        """One field value (the per-tick path of :meth:`_field_values`)."""
+        if key in gpu.unsupported:
+            return None
+        values = self._call(gpu, "field_values", "nvmlDeviceGetFieldValues", gpu.handle, [field_id])
         if values is None:
             return None
         value = values[0]
-        if value.nvmlReturn != NVML_SUCCESS:
-            if value.nvmlReturn in _UNSUPPORTED:
+        if value.nvmlReturn == NVML_SUCCESS:
+            return getattr(value.value, _FIELD_VALUE_MEMBER.get(value.valueType, "ullVal"))
+        if value.nvmlReturn in _UNSUPPORTED:
+            gpu.unsupported.add(key)
+        return None
+
+    def _field_values(self, gpu: _Gpu, fields: dict[str, int]) -> dict[str, Any]:
+        """Several field values in one call; each None where unsupported (then remembered) or failed."""
+        wanted = {key: fid for key, fid in fields.items() if key not in gpu.unsupported}
+        result: dict[str, Any] = dict.fromkeys(fields)
+        if not wanted:
+            return result
+        values = self._call(
+            gpu, "field_values", "nvmlDeviceGetFieldValues", gpu.handle, list(wanted.values())
+        )
+        if values is None:
+            return result
+        for key, value in zip(wanted, values, strict=False):
+            if value.nvmlReturn == NVML_SUCCESS:
+                result[key] = getattr(value.value, _FIELD_VALUE_MEMBER.get(value.valueType, "ullVal"))
+            elif value.nvmlReturn in _UNSUPPORTED:
                 gpu.unsupported.add(key)
-            return None
-        return getattr(value.value, _FIELD_VALUE_MEMBER.get(value.valueType, "ullVal"))
+        return result
 
     # --- slow ticks ----------------------------------------------------------------------------------------
 
     def _read_slow(self, gpu: _Gpu, now_s: float) -> None:
+        h = gpu.handle
+        if gpu.info.mig_enabled and self._find_mig_devices(gpu) and gpu.gpm:
+            self._free_gpm(gpu)  # GPU instances were created or destroyed: new streams for the new set
+            self._start_gpm(gpu)
+        mem_temp = self._field_values(gpu, {"mem_temp": NVML_FI_DEV_MEMORY_TEMP})["mem_temp"]
+        gpu.slow_values = {
+            "power_limit_w": mw_to_w(self._call(gpu, "power_limit", "nvmlDeviceGetEnforcedPowerLimit", h)),
+            "mem_clock_mhz": self._call(gpu, "mem_clock", "nvmlDeviceGetClockInfo", h, NVML_CLOCK_MEM),
+            "mem_temp_c": _float(mem_temp),
+        }
         gpu.raw_processes = self._read_processes(gpu)
         if gpu.energy_prev_s is not None and now_s - gpu.energy_prev_s < self._energy_interval_s:
             return  # keep the last energy reading: see energy_interval_s
-        energy_mj = self._call(gpu, "energy", "nvmlDeviceGetTotalEnergyConsumption", gpu.handle)
+        energy_mj = self._call(gpu, "energy", "nvmlDeviceGetTotalEnergyConsumption", h)
         if energy_mj is None:
             gpu.energy_counter_j = gpu.energy_interval_j = gpu.energy_interval_s = None
         else:
@@ -539,19 +822,87 @@ class NvmlBackend:
             gpu.energy_prev_j, gpu.energy_prev_s = energy_j, now_s
 
     def _read_processes(self, gpu: _Gpu) -> list[tuple[int, int | None, str]] | None:
+        found = self._processes_of(gpu, gpu.handle, "")
+        if found is None and gpu.mig_devices:
+            # MIG mode: the parent handle's lists need privileges; each MIG device lists its own.
+            parts = [self._processes_of(gpu, handle, "mig_") for handle, _, _ in gpu.mig_devices]
+            if any(p is not None for p in parts):
+                found = [entry for p in parts for entry in p or ()]
+        return found
+
+    def _processes_of(self, gpu: _Gpu, handle: Any, prefix: str) -> list[tuple[int, int | None, str]] | None:
         found: list[tuple[int, int | None, str]] | None = None
-        for kind, names in _PROCESS_FUNCTIONS:
-            for name in names:  # newest struct first; older drivers lack the _v3 symbols
-                procs = self._call(gpu, name, name, gpu.handle)
-                if procs is not None or name not in gpu.unsupported:
-                    break
+        for kind, function in _PROCESS_KINDS:
+            if self._process_layout is not None:
+                suffix, entry = self._process_layout
+                procs = self._call(
+                    gpu,
+                    f"{prefix}{kind}_processes",
+                    self._running_processes,
+                    handle,
+                    function + suffix,
+                    entry,
+                )
+            else:  # bindings without the raw entry points: pynvml's own wrappers, newest first
+                for suffix in ("_v3", "_v2"):
+                    key = f"{prefix}{kind}_processes{suffix}"
+                    procs = self._call(gpu, key, function + suffix, handle)
+                    if procs is not None or key not in gpu.unsupported:
+                        break
+                if procs is not None:
+                    procs = [(int(p.pid), p.usedGpuMemory) for p in procs]
             if procs is None:
                 continue
             found = found or []
-            for proc in procs:
-                used = proc.usedGpuMemory
-                found.append((int(proc.pid), None if used in (None, _NOT_AVAILABLE_U64) else int(used), kind))
+            for pid, used in procs:
+                found.append((pid, None if used in (None, _NOT_AVAILABLE_U64) else int(used), kind))
         return found
+
+    def _running_processes(
+        self, handle: Any, function: str, entry: type[ctypes.Structure]
+    ) -> list[tuple[int, int | None]]:
+        """One process list, read from the driver's entry point into entries of the layout this driver fills
+        (pynvml's wrappers assume 24 bytes, so on 535 drivers with 32-byte entries all but the first are
+        garbage)."""
+        fn = self._nvml._nvmlGetFunctionPointer(function)
+        buffer = self._process_buffer
+        if buffer is None or not isinstance(buffer, ctypes.Array) or buffer._type_ is not entry:
+            buffer = self._process_buffer = (entry * 16)()
+        count = ctypes.c_uint(len(buffer))
+        ret = fn(handle, ctypes.byref(count), buffer)  # one call while the list fits the buffer kept
+        for _ in range(3):  # processes may start between the calls: grow and ask again
+            if ret != NVML_ERROR_INSUFFICIENT_SIZE:
+                break
+            buffer = self._process_buffer = (entry * (count.value * 2 + 5))()
+            count = ctypes.c_uint(len(buffer))
+            ret = fn(handle, ctypes.byref(count), buffer)
+        self._nvml._nvmlCheckReturn(ret)
+        return [(int(e.pid), int(e.usedGpuMemory)) for e in buffer[: count.value]]
+
+    def _choose_process_layout(self) -> tuple[str, type[ctypes.Structure]] | None:
+        """How this driver fills process lists, told by the symbols it exports (nvitop's rule): _v3 with 32-byte
+        entries where it has confidential computing but not the process-detail list (535), else 24 bytes;
+        _v2 (24) or v1 (16) on older drivers. None: the bindings do not expose the raw entry points."""
+        lookup = getattr(self._nvml, "_nvmlGetFunctionPointer", None)
+        if lookup is None or getattr(self._nvml, "_nvmlCheckReturn", None) is None:
+            return None
+
+        def has(symbol: str) -> bool:
+            try:
+                lookup(symbol)
+            except self._nvml_error:
+                return False
+            return True
+
+        if has("nvmlDeviceGetComputeRunningProcesses_v3"):
+            if has("nvmlDeviceGetConfComputeMemSizeInfo") and not has(
+                "nvmlDeviceGetRunningProcessDetailList"
+            ):
+                return "_v3", _ProcessInfo32
+            return "_v3", _ProcessInfo24
+        if has("nvmlDeviceGetComputeRunningProcesses_v2"):
+            return "_v2", _ProcessInfo24
+        return "", _ProcessInfo16
 
     def _enrich_processes(self) -> None:
         """Add host facts (user, command, CPU, RSS) to every GPU's process list, reading each pid once."""
@@ -568,34 +919,40 @@ class NvmlBackend:
 
     # --- the one wrapper around NVML -----------------------------------------------------------------------
 
-    def _call(self, gpu: _Gpu | None, key: str, function: str, *args: Any) -> Any:
-        """Call an NVML function; None when it is unsupported (remembered under ``key``) or failed this tick.
+    def _call(self, gpu: _Gpu | None, key: str | None, function: str | Any, *args: Any) -> Any:
+        """Call an NVML function (its name, or a callable); None when it is unsupported (remembered under
+        ``key``; never when ``key`` is None) or failed this tick.
 
-        Raises :class:`_DeviceLost` when this GPU stopped answering and :class:`GpuLostError` when NVML as a
-        whole did.
+        Raises :class:`_DeviceLost` when this GPU fell off the bus and :class:`GpuLostError` when NVML as a whole
+        stopped answering. NVML's catch-all UNKNOWN is "no value this tick", noted on the GPU.
         """
         unsupported = self._system_unsupported if gpu is None else gpu.unsupported
-        if key in unsupported:
+        if key is not None and key in unsupported:
             return None
-        fn = getattr(self._nvml, function, None)
+        fn = getattr(self._nvml, function, None) if isinstance(function, str) else function
         if fn is None:  # bindings older than this function
-            unsupported.add(key)
+            if key is not None:
+                unsupported.add(key)
             return None
         try:
             return fn(*args)
         except self._mismatch_error:
-            unsupported.add(key)
+            if key is not None:
+                unsupported.add(key)
             return None
         except self._nvml_error as exc:
             code = getattr(exc, "value", None)
             if code in _UNSUPPORTED:
-                unsupported.add(key)
+                if key is not None:
+                    unsupported.add(key)
                 return None
             if code in _LIBRARY_GONE:
                 raise GpuLostError(f"The NVIDIA driver stopped answering (NVML: {exc})") from None
-            if gpu is not None and (code in _GPU_GONE or code == NVML_ERROR_UNKNOWN):
-                raise _DeviceLost(f"GPU lost: {exc}", sticky=code in _GPU_GONE) from None
-            return None  # timeouts and the like: no value this tick, ask again next tick
+            if gpu is not None and code in _GPU_GONE:
+                raise _DeviceLost(f"GPU lost: {exc}", sticky=True) from None
+            if gpu is not None and code == NVML_ERROR_UNKNOWN:
+                gpu.unknown = str(exc)
+            return None  # timeouts, UNKNOWN and the like: no value this tick, ask again next tick
 
     def _quietly(self, function: str, *args: Any) -> None:
         """Best-effort clean-up call: the driver may already be gone."""
@@ -616,10 +973,6 @@ def _placeholder_info(index: int) -> GpuInfo:
         peak_dram_bw_source=None,
         gpm_supported=False,
     )
-
-
-def _replace_gpm(info: GpuInfo, supported: bool) -> GpuInfo:
-    return dataclasses.replace(info, gpm_supported=supported)
 
 
 def _pstate(value: int | None) -> int | None:

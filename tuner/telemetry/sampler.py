@@ -246,7 +246,11 @@ Listener = Callable[[Snapshot], None]
 
 
 class Sampler:
-    """Runs a source on one background thread at its cadence, keeps history, and calls listeners."""
+    """Runs a source on one background thread at its cadence, keeps history, and calls listeners.
+
+    The thread that reads the source also closes it: NVML's GPM samples must not be freed while a call on
+    another thread still uses them (a use-after-free inside libnvidia-ml when a sick GPU makes a call hang).
+    """
 
     def __init__(self, source: SnapshotSource, *, history_len: int = 480) -> None:
         self.source = source
@@ -260,6 +264,8 @@ class Sampler:
         self._resume = threading.Event()
         self._resume.set()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
         self.info = source.info
 
     def add_listener(self, listener: Listener) -> None:
@@ -306,6 +312,12 @@ class Sampler:
         return snap
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._close_source()
+
+    def _loop(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
             self._resume.wait()
@@ -328,9 +340,23 @@ class Sampler:
             if self._stop.wait(delay):
                 break
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop reading and close the source. The sampler thread closes it once its current call returns; if
+        that call is stuck past ``timeout_s``, this returns and the thread closes the source whenever the call
+        comes back (never under its feet). A sampler that was never started is closed here."""
         self._stop.set()
         self._resume.set()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout=3.0)
+        thread = self._thread
+        if thread is None:
+            self._close_source()
+            return
+        thread.join(timeout=timeout_s)
+        if thread.is_alive():
+            log.warning("telemetry is stuck in a call for %.1f s: it closes when the call returns", timeout_s)
+
+    def _close_source(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         self.source.close()

@@ -10,11 +10,14 @@ functions) are injected through the constructor; ready-made profiles are at the 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import string
+import struct
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +33,7 @@ _ERROR_CODES = {
     "NVML_ERROR_NOT_SUPPORTED": (3, "Not Supported"),
     "NVML_ERROR_NO_PERMISSION": (4, "Insufficient Permissions"),
     "NVML_ERROR_NOT_FOUND": (6, "Not Found"),
+    "NVML_ERROR_INSUFFICIENT_SIZE": (7, "Insufficient Size"),
     "NVML_ERROR_DRIVER_NOT_LOADED": (9, "Driver Not Loaded"),
     "NVML_ERROR_TIMEOUT": (10, "Timeout"),
     "NVML_ERROR_LIBRARY_NOT_FOUND": (12, "NVML Shared Library Not Found"),
@@ -38,6 +42,7 @@ _ERROR_CODES = {
     "NVML_ERROR_RESET_REQUIRED": (16, "GPU requires restart"),
     "NVML_ERROR_LIB_RM_VERSION_MISMATCH": (18, "RM has detected an NVML/RM version mismatch."),
     "NVML_ERROR_ARGUMENT_VERSION_MISMATCH": (25, "Argument version mismatch"),
+    "NVML_ERROR_DEPRECATED": (26, "Deprecated"),
     "NVML_ERROR_UNKNOWN": (999, "Unknown Error"),
 }
 NVML_ERROR_UNINITIALIZED = 1
@@ -45,6 +50,7 @@ NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_INSUFFICIENT_SIZE = 7
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
@@ -53,6 +59,7 @@ NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
+NVML_ERROR_DEPRECATED = 26
 NVML_ERROR_UNKNOWN = 999
 
 NVML_TEMPERATURE_GPU = 0
@@ -63,6 +70,8 @@ NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
 NVML_FI_DEV_MEMORY_TEMP = 82
 NVML_FI_DEV_NVLINK_LINK_COUNT = 91
+NVML_FI_DEV_POWER_AVERAGE = 185
+NVML_FI_DEV_POWER_INSTANT = 186
 NVML_VALUE_TYPE_DOUBLE = 0
 NVML_VALUE_TYPE_UNSIGNED_INT = 1
 nvmlMemory_v2 = 0x02000028
@@ -259,6 +268,8 @@ class FakeGpuSpec:
     fan: bool
     mig_capable: bool
     mig_enabled: bool = False
+    # With MIG enabled: each GPU instance's share of the card's memory (GPU instance ids 1, 2, ...).
+    mig_slices: tuple[float, ...] = (3 / 7, 4 / 7)
     vram_used_frac: float = 0.9  # vLLM takes --gpu-memory-utilization (0.9) of the card at start
 
 
@@ -320,6 +331,7 @@ class FakeProcess:
     gpu_index: int
     vram_used_bytes: int | None
     kind: str = "compute"  # or "graphics"
+    gpu_instance_id: int | None = None  # on a MIG-enabled GPU: the GPU instance it runs in
 
 
 # A pid above Linux's largest pid_max (2**22) can never exist here: it stands for a process in another pid
@@ -368,10 +380,11 @@ class _GpmMetricsGet:
 
 
 class _GpmSample:
-    __slots__ = ("device", "freed", "t")
+    __slots__ = ("device", "freed", "gpu_instance_id", "t")
 
     def __init__(self) -> None:
         self.device: FakeDevice | None = None
+        self.gpu_instance_id: int | None = None
         self.t = 0.0
         self.freed = False
 
@@ -392,15 +405,64 @@ class FakeDevice:
         self.load = _IDLE
 
 
+class FakeMigDevice:
+    """The handle of one MIG device (a GPU instance) of a MIG-enabled :class:`FakeDevice`."""
+
+    def __init__(self, parent: FakeDevice, gpu_instance_id: int, memory_frac: float) -> None:
+        self.parent = parent
+        self.gpu_instance_id = gpu_instance_id
+        self.memory_frac = memory_frac
+
+    @property
+    def lost(self) -> bool:
+        return self.parent.lost
+
+    @property
+    def index(self) -> int:
+        return self.parent.index
+
+
+# The process-info entry as drivers fill it: pid, pad, usedGpuMemory, gpuInstanceId, computeInstanceId (24
+# bytes, the layout pynvml's c_nvmlProcessInfo_v3_t has); some 535 drivers append usedGpuCcProtectedMemory (32).
+_PROCESS_ENTRY_24 = struct.Struct("<I4xQII")
+_PROCESS_ENTRY_32 = struct.Struct("<I4xQIIQ")
+
+
+class _ProcessInfo24(ctypes.Structure):
+    """pynvml's c_nvmlProcessInfo_v2_t / _v3_t."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    ]
+
+
+# Symbols a driver exports beyond the functions the fake implements; nvitop tells the 535 process layout by them.
+_EXTRA_SYMBOLS = frozenset({"nvmlDeviceGetConfComputeMemSizeInfo", "nvmlDeviceGetRunningProcessDetailList"})
+
+
 class ScriptedNvml:
     """The ``pynvml`` module surface, scripted. Pass it as ``NvmlBackend(nvml=...)``.
+
+    As strict as the real library where a mistake would hurt: GPM samples used after ``nvmlGpmSampleFree`` are
+    counted in ``use_after_free``, GPM intervals under 0.1 s (NVML asks for more) get no values and are counted
+    in ``gpm_short_intervals``, and a process buffer too small for the driver's entries is counted in
+    ``buffer_overflows``. ``nvmlDeviceGetPowerUsage`` answers a one-second average, as on Ampere and newer;
+    ``NVML_FI_DEV_POWER_INSTANT`` the instantaneous power.
 
     A "read" is one ``nvmlDeviceGetUtilizationRates`` call on a GPU, which NvmlBackend makes once per tick.
     ``lost_after_reads={1: 3}``: GPU 1 answers 3 reads, then every call on it raises ``NVMLError_GpuIsLost``.
     ``driver_gone_after_reads=N``: after GPU 0 answered N reads, every call raises ``driver_gone_error``.
     ``missing_functions``: symbols the (old) driver lacks -> ``NVMLError_FunctionNotFound`` (use
     "nvmlDeviceGetMemoryInfo_v2" for the v2 memory struct). ``absent_functions``: functions the (old) Python
-    bindings do not define at all. ``calls`` counts every call by function name.
+    bindings do not define at all. ``deprecated_functions`` answer ``NVMLError_Deprecated``.
+    ``missing_fields``: field ids the driver does not know. ``driver_535``: the process lists' entries are 32
+    bytes (a 535 driver's layout) while pynvml reads 24. ``privileged=False``: on a MIG-enabled GPU the parent
+    handle's memory and process lists answer ``NoPermission`` (only MIG device handles answer). Faults for one
+    call at a time: :meth:`inject`, :meth:`inject_gpm_metric`, :meth:`hang`. ``calls`` counts every call by
+    function name.
     """
 
     NVMLError = NVMLError
@@ -420,6 +482,10 @@ class ScriptedNvml:
         driver_gone_error: int = NVML_ERROR_UNINITIALIZED,
         missing_functions: Collection[str] = (),
         absent_functions: Collection[str] = (),
+        deprecated_functions: Collection[str] = (),
+        missing_fields: Collection[int] = (),
+        driver_535: bool = False,
+        privileged: bool = True,
         label: str | None = None,
     ) -> None:
         self.clock = clock or time.time
@@ -431,11 +497,22 @@ class ScriptedNvml:
         self.driver_gone_after_reads = driver_gone_after_reads
         self.driver_gone_error = driver_gone_error
         self.missing_functions = frozenset(missing_functions)
+        self.deprecated_functions = frozenset(deprecated_functions)
+        self.missing_fields = frozenset(missing_fields)
+        self.driver_535 = driver_535
+        self.privileged = privileged
         self.label = label or self._default_label(gpus)
         self.calls: Counter[str] = Counter()
         self.initialized = False
         self.driver_gone = False
         self.gpm_samples_live = 0
+        self.use_after_free = 0
+        self.gpm_short_intervals = 0
+        self.buffer_overflows = 0
+        self._faults: dict[tuple[str, int | None], deque[int]] = {}
+        self._gpm_metric_faults: dict[int, deque[int | None]] = {}
+        self._hangs: dict[str, threading.Event] = {}
+        self.hanging = threading.Event()  # set while a call hangs in :meth:`hang`
         for name in absent_functions:
             setattr(self, name, None)  # an instance attribute of None hides the method: getattr(...) is None
 
@@ -449,6 +526,29 @@ class ScriptedNvml:
             return "scripted: no GPU"
         return f"scripted {len(gpus)}x {gpus[0].name}, decode-like load"
 
+    # --- faults for one call at a time ---------------------------------------------------------------------
+
+    def inject(self, function: str, *codes: int, gpu: int | None = None) -> None:
+        """The next calls of ``function`` (on GPU ``gpu``; any GPU when None) fail with these NVML codes in
+        turn (0: that call succeeds), then it answers normally again."""
+        self._faults.setdefault((function, gpu), deque()).extend(codes)
+
+    def inject_gpm_metric(self, metric_id: int, *outcomes: int | None) -> None:
+        """The next ``nvmlGpmMetricsGet`` calls answer ``metric_id`` with these return codes in turn; None: the
+        driver leaves that metric's entry unwritten (what the request held before stays)."""
+        self._gpm_metric_faults.setdefault(metric_id, deque()).extend(outcomes)
+
+    def hang(self, function: str, release: threading.Event) -> None:
+        """The next call of ``function`` blocks until ``release`` is set (a sick GPU's call taking seconds)."""
+        self._hangs[function] = release
+
+    def _take_fault(self, function: str, gpu: int | None) -> None:
+        queue = self._faults.get((function, gpu))
+        if queue:
+            code = queue.popleft()
+            if code:
+                raise nvml_error(code)
+
     # --- plumbing shared by every call ---------------------------------------------------------------------
 
     def _enter(self, function: str) -> None:
@@ -459,12 +559,27 @@ class ScriptedNvml:
             raise nvml_error(NVML_ERROR_UNINITIALIZED)
         if function in self.missing_functions:
             raise nvml_error(NVML_ERROR_FUNCTION_NOT_FOUND)
+        if function in self.deprecated_functions:
+            raise nvml_error(NVML_ERROR_DEPRECATED)
+        self._take_fault(function, None)
+        release = self._hangs.pop(function, None)
+        if release is not None:  # inside the driver now: what happens meanwhile happens under this call
+            self.hanging.set()
+            release.wait(timeout=60)
+            self.hanging.clear()
 
     def _device(self, function: str, handle: FakeDevice) -> FakeDevice:
         self._enter(function)
         if handle.lost:
             raise nvml_error(NVML_ERROR_GPU_IS_LOST)
+        if isinstance(handle, FakeMigDevice):  # only a few functions take a MIG device handle
+            raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
+        self._take_fault(function, handle.index)
         return handle
+
+    def _mig_parent_denied(self, device: FakeDevice) -> bool:
+        """On a MIG-enabled GPU, parent-handle memory and process queries need privileges."""
+        return device.spec.mig_enabled and not self.privileged
 
     def _load(self, device: FakeDevice) -> Load:
         now = self.clock()
@@ -546,6 +661,23 @@ class ScriptedNvml:
         mode = NVML_DEVICE_MIG_ENABLE if spec.mig_enabled else NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
 
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeDevice) -> int:
+        spec = self._device("nvmlDeviceGetMaxMigDeviceCount", handle).spec
+        return 7 if spec.mig_capable else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeDevice, index: int) -> FakeMigDevice:
+        device = self._device("nvmlDeviceGetMigDeviceHandleByIndex", handle)
+        slices = device.spec.mig_slices if device.spec.mig_enabled else ()
+        if not 0 <= index < len(slices):
+            raise nvml_error(NVML_ERROR_NOT_FOUND)  # an empty slot
+        return FakeMigDevice(device, index + 1, slices[index])
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: FakeMigDevice) -> int:
+        self._enter("nvmlDeviceGetGpuInstanceId")
+        if not isinstance(handle, FakeMigDevice):
+            raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
+        return handle.gpu_instance_id
+
     def nvmlGpmQueryDeviceSupport(self, handle: FakeDevice) -> _Struct:
         device = self._device("nvmlGpmQueryDeviceSupport", handle)
         return _Struct(version=NVML_GPM_SUPPORT_VERSION, isSupportedDevice=int(device.spec.gpm))
@@ -556,10 +688,16 @@ class ScriptedNvml:
 
     def _field_value(self, device: FakeDevice, field_id: int) -> _Struct:
         value: float | None = None
-        if field_id == NVML_FI_DEV_MEMORY_TEMP and device.spec.mem_temp:
+        if field_id in self.missing_fields:
+            pass
+        elif field_id == NVML_FI_DEV_MEMORY_TEMP and device.spec.mem_temp:
             value = round(self._gpu_temp_c(device) + 7)
         elif field_id == NVML_FI_DEV_NVLINK_LINK_COUNT and device.spec.nvlink_links is not None:
             value = device.spec.nvlink_links
+        elif field_id == NVML_FI_DEV_POWER_INSTANT:
+            value = round(self._power_w(device, self.clock()) * 1000)  # mW, as nvmlDeviceGetPowerUsage
+        elif field_id == NVML_FI_DEV_POWER_AVERAGE:
+            value = round(self._average_power_w(device) * 1000)
         ret = NVML_ERROR_NOT_SUPPORTED if value is None else NVML_SUCCESS
         return _Struct(
             fieldId=field_id,
@@ -573,11 +711,22 @@ class ScriptedNvml:
 
     # --- every tick ----------------------------------------------------------------------------------------
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeDevice, version: int | None = None) -> _Struct:
+    def nvmlDeviceGetMemoryInfo(
+        self, handle: FakeDevice | FakeMigDevice, version: int | None = None
+    ) -> _Struct:
         function = "nvmlDeviceGetMemoryInfo_v2" if version else "nvmlDeviceGetMemoryInfo"
-        device = self._device(function, handle)
-        total = device.spec.vram_total_bytes
-        used = int(total * device.spec.vram_used_frac)
+        if isinstance(handle, FakeMigDevice):
+            self._enter(function)
+            if handle.lost:
+                raise nvml_error(NVML_ERROR_GPU_IS_LOST)
+            spec, frac = handle.parent.spec, handle.memory_frac
+        else:
+            device = self._device(function, handle)
+            if self._mig_parent_denied(device):
+                raise nvml_error(NVML_ERROR_NO_PERMISSION)
+            spec, frac = device.spec, 1.0
+        total = int(spec.vram_total_bytes * frac)
+        used = int(total * spec.vram_used_frac)
         reserved = 543 * MIB  # what the driver keeps for itself; v1 counts it as used
         if version:
             return _Struct(
@@ -598,12 +747,22 @@ class ScriptedNvml:
             self.driver_gone = True
             raise nvml_error(self.driver_gone_error)
         device.reads += 1
+        if device.spec.mig_enabled:  # NVML: utilisation is not supported on MIG-enabled GPUs
+            raise nvml_error(NVML_ERROR_NOT_SUPPORTED)
         load = self._load(device)
         return _Struct(gpu=round(load.gpu_util_pct), memory=round(load.mem_busy_pct))
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeDevice) -> int:
+        """Ampere and newer: "power averaged over 1 sec interval" (NVML's documentation)."""
         device = self._device("nvmlDeviceGetPowerUsage", handle)
-        return round(self._load(device).power_frac * device.spec.power_limit_w * 1000)
+        return round(self._average_power_w(device) * 1000)
+
+    def _power_w(self, device: FakeDevice, t: float) -> float:
+        return self.load(t, device.index).power_frac * device.spec.power_limit_w
+
+    def _average_power_w(self, device: FakeDevice) -> float:
+        now = self.clock()
+        return sum(self._power_w(device, now - 1.0 + (i + 0.5) / 8) for i in range(8)) / 8
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeDevice) -> int:
         return round(self._device("nvmlDeviceGetEnforcedPowerLimit", handle).spec.power_limit_w * 1000)
@@ -655,18 +814,26 @@ class ScriptedNvml:
         self.gpm_samples_live -= 1
 
     def nvmlGpmSampleGet(self, handle: FakeDevice, sample: _GpmSample) -> _GpmSample:
-        device = self._device("nvmlGpmSampleGet", handle)
+        device = self._device("nvmlGpmSampleGet", handle)  # may hang: see hang()
+        if sample.freed:  # inside libnvidia-ml this writes freed memory
+            self.use_after_free += 1
+            raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
         if not device.spec.gpm or device.spec.mig_enabled:
             raise nvml_error(NVML_ERROR_NOT_SUPPORTED)
-        sample.device = device
+        sample.device, sample.gpu_instance_id = device, None
         sample.t = self.clock()
         return sample
 
     def nvmlGpmMigSampleGet(self, handle: FakeDevice, gpu_instance_id: int, sample: _GpmSample) -> _GpmSample:
         device = self._device("nvmlGpmMigSampleGet", handle)
+        if sample.freed:
+            self.use_after_free += 1
+            raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
         if not device.spec.gpm or not device.spec.mig_enabled:
             raise nvml_error(NVML_ERROR_NOT_SUPPORTED)
-        sample.device = device
+        if not 1 <= gpu_instance_id <= len(device.spec.mig_slices):
+            raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
+        sample.device, sample.gpu_instance_id = device, gpu_instance_id
         sample.t = self.clock()
         return sample
 
@@ -675,11 +842,20 @@ class ScriptedNvml:
         if request.version != NVML_GPM_METRICS_GET_VERSION:
             raise nvml_error(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
         first, second = request.sample1, request.sample2
-        if first is None or second is None or first.device is None or first.device is not second.device:
+        if first is None or second is None or first.freed or second.freed:
+            self.use_after_free += first is not None and second is not None
+            raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
+        if (
+            first.device is None
+            or first.device is not second.device
+            or first.gpu_instance_id != second.gpu_instance_id
+        ):
             raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
         device = first.device
         if device.lost:
             raise nvml_error(NVML_ERROR_GPU_IS_LOST)
+        short = abs(second.t - first.t) < 0.1  # NVML's GPM notes ask for intervals above ~100 ms
+        self.gpm_short_intervals += short
         load = self.load((first.t + second.t) / 2, device.index)  # the interval's average, roughly
         has_peers = bool(device.spec.nvlink_links) and len(self.devices) > 1
         by_id = {
@@ -697,6 +873,16 @@ class ScriptedNvml:
             by_id[NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC] = nvlink
         for metric in request.metrics[: request.numMetrics]:
             value = by_id.get(metric.metricId)
+            faults = self._gpm_metric_faults.get(metric.metricId)
+            if faults:
+                outcome = faults.popleft()
+                if outcome is None:
+                    continue  # left unwritten
+                metric.nvmlReturn, metric.value = outcome, 0.0
+                continue
+            if short:  # the fake's stance on intervals NVML does not promise to measure: no value
+                metric.nvmlReturn, metric.value = NVML_ERROR_INVALID_ARGUMENT, 0.0
+                continue
             metric.nvmlReturn = NVML_ERROR_NOT_SUPPORTED if value is None else NVML_SUCCESS
             metric.value = 0.0 if value is None else value
         return request
@@ -717,30 +903,103 @@ class ScriptedNvml:
         device.energy_t = max(start, now)
         return int(device.energy_mj)
 
-    def _processes(self, function: str, handle: FakeDevice, kind: str) -> list[_Struct]:
+    # The driver's C entry points, as pynvml reaches them: its friendly functions below decode what these write
+    # the way pynvml does, so a 535 driver's 32-byte entries come out garbled there, as on a real machine.
+
+    def _nvmlGetFunctionPointer(self, name: str) -> Callable[..., int]:
+        if name in self.missing_functions or (
+            name == "nvmlDeviceGetRunningProcessDetailList" and self.driver_535
+        ):
+            raise nvml_error(NVML_ERROR_FUNCTION_NOT_FOUND)
+        if name.startswith(("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses")):
+            kind = "compute" if "Compute" in name else "graphics"
+            return lambda handle, count, buffer: self._process_entries(name, handle, kind, count, buffer)
+        if name in _EXTRA_SYMBOLS or callable(getattr(self, name, None)):
+            return lambda *args: NVML_ERROR_NOT_SUPPORTED  # present; the backend only asks whether it exists
+        raise nvml_error(NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    @staticmethod
+    def _nvmlCheckReturn(ret: int) -> int:
+        if ret != NVML_SUCCESS:
+            raise nvml_error(ret)
+        return ret
+
+    def _process_list(
+        self, function: str, handle: FakeDevice | FakeMigDevice, kind: str
+    ) -> list[FakeProcess]:
+        if isinstance(handle, FakeMigDevice):
+            self._enter(function)
+            if handle.lost:
+                raise nvml_error(NVML_ERROR_GPU_IS_LOST)
+            gi = handle.gpu_instance_id
+            return [
+                p
+                for p in self.processes
+                if p.gpu_index == handle.parent.index and p.kind == kind and p.gpu_instance_id == gi
+            ]
         device = self._device(function, handle)
+        if self._mig_parent_denied(device):
+            raise nvml_error(NVML_ERROR_NO_PERMISSION)
+        return [p for p in self.processes if p.gpu_index == device.index and p.kind == kind]
+
+    def _process_entries(
+        self, function: str, handle: FakeDevice | FakeMigDevice, kind: str, count: Any, buffer: Any
+    ) -> int:
+        """``nvmlDevice*RunningProcesses_v*(device, unsigned int *count, nvmlProcessInfo_t *infos)``."""
+        procs = self._process_list(function, handle, kind)
+        counter = count._obj  # what ctypes.byref() wraps
+        if buffer is None or counter.value < len(procs):
+            counter.value = len(procs)
+            return NVML_SUCCESS if not procs else NVML_ERROR_INSUFFICIENT_SIZE
+        layout = _PROCESS_ENTRY_32 if self.driver_535 and function.endswith("_v3") else _PROCESS_ENTRY_24
+        base, room = ctypes.addressof(buffer), ctypes.sizeof(buffer)
+        for i, p in enumerate(procs):
+            if (i + 1) * layout.size > room:
+                self.buffer_overflows += 1
+                break
+            gi = 0xFFFFFFFF if p.gpu_instance_id is None else p.gpu_instance_id
+            used = 2**64 - 1 if p.vram_used_bytes is None else p.vram_used_bytes
+            fields = [p.pid, used, gi, 0xFFFFFFFF if p.gpu_instance_id is None else 0]
+            if layout is _PROCESS_ENTRY_32:
+                fields.append(0)  # usedGpuCcProtectedMemory
+            entry = layout.pack(*fields)
+            ctypes.memmove(base + i * layout.size, entry, layout.size)
+        counter.value = len(procs)
+        return NVML_SUCCESS
+
+    def _processes(self, function: str, handle: FakeDevice | FakeMigDevice) -> list[_Struct]:
+        """pynvml's wrapper: size query, a buffer of 24-byte entries, decode each."""
+        fn = self._nvmlGetFunctionPointer(function)
+        count = ctypes.c_uint(0)
+        ret = fn(handle, ctypes.byref(count), None)
+        if ret == NVML_SUCCESS:
+            return []
+        if ret != NVML_ERROR_INSUFFICIENT_SIZE:
+            raise nvml_error(ret)
+        count.value = count.value * 2 + 5
+        buffer = (_ProcessInfo24 * count.value)()
+        self._nvmlCheckReturn(fn(handle, ctypes.byref(count), buffer))
         return [
             _Struct(
-                pid=p.pid,
-                usedGpuMemory=p.vram_used_bytes,
-                gpuInstanceId=0xFFFFFFFF,
-                computeInstanceId=0xFFFFFFFF,
+                pid=e.pid,
+                usedGpuMemory=None if e.usedGpuMemory == 2**64 - 1 else e.usedGpuMemory,
+                gpuInstanceId=e.gpuInstanceId,
+                computeInstanceId=e.computeInstanceId,
             )
-            for p in self.processes
-            if p.gpu_index == device.index and p.kind == kind
+            for e in buffer[: count.value]
         ]
 
     def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: FakeDevice) -> list[_Struct]:
-        return self._processes("nvmlDeviceGetComputeRunningProcesses_v3", handle, "compute")
+        return self._processes("nvmlDeviceGetComputeRunningProcesses_v3", handle)
 
     def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: FakeDevice) -> list[_Struct]:
-        return self._processes("nvmlDeviceGetComputeRunningProcesses_v2", handle, "compute")
+        return self._processes("nvmlDeviceGetComputeRunningProcesses_v2", handle)
 
     def nvmlDeviceGetGraphicsRunningProcesses_v3(self, handle: FakeDevice) -> list[_Struct]:
-        return self._processes("nvmlDeviceGetGraphicsRunningProcesses_v3", handle, "graphics")
+        return self._processes("nvmlDeviceGetGraphicsRunningProcesses_v3", handle)
 
     def nvmlDeviceGetGraphicsRunningProcesses_v2(self, handle: FakeDevice) -> list[_Struct]:
-        return self._processes("nvmlDeviceGetGraphicsRunningProcesses_v2", handle, "graphics")
+        return self._processes("nvmlDeviceGetGraphicsRunningProcesses_v2", handle)
 
 
 # pynvml is a module: its constants and error classes are attributes next to its functions. Same here.
@@ -814,8 +1073,23 @@ OLD_DRIVER_MISSING = (
 
 
 def old_driver(n_gpus: int = 1, **options: Any) -> ScriptedNvml:
-    """A100s on an old driver (R470-like): no v2 memory struct, no ClocksEvent names, no v3 process lists."""
+    """A100s on an old driver (R470-like): no v2 memory struct, no ClocksEvent names, no v3 process lists, no
+    power fields."""
+    options.setdefault("missing_fields", (NVML_FI_DEV_POWER_INSTANT, NVML_FI_DEV_POWER_AVERAGE))
     return a100_80gb(n_gpus, missing_functions=OLD_DRIVER_MISSING, **options)
+
+
+def driver_535(n_gpus: int = 1, **options: Any) -> ScriptedNvml:
+    """H100s on a 535 driver whose process lists have 32-byte entries (pynvml reads 24)."""
+    return h100_sxm(n_gpus, driver_535=True, **options)
+
+
+def mig_h100(n_gpus: int = 1, *, privileged: bool = False, **options: Any) -> ScriptedNvml:
+    """H100s in MIG mode with two GPU instances (3/7 and 4/7 of the memory), watched by an unprivileged user."""
+    spec = FakeGpuSpec(
+        **{**{f: getattr(H100_SXM, f) for f in FakeGpuSpec.__dataclass_fields__}, "mig_enabled": True}
+    )
+    return ScriptedNvml([spec] * n_gpus, privileged=privileged, **options)
 
 
 def scripted_backend(nvml: ScriptedNvml) -> NvmlBackend:
