@@ -12,6 +12,7 @@ import pytest
 from tuner.measure import summarise_snapshots, visible_devices
 from tuner.telemetry import scripted
 from tuner.telemetry.model import GpuInfo, GpuSample, Snapshot
+from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 from tuner.tuning.points import Load
 from tuner.tuning.runner import MeasurePlan, ServerHooks, TrialRunner
@@ -29,10 +30,9 @@ def _load(t: float, gpu_index: int) -> scripted.Load:
 
 def test_a_trial_on_one_of_eight_gpus_reads_that_gpu_alone(tmp_path: Path) -> None:
     nvml = scripted.h100_sxm(8, load=_load, processes=[])
-    source = LiveSource(
-        scripted.scripted_backend(nvml),
-        config=SamplerConfig(discover_vllm=False, interval_s=0.1, slow_every=2),
-    )
+    # The energy counter read on every slow tick (5 s in the monitor), so a phase holds several readings.
+    backend = NvmlBackend(nvml, source="scripted", energy_interval_s=0.0)
+    source = LiveSource(backend, config=SamplerConfig(discover_vllm=False, interval_s=0.1, slow_every=2))
     sampler = Sampler(source)
     sampler.open()
     sampler.start()
@@ -50,7 +50,8 @@ def test_a_trial_on_one_of_eight_gpus_reads_that_gpu_alone(tmp_path: Path) -> No
         hooks=ServerHooks(started=started),
     )
     try:
-        with runner.serve("trial", ("--chunk-interval-s", "0.002"), "fake") as session:
+        # 8 tokens 50 ms apart: a request takes ~0.4 s and the phase seconds, so that it spans many readings.
+        with runner.serve("trial", ("--chunk-interval-s", "0.05"), "fake") as session:
             point = session.measure(Load.users(4), "judged")
     finally:
         sampler.stop()
@@ -61,6 +62,11 @@ def test_a_trial_on_one_of_eight_gpus_reads_that_gpu_alone(tmp_path: Path) -> No
         60.0, abs=1.0
     )  # not ~8 %: seven idle GPUs left out
     assert evidence["power_w_mean"] == pytest.approx(0.9 * 700, rel=0.05)  # one GPU's power, not eight
+    phase = point.last_phase
+    length_s = phase["ended_at_s"] - phase["started_at_s"]
+    assert evidence["gpu_samples"] >= 8 and length_s > 1.0
+    # The energy of GPU 3 alone (630 W for the phase), from its counter: all eight would be 1,120 W.
+    assert evidence["energy_j"] == pytest.approx(0.9 * 700 * length_s, rel=0.15)
     bound = point.bound["kind"]
     assert bound == "gpu_memory_bandwidth", point.bound  # the memory-bound rule can fire again
 

@@ -66,8 +66,10 @@ class Evidence:
     tensor_active_pct_mean: float | None = None
     gpu_util_pct_mean: float | None = None
     mem_busy_pct_mean: float | None = None
-    power_w_mean: float | None = None  # summed over GPUs
-    energy_j: float | None = None  # power integrated over the window, all GPUs
+    power_w_mean: float | None = None  # summed over the server's GPUs (gpu_indices)
+    energy_j: float | None = (
+        None  # the server's GPUs over the window: energy-counter deltas, else power integrated
+    )
     vram_used_bytes_max: int | None = None
     host_cpu_pct_mean: float | None = None
     client_cpu_pct: float | None = None  # this process, % of one core
