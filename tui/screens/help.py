@@ -30,9 +30,10 @@ HELP = """\
   It is *not* bandwidth: 60 % busy is often 25 % of peak bandwidth.
 - **util** — % of time any kernel ran (duty cycle). **SM active** (GPM) — how many SMs were busy;
   **tensor** — tensor-core pipes active.
-- **Power** — board power (W, NVML's 1 s average) against the enforced limit. **energy** — counter since the
-  driver loaded.
-- **throttle** — clock-event reasons: power cap, thermal, HW slowdown… `none` means clocks run free.
+- **Power** — board power now (W, NVML's instantaneous reading; its 1 s average where the driver has no
+  instantaneous one) against the enforced limit. **energy** — counter since the driver loaded.
+- **throttle** — clock-event reasons: power cap, thermal, HW slowdown, board limit, reliability… `none` means
+  clocks run free; `other(0x…)` is a reason this version has no name for (it counts as throttling).
 - **vLLM** — from the server's `/metrics`: requests running and waiting, KV-cache use, generated tokens/s and
   TTFT (mean and estimated p95 of requests in the last interval).
 

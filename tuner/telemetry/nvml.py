@@ -206,11 +206,12 @@ class _GpmStream:
     samples: list[Any]  # two, swapped every sample
     request: Any  # one c_nvmlGpmMetricsGet_t, cleared before every use
     metric_ids: list[int] = field(default_factory=lambda: list(GPM_METRIC_IDS))
-    requested: list[int] = field(default_factory=list)  # the ids the request holds now
+    requested: list[int] = field(default_factory=list)  # the ids the request holds now ...
+    entries: list[Any] = field(default_factory=list)  # ... and its entries for them
     current: int = 0
     primed: bool = False  # a previous sample exists, so metrics can be computed
     last_s: float | None = None  # when the previous sample was taken
-    interval_s: float | None = None  # between the last two samples
+    pause_after_s: float = float("inf")  # a gap longer than this since it is a pause (from the last interval)
     values: dict[int, float] | None = None  # the last interval's metrics, repeated until the next sample
     failures: dict[str, int] = field(default_factory=dict)  # per GPM call ("sample", "metrics"), in a row
     metric_failures: dict[int, int] = field(default_factory=dict)  # per metric, in a row
@@ -287,6 +288,7 @@ class NvmlBackend:
         # How process lists are read: (function suffix, entry struct), chosen once per driver; None: pynvml's.
         self._process_layout: tuple[str, type[ctypes.Structure]] | None = None
         self._process_buffer: Any = None  # entries, kept between reads (grown when a list does not fit)
+        self._raw_functions: dict[str, Any] = {}  # the driver's entry points, looked up once
 
     @property
     def process_layout(self) -> str:
@@ -374,6 +376,7 @@ class NvmlBackend:
             self._quietly("nvmlShutdown")
         self._info = None
         self._slow_done = False
+        self._raw_functions.clear()
         self._host_processes.clear()
 
     # --- start-up ------------------------------------------------------------------------------------------
@@ -594,18 +597,16 @@ class NvmlBackend:
             if now_s < st.paused_until_s:
                 return None
             st.paused_until_s, st.primed, st.metric_ids = None, False, list(GPM_METRIC_IDS)
-        if st.primed and st.last_s is not None:
-            elapsed = now_s - st.last_s
+        if st.primed:
+            elapsed = now_s - st.last_s  # type: ignore[operator]  # set whenever primed
             if elapsed < GPM_MIN_INTERVAL_S - 0.005:  # (a tick's jitter is not a reason to wait a tick more)
                 return st.values  # too soon for a new interval: the last one stands
-            if st.interval_s is not None and elapsed > max(1.0, GPM_PAUSE_FACTOR * st.interval_s):
-                st.primed, st.values = (
-                    False,
-                    None,
-                )  # after a pause: a fresh interval, not one across the pause
+            if elapsed > st.pause_after_s:  # after a pause: a fresh interval, not one across the pause
+                st.primed, st.values = False, None
         if st.reprobe_at_s is not None and now_s >= st.reprobe_at_s:
             st.reprobe_at_s, st.metric_ids, st.metric_failures = None, list(GPM_METRIC_IDS), {}
-        sample = st.samples[st.current]
+        current = st.current
+        sample = st.samples[current]
         if st.gpu_instance_id is None:
             got = self._call(gpu, None, "nvmlGpmSampleGet", gpu.handle, sample)
         else:
@@ -615,25 +616,27 @@ class NvmlBackend:
         if got is None:
             st.primed, st.values = False, None
             return None
-        previous = st.samples[1 - st.current]
-        st.current = 1 - st.current
+        previous = st.samples[1 - current]
+        st.current = 1 - current
         if not st.primed:
             st.primed, st.last_s, st.values = True, now_s, None
             return None
-        st.interval_s = now_s - st.last_s if st.last_s is not None else None
-        st.last_s = now_s
+        interval_s = now_s - st.last_s  # type: ignore[operator]
+        st.last_s, st.pause_after_s = now_s, max(1.0, GPM_PAUSE_FACTOR * interval_s)
         request = st.request
         request.sample1, request.sample2 = previous, sample
-        metrics = request.metrics
         ids = st.metric_ids
         if st.requested != ids:
             request.numMetrics = len(ids)
-            for i, metric_id in enumerate(ids):
-                metrics[i].metricId = metric_id
+            metrics = request.metrics
+            st.entries = [metrics[i] for i in range(len(ids))]  # views into the request, kept
+            for entry, metric_id in zip(st.entries, ids, strict=True):
+                entry.metricId = metric_id
             st.requested = list(ids)
-        for i in range(len(ids)):
+        entries = st.entries
+        for entry in entries:
             # Cleared every time: an entry the driver skips must not repeat the last interval's value.
-            metrics[i].nvmlReturn = NVML_ERROR_UNKNOWN
+            entry.nvmlReturn = NVML_ERROR_UNKNOWN
         got = self._call(gpu, None, "nvmlGpmMetricsGet", request)
         if got is None or st.failures:
             self._gpm_outcome(st, "metrics", got is not None, now_s)
@@ -642,8 +645,7 @@ class NvmlBackend:
             return None
         values: dict[int, float] = {}
         failed: list[int] = []
-        for i, metric_id in enumerate(ids):
-            entry = metrics[i]
+        for entry, metric_id in zip(entries, ids, strict=True):
             if entry.nvmlReturn == NVML_SUCCESS:
                 values[metric_id] = float(entry.value)
             else:
@@ -864,7 +866,9 @@ class NvmlBackend:
         """One process list, read from the driver's entry point into entries of the layout this driver fills
         (pynvml's wrappers assume 24 bytes, so on 535 drivers with 32-byte entries all but the first are
         garbage)."""
-        fn = self._nvml._nvmlGetFunctionPointer(function)
+        fn = self._raw_functions.get(function)
+        if fn is None:
+            fn = self._raw_functions[function] = self._nvml._nvmlGetFunctionPointer(function)
         buffer = self._process_buffer
         if buffer is None or not isinstance(buffer, ctypes.Array) or buffer._type_ is not entry:
             buffer = self._process_buffer = (entry * 16)()
@@ -927,9 +931,9 @@ class NvmlBackend:
         stopped answering. NVML's catch-all UNKNOWN is "no value this tick", noted on the GPU.
         """
         unsupported = self._system_unsupported if gpu is None else gpu.unsupported
-        if key is not None and key in unsupported:
+        if key in unsupported:  # (None is never in it)
             return None
-        fn = getattr(self._nvml, function, None) if isinstance(function, str) else function
+        fn: Any = getattr(self._nvml, function, None) if function.__class__ is str else function
         if fn is None:  # bindings older than this function
             if key is not None:
                 unsupported.add(key)
