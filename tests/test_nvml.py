@@ -971,3 +971,69 @@ def test_a_process_list_longer_than_the_buffer_kept_is_read_whole(clock: ManualC
     calls = fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"]
     tick(backend, clock, slow=True)
     assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == calls + 1  # the grown buffer is kept
+
+
+def test_power_falls_back_when_the_instant_field_is_refused_or_field_values_are_missing(
+    clock: ManualClock,
+) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load(power_frac=0.5))
+    real_field_value = fake._field_value
+
+    def unknown_field(device: Any, field_id: int) -> Any:  # a 470 driver that answers INVALID_ARGUMENT
+        value = real_field_value(device, field_id)
+        if field_id == nvml.NVML_FI_DEV_POWER_INSTANT:
+            value.nvmlReturn = scripted.NVML_ERROR_INVALID_ARGUMENT
+        return value
+
+    fake._field_value = unknown_field  # type: ignore[method-assign]
+    backend = opened(fake)
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.power_w == pytest.approx(350.0)
+    no_fields = ScriptedNvml(
+        [scripted.H100_SXM],
+        clock=clock,
+        load=steady_load(power_frac=0.5),
+        absent_functions=["nvmlDeviceGetFieldValues"],
+    )
+    backend = opened(no_fields)
+    (sample,) = tick(backend, clock)
+    assert sample.power_w == pytest.approx(350.0)
+
+
+def test_mig_gpm_survives_a_failed_instance_count_and_shared_gpu_instances_count_once(
+    clock: ManualClock,
+) -> None:
+    fake = scripted.mig_h100(clock=clock, load=steady_load(dram_bw_util_pct=40.0))
+    real_handle = fake.nvmlDeviceGetMigDeviceHandleByIndex
+
+    def two_compute_instances_in_gi_1(handle: Any, index: int) -> Any:  # slots 0 and 1 share GPU instance 1
+        if index == 1:
+            return real_handle(handle, 0)
+        if index == 2:
+            return real_handle(handle, 1)
+        return real_handle(handle, index + 5)  # empty slots
+
+    fake.nvmlDeviceGetMigDeviceHandleByIndex = two_compute_instances_in_gi_1  # type: ignore[method-assign]
+    backend = opened(fake)
+    card = scripted.H100_SXM.vram_total_bytes
+    assert backend.open().gpus[0].vram_total_bytes == int(card * 3 / 7) + int(card * 4 / 7)  # not 3/7 twice
+    fake.inject("nvmlDeviceGetMaxMigDeviceCount", scripted.NVML_ERROR_TIMEOUT)
+    tick(backend, clock, slow=True)
+    for _ in range(3):
+        (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct == pytest.approx(40.0)
+    assert sample.pcie_rx_bytes_per_s == pytest.approx(2 * 20 * MIB)  # two GPU instances' traffic, not three
+
+
+def test_gpm_after_the_wall_clock_steps_back_starts_a_fresh_interval(clock: ManualClock) -> None:
+    level = {"dram": 30.0}
+    fake = scripted.h100_sxm(clock=clock, load=lambda t, i: steady_load(dram_bw_util_pct=level["dram"])(t, i))
+    backend = opened(fake)
+    for _ in range(3):
+        tick(backend, clock)
+    clock.advance(-5.0)  # an NTP step
+    level["dram"] = 70.0
+    tick(backend, clock)
+    (sample,) = tick(backend, clock)
+    assert sample.dram_bw_util_pct == pytest.approx(70.0)  # not the last value before the step, for 5 s

@@ -174,3 +174,30 @@ def test_a_sampler_never_started_is_closed_by_stop() -> None:
     sampler.stop()
     sampler.stop()
     assert not nvml.initialized and nvml.calls["nvmlShutdown"] == 1
+
+
+def test_stop_during_start_up_leaves_nothing_open() -> None:
+    """The TUI opens the sampler on a worker thread: a quit meanwhile must not close under the open, and the
+    start that follows must not leave NVML running."""
+    nvml = scripted.h100_sxm(1)
+    sampler = Sampler(
+        LiveSource(
+            scripted.scripted_backend(nvml), config=SamplerConfig(discover_vllm=False), host=FixedHost()
+        )
+    )
+    release = threading.Event()
+    nvml.hang("nvmlDeviceGetCount", release)
+    opener = threading.Thread(target=sampler.open)
+    opener.start()
+    assert nvml.hanging.wait(5.0)
+    stopper = threading.Thread(target=sampler.stop)
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # the stop waits for the open ...
+    release.set()
+    opener.join(5.0)
+    stopper.join(5.0)
+    assert not nvml.initialized  # ... then closes what it opened
+    sampler.start()  # the worker's next step: no thread, nothing reopened
+    assert not nvml.initialized and nvml.calls["nvmlShutdown"] == 1
+    assert sampler._thread is None

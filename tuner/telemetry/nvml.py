@@ -36,6 +36,7 @@ from tuner.telemetry.model import GpuInfo, GpuProcess, GpuSample, GpuState, Syst
 # scripted fake; tests check them against the installed pynvml.
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
@@ -46,6 +47,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 NVML_ERROR_DEPRECATED = 26
 NVML_ERROR_UNKNOWN = 999
 
@@ -56,7 +58,9 @@ NVML_DEVICE_MIG_ENABLE = 1
 NVML_PSTATE_UNKNOWN = 32
 NVML_FI_DEV_MEMORY_TEMP = 82
 NVML_FI_DEV_NVLINK_LINK_COUNT = 91
-NVML_FI_DEV_POWER_INSTANT = 186  # mW, now; nvmlDeviceGetPowerUsage is a 1 s average on Ampere and newer
+# "Current GPU power" (nvml.h gives no unit; mW like its neighbours 187-190 and in practice). Power usage and
+# field 185 are one-second averages on Ampere and newer (except GA100).
+NVML_FI_DEV_POWER_INSTANT = 186
 NVML_GPM_METRICS_GET_VERSION = 1
 
 GPM_SM_UTIL = 2
@@ -113,6 +117,8 @@ _UNSUPPORTED = frozenset(
         NVML_ERROR_FUNCTION_NOT_FOUND,
         NVML_ERROR_NO_PERMISSION,
         NVML_ERROR_DEPRECATED,
+        NVML_ERROR_INVALID_ARGUMENT,  # e.g. a field id the driver does not know
+        NVML_ERROR_ARGUMENT_VERSION_MISMATCH,  # a struct version the driver does not take
     }
 )
 # The GPU fell off the bus; it stays gone until it is reset, so it is not asked again.
@@ -229,9 +235,9 @@ class _Gpu:
     unsupported: set[str] = field(default_factory=set)
     lost: str | None = None  # set once the GPU fell off the bus; its samples then carry only this
     unknown: str | None = None  # the last "Unknown Error" of this tick's calls
-    mig_devices: list[tuple[Any, int, int | None]] = field(
-        default_factory=list
-    )  # handle, GI id, memory total
+    # MIG devices (one per compute instance): handle, GPU instance id, memory total bytes.
+    mig_devices: list[tuple[Any, int, int | None]] = field(default_factory=list)
+    gpm_capable: bool = False  # the GPU and bindings can do GPM (whether or not streams run now)
     gpm: list[_GpmStream] = field(default_factory=list)
     # Slow readings, repeated on fast ticks.
     slow_values: dict[str, Any] = field(default_factory=dict)
@@ -464,6 +470,7 @@ class NvmlBackend:
             gpu.unsupported.update({"memory_v2", "mig_memory_v2"})
         try:
             gpu.info = self._read_info(gpu)
+            gpu.gpm_capable = gpu.info.gpm_supported
             if gpu.info.gpm_supported and not self._start_gpm(gpu):
                 gpu.info = dataclasses.replace(gpu.info, gpm_supported=False)
         except _DeviceLost as exc:
@@ -513,8 +520,11 @@ class NvmlBackend:
     # --- MIG -----------------------------------------------------------------------------------------------
 
     def _find_mig_devices(self, gpu: _Gpu) -> bool:
-        """The MIG devices (GPU instances) of a MIG-enabled GPU; True when they changed since last time."""
-        count = self._call(gpu, "mig_count", "nvmlDeviceGetMaxMigDeviceCount", gpu.handle) or 0
+        """The MIG devices of a MIG-enabled GPU (one per compute instance; several may share a GPU instance and
+        its memory); True when their GPU instances changed since last time. A failed count keeps the last."""
+        count = self._call(gpu, "mig_count", "nvmlDeviceGetMaxMigDeviceCount", gpu.handle)
+        if count is None:
+            return False
         found: list[tuple[Any, int, int | None]] = []
         for slot in range(int(count)):
             # Not cached: an empty slot answers NOT_FOUND, and the next slot may hold an instance.
@@ -526,7 +536,7 @@ class NvmlBackend:
                 continue
             memory = self._call(gpu, None, "nvmlDeviceGetMemoryInfo", handle)
             found.append((handle, int(gi), None if memory is None else int(memory.total)))
-        changed = [gi for _, gi, _ in found] != [gi for _, gi, _ in gpu.mig_devices]
+        changed = _instances(found) != _instances(gpu.mig_devices)
         gpu.mig_devices = found
         return changed
 
@@ -539,11 +549,11 @@ class NvmlBackend:
             return False
         parts: list[tuple[int | None, float]]
         if gpu.info.mig_enabled:
-            memory = [m or 0 for _, _, m in gpu.mig_devices]
-            total = sum(memory) or 1
+            instances = _instances(gpu.mig_devices)  # GPU instance id -> its memory
+            memory = [m or 0 for m in instances.values()]
+            total = sum(memory)
             parts = [
-                (gi, (m / total) if sum(memory) else 1 / len(memory))
-                for (_, gi, _), m in zip(gpu.mig_devices, memory, strict=True)
+                (gi, m / total if total else 1 / len(memory)) for gi, m in zip(instances, memory, strict=True)
             ]
         else:
             parts = [(None, 1.0)]
@@ -599,9 +609,13 @@ class NvmlBackend:
             st.paused_until_s, st.primed, st.metric_ids = None, False, list(GPM_METRIC_IDS)
         if st.primed:
             elapsed = now_s - st.last_s  # type: ignore[operator]  # set whenever primed
-            if elapsed < GPM_MIN_INTERVAL_S - 0.005:  # (a tick's jitter is not a reason to wait a tick more)
+            if elapsed < 0:  # the wall clock stepped back: a fresh interval
+                st.primed, st.values = False, None
+            elif (
+                elapsed < GPM_MIN_INTERVAL_S - 0.005
+            ):  # (a tick's jitter is not a reason to wait a tick more)
                 return st.values  # too soon for a new interval: the last one stands
-            if elapsed > st.pause_after_s:  # after a pause: a fresh interval, not one across the pause
+            elif elapsed > st.pause_after_s:  # after a pause: a fresh interval, not one across the pause
                 st.primed, st.values = False, None
         if st.reprobe_at_s is not None and now_s >= st.reprobe_at_s:
             st.reprobe_at_s, st.metric_ids, st.metric_failures = None, list(GPM_METRIC_IDS), {}
@@ -723,21 +737,21 @@ class NvmlBackend:
     def _read_power_mw(self, gpu: _Gpu) -> Any:
         """Power now: the instantaneous field where the driver has it, else nvmlDeviceGetPowerUsage (which is a
         one-second average on Ampere and newer: a live value that lags; energy comes from the counter)."""
-        if "power_instant" not in gpu.unsupported:
-            instant = self._field_value(gpu, "power_instant", NVML_FI_DEV_POWER_INSTANT)
-            if instant is not None or "power_instant" not in gpu.unsupported:
-                return instant
+        instant = self._field_value(gpu, "power_instant", NVML_FI_DEV_POWER_INSTANT)
+        if instant is not None:
+            return instant
         return self._call(gpu, "power", "nvmlDeviceGetPowerUsage", gpu.handle)
 
     def _read_memory(self, gpu: _Gpu) -> Any:
         """An object with ``total`` and ``used`` bytes, or None."""
         memory = self._read_memory_of(gpu, gpu.handle, "")
         if memory is None and gpu.mig_devices:
-            # MIG mode: the parent handle's memory needs privileges; the instances' add up to what is in use.
-            parts = [self._read_memory_of(gpu, handle, "mig_") for handle, _, _ in gpu.mig_devices]
-            known = [m for m in parts if m is not None]
-            if known:
-                return _Memory(sum(m.total for m in known), sum(m.used for m in known))
+            # MIG mode: the parent handle's memory needs privileges; the GPU instances' add up to what is in
+            # use (one MIG device per GPU instance: its compute instances share that memory).
+            handles = {gi: h for h, gi, _ in reversed(gpu.mig_devices)}
+            parts = [self._read_memory_of(gpu, h, "mig_") for h in handles.values()]
+            if all(m is not None for m in parts):  # a part alone would pass for the whole GPU
+                return _Memory(sum(int(m.total) for m in parts), sum(int(m.used) for m in parts))
         return memory
 
     def _read_memory_of(self, gpu: _Gpu, handle: Any, prefix: str) -> Any:
@@ -763,6 +777,9 @@ class NvmlBackend:
     def _field_value(self, gpu: _Gpu, key: str, field_id: int) -> Any:
         """One field value (the per-tick path of :meth:`_field_values`)."""
         if key in gpu.unsupported:
+            return None
+        if "field_values" in gpu.unsupported:  # no field values at all: nor this one
+            gpu.unsupported.add(key)
             return None
         values = self._call(gpu, "field_values", "nvmlDeviceGetFieldValues", gpu.handle, [field_id])
         if values is None:
@@ -796,7 +813,7 @@ class NvmlBackend:
 
     def _read_slow(self, gpu: _Gpu, now_s: float) -> None:
         h = gpu.handle
-        if gpu.info.mig_enabled and self._find_mig_devices(gpu) and gpu.gpm:
+        if gpu.info.mig_enabled and self._find_mig_devices(gpu) and gpu.gpm_capable:
             self._free_gpm(gpu)  # GPU instances were created or destroyed: new streams for the new set
             self._start_gpm(gpu)
         mem_temp = self._field_values(gpu, {"mem_temp": NVML_FI_DEV_MEMORY_TEMP})["mem_temp"]
@@ -829,7 +846,8 @@ class NvmlBackend:
             # MIG mode: the parent handle's lists need privileges; each MIG device lists its own.
             parts = [self._processes_of(gpu, handle, "mig_") for handle, _, _ in gpu.mig_devices]
             if any(p is not None for p in parts):
-                found = [entry for p in parts for entry in p or ()]
+                unique = {(pid, kind): (pid, used, kind) for p in parts for pid, used, kind in p or ()}
+                found = list(unique.values())
         return found
 
     def _processes_of(self, gpu: _Gpu, handle: Any, prefix: str) -> list[tuple[int, int | None, str]] | None:
@@ -894,8 +912,10 @@ class NvmlBackend:
         def has(symbol: str) -> bool:
             try:
                 lookup(symbol)
-            except self._nvml_error:
-                return False
+            except self._nvml_error as exc:
+                if getattr(exc, "value", None) == NVML_ERROR_FUNCTION_NOT_FOUND:
+                    return False
+                raise
             return True
 
         if has("nvmlDeviceGetComputeRunningProcesses_v3"):
@@ -965,6 +985,11 @@ class NvmlBackend:
             return
         with contextlib.suppress(self._nvml_error):
             fn(*args)
+
+
+def _instances(mig_devices: list[tuple[Any, int, int | None]]) -> dict[int, int | None]:
+    """GPU instance id -> its memory, from MIG devices (compute instances) that may share an instance."""
+    return {gi: memory for _, gi, memory in reversed(mig_devices)}
 
 
 def _placeholder_info(index: int) -> GpuInfo:

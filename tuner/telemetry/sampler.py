@@ -266,6 +266,7 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self._lifecycle = threading.Lock()  # open, start and stop's hand-over of the source
         self.info = source.info
 
     def add_listener(self, listener: Listener) -> None:
@@ -277,12 +278,19 @@ class Sampler:
 
     def open(self) -> SystemInfo:
         """Open the source (discovers GPUs). Separate from :meth:`start` so callers can show state first."""
-        self.info = self.source.open()
+        with self._lifecycle:  # a stop() meanwhile waits: it must not close what is being opened
+            self.info = self.source.open()
         return self.info
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="infertop-sampler", daemon=True)
-        self._thread.start()
+        """Read on the background thread from now on; after :meth:`stop` (a quit during start-up) it only
+        closes the source."""
+        with self._lifecycle:
+            if not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="infertop-sampler", daemon=True)
+                self._thread.start()
+                return
+        self._close_source()
 
     @property
     def paused(self) -> bool:
@@ -346,7 +354,8 @@ class Sampler:
         comes back (never under its feet). A sampler that was never started is closed here."""
         self._stop.set()
         self._resume.set()
-        thread = self._thread
+        with self._lifecycle:
+            thread = self._thread
         if thread is None:
             self._close_source()
             return
