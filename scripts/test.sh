@@ -15,9 +15,9 @@ if [[ ! -x .venv/bin/python ]]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
-log "installing infertop with its dev tools"
+log "installing infertop with its dev tools and the predict extra"
 # This machine kind's pip config names local wheel folders that may be absent; drop that noise, keep errors.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,predict]' 2>&1 \
     | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 log "installing the CPU build of vLLM for the integration tests"

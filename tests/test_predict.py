@@ -159,11 +159,15 @@ def test_capacity_is_the_highest_load_inside_the_slo() -> None:
     )
     prediction = Prediction("test", WORKLOAD, True, curve)
     slo = _slo(ttft_s=0.5, tok_s_per_user=50.0)  # TPOT <= 20 ms: b <= 150; TTFT <= 0.5 s: b <= 225
-    best = prediction.at_capacity(slo)
+    best = prediction.at_capacity(slo, "users")
     assert best is not None and best.concurrency == 128
     assert prediction.capacity(slo, "users") == 128
-    e2e = best.ttft_s + 255 * best.tpot_s
-    assert prediction.capacity(slo, "rate") == pytest.approx(128 / e2e)
+    assert prediction.capacity(slo, "rate") == pytest.approx(best.output_tokens_per_s / 256)
+    # The rate objective takes the most completed requests, not the most in flight, where they differ.
+    low = [e for e in curve if e.concurrency < 128]
+    bent = (*low, Estimate(128, 0.3, 0.018, curve[-4].output_tokens_per_s * 0.8))
+    rate_best = Prediction("test", WORKLOAD, True, bent).at_capacity(slo, "rate")
+    assert rate_best is not None and rate_best.concurrency < 128
     assert Prediction("test", WORKLOAD, True, curve).capacity(_slo(0.01, 50.0)) == 0.0  # nothing meets it
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tuner.settings import Settings, SettingsError, load_settings
 
-SUBCOMMANDS = ("monitor", "record", "bench", "tune")
+SUBCOMMANDS = ("monitor", "record", "bench", "tune", "predict")
 
 EPILOG = """\
 subcommands:
@@ -191,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tui.bench_cli import run_bench_cli
 
             return run_bench_cli(argv)
+        if command == "predict":
+            from tui.predict_cli import run_predict_cli
+
+            return run_predict_cli(argv)
         return run_monitor(argv)
     except SettingsError as exc:
         return _fail(str(exc))

@@ -2,8 +2,8 @@
 
 A prediction is a curve: TTFT, TPOT and output tokens/s at each number of concurrent requests (the batch the
 server decodes), up to what the configuration's KV cache and ``max-num-seqs`` admit. Under an SLO the curve
-gives a predicted capacity: the most concurrent requests whose TTFT and per-user speed stay inside the limits,
-and the request rate that holds them (Little's law: rate = in flight / time in the system).
+gives a predicted capacity: of the loads whose TTFT and per-user speed stay inside the limits, the one that
+completes the most requests per second (or, for the users objective, the most concurrent requests).
 
 Predictions are means from a model of the GPU's kernels, not p95s from traffic: they rank candidates and say
 what to expect, and the measured trials correct them (:mod:`tuner.predict.rank`).
@@ -56,8 +56,9 @@ class Estimate:
         return self.ttft_s + max(0, workload.output_len - 1) * self.tpot_s
 
     def requests_per_s(self, workload: Workload) -> float:
-        """The arrival rate that keeps ``concurrency`` requests in flight (Little's law)."""
-        return self.concurrency / self.e2e_s(workload)
+        """The request rate this point completes: output tokens/s over tokens per request (the models cap
+        tokens/s below concurrency / TPOT where prefills share the steps, so this is the consistent figure)."""
+        return self.output_tokens_per_s / workload.output_len
 
     def meets(self, slo: Slo) -> bool:
         """Whether these (mean) figures are inside the SLO's limits."""
@@ -79,15 +80,20 @@ class Prediction:
     max_concurrency: int | None = None  # what the KV cache (and max-num-seqs) admit
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def at_capacity(self, slo: Slo) -> Estimate | None:
-        """The highest-load point of the curve that meets the SLO (None: not even one request does)."""
+    def at_capacity(self, slo: Slo, objective: str = "rate") -> Estimate | None:
+        """The point of the curve inside the SLO with the most requests/s (``"rate"``) or the most requests in
+        flight (``"users"``); None when not even one request meets it."""
         passing = [e for e in self.curve if e.meets(slo)]
-        return max(passing, key=lambda e: e.concurrency) if passing else None
+        if not passing:
+            return None
+        if objective == "users":
+            return max(passing, key=lambda e: e.concurrency)
+        return max(passing, key=lambda e: (e.output_tokens_per_s, -e.concurrency))
 
     def capacity(self, slo: Slo, objective: str = "rate") -> float:
         """The predicted capacity at the SLO: requests/s for ``"rate"``, concurrent users for ``"users"``;
         0 when it does not fit or nothing meets the SLO."""
-        best = self.at_capacity(slo) if self.fits else None
+        best = self.at_capacity(slo, objective) if self.fits else None
         if best is None:
             return 0.0
         return best.requests_per_s(self.workload) if objective == "rate" else float(best.concurrency)
