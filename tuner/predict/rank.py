@@ -1,0 +1,100 @@
+"""Predict, then measure: which candidate to launch next, and when no launch left can pay off.
+
+Every candidate has a predicted capacity (:meth:`tuner.predict.base.Prediction.capacity`). Measured trials
+calibrate it: the ratio measured / predicted, per family of configurations that the model tends to get wrong
+together (the same weights and KV-cache precision and tensor parallelism), else over all trials, else 1. The
+next launch is the untried candidate with the highest calibrated prediction whose optimistic value (calibrated
+x (1 + z x the model's error)) could still beat the incumbent by the resolution; when none can, the search
+stops, often well before its launch budget.
+
+The model's error starts at ``prior_error`` (aiconfigurator: 4-18 % on a real H100, REFERENCE.md) and is then
+the spread of the log ratios seen, never below ``floor_error`` (what measurement noise and the dimensions the
+model does not see leave).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+
+Family = Callable[[str], Hashable]
+
+
+@dataclass
+class Ranker:
+    """Orders candidates by calibrated prediction. ``predicted`` maps a candidate key to its predicted
+    capacity (0: predicted not to fit or not to meet the SLO at any load); ``family`` groups keys whose
+    errors go together."""
+
+    predicted: Mapping[str, float]
+    family: Family = lambda key: None
+    prior_error: float = 0.25  # relative, one standard deviation, before any trial
+    floor_error: float = 0.05
+    z: float = 2.0  # one-sided 97.7 %: an untried family is given up only when it is far below
+    resolution: float = 0.02  # a contender must promise this much more than the incumbent
+    measured: dict[str, float] = field(default_factory=dict)  # key -> measured capacity (0: failed)
+
+    def record(self, key: str, capacity: float) -> None:
+        """A trial's measured capacity (0 for a launch that failed or held no load)."""
+        self.measured[key] = capacity
+
+    def _log_ratios(self, keys: list[str]) -> list[float]:
+        return [
+            math.log(self.measured[k] / self.predicted[k])
+            for k in keys
+            if self.measured.get(k, 0) > 0 and self.predicted.get(k, 0) > 0
+        ]
+
+    def calibration(self, key: str) -> tuple[float, float]:
+        """(measured / predicted to expect for ``key``, its relative error): from the key's family when it
+        has trials, else from every trial, else (1, prior error)."""
+        own = [k for k in self.measured if self.family(k) == self.family(key)]
+        ratios = self._log_ratios(own)
+        pooled = self._log_ratios(list(self.measured))
+        if ratios:
+            spread = statistics.pstdev(pooled) if len(pooled) >= 2 else self.prior_error / 2
+            return math.exp(statistics.fmean(ratios)), max(
+                self.floor_error, spread / math.sqrt(len(ratios)) + self.floor_error
+            )
+        if pooled:
+            # Another family's trials say something about the model's bias, not much about this family's.
+            spread = statistics.pstdev(pooled) if len(pooled) >= 2 else 0.0
+            return math.exp(statistics.fmean(pooled)), max(self.prior_error, spread)
+        return 1.0, self.prior_error
+
+    def expected(self, key: str) -> float:
+        ratio, _ = self.calibration(key)
+        return self.predicted.get(key, 0.0) * ratio
+
+    def optimistic(self, key: str) -> float:
+        ratio, error = self.calibration(key)
+        return self.predicted.get(key, 0.0) * ratio * (1 + self.z * error)
+
+    def incumbent(self) -> tuple[str, float] | None:
+        """The best measured so far."""
+        if not self.measured:
+            return None
+        key = max(self.measured, key=lambda k: self.measured[k])
+        return key, self.measured[key]
+
+    def next(self, tried: set[str] | None = None) -> str | None:
+        """The candidate to launch next, or None when no untried one could beat the incumbent."""
+        tried = set(self.measured) | set(tried or ())
+        best = self.incumbent()
+        bar = best[1] * (1 + self.resolution) if best is not None else 0.0
+        open_keys = [k for k, p in self.predicted.items() if k not in tried and p > 0]
+        contenders = [k for k in open_keys if self.optimistic(k) > bar]
+        if not contenders:
+            return None
+        return max(contenders, key=lambda k: (self.expected(k), self.optimistic(k)))
+
+    def why(self, key: str) -> str:
+        """One line for the event log: what is predicted and how sure."""
+        ratio, error = self.calibration(key)
+        calibrated = "" if not self.measured else f", {ratio:.2f}x as trials so far measured"
+        return (
+            f"predicted {self.predicted.get(key, 0.0):.3g}{calibrated}: expect {self.expected(key):.3g} "
+            f"± {100 * error:.0f} %"
+        )
