@@ -112,6 +112,11 @@ def tune_parser() -> argparse.ArgumentParser:
         help="skip relaunching vLLM from the exported YAML (the proof and the production check): UNVERIFIED",
     )
     parser.add_argument("--cpu", action="store_true", help="tune the CPU build of vLLM (no NVML)")
+    parser.add_argument(
+        "--no-predict",
+        action="store_true",
+        help="do not rank candidates by the performance model (infertop[predict]); follow the evidence only",
+    )
     parser.add_argument("--headless", action="store_true", help="progress lines instead of the TUI")
     parser.add_argument(
         "--json", action="store_true", help="print the report as JSON on stdout (implies --headless)"
@@ -167,6 +172,7 @@ def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> Tun
         prove=not args.no_prove,
         price_per_gpu_hour=args.price_per_gpu_hour,
         gpus=not args.cpu,
+        predict=not args.no_predict,
         objective=args.objective,
     )
 
@@ -188,9 +194,11 @@ class HeadlessProgress:
             )
             goal = "highest arrival rate" if event.objective == "rate" else "most concurrent users"
             cpus = f"\ninfertop tune: {event.cpu_note}" if event.cpu_note else ""
+            predicted = f"\ninfertop tune: {event.prediction}" if event.prediction else ""
             return (
                 f"{event.model} on {event.hardware}; SLO {event.slo}; goal: the {goal} within it; "
                 f"{event.candidates_total} feasible configs, budget {event.launch_budget} launches{resumed}{cpus}"
+                f"{predicted}"
             )
         if isinstance(event, ev.TrialStarted):
             return f"launch {event.index}: {event.label} ({event.why})"
@@ -215,7 +223,7 @@ class HeadlessProgress:
         if isinstance(event, ev.PhaseRepeated):
             return f"  {event.load_label}: {event.why}"
         if isinstance(event, ev.TrialFinished):
-            return f"  {event.status}: {event.reason}"
+            return f"  {event.status}: {event.reason}{predicted_beside_measured(event)}"
         if isinstance(event, ev.BestChanged):
             note = f" ({event.note})" if event.note else ""
             return f"  best so far: {event.label}, {event.load_label}, {event.output_tokens_per_s:,.0f} tok/s{note}"
@@ -265,3 +273,13 @@ def run_tune_cli(argv: Sequence[str]) -> int:
     if result.headline:  # the last line says what the run found, whatever came before
         sys.stderr.write(f"infertop tune: {result.headline}\n")
     return result.exit_code
+
+
+def predicted_beside_measured(event: ev.TrialFinished) -> str:
+    """``"; measured 0.83x the prediction (37.4)"``: where a trial stands against the performance model. A
+    miss is a finding (a client or front-end limit, throttling, a driver setting), not noise."""
+    if event.predicted is None or event.measured is None:
+        return ""
+    if event.predicted <= 0:
+        return f"; predicted to hold nothing, measured {event.measured:.3g}"
+    return f"; measured {event.measured / event.predicted:.2f}x the prediction ({event.predicted:.3g})"

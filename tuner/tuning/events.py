@@ -25,6 +25,7 @@ class TuneStarted:
     tok_s_per_user_min: float | None = None
     objective: str = "rate"  # "rate": highest arrival rate within the SLO; "users": most concurrent users
     cpu_note: str = ""  # how client and server were placed on the host's cores
+    prediction: str = ""  # the performance model ranking the candidates, or why there is none
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TrialStarted:
     config: dict[str, Any]  # dashed vLLM options (what the YAML would hold)
     index: int  # 1-based launch number
     why: str  # why the search picked it
+    predicted: float | None = None  # the model's capacity for it (the objective's unit), None: no prediction
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class TrialFinished:
     best_output_tokens_per_s: float | None = None
     log_tail: str = ""
     capacity: str = ""  # "2.4 req/s (2.7 req/s did not)"
+    predicted: float | None = None  # the model's capacity (the objective's unit); None: no prediction
+    measured: float | None = None  # the capacity measured, same unit (0: nothing met the SLO)
 
 
 @dataclass(frozen=True)

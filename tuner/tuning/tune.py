@@ -25,6 +25,9 @@ from typing import Any
 
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
 from tuner.loadgen.vocab import vocab_size_from_dir
+from tuner.predict import aic
+from tuner.predict.base import PredictError, Prediction, Workload
+from tuner.predict.rank import Ranker
 from tuner.serving.affinity import pin_process, plan_cpus
 from tuner.serving.launcher import LaunchError
 from tuner.serving.leftovers import create_time_of, stop_leftover
@@ -95,6 +98,7 @@ class TuneConfig:
     price_per_gpu_hour: float | None = None
     gpus: bool = True  # read NVML (False: tune the CPU build)
     pin_cpus: str = "auto"  # "auto", "off" or "SERVER:CLIENT" cpu lists (tuner.serving.affinity)
+    predict: bool = True  # rank candidates by a performance model where one covers the GPU (tuner.predict)
     verdict: VerdictPlan = field(default_factory=VerdictPlan)
 
 
@@ -187,6 +191,8 @@ class Tuner:
         self._listener: ev.Listener = lambda e: None
         self._cancel = threading.Event()
         self._store: TrialStore | None = None
+        self.predictions: dict[str, Prediction] = {}  # candidate key -> the model's prediction
+        self.prediction_note = ""  # the model's source, or why candidates are not predicted
 
     # --- the run ---------------------------------------------------------------------------------------------
 
@@ -253,6 +259,7 @@ class Tuner:
         self.launches = sum(
             1 for o in outcomes.values() if o.startup_s is not None or o.status is TrialStatus.FAILED
         )
+        self._predict(feasible)
         self.sampler.open()
         self.sampler.start()
         self._emit(
@@ -260,7 +267,7 @@ class Tuner:
                 self.config.model, self.config.slo.describe(), self.hardware_label, len(feasible), budget,
                 len(outcomes), str(self.config.store_path), self.config.slo.ttft_p95_max_s,
                 self.config.slo.tok_s_per_user_min, self.objective,
-                "; ".join(filter(None, [self.cpu_plan.note, *notes])),
+                "; ".join(filter(None, [self.cpu_plan.note, *notes])), self.prediction_note,
             )
         )  # fmt: skip
         for key, done in outcomes.items():  # what a resumed run already knows, so watchers show it too
@@ -296,7 +303,128 @@ class Tuner:
             winner, defaults, trials, self.launches, stopped, outputs, report, verdict, headline, exit_code
         )
 
+    def _predict(self, feasible: list[Candidate]) -> None:
+        """Predict every feasible candidate where a performance model covers this GPU (tuner.predict)."""
+        if not self.config.predict:
+            self.prediction_note = "no prediction (--no-predict): the search follows the evidence"
+            return
+        if self.hardware.is_cpu:
+            self.prediction_note = "no prediction for vLLM's CPU build: the search follows the evidence"
+            return
+        if not aic.available():
+            self.prediction_note = (
+                f"no performance model installed ({aic.INSTALL_HINT}): the search follows the evidence"
+            )
+            return
+        system = aic.system_for(self.hardware.gpu_name)
+        if system is None:
+            self.prediction_note = (
+                f"aiconfigurator has no data for {self.hardware.gpu_name}: the search follows the evidence"
+            )
+            return
+        workload = Workload(self.config.input_len, self.config.output_len)
+        try:
+            model = aic.AiconfiguratorModel(self.config.model, self.shape, system)
+        except PredictError as exc:
+            self.prediction_note = f"{exc}: the search follows the evidence"
+            return
+        for candidate in [self.space.baseline(), *feasible]:
+            with contextlib.suppress(PredictError):  # an option it does not model: that one goes unpredicted
+                self.predictions.setdefault(
+                    candidate.key(), model.predict(candidate, self.hardware, workload)
+                )
+        self.prediction_note = f"ranked by {model.source} ({len(self.predictions)} candidates predicted)"
+
+    def predicted_capacity(self, candidate: Candidate) -> float | None:
+        prediction = self.predictions.get(candidate.key())
+        return None if prediction is None else prediction.capacity(self.config.slo, self.objective)
+
     def _search(
+        self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
+    ) -> str | None:
+        if any(self.predicted_capacity(c) for c in self.space.feasible()):
+            return self._search_predicted(store, outcomes, budget, defaults)
+        return self._search_evidence(store, outcomes, budget, defaults)
+
+    def _search_predicted(
+        self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
+    ) -> str | None:
+        """Predict, then measure: vLLM's defaults first (the reference every result is compared with), then the
+        best calibrated prediction that could still beat the incumbent (tuner.predict.rank); stops when none
+        can. Returns why it stopped early ("interrupted") or None."""
+        candidates = {c.key(): c for c in [defaults, *self.space.feasible()]}  # the defaults calibrate too
+        predicted = {k: self.predicted_capacity(c) or 0.0 for k, c in candidates.items()}
+        ranker = Ranker(
+            predicted,
+            family=lambda k: (
+                candidates[k].quantization,
+                candidates[k].kv_cache_dtype,
+                candidates[k].tensor_parallel_size,
+            ),
+        )
+        incumbent: TrialOutcome | None = None
+        for o in outcomes.values():  # a resumed run's trials calibrate the model too
+            if o.candidate.key() in predicted:
+                ranker.record(o.candidate.key(), self._measured(o))
+            if o.feasible and (incumbent is None or self._prefer(o, incumbent)):
+                incumbent = o
+        queue: list[tuple[Candidate, str]] = [(defaults, "vLLM's defaults: the configuration to beat")]
+        tried: set[str] = set(outcomes)
+        while True:
+            if self._cancel.is_set():
+                return "interrupted"
+            if queue:
+                candidate, why = queue.pop(0)
+            else:
+                key = ranker.next(tried)
+                if key is None:
+                    self.note = "no untried configuration could beat the best, given the model's error so far"
+                    break
+                candidate, why = candidates[key], ranker.why(key)
+            key = candidate.key()
+            if key in tried and key in outcomes:
+                continue
+            tried.add(key)
+            if self.launches >= budget:
+                self.note = f"launch budget of {budget} used"
+                break
+            outcome = self._trial(store, candidate, why, incumbent)
+            if outcome is None:
+                return "interrupted"
+            outcomes[key] = outcome
+            if key in predicted:
+                ranker.record(key, self._measured(outcome))
+            incumbent = self._consider(outcome, incumbent)
+        return None
+
+    def _measured(self, outcome: TrialOutcome) -> float:
+        """A trial's capacity in the objective's unit (0: it failed or nothing met the SLO)."""
+        return (outcome.capacity.lo or 0.0) if outcome.feasible and outcome.capacity else 0.0
+
+    def _consider(self, outcome: TrialOutcome, incumbent: TrialOutcome | None) -> TrialOutcome | None:
+        """The incumbent after ``outcome``: it, when it beats the incumbent or ties closer to the defaults."""
+        if not outcome.feasible or (incumbent is not None and not self._prefer(outcome, incumbent)):
+            return incumbent
+        tie = incumbent is not None and not beats(
+            self.capacity_of(outcome), self.capacity_of(incumbent), self.config.resolution
+        )
+        note = (
+            f"ties with {self.label(incumbent.candidate)} within the uncertainty; kept the one closer to "
+            "vLLM's defaults"
+            if tie and incumbent is not None
+            else ""
+        )
+        best = self.capacity_of(outcome).best
+        assert best is not None
+        self._emit(
+            ev.BestChanged(
+                outcome.candidate.key(), self.label(outcome.candidate), best.output_tokens_per_s, best.load.label(),
+                note,
+            )
+        )  # fmt: skip
+        return outcome
+
+    def _search_evidence(
         self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
     ) -> str | None:
         """Coordinate search from vLLM's defaults. Returns why it stopped early ("interrupted") or None."""
@@ -324,28 +452,7 @@ class Tuner:
                 outcomes[candidate.key()] = outcome
             if outcome.failure_kind == "unsupported_option" or "(unsupported option)" in outcome.reason:
                 self._rejected.update(self._moves.get(candidate.key(), {}).items())
-            if outcome.feasible and (incumbent is None or self._prefer(outcome, incumbent)):
-                tie = incumbent is not None and not beats(
-                    self.capacity_of(outcome), self.capacity_of(incumbent), self.config.resolution
-                )
-                note = (
-                    f"ties with {self.label(incumbent.candidate)} within the uncertainty; kept the one closer to "
-                    "vLLM's defaults"
-                    if tie and incumbent is not None
-                    else ""
-                )
-                incumbent = outcome
-                best = self.capacity_of(outcome).best
-                assert best is not None
-                self._emit(
-                    ev.BestChanged(
-                        candidate.key(),
-                        self.label(candidate),
-                        best.output_tokens_per_s,
-                        best.load.label(),
-                        note,
-                    )
-                )
+            incumbent = self._consider(outcome, incumbent)
             if not queue:
                 queue = self._next_moves(incumbent or outcome, tried)
         return None
@@ -430,7 +537,12 @@ class Tuner:
             return outcome
         self.launches += 1
         key = candidate.key()
-        self._emit(ev.TrialStarted(key, self.label(candidate), candidate.config_dict(), self.launches, why))
+        self._emit(
+            ev.TrialStarted(
+                key, self.label(candidate), candidate.config_dict(), self.launches, why,
+                self.predicted_capacity(candidate),
+            )
+        )  # fmt: skip
         store.record_start(candidate)
         runner = self.runner()
         plan = CapacityPlan(
@@ -503,9 +615,11 @@ class Tuner:
 
     def _finished_event(self, key: str, o: TrialOutcome) -> ev.TrialFinished:
         best = o.capacity.best if o.capacity else None
+        measured = self._measured(o) if o.status is TrialStatus.FEASIBLE else None
         return ev.TrialFinished(
             key, self.label(o.candidate), o.status.value, o.reason, best.load.label() if best else None,
             best.output_tokens_per_s if best else None, o.log_tail, o.capacity.describe() if o.capacity else "",
+            self.predicted_capacity(o.candidate), measured,
         )  # fmt: skip
 
     # --- the end: export, verdict, report -------------------------------------------------------------------
