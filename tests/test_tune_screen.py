@@ -202,9 +202,15 @@ def run_script(verdict: str = "proven") -> list[tuple[float, TuneEvent]]:
                 SLO.ttft_p95_max_s,
                 SLO.tok_s_per_user_min,
                 "rate",
+                prediction="ranked by aiconfigurator 0.12.0, h100_sxm, vLLM data 0.24.0 (49 candidates predicted)",
             ),
         ),
-        (1.0, TrialStarted(DEFAULTS, "vLLM defaults", {}, 1, "the baseline: vLLM's own defaults")),
+        (
+            1.0,
+            TrialStarted(
+                DEFAULTS, "vLLM defaults", {}, 1, "the baseline: vLLM's own defaults", predicted=10.4
+            ),
+        ),
         (112.4, ServerReady(DEFAULTS, URL, 112.4, 4242)),
     ]
     for point in DEFAULTS_SCOUTS:
@@ -227,6 +233,8 @@ def run_script(verdict: str = "proven") -> list[tuple[float, TuneEvent]]:
                 DEFAULTS_CAPACITY.label(),
                 2337.0,
                 capacity="9.13 req/s (9.65 req/s did not)",
+                predicted=10.4,
+                measured=9.13,
             ),
         ),
         (0.0, BestChanged(DEFAULTS, "vLLM defaults", 2337.0, DEFAULTS_CAPACITY.label())),
@@ -237,7 +245,8 @@ def run_script(verdict: str = "proven") -> list[tuple[float, TuneEvent]]:
                 "fp8 w, fp8 kv",
                 {"quantization": "fp8", "kv-cache-dtype": "fp8"},
                 2,
-                "DRAM bandwidth bound: FP8 halves the bytes per token",
+                "predicted 21.4: expect 18.8 ± 27 %",
+                predicted=21.4,
             ),
         ),
         (
@@ -253,7 +262,8 @@ def run_script(verdict: str = "proven") -> list[tuple[float, TuneEvent]]:
                 BIG_LABEL,
                 {"max-num-seqs": 512, "max-num-batched-tokens": 16384},
                 3,
-                "requests waited with KV cache to spare: a larger batch",
+                "predicted 17.9, 0.88x as trials so far measured: expect 15.7 ± 27 %",
+                predicted=17.9,
             ),
         ),
         (98.7, ServerReady(BIG_BATCH, URL, 98.7, 4311)),
@@ -283,6 +293,8 @@ def run_script(verdict: str = "proven") -> list[tuple[float, TuneEvent]]:
                 BIG_CAPACITY.label(),
                 4090.0,
                 capacity="16.1 req/s (17 req/s did not)",
+                predicted=17.9,
+                measured=16.1,
             ),
         ),
         (0.0, BestChanged(BIG_BATCH, BIG_LABEL, 4090.0, BIG_CAPACITY.label())),
@@ -650,7 +662,8 @@ async def test_the_candidates_telemetry_and_the_phase_under_way_are_shown() -> N
         best = text_of(screen.query_one(BestPanel))
         assert "best so far #1 vLLM defaults" in best and "vLLM's defaults themselves" in best
         row = screen.query_one(TrialTable).get_row(BIG_BATCH)
-        assert row[3].plain == "15.2 req/s" and row[4].plain == "3,870"  # the best so far, provisional
+        assert row[3].plain == "15.2 req/s" and row[5].plain == "3,870"  # the best so far, provisional
+        assert row[4].plain == "≈17.9"  # running: the model's prediction, until measured
         app.cancel.set()
 
 
@@ -735,7 +748,7 @@ async def test_a_tie_is_said_in_the_best_panel_and_the_log() -> None:
             log = screen.query_one(EventLog).plain
             assert f"new best #4 seqs 512: 14.8 req/s, 3,790 tok/s ({note})" in log
             row = screen.query_one(TrialTable).get_row(seqs)  # from the store's figures: no points
-            assert [cell.plain for cell in row[3:5]] == ["14.8 req/s", "3,790"]
+            assert [cell.plain for cell in (row[3], row[5])] == ["14.8 req/s", "3,790"]
 
 
 async def test_s_asks_first_then_stops_the_run_and_keeps_the_results_on_screen() -> None:
@@ -948,3 +961,21 @@ def test_tune_snapshot(snap_compare: Any, moment: str, size: tuple[int, int]) ->
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_the_model_column_shows_the_prediction_then_measured_over_predicted() -> None:
+    from tui.tune_state import TuneRun
+    from tui.widgets.trial_table import model_cell
+
+    state = TuneRun()
+    state.apply(TrialStarted("k", "fp8 w", {}, 2, "predicted 40", predicted=40.0), 0.0)
+    assert model_cell(state.trials["k"]).plain == "≈40.0"
+    state.apply(TrialFinished("k", "fp8 w", "feasible", "ok", predicted=40.0, measured=22.0), 1.0)
+    cell = model_cell(state.trials["k"])
+    assert cell.plain == "0.55x" and "red" in str(cell.style)  # far off: a finding
+    state.apply(TrialFinished("j", "bf16", "feasible", "ok", predicted=20.0, measured=19.0), 2.0)
+    assert model_cell(state.trials["j"]).plain == "0.95x" and "green" in str(
+        model_cell(state.trials["j"]).style
+    )
+    state.apply(TrialFinished("n", "defaults", "feasible", "ok"), 3.0)
+    assert model_cell(state.trials["n"]).plain == "–"

@@ -118,6 +118,15 @@ class TrialView:
     startup_s: float | None = None
     started_at_s: float | None = None  # screen clock when the launch began
     log_tail: str = ""
+    predicted: float | None = None  # the performance model's capacity (the objective's unit)
+    measured: float | None = None  # the capacity measured, same unit, once finished
+
+    @property
+    def vs_prediction(self) -> float | None:
+        """Measured over predicted capacity (None until both are known)."""
+        if self.predicted is None or self.measured is None or self.predicted <= 0:
+            return None
+        return self.measured / self.predicted
 
     @property
     def running(self) -> bool:
@@ -323,7 +332,12 @@ class TuneRun:
                 self.limits = SloLimits.from_description(event.slo)
         elif isinstance(event, TrialStarted):
             self.trials[event.key] = TrialView(
-                key=event.key, label=event.label, index=event.index, why=event.why, started_at_s=now_s
+                key=event.key,
+                label=event.label,
+                index=event.index,
+                why=event.why,
+                started_at_s=now_s,
+                predicted=event.predicted,
             )
             self.current_key = self.last_key = event.key
             self.phase = None
@@ -398,6 +412,8 @@ class TuneRun:
             best_output_tokens_per_s=event.best_output_tokens_per_s,
             capacity=event.capacity,
             log_tail=event.log_tail,
+            predicted=event.predicted if event.predicted is not None else trial.predicted,
+            measured=event.measured,
         )
         if event.key == self.current_key:
             self.current_key = None

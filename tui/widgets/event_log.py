@@ -38,10 +38,13 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
 
     if isinstance(event, TuneStarted):
         resumed = f", {event.resumed_trials} trials resumed" if event.resumed_trials else ""
-        return Text(
+        line = Text(
             f"tuning {event.model}: {event.candidates_total} candidates, "
             f"up to {event.launch_budget} launches{resumed}; trials stored in {event.store_path}"
         )
+        if event.prediction:
+            line.append(f"; {event.prediction}", style="dim")
+        return line
     if isinstance(event, TrialStarted):
         return Text.assemble((f"#{event.index} launching ", "bold"), event.label, (f" ({event.why})", "dim"))
     if isinstance(event, ServerReady):
@@ -74,7 +77,14 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
         return Text(event.headline, style=tfmt.verdict_style(event.exit_code))
     if isinstance(event, TrialFinished):
         style = tfmt.STATUS_STYLES.get(event.status, "")
-        return Text.assemble((f"{trial(event.key)} {event.status}", style), ": ", event.reason)
+        line = Text.assemble((f"{trial(event.key)} {event.status}", style), ": ", event.reason)
+        if event.predicted and event.measured is not None:
+            ratio = event.measured / event.predicted
+            line.append(
+                f" ({ratio:.2f}x the model's {event.predicted:.3g})",
+                style="dim" if 0.85 <= ratio <= 1.15 else "yellow",
+            )
+        return line
     if isinstance(event, BestChanged):
         return Text.assemble(
             ("new best ", "bold green"),

@@ -20,6 +20,7 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("config", "label", LABEL_W),
     ("status", "status", 11),
     ("load", "load", 11),
+    ("vs model", "model", 8),
     ("out tok/s", "tok_s", 9),
     ("TTFT p95", "ttft", 8),
     ("tok/s/user", "user", 10),
@@ -30,6 +31,18 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
 
 def _right(text: str, style: str = "") -> Text:
     return Text(text, style=style, justify="right")
+
+
+def model_cell(trial: TrialView) -> Text:
+    """Measured against the performance model: "0.83x" once finished (far off is a finding, in colour),
+    "≈37.4" (the predicted capacity) while it runs, "–" without a prediction."""
+    ratio = trial.vs_prediction
+    if ratio is not None:
+        style = "green" if 0.85 <= ratio <= 1.15 else "yellow" if 0.65 <= ratio <= 1.5 else "bold red"
+        return _right(f"{ratio:.2f}x", style)
+    if trial.predicted is not None and trial.predicted > 0:
+        return _right(f"≈{fmt.number(trial.predicted, 1)}", "dim")
+    return _right("–", "dim")
 
 
 def row_cells(trial: TrialView) -> tuple[Text, ...]:
@@ -44,6 +57,7 @@ def row_cells(trial: TrialView) -> tuple[Text, ...]:
         load, tok_s = trial.result_load_label, trial.result_tok_s
         numbers = [
             _right(load or "–", "" if load else "dim"),
+            model_cell(trial),
             _right(fmt.number(tok_s), "bold green" if trial.status == "feasible" else "")
             if tok_s is not None
             else _right("–", "dim"),
@@ -54,6 +68,7 @@ def row_cells(trial: TrialView) -> tuple[Text, ...]:
         tok_s = trial.result_tok_s
         numbers = [
             _right(point.load_label, muted),
+            model_cell(trial),
             _right(fmt.number(tok_s), "bold green" if trial.status == "feasible" else muted),
             _right(fmt.seconds(point.ttft_p95_s), muted),
             _right(fmt.number(user_tok_s(point), 1), muted),
@@ -81,7 +96,7 @@ class TrialTable(DataTable[Text]):
 
     def on_mount(self) -> None:
         for label, key, width in COLUMNS:
-            numeric = key in ("index", "load", "tok_s", "ttft", "user")
+            numeric = key in ("index", "load", "model", "tok_s", "ttft", "user")
             self.add_column(Text(label, justify="right" if numeric else "left"), key=key, width=width)
 
     @property
