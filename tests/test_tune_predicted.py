@@ -67,7 +67,7 @@ def _run(
 
     monkeypatch.setattr(tuner, "_trial", fake_trial)
     seen: list[ev.TuneEvent] = []
-    tuner.run(seen.append)
+    tuner.result = tuner.run(seen.append)  # type: ignore[attr-defined]
     return launched, seen
 
 
@@ -84,6 +84,13 @@ def test_defaults_first_then_the_predicted_best_then_it_stops_before_the_budget(
     assert len(launched) < 20 and "could beat" in (tuner.note or "")
     trials = [e for e in seen if isinstance(e, ev.TrialStarted)]
     assert trials[1].predicted is not None and "predicted" in trials[1].why and "expect" in trials[1].why
+    report = tuner.result.report  # type: ignore[attr-defined]
+    assert report["prediction"].startswith("ranked by aiconfigurator")
+    row = next(t for t in report["trials"] if t["key"] == launched[1].key())
+    assert row["predicted"] == pytest.approx(tuner.predicted_capacity(launched[1]))
+    assert row["prediction"]["source"].startswith("aiconfigurator") and row["prediction"]["concurrency"] > 1
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| vs model |" in markdown and "0.90x (" in markdown and "Search order: ranked by" in markdown
 
 
 def test_a_family_the_model_overrates_hands_the_lead_to_another(

@@ -321,6 +321,7 @@ class Trial:
     startup_s: float | None
     distance: int | None  # dimensions set beyond vLLM's defaults
     capacity: Capacity | None
+    predicted: float | None = None  # the performance model's capacity (the objective's unit)
 
     @property
     def points(self) -> tuple[Point, ...]:
@@ -351,6 +352,7 @@ class Trial:
             startup_s=as_number(data.get("startup_s")),
             distance=None if distance is None else int(distance),
             capacity=capacity,
+            predicted=as_number(data.get("predicted")),
         )
 
 

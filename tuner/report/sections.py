@@ -413,6 +413,9 @@ def _about(run: Run) -> list[Block]:
     cpu = as_text(raw.get("cpu"))
     if cpu:
         items.append(("CPU: ", cpu))
+    prediction = as_text(raw.get("prediction"))
+    if prediction:
+        items.append(("Search order: ", prediction))
     budget = as_text(raw.get("budget_note"))
     exit_code = as_number(raw.get("exit_code"))
     items.append(
@@ -558,6 +561,7 @@ def _trial_table(run: Run) -> list[Block]:
                 _name(run, t),
                 t.status,
                 _bracket(t.capacity),
+                _vs_model(t),
                 _tok_s(best),
                 _ttft(best),
                 _bound(best),
@@ -571,7 +575,8 @@ def _trial_table(run: Run) -> list[Block]:
             (
                 "Best first (the ranking; unranked trials held nothing or did not run). ★ marks the exported "
                 "configuration. Throughput and TTFT are at the best load each trial held, with their 90 % "
-                "intervals.",
+                'intervals. "vs model": the capacity measured over the performance model\'s prediction (in '
+                "brackets); far from 1.00x is a finding: a client or front-end limit, throttling, a setting.",
             )
         ),
         Table(
@@ -580,6 +585,7 @@ def _trial_table(run: Run) -> list[Block]:
                 "configuration",
                 "status",
                 "capacity",
+                "vs model",
                 "output tok/s (90 % interval)",
                 "TTFT p95, s (90 % interval)",
                 "bound by",
@@ -587,9 +593,20 @@ def _trial_table(run: Run) -> list[Block]:
                 "reason",
             ),
             tuple(rows),
-            (True, False, False, False, True, True, False, True, False),
+            (True, False, False, False, True, True, True, False, True, False),
         ),
     ]
+
+
+def _vs_model(t: Trial) -> str:
+    """``"0.88x (10.4)"``: measured capacity over the model's prediction; the prediction alone when the
+    trial measured nothing; "-" without a prediction."""
+    if t.predicted is None:
+        return "-"
+    measured = t.capacity.lo if t.capacity else None
+    if measured is None or t.predicted <= 0:
+        return f"predicted {t.predicted:.3g}"
+    return f"{measured / t.predicted:.2f}x ({t.predicted:.3g})"
 
 
 def _role(p: Point, capacity: Capacity | None) -> str:

@@ -97,6 +97,8 @@ def build_report(
                 "startup_s": o.startup_s,
                 "distance_from_defaults": tuner.distance(o),
                 "capacity": o.capacity.to_dict() if o.capacity else None,
+                "predicted": tuner.predicted_capacity(o.candidate),
+                "prediction": _prediction_summary(tuner, o.candidate),
             }
         )
     rank_keys = [o.candidate.key() for o in ranked]
@@ -138,6 +140,7 @@ def build_report(
         "launches": tuner.launches,
         "grid_size": len(tuner.space.feasible()),
         "budget_note": tuner.note,
+        "prediction": tuner.prediction_note or None,
         "trials": trials,
         "ranking": rank_keys,
         "ties": ties,
@@ -148,4 +151,21 @@ def build_report(
         "verdict": verdict.to_dict() if verdict else None,
         "price_per_gpu_hour": cfg.price_per_gpu_hour,
         "interrupted": stopped == "interrupted",
+    }
+
+
+def _prediction_summary(tuner: Tuner, candidate: Candidate) -> dict[str, Any] | None:
+    """The model's figures at its predicted capacity for ``candidate`` (None: not predicted)."""
+    prediction = tuner.predictions.get(candidate.key())
+    if prediction is None:
+        return None
+    point = prediction.at_capacity(tuner.config.slo, tuner.objective) if prediction.fits else None
+    return {
+        "source": prediction.source,
+        "fits": prediction.fits,
+        "reason": prediction.reason,
+        "concurrency": None if point is None else point.concurrency,
+        "output_tokens_per_s": None if point is None else point.output_tokens_per_s,
+        "ttft_s": None if point is None else point.ttft_s,
+        "tpot_s": None if point is None else point.tpot_s,
     }
