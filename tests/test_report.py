@@ -829,7 +829,9 @@ def test_version_1_gets_a_limited_view(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# REPORT OF AN OLDER INFERTOP (format version 1): limited view")
     assert "## Verdict" not in md
-    assert "| 128 users held; 256 users did not | - | 7,225 | 0.50 | GPU compute |" in _row(md, "vLLM defaults ★")
+    assert "| 128 users held; 256 users did not | - | 7,225 | 0.50 | GPU compute |" in _row(
+        md, "vLLM defaults ★"
+    )
     assert "KV cache too small" in _row(md, "len 131072")
     assert "| measured: ceiling | 256 users | **fail** |" in md
     assert "within the SLO on point estimates" in _row(md, "| measured: capacity | 128 users |")
