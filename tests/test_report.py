@@ -603,7 +603,7 @@ def test_trials_table_is_in_ranking_order_with_brackets_and_intervals(
         "seqs 1024, mem 0.99",
     ]
     assert rows[0].startswith("| 1 |") and rows[2].startswith("| 3 |") and rows[3].startswith("| - |")
-    assert "| 32.1 req/s held; 34 req/s did not | - | 8,218 (7,889-8,547) | 1.02 (0.90-1.18) |" in rows[0]
+    assert "| 32.1 req/s held; 34 req/s did not | - | - | 8,218 (7,889-8,547) | 1.02 (0.90-1.18) |" in rows[0]
     assert "| 23.9 req/s held; 25.2 req/s did not |" in rows[2]
     assert "KV cache too small for one 131,072-token sequence" in rows[3]
     failed = rows[4]
@@ -829,7 +829,7 @@ def test_version_1_gets_a_limited_view(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# REPORT OF AN OLDER INFERTOP (format version 1): limited view")
     assert "## Verdict" not in md
-    assert "| 128 users held; 256 users did not | - | 7,225 | 0.50 | GPU compute |" in _row(
+    assert "| 128 users held; 256 users did not | - | - | 7,225 | 0.50 | GPU compute |" in _row(
         md, "vLLM defaults ★"
     )
     assert "KV cache too small" in _row(md, "len 131072")

@@ -89,6 +89,8 @@ def test_defaults_first_then_the_predicted_best_then_it_stops_before_the_budget(
     row = next(t for t in report["trials"] if t["key"] == launched[1].key())
     assert row["predicted"] == pytest.approx(tuner.predicted_capacity(launched[1]))
     assert row["prediction"]["source"].startswith("aiconfigurator") and row["prediction"]["concurrency"] > 1
+    roofline = row["roofline"]  # 4 requests in flight in these scripted trials
+    assert roofline["concurrency"] == 4 and 0 < roofline["pct_of_ceiling"] < 100
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| vs model |" in markdown and "0.90x (" in markdown and "Search order: ranked by" in markdown
 

@@ -322,6 +322,7 @@ class Trial:
     distance: int | None  # dimensions set beyond vLLM's defaults
     capacity: Capacity | None
     predicted: float | None = None  # the performance model's capacity (the objective's unit)
+    pct_of_ceiling: float | None = None  # best load's tok/s over the memory-bandwidth decode ceiling, %
 
     @property
     def points(self) -> tuple[Point, ...]:
@@ -353,6 +354,7 @@ class Trial:
             distance=None if distance is None else int(distance),
             capacity=capacity,
             predicted=as_number(data.get("predicted")),
+            pct_of_ceiling=as_number(as_mapping(data.get("roofline")).get("pct_of_ceiling")),
         )
 
 

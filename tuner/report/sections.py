@@ -562,6 +562,7 @@ def _trial_table(run: Run) -> list[Block]:
                 t.status,
                 _bracket(t.capacity),
                 _vs_model(t),
+                "-" if t.pct_of_ceiling is None else f"{t.pct_of_ceiling:.0f} %",
                 _tok_s(best),
                 _ttft(best),
                 _bound(best),
@@ -576,7 +577,9 @@ def _trial_table(run: Run) -> list[Block]:
                 "Best first (the ranking; unranked trials held nothing or did not run). ★ marks the exported "
                 "configuration. Throughput and TTFT are at the best load each trial held, with their 90 % "
                 'intervals. "vs model": the capacity measured over the performance model\'s prediction (in '
-                "brackets); far from 1.00x is a finding: a client or front-end limit, throttling, a setting.",
+                "brackets); far from 1.00x is a finding: a client or front-end limit, throttling, a setting. "
+                '"of BW ceiling": output tok/s over the most decoding could reach at that many requests in '
+                "flight, reading weights and KV cache at the GPU's peak memory bandwidth each step.",
             )
         ),
         Table(
@@ -586,6 +589,7 @@ def _trial_table(run: Run) -> list[Block]:
                 "status",
                 "capacity",
                 "vs model",
+                "of BW ceiling",
                 "output tok/s (90 % interval)",
                 "TTFT p95, s (90 % interval)",
                 "bound by",
@@ -593,7 +597,7 @@ def _trial_table(run: Run) -> list[Block]:
                 "reason",
             ),
             tuple(rows),
-            (True, False, False, False, True, True, True, False, True, False),
+            (True, False, False, False, True, True, True, True, False, True, False),
         ),
     ]
 

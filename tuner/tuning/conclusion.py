@@ -7,9 +7,11 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from tuner.predict.base import Workload
+from tuner.predict.roofline import decode_ceiling_tokens_per_s
 from tuner.tuning.capacity import ties_with
 from tuner.tuning.export import to_vllm_yaml
-from tuner.tuning.points import RATE
+from tuner.tuning.points import RATE, USERS
 from tuner.tuning.store import TrialStatus
 from tuner.tuning.verdict import EXIT_INTERRUPTED, EXIT_NO_CONFIG, Contender, Verdict
 
@@ -99,6 +101,7 @@ def build_report(
                 "capacity": o.capacity.to_dict() if o.capacity else None,
                 "predicted": tuner.predicted_capacity(o.candidate),
                 "prediction": _prediction_summary(tuner, o.candidate),
+                "roofline": _roofline(tuner, o),
             }
         )
     rank_keys = [o.candidate.key() for o in ranked]
@@ -168,4 +171,27 @@ def _prediction_summary(tuner: Tuner, candidate: Candidate) -> dict[str, Any] | 
         "output_tokens_per_s": None if point is None else point.output_tokens_per_s,
         "ttft_s": None if point is None else point.ttft_s,
         "tpot_s": None if point is None else point.tpot_s,
+    }
+
+
+def _roofline(tuner: Tuner, o: TrialOutcome) -> dict[str, Any] | None:
+    """The trial's best load against the decode ceiling of the GPU's memory bandwidth at the same number of
+    requests in flight (REFERENCE.md's roofline; None on the CPU build or an unknown GPU)."""
+    best = o.capacity.best if o.feasible and o.capacity else None
+    if best is None or tuner.hardware.is_cpu:
+        return None
+    in_flight = (
+        best.load.users_count if best.load.kind == USERS else best.evidence.get("requests_running_mean")
+    )
+    if not in_flight:
+        return None
+    concurrency = max(1, round(float(in_flight)))
+    workload = Workload(tuner.config.input_len, tuner.config.output_len)
+    ceiling = decode_ceiling_tokens_per_s(o.candidate, tuner.shape, tuner.hardware, workload, concurrency)
+    if not ceiling:
+        return None
+    return {
+        "concurrency": concurrency,
+        "ceiling_tokens_per_s": ceiling,
+        "pct_of_ceiling": 100.0 * best.output_tokens_per_s / ceiling,
     }
