@@ -82,3 +82,42 @@ def test_without_the_extra_it_says_how_to_install(
     monkeypatch.setattr(aic, "available", lambda: False)
     assert main(["predict", str(model_8b)]) == 2
     assert "pip install 'infertop[predict]'" in capsys.readouterr().err
+
+
+@needs_aic
+def test_a_local_tune_report_calibrates_its_gpus_rows(
+    model_8b: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = {
+        "format": "infertop-tune-report",
+        "hardware": {"gpu_name": "NVIDIA H100 80GB HBM3"},
+        "trials": [
+            {"predicted": 40.0, "capacity": {"lo": 30.0}},
+            {"predicted": 20.0, "capacity": {"lo": 15.0}},
+            {"predicted": 20.0, "capacity": None},  # failed: no ratio
+        ],
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert main(["predict", str(model_8b), "--gpu", "h100,h200", "--json"]) == 0
+    plain = {r["gpu"]: r["best"] for r in json.loads(capsys.readouterr().out)["gpus"]}
+    assert main(["predict", str(model_8b), "--gpu", "h100,h200", "--json", "--calibrate", str(path)]) == 0
+    rows = {r["gpu"]: r for r in json.loads(capsys.readouterr().out)["gpus"]}
+    assert rows["h100"]["calibration"] == {"ratio": pytest.approx(0.75), "trials": 2, "report": str(path)}
+    assert rows["h100"]["best"]["output_tokens_per_s"] == pytest.approx(
+        0.75 * plain["h100"]["output_tokens_per_s"]
+    )
+    assert rows["h200"]["calibration"] is None
+    assert rows["h200"]["best"]["output_tokens_per_s"] == pytest.approx(plain["h200"]["output_tokens_per_s"])
+    assert main(["predict", str(model_8b), "--gpu", "h100", "--calibrate", str(path)]) == 0
+    assert "x0.75, the ratio measured/predicted over 2 trials" in capsys.readouterr().out
+
+
+def test_a_calibration_file_that_is_not_a_report_is_one_line(
+    model_8b: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    assert main(["predict", str(model_8b), "--calibrate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not an infertop tune report.json" in err and err.count("\n") == 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +60,12 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--price", default="", metavar="GPU=USD,...", help="price per GPU-hour, e.g. h100=2.5"
     )
+    parser.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="REPORT",
+        help="an infertop tune report.json from this machine: its measured/predicted ratio corrects that GPU's rows",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
@@ -77,6 +85,51 @@ class GpuResult:
     error: str = ""  # no prediction at all
     ceiling_tokens_per_s: float | None = None  # the decode roofline at batch 1, for GPUs without data
     price_per_gpu_hour: float | None = None
+    calibration: Calibration | None = None  # a local tune's measured/predicted, applied to the figures
+
+    @property
+    def scale(self) -> float:
+        return self.calibration.ratio if self.calibration is not None else 1.0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured over predicted capacity from a tune run on one GPU type (geometric mean over its trials)."""
+
+    system: str
+    ratio: float
+    trials: int
+    source: str
+
+    @classmethod
+    def from_report(cls, path: Path) -> Calibration:
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PredictError(f"--calibrate {path}: cannot read it ({exc})") from None
+        if not isinstance(report, dict) or report.get("format") != "infertop-tune-report":
+            raise PredictError(f"--calibrate {path}: not an infertop tune report.json")
+        gpu = str((report.get("hardware") or {}).get("gpu_name") or "")
+        system = aic.system_for(gpu)
+        if system is None:
+            raise PredictError(
+                f"--calibrate {path}: tuned on {gpu or 'no GPU'}, which the model does not cover"
+            )
+        ratios = []
+        for trial in report.get("trials") or []:
+            predicted = trial.get("predicted")
+            measured = (trial.get("capacity") or {}).get("lo")
+            if (
+                isinstance(predicted, (int, float))
+                and isinstance(measured, (int, float))
+                and predicted > 0 < measured
+            ):
+                ratios.append(math.log(measured / predicted))
+        if not ratios:
+            raise PredictError(
+                f"--calibrate {path}: no trial there has both a prediction and a measured capacity"
+            )
+        return cls(system, math.exp(statistics.fmean(ratios)), len(ratios), str(path))
 
 
 def run_predict_cli(argv: Sequence[str]) -> int:
@@ -89,6 +142,7 @@ def run_predict_cli(argv: Sequence[str]) -> int:
         systems = _systems(args.gpu)
         if args.gpus < 1:
             raise PredictError(f"--gpus must be >= 1, got {args.gpus}")
+        calibration = Calibration.from_report(args.calibrate) if args.calibrate else None
     except (SloError, SpaceError, PredictError) as exc:
         print(f"infertop predict: {exc}", file=sys.stderr)
         return 2
@@ -99,6 +153,9 @@ def run_predict_cli(argv: Sequence[str]) -> int:
         _predict_gpu(Path(args.model), shape, alias, system, args.gpus, workload, slo, prices.get(alias))
         for alias, system in systems
     ]
+    for result in results:
+        if calibration is not None and result.system == calibration.system:
+            result.calibration = calibration
     if args.json:
         print(json.dumps(_to_json(args, results, slo), indent=2))
     else:
@@ -232,13 +289,20 @@ def _table(args: argparse.Namespace, results: list[GpuResult], slo: Any) -> str:
             continue
         point = r.prediction.at_capacity(slo)
         assert point is not None
-        cost = _cost_per_million(r, point.output_tokens_per_s)
+        tok_s = point.output_tokens_per_s * r.scale
+        cost = _cost_per_million(r, tok_s)
         gpu = f"{r.best.tensor_parallel_size or 1}x {r.gpu}"
         lines.append(
-            f"{gpu:<10} {_label(r.best):<{width}} {point.requests_per_s(r.prediction.workload):>7.2f} "
-            f"{point.output_tokens_per_s:>10,.0f} {point.ttft_s * 1000:>6.0f}ms {point.tokens_per_s_per_user:>10.1f} "
-            f"{'' if cost is None else f'{cost:.3f}':>9}"
+            f"{gpu:<10} {_label(r.best):<{width}} {point.requests_per_s(r.prediction.workload) * r.scale:>7.2f} "
+            f"{tok_s:>10,.0f} {point.ttft_s * 1000:>6.0f}ms {point.tokens_per_s_per_user:>10.1f} "
+            f"{'' if cost is None else f'{cost:.3f}':>9}" + (" *" if r.calibration else "")
         )
+        if r.calibration is not None:
+            c = r.calibration
+            notes.append(
+                f"  * {r.gpu}: req/s, tok/s and cost x{c.ratio:.2f}, the ratio measured/predicted over {c.trials} "
+                f"trials of the tune in {c.source}"
+            )
         notes.append(
             f"  {r.gpu}: {r.fitting} of {r.predicted} candidates fit; at capacity {point.concurrency} requests in "
             f"flight; {r.prediction.source}"
@@ -273,14 +337,23 @@ def _to_json(args: argparse.Namespace, results: list[GpuResult], slo: Any) -> di
             row["best"] = {
                 "config": r.best.config_dict(),
                 "label": r.best.label(),
-                "requests_per_s": point.requests_per_s(r.prediction.workload),
+                "requests_per_s": point.requests_per_s(r.prediction.workload) * r.scale,
                 "concurrency": point.concurrency,
-                "output_tokens_per_s": point.output_tokens_per_s,
+                "output_tokens_per_s": point.output_tokens_per_s * r.scale,
                 "ttft_s": point.ttft_s,
                 "tpot_s": point.tpot_s,
-                "cost_per_million_output_tokens": _cost_per_million(r, point.output_tokens_per_s),
+                "cost_per_million_output_tokens": _cost_per_million(r, point.output_tokens_per_s * r.scale),
                 "prediction": r.prediction.to_dict(slo),
             }
+            row["calibration"] = (
+                None
+                if r.calibration is None
+                else {
+                    "ratio": r.calibration.ratio,
+                    "trials": r.calibration.trials,
+                    "report": r.calibration.source,
+                }
+            )
         rows.append(row)
     return {
         "kind": "prediction (a performance model, not a measurement)",
