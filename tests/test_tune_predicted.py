@@ -93,6 +93,8 @@ def test_defaults_first_then_the_predicted_best_then_it_stops_before_the_budget(
     assert roofline["concurrency"] == 4 and 0 < roofline["pct_of_ceiling"] < 100
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| vs model |" in markdown and "0.90x (" in markdown and "Search order: ranked by" in markdown
+    svg = (tmp_path / "out" / "measured_vs_predicted.svg").read_text()
+    assert "measured = predicted" in svg and "0.90x" in svg and "measured_vs_predicted.svg" in markdown
 
 
 def test_a_family_the_model_overrates_hands_the_lead_to_another(
@@ -111,6 +113,18 @@ def test_a_family_the_model_overrates_hands_the_lead_to_another(
     assert fp8.measured == pytest.approx(0.5 * fp8.predicted, rel=0.01)  # type: ignore[operator]  # loads are rounded
     line = HeadlessProgress.describe(fp8)
     assert line is not None and "measured 0.50x the prediction" in line
+
+
+def test_without_the_extra_the_tune_follows_the_evidence_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aic, "available", lambda: False)
+    tuner = _tuner(tmp_path, launch_budget=2)
+    launched, seen = _run(tuner, monkeypatch, lambda c: 2.0)
+    started = next(e for e in seen if isinstance(e, ev.TuneStarted))
+    assert "infertop[predict]" in started.prediction and "follows the evidence" in started.prediction
+    assert not tuner.predictions and launched[0] == tuner.space.baseline()
+    assert not (tmp_path / "out" / "measured_vs_predicted.svg").exists()
 
 
 def test_no_predict_keeps_the_evidence_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,51 @@ def plots(run: Run) -> list[tuple[str, svgplot.Chart, str]]:
             "sub-windows). Past the capacity more load only adds queueing.",
         ),
         ("pareto.svg", _pareto(run, measured, styles, key, judged), _PARETO_CAPTION.format(judged=judged)),
+        *_vs_model(run, measured, styles, kind),
     ]
+
+
+def _vs_model(
+    run: Run, measured: list[Trial], styles: dict[str, tuple[str, str]], kind: str
+) -> list[tuple[str, svgplot.Chart, str]]:
+    """Measured capacity against the performance model's prediction, one marker per trial, with the line where
+    they agree; none when no trial was predicted."""
+    pairs = [
+        (t, t.predicted, t.capacity.lo) for t in measured if t.predicted and t.capacity and t.capacity.lo
+    ]
+    if not pairs:
+        return []
+    unit = "req/s" if kind == "rate" else "users"
+    series = []
+    for trial, predicted, capacity in pairs:
+        color, shape = styles[trial.key]
+        label = "exported" if trial is run.winner else None
+        tip = f"{trial.label}: measured {capacity:.3g} {unit}, predicted {predicted:.3g} ({capacity / predicted:.2f}x)"
+        series.append(
+            svgplot.Series(
+                trial.label, (svgplot.Marker(predicted, capacity, True, label, tip),), color, shape, False
+            )
+        )
+    top = max(max(p, c) for _, p, c in pairs) * 1.1
+    agree = svgplot.Series(
+        "measured = predicted",
+        (svgplot.Marker(0.0, 0.0), svgplot.Marker(top, top)),
+        markers=False,
+        dashed=True,
+    )
+    chart = svgplot.Chart(
+        title="Measured capacity vs the performance model's",
+        subtitle="one marker per trial; on the dashed line the model was right, below it optimistic",
+        x_label=f"predicted capacity ({unit})",
+        y_label=f"measured capacity ({unit})",
+        series=(agree, *series),
+    )
+    caption = (
+        "Each trial's capacity under the SLO as measured against what the performance model predicted for it "
+        "before the launch. The search launched in the order of these predictions, corrected after every trial; "
+        "a trial far below the line is a finding (a client or API front-end limit, throttling, a driver setting)."
+    )
+    return [("measured_vs_predicted.svg", chart, caption)]
 
 
 def _relaunch(
