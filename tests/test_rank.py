@@ -64,3 +64,11 @@ def test_on_a_random_landscape_it_finds_the_best_with_a_fraction_of_the_launches
         hits += truth[best[0]] >= 0.95 * max(truth.values())
     assert hits >= 27  # 90 % of the seeds
     assert max(launches) <= 12
+
+
+def test_the_evidence_breaks_what_the_model_cannot_tell_apart_and_nothing_more() -> None:
+    ranker = Ranker({"a/1": 10.0, "a/2": 9.6, "a/3": 6.0}, family=family)
+    assert ranker.next(prefer=["a/2"]) == "a/2"  # within the model's 25 % of the top: the evidence decides
+    assert ranker.next(prefer=["a/3"]) == "a/1"  # 40 % below: the model's ranking stands
+    ranker.record("a/1", 10.0)
+    assert ranker.next(prefer=["a/2"]) == "a/2"  # still a contender: 9.6 x 1.0 x (1 + 2 x 0.05 + ...) > 10.2

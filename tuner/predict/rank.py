@@ -79,16 +79,33 @@ class Ranker:
         key = max(self.measured, key=lambda k: self.measured[k])
         return key, self.measured[key]
 
-    def next(self, tried: set[str] | None = None) -> str | None:
-        """The candidate to launch next, or None when no untried one could beat the incumbent."""
+    def contenders(self, tried: set[str] | None = None) -> list[str]:
+        """Untried candidates that could still beat the incumbent, best calibrated prediction first."""
         tried = set(self.measured) | set(tried or ())
         best = self.incumbent()
         bar = best[1] * (1 + self.resolution) if best is not None else 0.0
         open_keys = [k for k, p in self.predicted.items() if k not in tried and p > 0]
         contenders = [k for k in open_keys if self.optimistic(k) > bar]
+        return sorted(contenders, key=lambda k: (-self.expected(k), -self.optimistic(k)))
+
+    def next(self, tried: set[str] | None = None, prefer: list[str] | None = None) -> str | None:
+        """The candidate to launch next, or None when no untried one could beat the incumbent.
+
+        ``prefer``: candidates the last trial's evidence argues for (a full KV cache asks for an FP8 one, a
+        queue for a larger batch), best first; the first of them that is a contender and whose calibrated
+        prediction is within the model's error of the top one goes first: the model cannot tell them apart,
+        the evidence can.
+        """
+        contenders = self.contenders(tried)
         if not contenders:
             return None
-        return max(contenders, key=lambda k: (self.expected(k), self.optimistic(k)))
+        top = contenders[0]
+        _, error = self.calibration(top)
+        floor = self.expected(top) * (1 - error)
+        for key in prefer or ():
+            if key in contenders and self.expected(key) >= floor:
+                return key
+        return top
 
     def why(self, key: str) -> str:
         """One line for the event log: what is predicted and how sure."""

@@ -376,11 +376,14 @@ class Tuner:
             if queue:
                 candidate, why = queue.pop(0)
             else:
-                key = ranker.next(tried)
+                argued = self._argued_for(incumbent, tried) if incumbent is not None else {}
+                key = ranker.next(tried, prefer=list(argued))
                 if key is None:
                     self.note = "no untried configuration could beat the best, given the model's error so far"
                     break
                 candidate, why = candidates[key], ranker.why(key)
+                if key in argued:
+                    why = f"{argued[key]}; {why}"
             key = candidate.key()
             if key in tried and key in outcomes:
                 continue
@@ -396,6 +399,21 @@ class Tuner:
                 ranker.record(key, self._measured(outcome))
             incumbent = self._consider(outcome, incumbent)
         return None
+
+    def _argued_for(self, base: TrialOutcome, tried: set[str]) -> dict[str, str]:
+        """Candidate key -> why, for the moves the incumbent's evidence argues for (search.propose_moves),
+        best first: where the model cannot tell candidates apart, these go first."""
+        current = dataclasses.asdict(resolve(base.candidate, self.hardware, self.shape))
+        signals = signals_from(base.capacity, base.candidate.max_num_seqs)
+        ladders = {
+            name: tuple(v for v in values if v is not None) for name, values in self.space.values.items()
+        }
+        argued: dict[str, str] = {}
+        for move in propose_moves(current, signals, ladders):
+            key = base.candidate.with_values(**move.values).key()
+            if key not in tried:
+                argued.setdefault(key, move.why)
+        return argued
 
     def _measured(self, outcome: TrialOutcome) -> float:
         """A trial's capacity in the objective's unit (0: it failed or nothing met the SLO)."""
