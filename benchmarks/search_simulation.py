@@ -17,7 +17,11 @@ the exhaustive grid:
 - evidence: today's coordinate search from vLLM's defaults (search.propose_moves, signals read off the
   simulated trial: KV cache full, batch capped, TTFT or per-user speed the limit), a quarter of the launches;
 - predict: predict, then measure (tuner.predict.rank.Ranker), calibrating per family after every trial and
-  stopping when no untried candidate could beat the incumbent, a quarter of the launches at most.
+  stopping when no untried candidate could beat the incumbent, a quarter of the launches at most;
+- tuner (evidence) and tuner (predict): the real ``Tuner`` (tuner/tuning/tune.py) with its search loop, defaults
+  first, the evidence preference and the stop rule, its trials answered by the simulated landscape (a trial's
+  capacity, its KV-cache use, queue, bound and which limit failed above it) instead of a vLLM launch; a quarter
+  of the grid's launches.
 Goal (issue 8): at least 95 % of the grid's best in at least 90 % of the seeds, with at most a quarter of the
 grid's launches. Prints Markdown.
 """
@@ -45,10 +49,14 @@ from tuner.predict import aic
 from tuner.predict.base import PredictError, Prediction, Workload
 from tuner.predict.rank import Ranker
 from tuner.serving.tinymodel import LLAMA_3_1_8B, write_tiny_model
+from tuner.tuning.capacity import summarise
 from tuner.tuning.modelshape import ModelShape
+from tuner.tuning.points import RATE, Load, Point, empty_steady
 from tuner.tuning.search import Signals, propose_moves
 from tuner.tuning.slo import Slo, parse_slo
 from tuner.tuning.space import Candidate, SearchSpace, default_space, resolve
+from tuner.tuning.store import TrialStatus
+from tuner.tuning.tune import TrialOutcome, TuneConfig, Tuner
 
 FAMILY_ERROR = 0.20
 CONFIG_ERROR = 0.05
@@ -109,6 +117,7 @@ class Landscape:
     space: SearchSpace
     slo: Slo
     model: aic.AiconfiguratorModel
+    folder: Path
     predictions: dict[str, Prediction] = field(default_factory=dict)
     candidates: dict[str, Candidate] = field(default_factory=dict)
 
@@ -246,11 +255,76 @@ def run_predict(world: World, grid: list[str], budget: int) -> Outcome:
     return Outcome("predict", len(ranker.measured), best[0] if best else None)
 
 
+def _simulated_capacity(land: Landscape, key: str, capacity: float) -> Any:
+    """What the tuner's capacity search would have found: a point held at ``capacity`` req/s with the
+    evidence the landscape says (KV cache, queue, bound), and one above it failing for the limit that broke."""
+    s = signals_for(land, key)
+    evidence = {
+        "kv_cache_usage_pct_max": 95.0 if s.kv_cache_full else 50.0,
+        "requests_waiting_mean": 2.0 if s.waiting else 0.0,
+        "requests_running_mean": float(s.best_concurrency or 1),
+    }
+    phase = {
+        "evidence": evidence,
+        "bound": {"kind": "gpu_memory_bandwidth" if s.memory_bound else "gpu_compute"},
+    }
+    tok_s = capacity * WORKLOAD.output_len
+    held = dataclasses.replace(empty_steady(), output_tokens_per_s=tok_s, requests_per_s=capacity)
+    reason = "TTFT p95 above the limit" if s.ttft_failed else "per-user speed below the floor (TPOT p95)"
+    points = [
+        Point(Load.rate(capacity), "judged", "pass", held, phases=(phase,)),
+        Point(Load.rate(capacity * 1.1), "judged", "fail", held, (reason,), phases=(phase,)),
+    ]
+    return summarise(RATE, points)
+
+
+def run_tuner(world: World, grid: list[str], budget: int, *, predict: bool) -> Outcome:
+    land = world.land
+    with tempfile.TemporaryDirectory() as tmp:
+        tuner = Tuner(
+            TuneConfig(
+                model=str(land.folder), slo=land.slo, store_path=Path(tmp) / "t.sqlite", out_dir=Path(tmp) / "out",
+                gpus=False, prove=False, launch_budget=budget, predict=predict,
+                input_len=WORKLOAD.input_len, output_len=WORKLOAD.output_len,
+            )
+        )  # fmt: skip
+        tuner.hardware, tuner.space = land.space.hardware, land.space  # the simulated GPU machine
+
+        def simulated_predict(feasible: list[Candidate]) -> None:  # the landscape's predictions, made once
+            if predict:
+                tuner.predictions = dict(land.predictions)
+                tuner.prediction_note = "SIMULATION"
+
+        def simulated_trial(store: Any, candidate: Candidate, why: str, incumbent: Any) -> TrialOutcome:
+            key = candidate.key()
+            feasibility = land.space.check(candidate)
+            if not feasibility.ok:  # as the real trial: judged without a launch
+                reason = "not launched: " + "; ".join(feasibility.reasons)
+                store.record_result(candidate, TrialStatus.INFEASIBLE, reason)
+                return TrialOutcome(candidate, TrialStatus.INFEASIBLE, reason)
+            tuner.launches += 1
+            if land.predict(candidate) is None or not land.predictions[key].fits:
+                outcome = TrialOutcome(candidate, TrialStatus.FAILED, "out of memory (simulated)")
+            else:
+                capacity = _simulated_capacity(land, key, max(world.measure(key), 1e-3))
+                outcome = TrialOutcome(candidate, TrialStatus.FEASIBLE, "simulated", capacity)
+            store.record_result(candidate, outcome.status, outcome.reason)
+            return outcome
+
+        tuner._predict = simulated_predict  # type: ignore[method-assign]
+        tuner._trial = simulated_trial  # type: ignore[method-assign]
+        result = tuner.run()
+        chosen = result.winner.key() if result.winner is not None else None
+        return Outcome("tuner", tuner.launches, chosen)
+
+
 STRATEGIES: dict[str, Callable[[World, list[str], int], Outcome]] = {
     "grid": run_grid,
     "random": run_random,
     "evidence": run_evidence,
     "predict": run_predict,
+    "tuner (evidence)": lambda world, grid, budget: run_tuner(world, grid, budget, predict=False),
+    "tuner (predict)": lambda world, grid, budget: run_tuner(world, grid, budget, predict=True),
 }
 
 
@@ -269,9 +343,10 @@ def build(scenario: Scenario, work: Path) -> Landscape:
         space = SearchSpace(
             shape, hardware, {**space.values, "tensor_parallel_size": scenario.tensor_parallel}
         )
-    land = Landscape(scenario, space, parse_slo(scenario.slo), model)
+    land = Landscape(scenario, space, parse_slo(scenario.slo), model, folder)
     for candidate in space.candidates():
         land.predict(candidate)
+    land.predict(space.baseline())
     return land
 
 

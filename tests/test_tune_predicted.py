@@ -47,6 +47,9 @@ def _run(
     launched: list[Candidate] = []
 
     def fake_trial(store, candidate, why, incumbent):  # type: ignore[no-untyped-def]
+        if not tuner.space.check(candidate).ok:  # as the real trial: judged without a launch
+            store.record_result(candidate, TrialStatus.INFEASIBLE, "not launched")
+            return TrialOutcome(candidate, TrialStatus.INFEASIBLE, "not launched")
         launched.append(candidate)
         tuner.launches += 1
         tuner._emit(
@@ -107,7 +110,10 @@ def test_a_family_the_model_overrates_hands_the_lead_to_another(
 
     launched, seen = _run(tuner, monkeypatch, truth)
     assert launched[1].fp8_weights  # the model's favourite first ...
-    assert not launched[2].fp8_weights  # ... then, corrected, the other precision
+    families = [(c.quantization, c.kv_cache_dtype) for c in launched]
+    assert families[2] not in families[:2]  # ... then one trial in each family that could still win ...
+    winner = tuner.result.winner  # type: ignore[attr-defined]
+    assert winner is not None and not winner.fp8_weights  # ... and, corrected, the other precision wins
     finished = [e for e in seen if isinstance(e, ev.TrialFinished) and e.predicted]
     fp8 = next(e for e in finished if e.key == launched[1].key())
     assert fp8.measured == pytest.approx(0.5 * fp8.predicted, rel=0.01)  # type: ignore[operator]  # loads are rounded
@@ -139,3 +145,28 @@ def test_predicted_beside_measured_reads_for_people() -> None:
     finished = ev.TrialFinished("k", "fp8 w", "feasible", "ok", predicted=40.0, measured=22.0)
     assert predicted_beside_measured(finished) == "; measured 0.55x the prediction (40)"
     assert predicted_beside_measured(dataclasses.replace(finished, predicted=None)) == ""
+
+
+def test_a_model_too_big_for_one_gpu_starts_the_evidence_search_at_the_smallest_tp_that_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = {**LLAMA_3_1_8B, "hidden_size": 8192, "num_layers": 80, "num_heads": 64, "intermediate_size": 28672}
+    model = write_tiny_model(tmp_path / "llama-70b", **big)
+    tuner = Tuner(
+        TuneConfig(
+            model=str(model), slo=parse_slo("ttft=2,tps=20"), store_path=tmp_path / "t.sqlite",
+            out_dir=tmp_path / "out", gpus=False, prove=False, predict=False, launch_budget=2,
+        )
+    )  # fmt: skip
+    eight = Hardware("NVIDIA H100 80GB HBM3", 8, 80 * 2**30, (9, 0))
+    tuner.hardware = eight
+    tuner.space = default_space(tuner.shape, eight, {"max_model_len": 4096})
+    launched, seen = _run(tuner, monkeypatch, lambda c: 2.0)
+    assert not tuner.space.check(tuner.space.baseline()).ok  # 140 GB of weights on one 80 GB GPU
+    first = launched[0]
+    assert (
+        first.tensor_parallel_size == 2
+        and first.with_values(tensor_parallel_size=None) == tuner.space.baseline()
+    )
+    started = [e for e in seen if isinstance(e, ev.TrialStarted)]
+    assert "do not fit one GPU" in started[0].why

@@ -3,9 +3,10 @@
 Every candidate has a predicted capacity (:meth:`tuner.predict.base.Prediction.capacity`). Measured trials
 calibrate it: the ratio measured / predicted, per family of configurations that the model tends to get wrong
 together (the same weights and KV-cache precision and tensor parallelism), else over all trials, else 1. The
-next launch is the untried candidate with the highest calibrated prediction whose optimistic value (calibrated
-x (1 + z x the model's error)) could still beat the incumbent by the resolution; when none can, the search
-stops, often well before its launch budget.
+contenders are the untried candidates whose optimistic value (calibrated x (1 + z x the model's error)) could
+still beat the incumbent by the resolution; when there are none, the search stops, often well before its launch
+budget. Of the contenders, one per family not yet tried goes first (one trial calibrates a whole family, and an
+untried family may be off by the model's whole error), then the highest calibrated prediction.
 
 The model's error starts at ``prior_error`` (aiconfigurator: 4-18 % on a real H100, REFERENCE.md) and is then
 the spread of the log ratios seen, never below ``floor_error`` (what measurement noise and the dimensions the
@@ -34,6 +35,7 @@ class Ranker:
     floor_error: float = 0.05
     z: float = 2.0  # one-sided 97.7 %: an untried family is given up only when it is far below
     resolution: float = 0.02  # a contender must promise this much more than the incumbent
+    explore_families: bool = True  # one trial in each family that could win before a second in any
     measured: dict[str, float] = field(default_factory=dict)  # key -> measured capacity (0: failed)
 
     def record(self, key: str, capacity: float) -> None:
@@ -99,6 +101,12 @@ class Ranker:
         contenders = self.contenders(tried)
         if not contenders:
             return None
+        measured_families = {self.family(k) for k in self.measured}
+        unexplored = [k for k in contenders if self.family(k) not in measured_families]
+        if self.explore_families and unexplored:
+            # A family without a trial of its own could be off by the model's whole error: one trial there
+            # calibrates all its members, so each plausible family is tried once before any is exploited.
+            contenders = unexplored
         top = contenders[0]
         _, error = self.calibration(top)
         floor = self.expected(top) * (1 - error)

@@ -415,6 +415,17 @@ class Tuner:
                 argued.setdefault(key, move.why)
         return argued
 
+    def _defaults_that_fit(self, defaults: Candidate) -> list[tuple[Candidate, str]]:
+        """Where vLLM's defaults cannot start (a model too big for one GPU), the defaults at the smallest
+        tensor parallelism that fits: the evidence search has no move for TP and would have nowhere to start."""
+        if self.space.check(defaults).ok or defaults.tensor_parallel_size is not None:
+            return []
+        for tp in sorted(v for v in self.space.values.get("tensor_parallel_size", ()) if v):
+            candidate = defaults.with_values(tensor_parallel_size=tp)
+            if self.space.check(candidate).ok:
+                return [(candidate, f"vLLM's defaults do not fit one GPU: the defaults at TP {tp}")]
+        return []
+
     def _measured(self, outcome: TrialOutcome) -> float:
         """A trial's capacity in the objective's unit (0: it failed or nothing met the SLO)."""
         return (outcome.capacity.lo or 0.0) if outcome.feasible and outcome.capacity else 0.0
@@ -448,6 +459,7 @@ class Tuner:
         """Coordinate search from vLLM's defaults. Returns why it stopped early ("interrupted") or None."""
         incumbent: TrialOutcome | None = None
         queue: list[tuple[Candidate, str]] = [(defaults, "vLLM's defaults: the configuration to beat")]
+        queue += self._defaults_that_fit(defaults)
         tried: set[str] = set()
         for o in outcomes.values():  # a resumed run's incumbent
             if o.feasible and (incumbent is None or self._prefer(o, incumbent)):
