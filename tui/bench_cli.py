@@ -14,6 +14,8 @@ from typing import Any
 from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
 from tuner.bench import BenchPlan, run_bench
 from tuner.loadgen import LoadSpec, PhaseProgress
+from tuner.loadgen.workload import PRESETS as WORKLOADS
+from tuner.loadgen.workload import WorkloadError, parse_workload
 from tuner.measure import MeasuredPhase
 from tuner.serving.launcher import ServerSpec
 
@@ -32,9 +34,13 @@ def bench_parser() -> argparse.ArgumentParser:
     target.add_argument("--launch", metavar="MODEL", help="launch vLLM on MODEL, bench it, stop it")
     add_launch_arguments(parser)
     parser.add_argument("--model", help="served model name (default: the first at /v1/models)")
-    parser.add_argument("--input-len", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
+    parser.add_argument("--input-len", type=int, metavar="N", help="prompt tokens (default 128)")
+    parser.add_argument("--output-len", type=int, metavar="N", help="output tokens (default 128)")
     parser.add_argument(
-        "--output-len", type=int, default=128, metavar="N", help="output tokens (default 128)"
+        "--workload",
+        metavar="PRESET|FILE|SPEC",
+        help=f"traffic to send instead of fixed lengths: {', '.join(WORKLOADS)}, a JSON file, or "
+        "in=lognormal:500:0.6,out=normal:250:60,prefix=512x4",
     )
     parser.add_argument("--len-range", type=float, default=0.0, metavar="R", help="lengths vary uniformly ±R")
     parser.add_argument(
@@ -186,10 +192,21 @@ def run_bench_cli(argv: Sequence[str]) -> int:
     launch = _launch_spec(args)
     if args.vocab_size is not None and args.vocab_size < 10:
         raise SystemExit(f"infertop bench: --vocab-size must be at least 10, got {args.vocab_size}")
+    workload = None
+    if args.workload:
+        if args.input_len is not None or args.output_len is not None or args.len_range:
+            raise SystemExit(
+                "infertop bench: give --workload or --input-len/--output-len/--len-range, not both"
+            )
+        try:
+            workload = parse_workload(args.workload)
+        except WorkloadError as exc:
+            raise SystemExit(f"infertop bench: {exc}") from None
     plan = BenchPlan(
-        input_len=args.input_len,
-        output_len=args.output_len,
+        input_len=args.input_len or 128,
+        output_len=args.output_len or 128,
         len_range_ratio=args.len_range,
+        workload=workload,
         concurrencies=concurrencies,
         request_rates=rates,
         num_requests=args.num_requests,
@@ -201,6 +218,8 @@ def run_bench_cli(argv: Sequence[str]) -> int:
         ttft_max_s=args.ttft_max,
         tpot_max_s=args.tpot_max,
     )
+    if workload is not None:
+        _status(f"workload {workload.describe()}")
     out = args.out or Path(time.strftime("infertop-bench-%Y%m%d-%H%M%S.json"))
     progress = ProgressLine()
     cancel = threading.Event()
@@ -225,7 +244,15 @@ def run_bench_cli(argv: Sequence[str]) -> int:
             if p.tokens.mismatch:
                 print(f"! c={p.load.spec.concurrency}: {p.tokens.note}")
             hits, queries = p.evidence.prefix_cache_hits, p.evidence.prefix_cache_queries
-            if hits and queries and hits / queries > PREFIX_HIT_WARN:
+            shared = workload is not None and workload.prefix is not None
+            if (
+                hits is not None and queries and shared
+            ):  # the workload's shared prefixes: expected, and a finding
+                print(
+                    f"  c={p.load.spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from "
+                    "vLLM's prefix cache"
+                )
+            elif hits and queries and hits / queries > PREFIX_HIT_WARN:
                 print(
                     f"! c={p.load.spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from vLLM's "
                     "prefix cache (another client repeating prompts?): the figures are optimistic"

@@ -19,6 +19,7 @@ from typing import Any
 
 from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.vocab import vocab_size_from_dir, vocab_size_from_server
+from tuner.loadgen.workload import Workload
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
@@ -52,6 +53,7 @@ class BenchPlan:
     model: str | None = None
     ttft_max_s: float | None = None
     tpot_max_s: float | None = None
+    workload: Workload | None = None  # lengths and shared prefixes drawn per request (replaces the above)
 
     def specs(self, vocab_size: int) -> Iterator[LoadSpec]:
         if self.request_rates:
@@ -68,6 +70,7 @@ class BenchPlan:
                     len_range_ratio=self.len_range_ratio,
                     vocab_size=vocab_size,
                     seed=self.seed,
+                    workload=self.workload,
                 )
             return
         for c in self.concurrencies:
@@ -82,6 +85,7 @@ class BenchPlan:
                 len_range_ratio=self.len_range_ratio,
                 vocab_size=vocab_size,
                 seed=self.seed,
+                workload=self.workload,
             )
 
 

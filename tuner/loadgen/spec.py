@@ -9,6 +9,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner.loadgen.workload import Workload, prefix_token_ids
+
 
 class LoadMode(str, enum.Enum):
     """How requests are issued."""
@@ -22,7 +24,9 @@ class LoadSpec:
     """One phase of load. Give ``num_requests`` or ``duration_s`` (both: whichever ends first).
 
     Lengths are exact unless ``len_range_ratio`` > 0: then each request's input and output lengths are drawn
-    uniformly from ``[L * (1 - r), L * (1 + r)]`` (vLLM bench's ``--random-range-ratio``). Prompt token ids
+    uniformly from ``[L * (1 - r), L * (1 + r)]`` (vLLM bench's ``--random-range-ratio``). A ``workload``
+    (:mod:`tuner.loadgen.workload`) replaces both: lengths drawn from its distributions, prompts starting with
+    one of its shared prefixes. Prompt token ids
     are drawn from the middle 80 % of ``vocab_size``, away from the special tokens most vocabularies keep at
     either end. ``extra_body`` is merged into every request body (e.g. ``{"temperature": 0}``).
     """
@@ -39,6 +43,7 @@ class LoadSpec:
     vocab_size: int = 32000
     seed: int = 0
     extra_body: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    workload: Workload | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -94,14 +99,26 @@ def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSp
     """
     rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}")
     low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
+    workload = spec.workload
+    prefixes = (
+        prefix_token_ids(workload.prefix, spec.seed, low_id, high_id)
+        if workload is not None and workload.prefix is not None
+        else []
+    )
     index = 0
     while True:
         input_len, output_len = spec.input_len, spec.output_len
-        if spec.len_range_ratio > 0:
+        head: tuple[int, ...] = ()
+        if workload is not None:
+            input_len, output_len = workload.input.draw(rng), workload.output.draw(rng)
+            if prefixes:
+                head = prefixes[rng.randrange(len(prefixes))]
+                input_len = max(input_len, len(head) + 1)  # every prompt has a part of its own
+        elif spec.len_range_ratio > 0:
             r = spec.len_range_ratio
             input_len = _draw_len(rng, input_len, r)
             output_len = _draw_len(rng, output_len, r)
-        ids = tuple(rng.choices(range(low_id, high_id), k=input_len))
+        ids = head + tuple(rng.choices(range(low_id, high_id), k=input_len - len(head)))
         yield RequestSpec(index=index, prompt_token_ids=ids, max_tokens=output_len)
         index += 1
 

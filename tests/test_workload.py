@@ -1,0 +1,158 @@
+"""Workloads: the lengths sent follow the description (tested as distributions), prompts share the declared
+prefixes, presets and specs parse, bad ones are one line; and against the CPU build of vLLM the server counts
+exactly the prompt tokens the client meant to send, and its prefix cache sees the shared prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tuner.loadgen import LoadSpec
+from tuner.loadgen.spec import make_requests
+from tuner.loadgen.workload import PRESETS, Lengths, SharedPrefix, Workload, WorkloadError, parse_workload
+
+
+def _ks(lengths: Lengths, draws: list[int]) -> float:
+    """The largest gap between the draws' empirical CDF and the distribution's, over the draws' values."""
+    draws = sorted(draws)
+    n = len(draws)
+    return max(
+        abs((i + 1) / n - lengths.cdf(x)) for i, x in enumerate(draws) if i + 1 == n or draws[i + 1] != x
+    )
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        Lengths.fixed(256),
+        Lengths("uniform", 128, 512),
+        Lengths("normal", 250, 60),
+        Lengths("lognormal", 500, 0.6),
+        Lengths("empirical", values=(10, 10, 20, 40, 80, 80, 80, 300)),
+    ],
+    ids=lambda d: d.kind,
+)
+def test_draws_follow_the_distribution(lengths: Lengths) -> None:
+    rng = random.Random(7)
+    draws = [lengths.draw(rng) for _ in range(4000)]
+    assert min(draws) >= 1 and max(draws) <= lengths.max
+    assert _ks(lengths, draws) < 0.03  # a 4,000-draw KS test at about the 1 % level
+    assert sum(draws) / len(draws) == pytest.approx(lengths.mean, rel=0.03)
+
+
+def test_presets_pair_with_slos_and_size_max_model_len() -> None:
+    assert set(PRESETS) == {"chat", "rag", "summarisation", "code", "batch"}
+    rag = PRESETS["rag"]
+    assert rag.input.max == 8192 and rag.longest_sequence > 8192 and rag.prefix == SharedPrefix(512, 2)
+    assert PRESETS["batch"].slo is None and PRESETS["chat"].slo == "mlperf-llama3.1-8b-interactive"
+    assert "4096-8192 (uniform) in" in rag.describe()
+
+
+def test_inline_specs_and_files_parse(tmp_path: Path) -> None:
+    w = parse_workload("in=lognormal:500:0.6,out=256,prefix=128x4,slo=aa-50")
+    assert w.input == Lengths("lognormal", 500, 0.6) and w.output == Lengths.fixed(256)
+    assert w.prefix == SharedPrefix(128, 4) and w.slo == "aa-50"
+    path = tmp_path / "day.json"
+    path.write_text(
+        json.dumps(
+            {"name": "support-bot", "input": [300, 500, 700], "output": {"kind": "normal", "a": 200, "b": 50}}
+        )
+    )
+    day = parse_workload(str(path))
+    assert day.name == "support-bot" and day.input.kind == "empirical" and day.input.max == 700
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("chatty", "unknown workload 'chatty'"),
+        ("in=256", "needs both in= and out="),
+        ("in=gamma:3:4,out=5", "uniform:MIN:MAX"),
+        ("in=100,out=10,prefix=200x2", "leaves no room"),
+        ("in=uniform:500:100,out=10", "min <= max"),
+        ("/no/such/file.json", "cannot read"),
+    ],
+)
+def test_bad_workloads_are_one_line(spec: str, message: str) -> None:
+    with pytest.raises(WorkloadError, match=message) as info:
+        parse_workload(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_requests_share_the_prefixes_and_follow_the_lengths() -> None:
+    workload = Workload("t", Lengths("uniform", 64, 256), Lengths("normal", 40, 10), SharedPrefix(32, 3))
+    spec = LoadSpec(concurrency=4, num_requests=10, vocab_size=1000, workload=workload, seed=3)
+    requests = list(itertools.islice(make_requests(spec), 3000))
+    heads = {r.prompt_token_ids[:32] for r in requests}
+    assert len(heads) == 3  # every prompt starts with one of the three prefixes ...
+    assert len({r.prompt_token_ids[32:40] for r in requests[:50]}) > 40  # ... and goes on with its own tokens
+    lengths = [len(r.prompt_token_ids) for r in requests]
+    assert (
+        _ks(workload.input, lengths) < 0.04 and _ks(workload.output, [r.max_tokens for r in requests]) < 0.04
+    )
+    warm = list(itertools.islice(make_requests(spec, warmup=True), 100))
+    assert {
+        r.prompt_token_ids[:32] for r in warm
+    } <= heads  # warm-up warms the same prefixes, as production would
+    assert [r.prompt_token_ids for r in warm[:5]] != [r.prompt_token_ids for r in requests[:5]]
+
+
+@pytest.mark.vllm
+def test_the_server_counts_the_prompt_tokens_meant_and_caches_the_shared_prefixes(vllm_server) -> None:  # type: ignore[no-untyped-def]
+    from tuner.measure import measure_phase
+
+    # The CPU build caches in 128-token blocks (GPUs: 16): a shared prefix shorter than a block is never reused.
+    workload = parse_workload("in=uniform:200:400,out=normal:12:3,prefix=160x2")
+    spec = LoadSpec(
+        concurrency=4, num_requests=24, warmup_requests=4, vocab_size=1000, workload=workload, seed=11
+    )
+    phase = asyncio.run(measure_phase(vllm_server.url, spec))
+    meant = list(itertools.islice(make_requests(spec), 24))
+    s = phase.load.stats
+    assert s.requests_ok == 24
+    assert s.prompt_tokens_total == sum(
+        len(r.prompt_token_ids) for r in meant
+    )  # the server saw these exactly
+    assert s.output_tokens_total == sum(r.max_tokens for r in meant)
+    assert len({len(r.prompt_token_ids) for r in meant}) > 5
+    hits = phase.evidence.prefix_cache_hits
+    assert hits is not None and hits >= (24 - 2) * 128  # each prompt's first block comes from the cache
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workload", "chat", "--input-len", "64"], "give --workload or --input-len"),
+        (["--workload", "in=5"], "needs both in= and out="),
+    ],
+)
+def test_bench_cli_refuses_a_bad_or_doubled_workload_in_one_line(args: list[str], message: str) -> None:
+    from tui.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--endpoint", "http://127.0.0.1:9", *args])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.vllm
+def test_bench_with_a_workload_records_it_and_reports_the_prefix_cache(vllm_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "tui.cli", "bench", "--endpoint", vllm_server.url, "--concurrency", "2",
+         "--num-requests", "8", "--workload", "in=uniform:200:400,out=8,prefix=160x2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "workload custom: 200-400 (uniform) in, 8 out" in run.stderr
+    assert "of the prompt tokens came from vLLM's prefix cache" in run.stdout
+    phase = json.loads(out.read_text())["phases"][0]
+    assert phase["spec"]["workload"]["prefix"] == {"length": 160, "count": 2}
+    assert phase["stats"]["output_tokens_total"] == 8 * 8

@@ -1,0 +1,346 @@
+"""What traffic looks like: length distributions, shared prefixes and presets for the operator's workload.
+
+A :class:`Workload` says how long each request's prompt and answer are (a distribution each: fixed, uniform,
+normal, lognormal, or empirical from observed lengths) and whether prompts begin with one of a few shared
+prefixes (a system prompt, a RAG template: what prefix caching feeds on). Presets describe common traffic:
+
+- ``chat``: ~500-token prompts (lognormal), ~250-token answers; per-user speed matters (interactive SLO);
+- ``rag``: 4-8k-token prompts with a shared 512-token template, ~200-token answers; prefill and TTFT matter;
+- ``summarisation``: 2-4k-token documents, ~400-token summaries;
+- ``code``: ~1,500-token context, ~60-token completions; TTFT matters most;
+- ``batch``: 512 in / 512 out, offline: throughput, no TTFT limit.
+
+On the command line: ``--workload chat``, ``--workload FILE.json`` or an inline spec
+``--workload "in=lognormal:500:0.6,out=normal:250:60,prefix=512x4"``. Lengths are drawn per request from a
+seeded generator, clipped to [``min``, ``max``] (``max``: the distribution's bound, used to size max-model-len).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("fixed", "uniform", "normal", "lognormal", "empirical")
+_Z_999 = 3.09  # the 99.9th percentile of a standard normal: where a normal or lognormal is cut
+
+
+class WorkloadError(ValueError):
+    """A workload that cannot be understood or used. The message is one line for people."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lengths:
+    """A distribution of token counts.
+
+    ``fixed``: ``a``; ``uniform``: ``a`` to ``b``; ``normal``: mean ``a``, standard deviation ``b``;
+    ``lognormal``: median ``a``, log-space sigma ``b``; ``empirical``: ``values`` drawn with equal weight.
+    Draws are whole numbers of at least 1, normal and lognormal ones cut at their 99.9th percentile.
+    """
+
+    kind: str
+    a: float = 0.0
+    b: float = 0.0
+    values: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise WorkloadError(f"unknown length distribution {self.kind!r}: one of {', '.join(KINDS)}")
+        if self.kind == "empirical":
+            if not self.values or min(self.values) < 1:
+                raise WorkloadError("an empirical distribution needs lengths >= 1")
+            object.__setattr__(self, "values", tuple(sorted(int(v) for v in self.values)))
+            return
+        if not (self.a >= 1 and math.isfinite(self.a)):
+            raise WorkloadError(f"a {self.kind} length needs a first parameter >= 1, got {self.a:g}")
+        if self.kind == "uniform" and not self.b >= self.a:
+            raise WorkloadError(f"a uniform length needs min <= max, got {self.a:g} and {self.b:g}")
+        if self.kind in ("normal", "lognormal") and not (self.b >= 0 and math.isfinite(self.b)):
+            raise WorkloadError(f"a {self.kind} length needs a spread >= 0, got {self.b:g}")
+
+    @classmethod
+    def fixed(cls, n: int) -> Lengths:
+        return cls("fixed", float(n))
+
+    def draw(self, rng: random.Random) -> int:
+        """One length."""
+        if self.kind == "fixed":
+            return int(self.a)
+        if self.kind == "uniform":
+            return rng.randint(int(self.a), int(self.b))
+        if self.kind == "empirical":
+            return self.values[rng.randrange(len(self.values))]
+        normal = self.kind == "normal"
+        value = rng.gauss(self.a, self.b) if normal else self.a * math.exp(rng.gauss(0.0, self.b))
+        return max(1, min(self.max, round(value)))
+
+    @property
+    def max(self) -> int:
+        """The longest length a draw can give."""
+        if self.kind == "fixed":
+            return int(self.a)
+        if self.kind == "uniform":
+            return int(self.b)
+        if self.kind == "empirical":
+            return self.values[-1]
+        if self.kind == "normal":
+            return max(1, math.ceil(self.a + _Z_999 * self.b))
+        return max(1, math.ceil(self.a * math.exp(_Z_999 * self.b)))
+
+    @property
+    def mean(self) -> float:
+        """The distribution's mean, before clipping (what a performance model is asked about)."""
+        if self.kind == "fixed":
+            return self.a
+        if self.kind == "uniform":
+            return (self.a + self.b) / 2
+        if self.kind == "empirical":
+            return sum(self.values) / len(self.values)
+        if self.kind == "normal":
+            return self.a
+        return self.a * math.exp(self.b**2 / 2)
+
+    def cdf(self, x: float) -> float:
+        """P(draw <= x) of the unclipped distribution (for tests of what is sent)."""
+        if self.kind == "fixed":
+            return 1.0 if x >= self.a else 0.0
+        if self.kind == "uniform":
+            lo, hi = int(self.a), int(self.b)
+            return min(1.0, max(0.0, (math.floor(x) - lo + 1) / (hi - lo + 1)))
+        if self.kind == "empirical":
+            return bisect.bisect_right(self.values, x) / len(self.values)
+        if self.kind == "normal":
+            return (
+                0.5 * (1 + math.erf((x + 0.5 - self.a) / (self.b * math.sqrt(2))))
+                if self.b
+                else float(x >= self.a)
+            )
+        if x <= 0:
+            return 0.0
+        return (
+            0.5 * (1 + math.erf(math.log((x + 0.5) / self.a) / (self.b * math.sqrt(2))))
+            if self.b
+            else float(x >= self.a)
+        )
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return f"{int(self.a)}"
+        if self.kind == "uniform":
+            return f"{int(self.a)}-{int(self.b)} (uniform)"
+        if self.kind == "normal":
+            return f"~{self.a:g} ± {self.b:g} (normal)"
+        if self.kind == "lognormal":
+            return f"~{self.a:g} median, sigma {self.b:g} (lognormal)"
+        return f"{len(self.values)} observed lengths, mean {self.mean:.0f} (empirical)"
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "empirical":
+            return {"kind": self.kind, "values": list(self.values)}
+        return {"kind": self.kind, "a": self.a, "b": self.b}
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPrefix:
+    """Every prompt starts with one of ``count`` prefixes of ``length`` tokens (a system prompt, a template)."""
+
+    length: int
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.count < 1:
+            raise WorkloadError(
+                f"a shared prefix needs a length and a count >= 1, got {self.length}x{self.count}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The traffic a bench or tune sends. ``input`` counts the whole prompt, the shared prefix included."""
+
+    name: str
+    input: Lengths
+    output: Lengths
+    prefix: SharedPrefix | None = None
+    slo: str | None = None  # the SLO preset that fits it, if one does
+    description: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prefix is not None and self.prefix.length >= self.input.max:
+            raise WorkloadError(
+                f"a {self.prefix.length}-token shared prefix leaves no room in prompts of at most {self.input.max}"
+            )
+
+    @property
+    def longest_sequence(self) -> int:
+        """Prompt plus answer at their longest: the least max-model-len that serves every request."""
+        return self.input.max + self.output.max
+
+    def describe(self) -> str:
+        prefix = (
+            f", prompts start with one of {self.prefix.count} shared {self.prefix.length}-token prefixes"
+            if self.prefix
+            else ""
+        )
+        return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict(),
+            "prefix": None
+            if self.prefix is None
+            else {"length": self.prefix.length, "count": self.prefix.count},
+            "slo": self.slo,
+            "describe": self.describe(),
+        }
+
+
+PRESETS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "chat",
+            Lengths("lognormal", 500, 0.6),
+            Lengths("normal", 250, 80),
+            SharedPrefix(200, 4),
+            "mlperf-llama3.1-8b-interactive",
+            "conversational turns: a system prompt, a question, an answer read as it streams",
+        ),
+        Workload(
+            "rag",
+            Lengths("uniform", 4096, 8192),
+            Lengths("normal", 200, 50),
+            SharedPrefix(512, 2),
+            "mlperf-llama3.1-8b-server",
+            "retrieval-augmented answers: long retrieved context, a short answer; prefill and TTFT dominate",
+        ),
+        Workload(
+            "summarisation",
+            Lengths("uniform", 2048, 4096),
+            Lengths("normal", 400, 100),
+            None,
+            "mlperf-llama3.1-8b-server",
+            "documents in, summaries out",
+        ),
+        Workload(
+            "code",
+            Lengths("lognormal", 1500, 0.5),
+            Lengths("lognormal", 60, 0.6),
+            SharedPrefix(300, 1),
+            "mlperf-llama3.1-8b-interactive",
+            "code completion: much context, a short completion wanted at once",
+        ),
+        Workload(
+            "batch",
+            Lengths.fixed(512),
+            Lengths.fixed(512),
+            None,
+            None,
+            "offline batch: throughput is all, no TTFT limit (give an SLO with only tps=)",
+        ),
+    )
+}
+
+
+def parse_workload(spec: str) -> Workload:
+    """A preset name, a JSON file, or an inline spec such as ``in=lognormal:500:0.6,out=256,prefix=512x4``.
+
+    Raises:
+        WorkloadError: one line saying what is wrong.
+    """
+    spec = spec.strip()
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec.endswith(".json") or Path(spec).is_file():
+        return _from_file(Path(spec))
+    if "=" not in spec:
+        raise WorkloadError(
+            f"unknown workload {spec!r}: a preset ({', '.join(PRESETS)}), a .json file or in=...,out=..."
+        )
+    fields: dict[str, str] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("in", "out", "prefix", "slo"):
+            raise WorkloadError(f"workload part {part!r}: use in=, out=, prefix=LENxCOUNT or slo=")
+        fields[key] = value
+    if "in" not in fields or "out" not in fields:
+        raise WorkloadError("a workload spec needs both in= and out=")
+    prefix = _prefix(fields["prefix"]) if "prefix" in fields else None
+    return Workload("custom", _lengths(fields["in"]), _lengths(fields["out"]), prefix, fields.get("slo"))
+
+
+def _lengths(text: str) -> Lengths:
+    """``256``, ``uniform:128:512``, ``normal:250:60``, ``lognormal:500:0.6``."""
+    kind, _, rest = text.partition(":")
+    try:
+        if not rest:
+            return Lengths.fixed(int(kind))
+        numbers = [float(x) for x in rest.split(":")]
+    except ValueError:
+        raise WorkloadError(f"length {text!r}: a number, or kind:a:b such as lognormal:500:0.6") from None
+    if kind == "fixed" and len(numbers) == 1:
+        return Lengths.fixed(int(numbers[0]))
+    if kind not in ("uniform", "normal", "lognormal") or len(numbers) != 2:
+        raise WorkloadError(f"length {text!r}: uniform:MIN:MAX, normal:MEAN:SD or lognormal:MEDIAN:SIGMA")
+    return Lengths(kind, numbers[0], numbers[1])
+
+
+def _prefix(text: str) -> SharedPrefix:
+    length, _, count = text.partition("x")
+    try:
+        return SharedPrefix(int(length), int(count or 1))
+    except ValueError:
+        raise WorkloadError(f"prefix {text!r}: LENGTHxCOUNT, e.g. 512x4") from None
+
+
+def _from_file(path: Path) -> Workload:
+    """A JSON workload: ``{"name", "input": {...} | [lengths], "output": ..., "prefix": {...}, "slo"}``; a list
+    of numbers is an empirical distribution (e.g. the lengths of a day's requests)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WorkloadError(f"{path}: cannot read a JSON workload ({exc})") from None
+    if not isinstance(data, dict):
+        raise WorkloadError(f"{path}: a workload file holds one JSON object")
+
+    def lengths(key: str) -> Lengths:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return Lengths.fixed(int(value))
+        if isinstance(value, list):
+            return Lengths("empirical", values=tuple(int(v) for v in value))
+        if isinstance(value, dict):
+            return Lengths(str(value.get("kind", "")), float(value.get("a", 0)), float(value.get("b", 0)))
+        raise WorkloadError(f"{path}: {key!r} must be a length, a list of lengths or {{kind, a, b}}")
+
+    prefix = data.get("prefix")
+    return Workload(
+        str(data.get("name") or path.stem),
+        lengths("input"),
+        lengths("output"),
+        SharedPrefix(int(prefix["length"]), int(prefix.get("count", 1)))
+        if isinstance(prefix, dict)
+        else None,
+        data.get("slo"),
+        str(data.get("description") or ""),
+    )
+
+
+def prefix_token_ids(prefix: SharedPrefix, seed: int, low_id: int, high_id: int) -> list[tuple[int, ...]]:
+    """The shared prefixes' token ids: the same for every phase of a run with ``seed``, so that the server's
+    prefix cache sees them again across phases, as it would in production."""
+    rng = random.Random(f"{seed}:prefix")
+    return [tuple(rng.choices(range(low_id, high_id), k=prefix.length)) for _ in range(prefix.count)]
+
+
+def draw_lengths(workload: Workload, rng: random.Random, n: int) -> Sequence[tuple[int, int]]:
+    """``n`` (input, output) lengths, for tests and summaries."""
+    return [(workload.input.draw(rng), workload.output.draw(rng)) for _ in range(n)]
