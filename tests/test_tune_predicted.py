@@ -170,3 +170,39 @@ def test_a_model_too_big_for_one_gpu_starts_the_evidence_search_at_the_smallest_
     )
     started = [e for e in seen if isinstance(e, ev.TrialStarted)]
     assert "do not fit one GPU" in started[0].why
+
+
+def test_a_workload_sizes_the_run_and_is_named_in_the_yaml_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuner.loadgen.workload import PRESETS
+
+    rag = PRESETS["rag"]
+    model = write_tiny_model(tmp_path / "llama-8b", **LLAMA_3_1_8B)
+    tuner = Tuner(
+        TuneConfig(
+            model=str(model), slo=parse_slo("mlperf-llama3.1-8b-server"), store_path=tmp_path / "t.sqlite",
+            out_dir=tmp_path / "out", gpus=False, prove=False, workload=rag, launch_budget=2,
+        )
+    )  # fmt: skip
+    assert tuner.config.input_len == 6144 and tuner.config.output_len == 200  # the means: for predictions
+    assert tuner.config.pins["max_model_len"] == rag.longest_sequence  # every request of the workload fits
+    assert tuner.runner().plan.workload is rag  # each phase draws its requests from it
+    _run(tuner, monkeypatch, lambda c: 2.0)
+    yaml = next((tmp_path / "out").glob("*.yaml")).read_text()
+    assert "# Workload: rag: 4096-8192 (uniform) in" in yaml
+    assert "Traffic: rag: 4096-8192 (uniform) in" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_tune_cli_takes_a_workload_and_its_slo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tui.tune_cli import build_config, run_tune_cli, tune_parser
+
+    model = write_tiny_model(tmp_path / "m")
+    config = build_config(tune_parser().parse_args([str(model), "--workload", "chat", "--cpu"]))
+    assert config.workload is not None and config.workload.name == "chat"
+    assert config.slo.name == "mlperf-llama3.1-8b-interactive"  # the preset's pairing
+    config = build_config(tune_parser().parse_args([str(model), "--workload", "chat", "--slo", "aa-100"]))
+    assert config.slo.name == "aa-100"  # an explicit SLO wins
+    assert run_tune_cli([str(model), "--workload", "chat", "--input-len", "64", "--cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "give --workload or --input-len/--output-len, not both" in err and err.count("\n") == 1

@@ -156,3 +156,11 @@ def test_bench_with_a_workload_records_it_and_reports_the_prefix_cache(vllm_serv
     phase = json.loads(out.read_text())["phases"][0]
     assert phase["spec"]["workload"]["prefix"] == {"length": 160, "count": 2}
     assert phase["stats"]["output_tokens_total"] == 8 * 8
+
+
+def test_every_presets_slo_is_a_known_preset() -> None:
+    from tuner.tuning.slo import parse_slo
+
+    for workload in PRESETS.values():
+        if workload.slo is not None:
+            assert parse_slo(workload.slo).name == workload.slo

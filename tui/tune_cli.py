@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
+from tuner.loadgen.workload import PRESETS as WORKLOADS
+from tuner.loadgen.workload import WorkloadError, parse_workload
 from tuner.tuning import events as ev
 from tuner.tuning.slo import PRESETS, SloError, parse_slo
 from tuner.tuning.space import SpaceError, parse_pins
@@ -43,7 +45,8 @@ def tune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="local model directory (config.json sizes the search)")
     parser.add_argument(
-        "--slo", default=DEFAULT_SLO, help=f"preset or ttft=S,tps=N,err=F (default {DEFAULT_SLO})"
+        "--slo",
+        help=f"preset or ttft=S,tps=N,err=F (default: the workload's, else {DEFAULT_SLO})",
     )
     parser.add_argument("--pin", action="append", default=[], metavar="NAME=VALUE", help="fix a dimension")
     parser.add_argument(
@@ -60,9 +63,13 @@ def tune_parser() -> argparse.ArgumentParser:
         help="rate (default): the highest Poisson arrival rate within the SLO, as MLPerf's server scenario "
         "(throughput is the same); users: the most concurrent users (closed loop), as Artificial Analysis",
     )
-    parser.add_argument("--input-len", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
+    parser.add_argument("--input-len", type=int, metavar="N", help="prompt tokens (default 512)")
+    parser.add_argument("--output-len", type=int, metavar="N", help="output tokens (default 256)")
     parser.add_argument(
-        "--output-len", type=int, default=256, metavar="N", help="output tokens (default 256)"
+        "--workload",
+        metavar="PRESET|FILE|SPEC",
+        help=f"the traffic to tune for instead of fixed lengths: {', '.join(WORKLOADS)}, a JSON file, or "
+        "in=lognormal:500:0.6,out=normal:250:60,prefix=512x4 (its SLO preset is the default --slo)",
     )
     parser.add_argument("--max-concurrency", type=int, default=512, metavar="N", help="most users tried")
     parser.add_argument(
@@ -150,15 +157,25 @@ def _values(specs: Sequence[str]) -> dict[str, tuple[Any, ...]]:
 
 def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> TuneConfig:
     command = vllm_command(args)
+    workload = None
+    if args.workload:
+        if args.input_len is not None or args.output_len is not None:
+            raise TuneError("give --workload or --input-len/--output-len, not both")
+        try:
+            workload = parse_workload(args.workload)
+        except WorkloadError as exc:
+            raise TuneError(str(exc)) from None
+    slo = args.slo or (workload.slo if workload is not None and workload.slo else DEFAULT_SLO)
     return TuneConfig(
         model=args.model,
-        slo=parse_slo(args.slo),
+        slo=parse_slo(slo),
+        workload=workload,
         command=command,
         fixed_args=tuple(vllm_args),
         pins=parse_pins(args.pin),
         values=_values(args.values),
-        input_len=args.input_len,
-        output_len=args.output_len,
+        input_len=args.input_len or 512,
+        output_len=args.output_len or 256,
         min_phase_s=args.phase_seconds,
         max_requests=args.max_requests,
         production_s=args.production_seconds,

@@ -101,7 +101,7 @@ def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSp
     low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
     workload = spec.workload
     prefixes = (
-        prefix_token_ids(workload.prefix, spec.seed, low_id, high_id)
+        prefix_token_ids(workload.prefix, low_id, high_id)
         if workload is not None and workload.prefix is not None
         else []
     )

@@ -334,10 +334,10 @@ def _from_file(path: Path) -> Workload:
     )
 
 
-def prefix_token_ids(prefix: SharedPrefix, seed: int, low_id: int, high_id: int) -> list[tuple[int, ...]]:
-    """The shared prefixes' token ids: the same for every phase of a run with ``seed``, so that the server's
-    prefix cache sees them again across phases, as it would in production."""
-    rng = random.Random(f"{seed}:prefix")
+def prefix_token_ids(prefix: SharedPrefix, low_id: int, high_id: int) -> list[tuple[int, ...]]:
+    """The shared prefixes' token ids: the same in every phase (whatever its seed), so that the server's prefix
+    cache sees them again across phases and trials, as it would a system prompt in production."""
+    rng = random.Random(f"prefix:{prefix.length}x{prefix.count}")
     return [tuple(rng.choices(range(low_id, high_id), k=prefix.length)) for _ in range(prefix.count)]
 
 

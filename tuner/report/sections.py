@@ -410,6 +410,9 @@ def _about(run: Run) -> list[Block]:
             f"; {confidence * 100:.0f} % intervals" if confidence is not None else "",
         ),
     ]
+    traffic = as_text(as_mapping(as_mapping(raw.get("workload")).get("workload")).get("describe"))
+    if traffic:
+        items.append(("Traffic: ", traffic, " (the lengths above are its means)"))
     cpu = as_text(raw.get("cpu"))
     if cpu:
         items.append(("CPU: ", cpu))

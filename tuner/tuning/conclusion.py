@@ -66,7 +66,10 @@ def export_text(tuner: Tuner, contender: Contender, status_line: str) -> str:
             status_line,
             f"SLO: {cfg.slo.describe()} (judged at {cfg.slo.judged_at} with {cfg.confidence:.0%} intervals)",
             f"Measured on {tuner.hardware_label}: capacity {contender.capacity.describe()} of {load_model}, "
-            f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens)",
+            f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens"
+            + (" on average" if cfg.workload else "")
+            + ")",
+            *([f"Workload: {cfg.workload.describe()}"] if cfg.workload else []),
         ],
     )
 
@@ -127,6 +130,7 @@ def build_report(
         "workload": {
             "input_len": cfg.input_len,
             "output_len": cfg.output_len,
+            "workload": cfg.workload.to_dict() if cfg.workload else None,
             "vocab_size": tuner.vocab_size,
             "load_model": "Poisson arrivals (open loop)"
             if tuner.objective == RATE

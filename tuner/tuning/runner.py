@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tuner.loadgen import FailFast, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for, steady_stats
+from tuner.loadgen.workload import Workload
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.affinity import CpuPlan, cpu_list
 from tuner.serving.launcher import ServerSpec, VllmServer
@@ -52,6 +53,7 @@ class MeasurePlan:
     input_len: int = 512
     output_len: int = 256
     vocab_size: int = 1000  # prompt token ids are drawn below this: the model's own vocabulary size
+    workload: Workload | None = None  # lengths and shared prefixes drawn per request (replaces the two above)
     min_phase_s: float = 10.0  # a phase lasts at least this long at the pace last seen
     # A p95 can pass only once its interval is bounded: 59 requests in the steady window (min_requests_for);
     # a first phase sends a quarter more, for the ramp it leaves out.
@@ -282,13 +284,13 @@ class Session:
             spec = LoadSpec(
                 mode=LoadMode.RATE, concurrency=None, request_rate_per_s=load.value, num_requests=n,
                 warmup_requests=4 if warmup else 0, input_len=plan.input_len, output_len=plan.output_len,
-                vocab_size=plan.vocab_size, seed=seed,
+                vocab_size=plan.vocab_size, seed=seed, workload=plan.workload,
             )  # fmt: skip
         else:
             spec = LoadSpec(
                 mode=LoadMode.CONCURRENCY, concurrency=load.users_count, num_requests=n,
                 warmup_requests=min(load.users_count, 8) if warmup else 0, input_len=plan.input_len,
-                output_len=plan.output_len, vocab_size=plan.vocab_size, seed=seed,
+                output_len=plan.output_len, vocab_size=plan.vocab_size, seed=seed, workload=plan.workload,
             )  # fmt: skip
         label = load.label()
 

@@ -25,8 +25,10 @@ from typing import Any
 
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
 from tuner.loadgen.vocab import vocab_size_from_dir
+from tuner.loadgen.workload import Workload
 from tuner.predict import aic
-from tuner.predict.base import PredictError, Prediction, Workload
+from tuner.predict.base import PredictError, Prediction
+from tuner.predict.base import Workload as TokenCounts
 from tuner.predict.rank import Ranker
 from tuner.serving.affinity import pin_process, plan_cpus
 from tuner.serving.launcher import LaunchError
@@ -99,6 +101,9 @@ class TuneConfig:
     gpus: bool = True  # read NVML (False: tune the CPU build)
     pin_cpus: str = "auto"  # "auto", "off" or "SERVER:CLIENT" cpu lists (tuner.serving.affinity)
     predict: bool = True  # rank candidates by a performance model where one covers the GPU (tuner.predict)
+    # The traffic to tune for (tuner.loadgen.workload): its lengths and shared prefixes replace input_len and
+    # output_len in every phase; their means size predictions, and its longest sequence max-model-len.
+    workload: Workload | None = None
     verdict: VerdictPlan = field(default_factory=VerdictPlan)
 
 
@@ -161,6 +166,8 @@ class Tuner:
         except (ValueError, OSError) as exc:
             raise TuneError(f"{config.model}/config.json: {exc}") from None
         self.vocab_size = config.vocab_size or vocab_size_from_dir(model_dir) or 1000
+        if config.workload is not None:
+            self.config = config = self._for_workload(config, config.workload)
         self.hardware, self.hardware_label = detect_hardware(config.gpus, config.env)
         if self.hardware.is_cpu and "VLLM_CPU_KVCACHE_SPACE" not in {**os.environ, **config.env}:
             # Unset, vLLM's CPU build reserves 92 % of the NUMA node's memory for the KV cache and refuses to
@@ -199,7 +206,7 @@ class Tuner:
     def runner(self) -> TrialRunner:
         cfg = self.config
         plan = MeasurePlan(
-            input_len=cfg.input_len, output_len=cfg.output_len, vocab_size=self.vocab_size,
+            input_len=cfg.input_len, output_len=cfg.output_len, vocab_size=self.vocab_size, workload=cfg.workload,
             min_phase_s=cfg.min_phase_s, min_requests=cfg.min_requests, max_requests=cfg.max_requests,
             production_s=cfg.production_s, confidence=cfg.confidence,
         )  # fmt: skip
@@ -237,6 +244,7 @@ class Tuner:
                 "output_len": cfg.output_len,
                 "objective": self.objective,
                 "vocab_size": self.vocab_size,
+                "traffic": cfg.workload.to_dict() if cfg.workload else None,
             },
         )
 
@@ -303,6 +311,19 @@ class Tuner:
             winner, defaults, trials, self.launches, stopped, outputs, report, verdict, headline, exit_code
         )
 
+    def _for_workload(self, config: TuneConfig, workload: Workload) -> TuneConfig:
+        """The config with the workload's mean lengths (for predictions, ceilings and the summary) and, unless
+        pinned, max-model-len set to its longest sequence (at most the model's own limit)."""
+        pins = dict(config.pins)
+        if "max_model_len" not in pins:
+            pins["max_model_len"] = min(workload.longest_sequence, self.shape.max_position_embeddings)
+        return dataclasses.replace(
+            config,
+            input_len=max(1, round(workload.input.mean)),
+            output_len=max(1, round(workload.output.mean)),
+            pins=pins,
+        )
+
     def _predict(self, feasible: list[Candidate]) -> None:
         """Predict every feasible candidate where a performance model covers this GPU (tuner.predict)."""
         if not self.config.predict:
@@ -322,7 +343,7 @@ class Tuner:
                 f"aiconfigurator has no data for {self.hardware.gpu_name}: the search follows the evidence"
             )
             return
-        workload = Workload(self.config.input_len, self.config.output_len)
+        workload = TokenCounts(self.config.input_len, self.config.output_len)
         try:
             model = aic.AiconfiguratorModel(self.config.model, self.shape, system)
         except PredictError as exc:
