@@ -188,6 +188,9 @@ def test_a_workload_sizes_the_run_and_is_named_in_the_yaml_and_the_report(
     assert tuner.config.input_len == 6144 and tuner.config.output_len == 200  # the means: for predictions
     assert tuner.config.pins["max_model_len"] == rag.longest_sequence  # every request of the workload fits
     assert tuner.runner().plan.workload is rag  # each phase draws its requests from it
+    assert tuner._meta().workload["traffic"]["name"] == "rag"  # a resume under other traffic is refused
+    plain = _tuner(tmp_path / "plain")
+    assert "traffic" not in plain._meta().workload  # runs stored before workloads existed still resume
     _run(tuner, monkeypatch, lambda c: 2.0)
     yaml = next((tmp_path / "out").glob("*.yaml")).read_text()
     assert "# Workload: rag: 4096-8192 (uniform) in" in yaml

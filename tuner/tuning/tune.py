@@ -244,7 +244,8 @@ class Tuner:
                 "output_len": cfg.output_len,
                 "objective": self.objective,
                 "vocab_size": self.vocab_size,
-                "traffic": cfg.workload.to_dict() if cfg.workload else None,
+                # Only with a workload: a run stored before workloads existed resumes as it was.
+                **({"traffic": cfg.workload.to_dict()} if cfg.workload else {}),
             },
         )
 
