@@ -209,3 +209,13 @@ def test_tune_cli_takes_a_workload_and_its_slo(tmp_path: Path, capsys: pytest.Ca
     assert run_tune_cli([str(model), "--workload", "chat", "--input-len", "64", "--cpu"]) == 2
     err = capsys.readouterr().err
     assert "give --workload or --input-len/--output-len, not both" in err and err.count("\n") == 1
+
+
+def test_a_workload_longer_than_the_models_context_is_refused_in_one_line(tmp_path: Path) -> None:
+    from tuner.loadgen.workload import PRESETS
+    from tuner.tuning.tune import TuneError
+
+    model = write_tiny_model(tmp_path / "m")  # a 2,048-token context; chat prompts reach ~3,200 tokens
+    with pytest.raises(TuneError, match="longer than the model's 2048-token context") as info:
+        Tuner(TuneConfig(model=str(model), slo=parse_slo("aa-100"), gpus=False, workload=PRESETS["chat"]))
+    assert "\n" not in str(info.value)

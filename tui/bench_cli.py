@@ -203,8 +203,8 @@ def run_bench_cli(argv: Sequence[str]) -> int:
         except WorkloadError as exc:
             raise SystemExit(f"infertop bench: {exc}") from None
     plan = BenchPlan(
-        input_len=args.input_len or 128,
-        output_len=args.output_len or 128,
+        input_len=128 if args.input_len is None else args.input_len,
+        output_len=128 if args.output_len is None else args.output_len,
         len_range_ratio=args.len_range,
         workload=workload,
         concurrencies=concurrencies,

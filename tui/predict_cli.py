@@ -176,7 +176,7 @@ def _predict_gpu(
     result = GpuResult(alias, system, count, price_per_gpu_hour=price)
     if system is None:
         hardware = aic.hardware_for(alias, None, count)
-        result.error = f"aiconfigurator {_version()} has no measured data for {alias.upper()}"
+        result.error = f"aiconfigurator {aic.package_version()} has no measured data for {alias.upper()}"
         result.ceiling_tokens_per_s = decode_ceiling_tokens_per_s(Candidate(), shape, hardware, workload, 1)
         return result
     try:
@@ -244,15 +244,6 @@ def _systems(spec: str) -> list[tuple[str, str | None]]:
     if not found:
         raise PredictError("--gpu names no GPU")
     return found
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("aiconfigurator-core")
-    except PackageNotFoundError:
-        return "?"
 
 
 def _cost_per_million(result: GpuResult, tokens_per_s: float | None) -> float | None:

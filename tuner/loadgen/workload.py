@@ -21,7 +21,7 @@ import bisect
 import json
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,8 +339,3 @@ def prefix_token_ids(prefix: SharedPrefix, low_id: int, high_id: int) -> list[tu
     cache sees them again across phases and trials, as it would a system prompt in production."""
     rng = random.Random(f"prefix:{prefix.length}x{prefix.count}")
     return [tuple(rng.choices(range(low_id, high_id), k=prefix.length)) for _ in range(prefix.count)]
-
-
-def draw_lengths(workload: Workload, rng: random.Random, n: int) -> Sequence[tuple[int, int]]:
-    """``n`` (input, output) lengths, for tests and summaries."""
-    return [(workload.input.draw(rng), workload.output.draw(rng)) for _ in range(n)]

@@ -13,15 +13,12 @@ prompt per step (its prefill budget is at most the prompt), and ``max-model-len`
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import json
 import logging
-import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +84,7 @@ class _Sdk:
     def __init__(self) -> None:
         for name in ("aiconfigurator_core", "aiconfigurator"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        self.version = _package_version()
+        self.version = package_version()
         factory = importlib.import_module(f"{PACKAGE}.sdk.backends.factory")
         config = importlib.import_module(f"{PACKAGE}.sdk.config")
         builders = importlib.import_module(f"{PACKAGE}.sdk.config_builders")
@@ -266,7 +263,7 @@ class AiconfiguratorModel:
         }
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -295,20 +292,9 @@ def _usable_model_dir(model_dir: Path) -> tuple[Path, str]:
     return _converted[model_dir], f" ({arch} modelled as Llama: the same dense layers)"
 
 
-@contextlib.contextmanager
-def scratch_model(config: dict[str, Any]) -> Iterator[Path]:
-    """A temporary model directory holding ``config`` as its config.json (tests, simulations)."""
-    folder = Path(tempfile.mkdtemp(prefix="infertop-model-"))
-    try:
-        (folder / "config.json").write_text(json.dumps(config))
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def hardware_for(system: str, model: AiconfiguratorModel | None, gpu_count: int = 1) -> Hardware:
     """A :class:`Hardware` for one of aiconfigurator's GPU types (memory from its system description)."""
-    name = {v: k for k, v in SYSTEMS.items()}.get(system, system)
+    name = next((k for k, v in SYSTEMS.items() if v == system), system)  # the first: A100 80GB for a100_sxm
     known = gpus.lookup(name)
     if model is not None:
         memory = model.gpu_memory_bytes

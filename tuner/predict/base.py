@@ -51,10 +51,6 @@ class Estimate:
     def tokens_per_s_per_user(self) -> float:
         return 1.0 / self.tpot_s if self.tpot_s > 0 else float("inf")
 
-    def e2e_s(self, workload: Workload) -> float:
-        """One request's time in the system: its first token, then the rest at TPOT each."""
-        return self.ttft_s + max(0, workload.output_len - 1) * self.tpot_s
-
     def requests_per_s(self, workload: Workload) -> float:
         """The request rate this point completes: output tokens/s over tokens per request (the models cap
         tokens/s below concurrency / TPOT where prefills share the steps, so this is the consistent figure)."""

@@ -315,9 +315,15 @@ class Tuner:
     def _for_workload(self, config: TuneConfig, workload: Workload) -> TuneConfig:
         """The config with the workload's mean lengths (for predictions, ceilings and the summary) and, unless
         pinned, max-model-len set to its longest sequence (at most the model's own limit)."""
+        context = self.shape.max_position_embeddings
+        if workload.longest_sequence > context:
+            raise TuneError(
+                f"the workload's longest request ({workload.longest_sequence} tokens in and out) is longer than "
+                f"the model's {context}-token context: give a workload with shorter lengths"
+            )
         pins = dict(config.pins)
         if "max_model_len" not in pins:
-            pins["max_model_len"] = min(workload.longest_sequence, self.shape.max_position_embeddings)
+            pins["max_model_len"] = workload.longest_sequence
         return dataclasses.replace(
             config,
             input_len=max(1, round(workload.input.mean)),
