@@ -9,7 +9,7 @@ import pytest
 
 from tuner.loadgen.stats import RequestResult
 from tuner.loadgen.steady import min_requests_for, quantile_interval, steady_stats, steady_window
-from tuner.tuning.slo import judge, parse_slo
+from tuner.tuning.slo import falling_behind, judge, parse_slo
 
 
 def _request(i: int, start_s: float, ttft_s: float, tokens: int = 64, gap_s: float = 0.01) -> RequestResult:
@@ -146,3 +146,48 @@ def test_a_closed_loop_of_equal_requests_is_not_miscounted_by_its_bursts() -> No
     s = steady_stats([steady_window(requests)])
     assert s.requests_per_s == pytest.approx(16.0, rel=0.05)
     assert s.arrivals_per_s == pytest.approx(127 / 7.015, rel=0.01)  # over the issuing span: informative
+
+
+def _slot_server(rate: float, slots: int, service_s: float, phase_s: float, seed: int) -> list[RequestResult]:
+    """Poisson arrivals for ``phase_s`` into a server of ``slots`` sequences at once, each ``service_s`` long,
+    first come first served: the queue's wait is TTFT. Its capacity is slots / service_s requests/s."""
+    rng = random.Random(seed)
+    free = [0.0] * slots  # when each slot frees up
+    t, out = 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t > phase_s:
+            return out
+        free.sort()
+        begin = max(t, free[0])
+        service = service_s * rng.uniform(0.9, 1.1)
+        free[0] = begin + service
+        tokens = 16
+        gap = service * 0.8 / (tokens - 1)
+        ttft = begin - t + service * 0.2
+        out.append(dataclasses.replace(_request(len(out), t, ttft, tokens, gap), duration_s=free[0] - t))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_server_that_keeps_up_is_not_falling_behind_even_in_a_short_phase(seed: int) -> None:
+    # Capacity 8 / 0.1 s = 80 req/s. At 70 % of it, in a 30 s phase and in a 1 s phase (ten request times).
+    for phase_s in (30.0, 1.0):
+        s = steady_stats([steady_window(_slot_server(56.0, 8, 0.1, phase_s, seed))])
+        assert falling_behind(s) is None, (phase_s, s.arrived, s.finished, s.backlog_growth)
+    # A request time as long as a third of the phase: the window opens before the server fills.
+    s = steady_stats([steady_window(_slot_server(56.0, 64, 0.8, 2.5, seed))])
+    assert falling_behind(s) is None, (s.arrived, s.finished, s.backlog_growth)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_server_falling_behind_its_arrivals_fails_even_while_its_latencies_pass(seed: int) -> None:
+    # 150 % of capacity for 3 s: the backlog grows by ~40 requests a second, TTFT p95 stays under a loose limit.
+    # (Shorter and milder overloads are told apart less often: 1 s at 150 % about two times in three.)
+    s = steady_stats([steady_window(_slot_server(120.0, 8, 0.1, 3.0, seed))])
+    why = falling_behind(s)
+    assert why is not None and "falling behind" in why, (s.arrived, s.finished, s.backlog_growth)
+    loose = parse_slo("ttft=5")
+    assert s.ttft_p95_s is not None and s.ttft_p95_s < 5
+    verdict = judge(loose, s, open_loop=True)
+    assert verdict.decision == "fail" and any("falling behind" in r for r in verdict.reasons)
+    assert judge(loose, s, open_loop=False).decision != "fail"  # a closed loop cannot outrun its server

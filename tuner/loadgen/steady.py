@@ -17,7 +17,11 @@ Every figure carries an interval at ``confidence`` (two-sided, 90 % by default):
 * output tokens/s: a bootstrap over sub-windows of about a second (at least 4, at most 12), the mean of their
   rates, so that bursts and stalls widen it;
 
-and the phase says whether its queue grew (open loop: TTFT of the window's last third against its first).
+and the phase says whether its queue grew (open loop: TTFT of the window's last third against its first) and
+whether the server kept up with the arrivals: the requests in flight at the window's close against its
+opening (every arrival in the window that did not finish in it). A server that serves fewer requests than
+arrive builds a backlog without bound, however long its TTFT takes to show it: vLLM admits hundreds of
+sequences into one batch, so a short phase can pass its latency limits while the backlog grows.
 Phases at the same load are pooled (:func:`steady_stats` takes several), which is how a point whose interval
 straddles a limit is measured further. Everything is deterministic for a given ``seed``.
 """
@@ -29,6 +33,7 @@ import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tuner.loadgen.stats import RequestResult, percentile
 
@@ -75,6 +80,12 @@ class SteadyStats:
     ttft_growth_s: float | None  # median TTFT of the window's last third minus its first third
     whole_phase: bool  # some phase had no steady part: its figures include ramp and drain
     arrivals_per_s: float = 0.0  # requests issued per second over the whole issuing span (the load offered)
+    arrived: int = 0  # requests started in the window(s)
+    finished: int = 0  # requests (any outcome) that ended in the window(s)
+    in_flight_open: int = 0  # requests in flight when the window(s) opened
+    # How many more requests were in flight at the window's close than a steady server would hold there: the
+    # growth (arrived - finished) less what the ramp still owed when the window opened (see _backlog).
+    backlog_growth: float = 0.0
     confidence: float = DEFAULT_CONFIDENCE
 
     @property
@@ -187,6 +198,7 @@ def steady_stats(
         output_tokens_per_s_ci=_mean_ci(rates, confidence, rng),
         requests_per_s=_completion_rate(tokens / window_s if window_s > 0 else 0.0, ok),
         arrivals_per_s=_arrival_rate(windows),
+        **_backlog(windows),
         ttft_p50_s=percentile(ttft, 50),
         ttft_p95_s=percentile(ttft, 95),
         ttft_p95_ci_s=quantile_interval(ttft, 95, confidence),
@@ -214,6 +226,39 @@ def _arrival_rate(windows: Sequence[PhaseWindow]) -> float:
             issued += len(starts) - 1
             span += max(starts) - min(starts)
     return issued / span if span > 0 else 0.0
+
+
+def _backlog(windows: Sequence[PhaseWindow]) -> dict[str, Any]:
+    """Arrivals and completions in each window, and the backlog they leave beyond a steady server's.
+
+    In flight at time t: N(t) = started by t - ended by t, so N(close) - N(open) = arrived - finished over the
+    window. A steady server holds N flat at the arrival rate x the median request time (Little's law), but a
+    window that opens before the phase reaches it (a short phase) sees N climb to it: that shortfall at the
+    opening is not a backlog, so it is taken off the growth (with the request time of the ramp's requests).
+    """
+    arrived = finished = growth = in_flight_open = 0.0
+    for w in windows:
+        if w.end_s <= w.start_s:
+            continue
+        a = sum(1 for r in w.requests if w.start_s < r.start_s <= w.end_s)
+        f = sum(1 for r in w.requests if w.start_s < r.start_s + r.duration_s <= w.end_s)
+        in_flight = sum(
+            1 for r in w.requests if r.start_s <= w.start_s < r.start_s + r.duration_s
+        )  # at the opening
+        # The request time of the ramp's requests (started before the opening): a backlog inflates the
+        # window's own, which would excuse the very growth being looked for.
+        ramp = [r.duration_s for r in w.requests if r.start_s <= w.start_s] or [0.0]
+        steady_in_flight = a / (w.end_s - w.start_s) * statistics.median(ramp)
+        arrived += a
+        finished += f
+        in_flight_open += in_flight
+        growth += (a - f) - max(0.0, steady_in_flight - in_flight)
+    return {
+        "arrived": int(arrived),
+        "finished": int(finished),
+        "in_flight_open": int(in_flight_open),
+        "backlog_growth": growth,
+    }
 
 
 def _growth(windows: Sequence[PhaseWindow]) -> float | None:

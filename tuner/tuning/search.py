@@ -63,7 +63,7 @@ def signals_from(capacity: Capacity | None, max_num_seqs: int | None) -> Signals
         memory_bound=bound == "gpu_memory_bandwidth",
         compute_bound=bound == "gpu_compute",
         front_end_bound=bound in ("front_end_or_client", "client"),
-        ttft_failed="TTFT" in reasons or "queue building" in reasons,
+        ttft_failed="TTFT" in reasons or "queue building" in reasons or "falling behind" in reasons,
         tpot_failed="per-user" in reasons or "TPOT" in reasons,
         kv_cache_max_pct=kv,
         best_concurrency=users,

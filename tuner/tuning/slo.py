@@ -296,6 +296,35 @@ QUEUE_GROWTH_SHARE = 0.3
 (the server falls behind the arrivals), a failure even while the p95 is still under the limit."""
 
 
+KEEP_UP_SHARE = 0.9
+"""Open loop: a server that finishes fewer than this share of the window's arrivals, by more than chance allows,
+falls behind them (its backlog grows without bound): a failure whatever its latencies show so far."""
+BACKLOG_SIGMAS = 3.0
+
+
+def falling_behind(steady: SteadyStats) -> str | None:
+    """Why an open-loop window shows a server falling behind its arrivals, or None.
+
+    A steady server's requests in flight vary about their mean by about its square root (a Poisson count), so
+    the growth from the window's opening to its close varies by about sqrt(open + close): only a backlog
+    beyond ``BACKLOG_SIGMAS`` of that, and a material one (under ``KEEP_UP_SHARE`` of the arrivals finished),
+    is a server falling behind.
+    """
+    a, f, growth = steady.arrived, steady.finished, steady.backlog_growth
+    if a <= 0:
+        return None
+    close = steady.in_flight_open + a - f
+    if (
+        growth > BACKLOG_SIGMAS * math.sqrt(steady.in_flight_open + close + 1)
+        and growth > (1 - KEEP_UP_SHARE) * a
+    ):
+        return (
+            f"falling behind the arrivals: {a} requests arrived in the window, {f} finished "
+            f"(the backlog grew by {growth:.0f})"
+        )
+    return None
+
+
 def judge(slo: Slo, steady: SteadyStats, *, open_loop: bool = False) -> SloVerdict:
     """Judge a steady window with its intervals: ``pass`` when every interval clears its limit, ``fail`` when
     one lies wholly beyond it (or the point estimates fail on errors or a growing queue), ``uncertain``
@@ -332,6 +361,10 @@ def judge(slo: Slo, steady: SteadyStats, *, open_loop: bool = False) -> SloVerdi
     if open_loop and limit is not None and growth is not None and growth > QUEUE_GROWTH_SHARE * limit:
         clear_fail = True
         reasons.append(f"queue building: median TTFT rose {growth:.2f} s across the window")
+    behind = falling_behind(steady) if open_loop else None
+    if behind is not None:
+        clear_fail = True
+        reasons.append(behind)
     if clear_fail:
         decision = "fail"
     elif uncertain:
