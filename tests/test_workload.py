@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from tuner.loadgen import LoadSpec
-from tuner.loadgen.spec import make_requests
-from tuner.loadgen.workload import PRESETS, Lengths, SharedPrefix, Workload, WorkloadError, parse_workload
+from tuner.loadgen.spec import make_conversations, make_requests
+from tuner.loadgen.workload import (
+    PRESETS,
+    Lengths,
+    Sessions,
+    SharedPrefix,
+    Workload,
+    WorkloadError,
+    parse_workload,
+)
 
 
 def _ks(lengths: Lengths, draws: list[int]) -> float:
@@ -46,7 +54,7 @@ def test_draws_follow_the_distribution(lengths: Lengths) -> None:
 
 
 def test_presets_pair_with_slos_and_size_max_model_len() -> None:
-    assert set(PRESETS) == {"chat", "rag", "summarisation", "code", "batch"}
+    assert set(PRESETS) == {"chat", "rag", "summarisation", "code", "batch", "multiturn"}
     rag = PRESETS["rag"]
     assert rag.input.max == 8192 and rag.longest_sequence > 8192 and rag.prefix == SharedPrefix(512, 2)
     assert PRESETS["batch"].slo is None and PRESETS["chat"].slo == "mlperf-llama3.1-8b-interactive"
@@ -76,6 +84,10 @@ def test_inline_specs_and_files_parse(tmp_path: Path) -> None:
         ("in=100,out=10,prefix=200x2", "leaves no room"),
         ("in=uniform:500:100,out=10", "min <= max"),
         ("/no/such/file.json", "cannot read"),
+        ("in=100,out=10,think=2", "give turns= too"),
+        ("in=100,out=10,turns=3,context=50", "does not fit a session context of 50"),
+        ("in=100,out=10,turns=3,think=-1", "think time must be >= 0"),
+        ("in=100,out=10,turns=3,context=lots", "context='lots'"),
     ],
 )
 def test_bad_workloads_are_one_line(spec: str, message: str) -> None:
@@ -164,3 +176,78 @@ def test_every_presets_slo_is_a_known_preset() -> None:
     for workload in PRESETS.values():
         if workload.slo is not None:
             assert parse_slo(workload.slo).name == workload.slo
+
+
+def test_sessions_parse_and_size_max_model_len_by_their_context() -> None:
+    w = parse_workload("in=lognormal:150:0.5,out=normal:200:40,turns=uniform:2:6,think=1.5,context=4096")
+    assert w.sessions == Sessions(Lengths("uniform", 2, 6), 4096, 1.5)
+    assert w.longest_sequence == 4096  # six turns of the longest messages and answers would need more
+    assert "sessions of 2-6 (uniform) turns up to 4096 tokens, 1.5 s think time" in w.describe()
+    short = parse_workload("in=50,out=20,turns=2")
+    assert short.longest_sequence == 2 * 70  # two turns fit well inside the default context
+    # The mean prompt of a turn: (T+1)/2 messages and (T-1)/2 answers of the history, for T = 4 turns on average.
+    assert w.mean_prompt == pytest.approx(2.5 * w.input.mean + 1.5 * 200)
+    assert PRESETS["multiturn"].sessions is not None
+
+
+def test_conversations_follow_the_turn_and_length_distributions_and_open_with_a_prefix() -> None:
+    workload = parse_workload("in=uniform:40:80,out=normal:30:5,prefix=16x2,turns=uniform:1:5,think=2")
+    spec = LoadSpec(concurrency=2, num_requests=10, vocab_size=1000, workload=workload, seed=5)
+    conversations = list(itertools.islice(make_conversations(spec), 2000))
+    turns = [len(c.turns) for c in conversations]
+    assert _ks(Lengths("uniform", 1, 5), turns) < 0.04
+    messages = [len(t.message_ids) for c in conversations for t in c.turns]
+    assert _ks(workload.input, messages) < 0.04
+    assert {c.turns[0].message_ids[:16] for c in conversations} == {
+        r.prompt_token_ids[:16] for r in itertools.islice(make_requests(spec), 200)
+    }  # first turns open with the same two prefixes as single requests
+    thinks = [t.think_s for c in conversations for t in c.turns[1:]]
+    assert all(c.turns[0].think_s == 0 for c in conversations)
+    assert sum(thinks) / len(thinks) == pytest.approx(2.0, rel=0.1)
+    again = list(itertools.islice(make_conversations(spec), 5))
+    assert again == conversations[:5]  # seeded
+
+
+@pytest.mark.vllm
+def test_sessions_send_the_conversation_so_far_with_the_servers_own_answers(vllm_server) -> None:  # type: ignore[no-untyped-def]
+    """Each turn's prompt is the previous prompt, the server's answer (its own token ids) and the new message:
+    the server counts exactly that, and its prefix cache serves the history (128-token blocks on the CPU build)."""
+    from tuner.measure import measure_phase
+
+    workload = parse_workload("in=uniform:100:160,out=normal:40:8,turns=3,context=500")
+    # One user: the conversations run one after another, so requests follow the plan in order.
+    spec = LoadSpec(concurrency=1, num_requests=9, vocab_size=1000, workload=workload, seed=2)
+    phase = asyncio.run(measure_phase(vllm_server.url, spec))
+    result = phase.load
+    assert result.stand_in_answers == 0  # this vLLM returns the answer's token ids
+    requests = sorted(result.requests, key=lambda r: r.index)
+    assert len(requests) == 9 and all(r.ok for r in requests), [r.error for r in requests if not r.ok]
+    assert all(r.prompt_tokens == r.prompt_len for r in requests)  # the server counted what was sent
+    sent = iter(requests)
+    for conversation in itertools.islice(make_conversations(spec), 3):
+        history = 0
+        for turn in conversation.turns:
+            r = next(sent)
+            assert r.prompt_len == history + len(turn.message_ids)  # the history, then the new message
+            assert r.output_tokens == turn.max_tokens
+            history = r.prompt_len + (r.output_tokens or 0)
+    hits = phase.evidence.prefix_cache_hits
+    assert hits is not None and hits >= 6 * 128  # every later turn's first block came from the cache
+
+
+@pytest.mark.vllm
+def test_sessions_under_open_loop_arrivals_keep_the_rate_and_the_counts(vllm_server) -> None:  # type: ignore[no-untyped-def]
+    from tuner.loadgen import LoadMode
+    from tuner.measure import measure_phase
+
+    workload = parse_workload("in=uniform:40:80,out=8,turns=uniform:1:3,context=400")
+    spec = LoadSpec(
+        mode=LoadMode.RATE, request_rate_per_s=8.0, concurrency=None, num_requests=None, duration_s=4.0,
+        vocab_size=1000, workload=workload, seed=4,
+    )  # fmt: skip
+    result = asyncio.run(measure_phase(vllm_server.url, spec)).load
+    requests = result.requests
+    assert requests and all(r.ok for r in requests)
+    assert all(r.prompt_tokens == r.prompt_len for r in requests)
+    assert max(r.prompt_len for r in requests) > 80  # some conversations went past their first turn
+    assert 8.0 * 4.0 * 0.4 < len(requests) < 8.0 * 4.0 * 1.8  # conversations start at rate / mean turns

@@ -244,7 +244,13 @@ def run_bench_cli(argv: Sequence[str]) -> int:
             if p.tokens.mismatch:
                 print(f"! c={p.load.spec.concurrency}: {p.tokens.note}")
             hits, queries = p.evidence.prefix_cache_hits, p.evidence.prefix_cache_queries
-            shared = workload is not None and workload.prefix is not None
+            shared = workload is not None and (workload.prefix is not None or workload.sessions is not None)
+            if p.load.stand_in_answers:
+                print(
+                    f"! c={p.load.spec.concurrency}: this vLLM did not return {p.load.stand_in_answers} answers as "
+                    "token ids (return_token_ids): their history was stand-in ids of the same length, which its "
+                    "prefix cache cannot reuse"
+                )
             if (
                 hits is not None and queries and shared
             ):  # the workload's shared prefixes: expected, and a finding

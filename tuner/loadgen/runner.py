@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from tuner.loadgen.rawhttp import _RawPool
-from tuner.loadgen.spec import LoadMode, LoadSpec, RequestSpec, Timeouts, make_requests
+from tuner.loadgen.spec import (
+    Conversation,
+    LoadMode,
+    LoadSpec,
+    RequestSpec,
+    Timeouts,
+    make_conversations,
+    make_requests,
+    stand_in_answer,
+)
 from tuner.loadgen.stats import PhaseStats, RequestResult, compute_stats
 from tuner.loadgen.stream import _Stream
 from tuner.loadgen.transport import Transport, _Client, _HttpxClient, _Target, discover_model
@@ -36,6 +45,9 @@ class PhaseResult:
     cancelled: bool = False
     aborted: str | None = None  # why the phase stopped early on its own (the server went away)
     failed_early: str | None = None  # the phase stopped once its TTFT limit was certain to fail (FailFast)
+    # Sessions: answers the server did not return as token ids (older vLLM), replaced in the history by
+    # stand-in ids of their length (see spec.stand_in_answer): the prefix cache could not reuse them.
+    stand_in_answers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +120,12 @@ class _Phase:
         body.update(spec.extra_body)
         # Everything but the prompt and max_tokens is fixed: serialise it once and splice per request.
         self.body_tail = json.dumps(body, separators=(",", ":"))[1:].encode()
+        # A conversation's turns ask for the answer's token ids, to send them back as the history.
+        self.body_tail_ids = json.dumps({**body, "return_token_ids": True}, separators=(",", ":"))[
+            1:
+        ].encode()
+        self.issued = 0  # measured requests issued by conversations (their turns number them)
+        self.stand_in_answers = 0
         self._reset_stage("warmup", None)
 
     def _reset_stage(self, stage: Literal["warmup", "measure"], total: int | None) -> None:
@@ -138,13 +156,16 @@ class _Phase:
             )
         )
 
-    async def _one(self, request: RequestSpec) -> None:
+    async def _one(
+        self, request: RequestSpec, *, want_ids: bool = False
+    ) -> tuple[RequestResult, list[int] | None]:
+        """Send one request and record its result; with ``want_ids``, also the answer's token ids (or None)."""
         body = b'{"prompt":%s,"max_tokens":%d,%s' % (
             json.dumps(request.prompt_token_ids, separators=(",", ":")).encode(),
             request.max_tokens,
-            self.body_tail,
+            self.body_tail_ids if want_ids else self.body_tail,
         )
-        stream = _Stream(time.perf_counter())
+        stream = _Stream(time.perf_counter(), want_ids=want_ids)
         self.in_flight.add(stream)
         try:
             await self.client.stream(stream, body)
@@ -170,6 +191,7 @@ class _Phase:
         elif result.error_kind != "cancelled":
             self.failed_count += 1
         self._progress()
+        return result, stream.token_ids
 
     def _check_fail_fast(self, now_s: float) -> None:
         """Stop the measured stage once its TTFT p95 is certain to break the limit (see :class:`FailFast`)."""
@@ -219,6 +241,50 @@ class _Phase:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
+    async def _conversation(
+        self, conversation: Conversation, deadline_s: float, gate: asyncio.Semaphore | None = None
+    ) -> None:
+        """One conversation's turns in order, each prompt the conversation so far; it ends at the deadline, at
+        the phase's request count, at a failed turn, or before a turn would outgrow its context."""
+        history: tuple[int, ...] = ()
+        limit = self.spec.num_requests
+        for turn in conversation.turns:
+            if turn.think_s > 0 and history:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), turn.think_s)
+            prompt = history + turn.message_ids
+            if len(prompt) + turn.max_tokens > conversation.context:
+                return  # the user would start a new conversation
+            if self.stopping.is_set() or time.perf_counter() >= deadline_s:
+                return
+            if limit is not None and self.issued >= limit:
+                self.stopping.set()  # the phase's requests are all issued: no conversation goes on
+                return
+            request = RequestSpec(self.issued, prompt, turn.max_tokens)
+            self.issued += 1
+            if gate is None:
+                result, answer = await self._one(request, want_ids=True)
+            else:
+                async with gate:
+                    if self.stopping.is_set():
+                        return
+                    result, answer = await self._one(request, want_ids=True)
+            if not result.ok:
+                return
+            if not answer or len(answer) != result.output_tokens:
+                self.stand_in_answers += 1
+                answer = list(stand_in_answer(result.output_tokens or 0, self.spec.vocab_size, request.index))
+            history = prompt + tuple(answer)
+
+    async def _closed_loop_conversations(self, concurrency: int, deadline_s: float) -> None:
+        conversations = make_conversations(self.spec)
+
+        async def user() -> None:
+            while not self.stopping.is_set() and time.perf_counter() < deadline_s:
+                await self._conversation(next(conversations), deadline_s)
+
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+
     async def _open_loop(
         self, requests: Iterator[RequestSpec], rate_per_s: float, cap: int | None, deadline_s: float
     ) -> None:
@@ -233,6 +299,28 @@ class _Phase:
             async with gate:
                 if not self.stopping.is_set():
                     await self._one(request)
+
+        workload = self.spec.workload
+        if workload is not None and workload.sessions is not None:
+            # Conversations start at the rate over the mean turns each, so that requests arrive at about the rate.
+            session_rate = rate_per_s / max(1.0, workload.sessions.turns.mean)
+            next_s = time.perf_counter()
+            for conversation in make_conversations(self.spec):
+                next_s += rng.expovariate(session_rate)
+                if next_s >= deadline_s:
+                    break
+                delay_s = next_s - time.perf_counter()
+                if delay_s > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay_s)
+                if self.stopping.is_set():
+                    break
+                task = asyncio.create_task(self._conversation(conversation, deadline_s, gate))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            return
 
         next_s = time.perf_counter()
         for request in requests:
@@ -271,8 +359,11 @@ class _Phase:
             if spec.num_requests is not None:
                 requests = _take(requests, spec.num_requests)
             deadline_s = self.stage_start_s + spec.duration_s if spec.duration_s else math.inf
+            sessions = spec.workload is not None and spec.workload.sessions is not None
             if not self.stopping.is_set():
-                if spec.mode is LoadMode.CONCURRENCY:
+                if spec.mode is LoadMode.CONCURRENCY and sessions:
+                    await self._closed_loop_conversations(spec.concurrency or 1, deadline_s)
+                elif spec.mode is LoadMode.CONCURRENCY:
                     await self._closed_loop(requests, spec.concurrency or 1, deadline_s)
                 else:
                     assert spec.request_rate_per_s is not None
@@ -341,6 +432,7 @@ async def run_phase(
         cancelled=phase.cancelled,
         aborted=phase.aborted,
         failed_early=phase.failed_early,
+        stand_in_answers=phase.stand_in_answers,
     )
 
 

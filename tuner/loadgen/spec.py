@@ -123,5 +123,56 @@ def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSp
         index += 1
 
 
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn of a conversation: the new message (token ids) and how many tokens it asks for; the user
+    pauses ``think_s`` after the previous answer before sending it."""
+
+    message_ids: tuple[int, ...]
+    max_tokens: int
+    think_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A planned conversation: its turns, and the context it must stay within (prompt plus answer)."""
+
+    turns: tuple[Turn, ...]
+    context: int
+
+
+def make_conversations(spec: LoadSpec, *, warmup: bool = False) -> Iterator[Conversation]:
+    """The conversations of a phase whose workload has sessions, deterministic for a given ``spec.seed``.
+
+    Infinite, like :func:`make_requests`. The first turn's message starts with one of the shared prefixes.
+    """
+    workload = spec.workload
+    assert workload is not None and workload.sessions is not None
+    sessions = workload.sessions
+    rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}:sessions")
+    low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
+    prefixes = prefix_token_ids(workload.prefix, low_id, high_id) if workload.prefix is not None else []
+    while True:
+        turns = []
+        for k in range(max(1, sessions.turns.draw(rng))):
+            input_len, output_len = workload.input.draw(rng), workload.output.draw(rng)
+            head: tuple[int, ...] = ()
+            if k == 0 and prefixes:
+                head = prefixes[rng.randrange(len(prefixes))]
+                input_len = max(input_len, len(head) + 1)
+            ids = head + tuple(rng.choices(range(low_id, high_id), k=input_len - len(head)))
+            think = rng.expovariate(1.0 / sessions.think_s) if k and sessions.think_s > 0 else 0.0
+            turns.append(Turn(ids, output_len, think))
+        yield Conversation(tuple(turns), sessions.context)
+
+
+def stand_in_answer(length: int, vocab_size: int, seed: int) -> tuple[int, ...]:
+    """Token ids standing in for an answer the server did not return as ids (older vLLM): of its length, so
+    the next turn's prompt is as long as a real client's, though the prefix cache cannot reuse them."""
+    rng = random.Random(f"answer:{seed}")
+    low_id, high_id = vocab_size // 10, vocab_size - vocab_size // 10
+    return tuple(rng.choices(range(low_id, high_id), k=length))
+
+
 def _draw_len(rng: random.Random, length: int, ratio: float) -> int:
     return max(1, rng.randint(math.floor(length * (1 - ratio)), math.ceil(length * (1 + ratio))))

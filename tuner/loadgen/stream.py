@@ -32,10 +32,15 @@ class _Stream:
         "pending",
         "prompt_tokens",
         "start_s",
+        "token_ids",
+        "want_ids",
     )
 
-    def __init__(self, start_s: float) -> None:
+    def __init__(self, start_s: float, *, want_ids: bool = False) -> None:
         self.start_s = start_s
+        self.want_ids = (
+            want_ids  # collect the answer's token ids (``return_token_ids``): every chunk is parsed
+        )
         self.rearm()
 
     def rearm(self) -> None:
@@ -47,6 +52,7 @@ class _Stream:
         self.done_seen = False
         self.output_tokens: int | None = None
         self.prompt_tokens: int | None = None
+        self.token_ids: list[int] | None = [] if self.want_ids else None
         self.error_kind: str | None = None
         self.error: str | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -64,6 +70,7 @@ class _Stream:
                 continue
             if (
                 times
+                and not self.want_ids
                 and line.startswith(b'data: {"')
                 and line.endswith(b"}")
                 and b'"choices":[{' in line
@@ -104,6 +111,11 @@ class _Stream:
         choices, usage = obj.get("choices"), obj.get("usage")
         if choices:
             self.chunk_times.append(now_s)
+            if self.token_ids is not None:
+                for choice in choices:
+                    ids = choice.get("token_ids") if isinstance(choice, dict) else None
+                    if isinstance(ids, list):
+                        self.token_ids.extend(ids)
         if isinstance(usage, dict):
             self.output_tokens = usage.get("completion_tokens")
             self.prompt_tokens = usage.get("prompt_tokens")

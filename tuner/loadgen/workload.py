@@ -10,9 +10,20 @@ prefixes (a system prompt, a RAG template: what prefix caching feeds on). Preset
 - ``code``: ~1,500-token context, ~60-token completions; TTFT matters most;
 - ``batch``: 512 in / 512 out, offline: throughput, no TTFT limit.
 
+- ``multiturn``: chat sessions of 2-8 turns whose history grows turn by turn (each turn's prompt is the whole
+  conversation so far: what prefix caching across turns feeds on), up to an 8k-token context.
+
 On the command line: ``--workload chat``, ``--workload FILE.json`` or an inline spec
 ``--workload "in=lognormal:500:0.6,out=normal:250:60,prefix=512x4"``. Lengths are drawn per request from a
 seeded generator, clipped to [``min``, ``max``] (``max``: the distribution's bound, used to size max-model-len).
+
+**Sessions** (``turns=uniform:2:8,think=1.5,context=8192``): every conversation has a number of turns drawn from
+``turns``; ``in`` is then each turn's *new* message (the first one's includes the shared prefix), and the prompt
+sent is the conversation so far (earlier messages and the server's own answers, as token ids) plus that message.
+A user waits ``think`` seconds on average (exponential) after an answer before the next turn, and a conversation
+ends early rather than outgrow ``context`` tokens (a chat client starting afresh). Under a closed loop each user
+holds one conversation at a time; under an open loop conversations start at the rate divided by the mean turns
+per conversation, so that requests arrive at about the rate asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("fixed", "uniform", "normal", "lognormal", "empirical")
+DEFAULT_CONTEXT = 8192  # tokens a session may reach when its spec does not say
 _Z_999 = 3.09  # the 99.9th percentile of a standard normal: where a normal or lognormal is cut
 
 
@@ -160,8 +172,32 @@ class SharedPrefix:
 
 
 @dataclass(frozen=True, slots=True)
+class Sessions:
+    """Conversations of several turns (see the module docstring). ``context``: tokens a conversation may reach
+    (prompt plus answer) before it ends; ``think_s``: the mean pause between an answer and the next turn."""
+
+    turns: Lengths
+    context: int
+    think_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.context < 2:
+            raise WorkloadError(f"a session context needs at least 2 tokens, got {self.context}")
+        if not (self.think_s >= 0 and math.isfinite(self.think_s)):
+            raise WorkloadError(f"a think time must be >= 0 seconds, got {self.think_s:g}")
+
+    def describe(self) -> str:
+        think = f", {self.think_s:g} s think time" if self.think_s else ""
+        return f"sessions of {self.turns.describe()} turns up to {self.context} tokens{think}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"turns": self.turns.to_dict(), "context": self.context, "think_s": self.think_s}
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
-    """The traffic a bench or tune sends. ``input`` counts the whole prompt, the shared prefix included."""
+    """The traffic a bench or tune sends. ``input`` counts the whole prompt, the shared prefix included (with
+    ``sessions``: each turn's new message, the first turn's including the prefix)."""
 
     name: str
     input: Lengths
@@ -170,17 +206,36 @@ class Workload:
     slo: str | None = None  # the SLO preset that fits it, if one does
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    sessions: Sessions | None = None
 
     def __post_init__(self) -> None:
         if self.prefix is not None and self.prefix.length >= self.input.max:
             raise WorkloadError(
                 f"a {self.prefix.length}-token shared prefix leaves no room in prompts of at most {self.input.max}"
             )
+        if self.sessions is not None and self.input.max + self.output.max > self.sessions.context:
+            raise WorkloadError(
+                f"a first turn of up to {self.input.max + self.output.max} tokens does not fit a session context "
+                f"of {self.sessions.context}"
+            )
 
     @property
     def longest_sequence(self) -> int:
         """Prompt plus answer at their longest: the least max-model-len that serves every request."""
-        return self.input.max + self.output.max
+        single = self.input.max + self.output.max
+        if self.sessions is None:
+            return single
+        return min(self.sessions.context, self.sessions.turns.max * single)
+
+    @property
+    def mean_prompt(self) -> float:
+        """The mean prompt a request sends: with sessions, the conversation so far (context limit aside)."""
+        if self.sessions is None:
+            return self.input.mean
+        turns = max(1.0, self.sessions.turns.mean)
+        # Turn k sends k messages and k - 1 answers: the mean over turns 1..T is (T+1)/2 messages, (T-1)/2 answers.
+        mean = (turns + 1) / 2 * self.input.mean + (turns - 1) / 2 * self.output.mean
+        return min(mean, self.sessions.context - self.output.mean)
 
     def describe(self) -> str:
         prefix = (
@@ -188,7 +243,8 @@ class Workload:
             if self.prefix
             else ""
         )
-        return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}"
+        sessions = f"; {self.sessions.describe()}" if self.sessions else ""
+        return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}{sessions}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -199,6 +255,7 @@ class Workload:
             if self.prefix is None
             else {"length": self.prefix.length, "count": self.prefix.count},
             "slo": self.slo,
+            "sessions": None if self.sessions is None else self.sessions.to_dict(),
             "describe": self.describe(),
         }
 
@@ -239,6 +296,15 @@ PRESETS: dict[str, Workload] = {
             "code completion: much context, a short completion wanted at once",
         ),
         Workload(
+            "multiturn",
+            Lengths("lognormal", 150, 0.7),
+            Lengths("normal", 250, 80),
+            SharedPrefix(200, 4),
+            "mlperf-llama3.1-8b-interactive",
+            "chat sessions: each turn sends the conversation so far, so the prefix cache carries it turn to turn",
+            sessions=Sessions(Lengths("uniform", 2, 8), 8192, 0.0),
+        ),
+        Workload(
             "batch",
             Lengths.fixed(512),
             Lengths.fixed(512),
@@ -268,13 +334,45 @@ def parse_workload(spec: str) -> Workload:
     fields: dict[str, str] = {}
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         key, sep, value = part.partition("=")
-        if not sep or key not in ("in", "out", "prefix", "slo"):
-            raise WorkloadError(f"workload part {part!r}: use in=, out=, prefix=LENxCOUNT or slo=")
+        if not sep or key not in ("in", "out", "prefix", "slo", "turns", "think", "context"):
+            raise WorkloadError(
+                f"workload part {part!r}: use in=, out=, prefix=LENxCOUNT, slo=, turns=, think= or context="
+            )
         fields[key] = value
     if "in" not in fields or "out" not in fields:
         raise WorkloadError("a workload spec needs both in= and out=")
     prefix = _prefix(fields["prefix"]) if "prefix" in fields else None
-    return Workload("custom", _lengths(fields["in"]), _lengths(fields["out"]), prefix, fields.get("slo"))
+    sessions = None
+    if "turns" in fields:
+        sessions = Sessions(
+            _lengths(fields["turns"]),
+            _int(fields.get("context", str(DEFAULT_CONTEXT)), "context"),
+            _float(fields.get("think", "0"), "think"),
+        )
+    elif "think" in fields or "context" in fields:
+        raise WorkloadError("think= and context= describe sessions: give turns= too")
+    return Workload(
+        "custom",
+        _lengths(fields["in"]),
+        _lengths(fields["out"]),
+        prefix,
+        fields.get("slo"),
+        sessions=sessions,
+    )
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise WorkloadError(f"{what}={text!r}: a whole number of tokens") from None
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise WorkloadError(f"{what}={text!r}: a number of seconds") from None
 
 
 def _lengths(text: str) -> Lengths:
@@ -322,6 +420,15 @@ def _from_file(path: Path) -> Workload:
         raise WorkloadError(f"{path}: {key!r} must be a length, a list of lengths or {{kind, a, b}}")
 
     prefix = data.get("prefix")
+    sessions = None
+    if data.get("turns") is not None:
+        turns = lengths("turns")
+        try:
+            context = int(data.get("context", DEFAULT_CONTEXT))
+            think = float(data.get("think_s", 0.0))
+        except (TypeError, ValueError):
+            raise WorkloadError(f"{path}: 'context' is a number of tokens, 'think_s' of seconds") from None
+        sessions = Sessions(turns, context, think)
     return Workload(
         str(data.get("name") or path.stem),
         lengths("input"),
@@ -331,6 +438,7 @@ def _from_file(path: Path) -> Workload:
         else None,
         data.get("slo"),
         str(data.get("description") or ""),
+        sessions=sessions,
     )
 
 

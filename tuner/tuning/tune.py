@@ -25,7 +25,7 @@ from typing import Any
 
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
 from tuner.loadgen.vocab import vocab_size_from_dir
-from tuner.loadgen.workload import Workload
+from tuner.loadgen.workload import Workload, WorkloadError
 from tuner.predict import aic
 from tuner.predict.base import PredictError, Prediction
 from tuner.predict.base import Workload as TokenCounts
@@ -324,9 +324,18 @@ class Tuner:
         pins = dict(config.pins)
         if "max_model_len" not in pins:
             pins["max_model_len"] = workload.longest_sequence
+        sessions = workload.sessions
+        if sessions is not None and int(pins["max_model_len"]) < sessions.context:
+            try:  # a pinned max-model-len below the sessions' context: conversations end before they reach it
+                workload = dataclasses.replace(
+                    workload, sessions=dataclasses.replace(sessions, context=int(pins["max_model_len"]))
+                )
+            except WorkloadError as exc:
+                raise TuneError(f"--max-model-len {pins['max_model_len']}: {exc}") from None
         return dataclasses.replace(
             config,
-            input_len=max(1, round(workload.input.mean)),
+            workload=workload,
+            input_len=max(1, round(workload.mean_prompt)),
             output_len=max(1, round(workload.output.mean)),
             pins=pins,
         )
