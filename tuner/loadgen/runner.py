@@ -26,6 +26,7 @@ from tuner.loadgen.spec import (
 )
 from tuner.loadgen.stats import PhaseStats, RequestResult, compute_stats
 from tuner.loadgen.stream import _Stream
+from tuner.loadgen.trace import trace_prompts
 from tuner.loadgen.transport import Transport, _Client, _HttpxClient, _Target, discover_model
 
 
@@ -301,6 +302,29 @@ class _Phase:
                     await self._one(request)
 
         workload = self.spec.workload
+        if workload is not None and workload.trace is not None:
+            # The trace's own gaps, its time axis scaled so that its mean rate is the rate asked for.
+            scale = workload.trace.rate_per_s / rate_per_s
+            vocab = self.spec.vocab_size
+            replay = trace_prompts(workload.trace, self.spec.seed, vocab // 10, vocab - vocab // 10)
+            limit = self.spec.num_requests
+            next_s = time.perf_counter()
+            for index, (ids, max_tokens, gap) in enumerate(replay):
+                next_s += gap * scale
+                if next_s >= deadline_s or (limit is not None and index >= limit):
+                    break
+                delay_s = next_s - time.perf_counter()
+                if delay_s > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay_s)
+                if self.stopping.is_set():
+                    break
+                task = asyncio.create_task(gated(RequestSpec(index, ids, max_tokens)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            return
         if workload is not None and workload.sessions is not None:
             # Conversations start at the rate over the mean turns each, so that requests arrive at about the rate.
             session_rate = rate_per_s / max(1.0, workload.sessions.turns.mean)

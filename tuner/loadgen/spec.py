@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner.loadgen.trace import trace_prompts
 from tuner.loadgen.workload import Workload, prefix_token_ids
 
 
@@ -100,6 +101,12 @@ def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSp
     rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}")
     low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
     workload = spec.workload
+    if workload is not None and workload.trace is not None:
+        for index, (ids, max_tokens, _gap) in enumerate(
+            trace_prompts(workload.trace, spec.seed, low_id, high_id, warmup=warmup)
+        ):
+            yield RequestSpec(index=index, prompt_token_ids=ids, max_tokens=max_tokens)
+        return
     prefixes = (
         prefix_token_ids(workload.prefix, low_id, high_id)
         if workload is not None and workload.prefix is not None

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.loadgen.trace import Trace, TraceError, load_trace
+
 KINDS = ("fixed", "uniform", "normal", "lognormal", "empirical")
 DEFAULT_CONTEXT = 8192  # tokens a session may reach when its spec does not say
 _Z_999 = 3.09  # the 99.9th percentile of a standard normal: where a normal or lognormal is cut
@@ -207,6 +209,7 @@ class Workload:
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
     sessions: Sessions | None = None
+    trace: Trace | None = None  # replay these requests, their arrival times scaled (tuner.loadgen.trace)
 
     def __post_init__(self) -> None:
         if self.prefix is not None and self.prefix.length >= self.input.max:
@@ -222,6 +225,8 @@ class Workload:
     @property
     def longest_sequence(self) -> int:
         """Prompt plus answer at their longest: the least max-model-len that serves every request."""
+        if self.trace is not None:
+            return max(r.input_len + r.output_len for r in self.trace.rows)
         single = self.input.max + self.output.max
         if self.sessions is None:
             return single
@@ -244,6 +249,9 @@ class Workload:
             else ""
         )
         sessions = f"; {self.sessions.describe()}" if self.sessions else ""
+        if self.trace is not None:
+            means = f"{self.input.mean:.0f} in / {self.output.mean:.0f} out on average"
+            return f"{self.name}: {self.trace.describe()}, {means}"
         return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}{sessions}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,6 +264,7 @@ class Workload:
             else {"length": self.prefix.length, "count": self.prefix.count},
             "slo": self.slo,
             "sessions": None if self.sessions is None else self.sessions.to_dict(),
+            "trace": None if self.trace is None else self.trace.to_dict(),
             "describe": self.describe(),
         }
 
@@ -325,6 +334,8 @@ def parse_workload(spec: str) -> Workload:
     spec = spec.strip()
     if spec in PRESETS:
         return PRESETS[spec]
+    if spec.endswith(".jsonl"):
+        return _from_trace(Path(spec))
     if spec.endswith(".json") or Path(spec).is_file():
         return _from_file(Path(spec))
     if "=" not in spec:
@@ -397,6 +408,21 @@ def _prefix(text: str) -> SharedPrefix:
         return SharedPrefix(int(length), int(count or 1))
     except ValueError:
         raise WorkloadError(f"prefix {text!r}: LENGTHxCOUNT, e.g. 512x4") from None
+
+
+def _from_trace(path: Path) -> Workload:
+    """A trace to replay (tuner.loadgen.trace): its lengths, in order, and its arrival times."""
+    try:
+        trace = load_trace(path)
+    except TraceError as exc:
+        raise WorkloadError(str(exc)) from None
+    return Workload(
+        path.stem,
+        Lengths("empirical", values=tuple(r.input_len for r in trace.rows)),
+        Lengths("empirical", values=tuple(r.output_len for r in trace.rows)),
+        description=f"replayed from {path}",
+        trace=trace,
+    )
 
 
 def _from_file(path: Path) -> Workload:
