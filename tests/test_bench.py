@@ -185,3 +185,18 @@ def test_the_bench_table_gives_steady_figures_with_their_intervals(tmp_path: Pat
     cells = [c.strip() for c in row.split("|")]
     assert re.fullmatch(r"[\d,]+ \([\d,]+-[\d,]+\)", cells[4]), cells[4]  # tok/s (lo-hi)
     assert re.fullmatch(r"[\d,]+ \([\d,]+-[\d,?]+\)", cells[7]), cells[7]  # TTFT p95 ms (lo-hi)
+
+
+def test_every_phase_sends_its_own_prompts_so_the_prefix_cache_cannot_answer_one_from_another() -> None:
+    import itertools
+
+    from tuner.bench import BenchPlan
+    from tuner.loadgen.spec import make_requests
+
+    for plan in (BenchPlan(concurrencies=(1, 4, 8)), BenchPlan(request_rates=(1.0, 2.0))):
+        firsts = [
+            {r.prompt_token_ids for r in itertools.islice(make_requests(spec), 16)}
+            for spec in plan.specs(vocab_size=1000)
+        ]
+        for a, b in itertools.combinations(firsts, 2):
+            assert a.isdisjoint(b)

@@ -56,8 +56,10 @@ class BenchPlan:
     workload: Workload | None = None  # lengths and shared prefixes drawn per request (replaces the above)
 
     def specs(self, vocab_size: int) -> Iterator[LoadSpec]:
+        """One spec per phase. Each phase has its own seed (``seed`` + its place): the same prompts in two
+        phases would let the server's prefix cache answer the second from the first."""
         if self.request_rates:
-            for rate in self.request_rates:
+            for i, rate in enumerate(self.request_rates):
                 yield LoadSpec(
                     mode=LoadMode.RATE,
                     concurrency=None,
@@ -69,11 +71,11 @@ class BenchPlan:
                     output_len=self.output_len,
                     len_range_ratio=self.len_range_ratio,
                     vocab_size=vocab_size,
-                    seed=self.seed,
+                    seed=self.seed + i,
                     workload=self.workload,
                 )
             return
-        for c in self.concurrencies:
+        for i, c in enumerate(self.concurrencies):
             yield LoadSpec(
                 mode=LoadMode.CONCURRENCY,
                 concurrency=c,
@@ -84,7 +86,7 @@ class BenchPlan:
                 output_len=self.output_len,
                 len_range_ratio=self.len_range_ratio,
                 vocab_size=vocab_size,
-                seed=self.seed,
+                seed=self.seed + i,
                 workload=self.workload,
             )
 
