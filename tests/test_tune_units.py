@@ -141,3 +141,31 @@ def test_a_tie_keeps_the_configuration_closer_to_the_defaults(tuner: Tuner, monk
     assert result.report["ties"] and "tie" in result.report["ties"][0]
     assert result.headline.startswith("UNVERIFIED (--no-prove): vLLM defaults")
     assert result.exit_code == 0
+
+
+@pytest.mark.vllm
+def test_a_dataset_is_tokenised_before_any_launch_and_sizes_max_model_len(
+    tmp_path: Path, vllm_python: Path
+) -> None:
+    """With the tokenizer vLLM loads (run by the vLLM environment's python), before any server starts: the
+    longest conversation that fits the model sets max-model-len; longer ones are left out, and the run says so."""
+    from tuner.loadgen.workload import parse_workload
+    from tuner.serving.launcher import api_server_command
+
+    model = write_tiny_model(tmp_path / "m")  # 2,048 positions: the sample's longest conversations do not fit
+    base = TuneConfig(
+        model=str(model), slo=parse_slo("ttft=2"), workload=parse_workload("chat-sample"),
+        command=api_server_command(vllm_python), store_path=tmp_path / "t.sqlite", out_dir=tmp_path / "o",
+        gpus=False,
+    )  # fmt: skip
+    tuner = Tuner(base)
+    workload = tuner.config.workload
+    assert workload is not None and not workload.needs_tokens and workload.sessions is not None
+    longest = workload.longest_sequence
+    assert longest <= 2048 and tuner.config.pins["max_model_len"] == longest
+    assert "conversations of builtin:chat-sample longer than 2048 tokens left out" in tuner.workload_note
+    assert tuner.config.input_len == round(workload.mean_prompt) > workload.input.mean  # the history counts
+    pinned = Tuner(dataclasses.replace(base, pins={"max_model_len": 600}, store_path=tmp_path / "p.sqlite"))
+    assert pinned.config.workload is not None and pinned.config.workload.longest_sequence <= 600
+    with pytest.raises(TuneError, match="cannot find the python of no-such-vllm"):
+        Tuner(dataclasses.replace(base, command=("no-such-vllm", "serve")))

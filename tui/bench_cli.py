@@ -39,8 +39,10 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workload",
         metavar="PRESET|FILE|SPEC",
-        help=f"traffic to send instead of fixed lengths: {', '.join(WORKLOADS)}, a JSON file, or "
-        "in=lognormal:500:0.6,out=normal:250:60,prefix=512x4",
+        help=f"traffic to send instead of fixed lengths: a preset ({', '.join(WORKLOADS)}), "
+        "a dataset of prompts (chat-sample, sharegpt-sample, or a JSONL/ShareGPT file), a trace to replay "
+        "(JSONL with timestamps), a JSON file, or in=lognormal:500:0.6,out=normal:250:60,prefix=512x4 "
+        "(sessions: add turns=uniform:2:8,think=S,context=N)",
     )
     parser.add_argument("--len-range", type=float, default=0.0, metavar="R", help="lengths vary uniformly ±R")
     parser.add_argument(
@@ -49,7 +51,11 @@ def bench_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="closed-loop phases, e.g. 1,16,64 (default 1,8,32)",
     )
-    parser.add_argument("--rate", metavar="LIST", help="Poisson request rates per second instead, e.g. 2,8")
+    parser.add_argument(
+        "--rate",
+        metavar="LIST",
+        help="request rates per second instead, e.g. 2,8 (Poisson, or a trace's own gaps)",
+    )
     parser.add_argument("--num-requests", type=int, metavar="N", help="per phase (default 8 per stream)")
     parser.add_argument("--duration", type=float, metavar="S", help="per phase, instead of a request count")
     parser.add_argument("--warmup", type=int, metavar="N", help="warm-up requests per phase (not counted)")

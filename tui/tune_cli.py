@@ -68,8 +68,10 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workload",
         metavar="PRESET|FILE|SPEC",
-        help=f"the traffic to tune for instead of fixed lengths: {', '.join(WORKLOADS)}, a JSON file, or "
-        "in=lognormal:500:0.6,out=normal:250:60,prefix=512x4 (its SLO preset is the default --slo)",
+        help=f"the traffic to tune for instead of fixed lengths: a preset ({', '.join(WORKLOADS)}), "
+        "a dataset of prompts (chat-sample, sharegpt-sample, or a JSONL/ShareGPT file), a trace to replay "
+        "(JSONL with timestamps), a JSON file, or in=lognormal:500:0.6,out=normal:250:60,prefix=512x4 "
+        "(sessions: add turns=uniform:2:8,think=S,context=N) (its SLO preset is the default --slo)",
     )
     parser.add_argument("--max-concurrency", type=int, default=512, metavar="N", help="most users tried")
     parser.add_argument(

@@ -19,7 +19,7 @@ from typing import Any
 
 from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.vocab import vocab_size_from_dir, vocab_size_from_server
-from tuner.loadgen.workload import Workload
+from tuner.loadgen.workload import Workload, WorkloadError, tokenized_on_server
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
@@ -202,6 +202,11 @@ def run_bench(
             status(f"vocabulary: {found} token ids ({source})")
         report.vocab_size, report.vocab_source = found or FALLBACK_VOCAB_SIZE, source
         plan = dataclasses.replace(plan, vocab_size=report.vocab_size)
+        if plan.workload is not None and plan.workload.dataset is not None:
+            workload, note = tokenized_on_server(plan.workload, endpoint, plan.model, report.vocab_size)
+            status(note)
+            status(f"workload {workload.describe()}")
+            plan = dataclasses.replace(plan, workload=workload)
         sampler = make_sampler(endpoint, with_gpus=with_gpus)
         report.system = sampler.open()
         if report.system.state is not GpuState.OK:
@@ -218,7 +223,7 @@ def run_bench(
     except LaunchError as exc:
         report.error = exc.summary
         report.launched = {"error": exc.summary, "kind": exc.kind.value, "log_tail": exc.log_tail}
-    except LoadgenError as exc:
+    except (LoadgenError, WorkloadError) as exc:
         report.error = str(exc)
     except KeyboardInterrupt:
         report.interrupted = True

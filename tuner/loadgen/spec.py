@@ -101,6 +101,11 @@ def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSp
     rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}")
     low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
     workload = spec.workload
+    if workload is not None and workload.dataset is not None:
+        for index, conversation in enumerate(_dataset_conversations(spec, workload, warmup)):
+            first = conversation.turns[0]
+            yield RequestSpec(index=index, prompt_token_ids=first.message_ids, max_tokens=first.max_tokens)
+        return
     if workload is not None and workload.trace is not None:
         for index, (ids, max_tokens, _gap) in enumerate(
             trace_prompts(workload.trace, spec.seed, low_id, high_id, warmup=warmup)
@@ -155,6 +160,9 @@ def make_conversations(spec: LoadSpec, *, warmup: bool = False) -> Iterator[Conv
     """
     workload = spec.workload
     assert workload is not None and workload.sessions is not None
+    if workload.dataset is not None:
+        yield from _dataset_conversations(spec, workload, warmup)
+        return
     sessions = workload.sessions
     rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}:sessions")
     low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
@@ -171,6 +179,37 @@ def make_conversations(spec: LoadSpec, *, warmup: bool = False) -> Iterator[Conv
             think = rng.expovariate(1.0 / sessions.think_s) if k and sessions.think_s > 0 else 0.0
             turns.append(Turn(ids, output_len, think))
         yield Conversation(tuple(turns), sessions.context)
+
+
+UNIQUE_TOKENS = 4
+"""Token ids of a dataset conversation's own part drawn afresh for each phase (see workload.with_tokens)."""
+
+
+def _dataset_conversations(spec: LoadSpec, workload: Workload, warmup: bool) -> Iterator[Conversation]:
+    """A tokenised dataset's conversations in order from a row chosen by the seed, wrapping around; each first
+    prompt with ``UNIQUE_TOKENS`` of its own part (after what it shares with others) drawn for this phase."""
+    dataset = workload.dataset
+    assert dataset is not None and dataset.tokenized
+    rng = random.Random(f"{spec.seed}:{'warmup' if warmup else 'measure'}:dataset")
+    low_id, high_id = spec.vocab_size // 10, spec.vocab_size - spec.vocab_size // 10
+    context = workload.sessions.context if workload.sessions is not None else workload.longest_sequence
+    conversations = dataset.conversations
+    i = rng.randrange(len(conversations))
+    while True:
+        source = conversations[i]
+        turns = []
+        for k, turn in enumerate(source.turns):
+            ids = turn.prompt_ids or ()
+            if k == 0 and len(ids) > 1:
+                n = min(UNIQUE_TOKENS, len(ids) - 1)
+                shared = workload.shared_until[i] if i < len(workload.shared_until) else 0
+                at = max(
+                    1, min(shared, len(ids) - n)
+                )  # past the shared part, and never the first (BOS) token
+                ids = ids[:at] + tuple(rng.choices(range(low_id, high_id), k=n)) + ids[at + n :]
+            turns.append(Turn(ids, turn.output_len or 1))
+        yield Conversation(tuple(turns), context)
+        i = (i + 1) % len(conversations)
 
 
 def stand_in_answer(length: int, vocab_size: int, seed: int) -> tuple[int, ...]:

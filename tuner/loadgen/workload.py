@@ -29,6 +29,7 @@ per conversation, so that requests arrive at about the rate asked for.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import random
@@ -37,6 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.loadgen.dataset import BUILTINS as DATASETS
+from tuner.loadgen.dataset import (
+    Dataset,
+    DatasetError,
+    check_ids,
+    load_dataset,
+    served_max_model_len,
+    tokenize_dataset,
+)
 from tuner.loadgen.trace import Trace, TraceError, load_trace
 
 KINDS = ("fixed", "uniform", "normal", "lognormal", "empirical")
@@ -210,13 +220,25 @@ class Workload:
     extra: Mapping[str, Any] = field(default_factory=dict)
     sessions: Sessions | None = None
     trace: Trace | None = None  # replay these requests, their arrival times scaled (tuner.loadgen.trace)
+    # Send these prompts (tuner.loadgen.dataset); until tokenised (:func:`with_tokens`), lengths are unknown.
+    dataset: Dataset | None = None
+    shared_until: tuple[int, ...] = ()  # per conversation: how many first tokens it shares with another
+
+    @property
+    def needs_tokens(self) -> bool:
+        """A dataset of text not yet tokenised: its lengths are unknown until :func:`with_tokens`."""
+        return self.dataset is not None and not self.dataset.tokenized
 
     def __post_init__(self) -> None:
         if self.prefix is not None and self.prefix.length >= self.input.max:
             raise WorkloadError(
                 f"a {self.prefix.length}-token shared prefix leaves no room in prompts of at most {self.input.max}"
             )
-        if self.sessions is not None and self.input.max + self.output.max > self.sessions.context:
+        if (
+            self.sessions is not None
+            and self.dataset is None  # a dataset's conversations were each checked against the context
+            and self.input.max + self.output.max > self.sessions.context
+        ):
             raise WorkloadError(
                 f"a first turn of up to {self.input.max + self.output.max} tokens does not fit a session context "
                 f"of {self.sessions.context}"
@@ -227,6 +249,8 @@ class Workload:
         """Prompt plus answer at their longest: the least max-model-len that serves every request."""
         if self.trace is not None:
             return max(r.input_len + r.output_len for r in self.trace.rows)
+        if self.dataset is not None:
+            return self.dataset.longest_sequence()
         single = self.input.max + self.output.max
         if self.sessions is None:
             return single
@@ -235,6 +259,14 @@ class Workload:
     @property
     def mean_prompt(self) -> float:
         """The mean prompt a request sends: with sessions, the conversation so far (context limit aside)."""
+        if self.dataset is not None and self.dataset.tokenized:
+            prompts = []
+            for conversation in self.dataset.conversations:
+                history = 0
+                for turn in conversation.turns:
+                    prompts.append(history + len(turn.prompt_ids or ()))
+                    history = prompts[-1] + (turn.output_len or 0)
+            return sum(prompts) / len(prompts)
         if self.sessions is None:
             return self.input.mean
         turns = max(1.0, self.sessions.turns.mean)
@@ -252,6 +284,18 @@ class Workload:
         if self.trace is not None:
             means = f"{self.input.mean:.0f} in / {self.output.mean:.0f} out on average"
             return f"{self.name}: {self.trace.describe()}, {means}"
+        if self.dataset is not None:
+            d = self.dataset
+            what = f"dataset {d.source}: {len(d.conversations)} conversations, {d.turns} prompts"
+            if self.needs_tokens:
+                return f"{self.name}: {what} (not tokenised yet)"
+            turns = (
+                f", up to {d.max_turns} turns each (the history sent with every turn)"
+                if d.max_turns > 1
+                else ""
+            )
+            means = f"{self.input.mean:.0f} in / {self.output.mean:.0f} out per prompt on average"
+            return f"{self.name}: {what}{turns}, {means}"
         return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}{sessions}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +309,13 @@ class Workload:
             "slo": self.slo,
             "sessions": None if self.sessions is None else self.sessions.to_dict(),
             "trace": None if self.trace is None else self.trace.to_dict(),
+            "dataset": None
+            if self.dataset is None
+            else {
+                "source": self.dataset.source,
+                "conversations": len(self.dataset.conversations),
+                "prompts": self.dataset.turns,
+            },
             "describe": self.describe(),
         }
 
@@ -334,13 +385,18 @@ def parse_workload(spec: str) -> Workload:
     spec = spec.strip()
     if spec in PRESETS:
         return PRESETS[spec]
+    if spec.startswith("builtin:") or (spec in DATASETS and not Path(spec).exists()):
+        return _from_dataset(spec)
     if spec.endswith(".jsonl"):
-        return _from_trace(Path(spec))
+        return _from_trace(Path(spec)) if _is_trace(Path(spec)) else _from_dataset(spec)
+    if spec.endswith(".json") and _first_char(Path(spec)) == "[":
+        return _from_dataset(spec)  # a JSON array: ShareGPT conversations
     if spec.endswith(".json") or Path(spec).is_file():
         return _from_file(Path(spec))
     if "=" not in spec:
         raise WorkloadError(
-            f"unknown workload {spec!r}: a preset ({', '.join(PRESETS)}), a .json file or in=...,out=..."
+            f"unknown workload {spec!r}: a preset ({', '.join(PRESETS)}), a dataset ({', '.join(DATASETS)}), "
+            "a .json/.jsonl file or in=...,out=..."
         )
     fields: dict[str, str] = {}
     for part in (p.strip() for p in spec.split(",") if p.strip()):
@@ -408,6 +464,113 @@ def _prefix(text: str) -> SharedPrefix:
         return SharedPrefix(int(length), int(count or 1))
     except ValueError:
         raise WorkloadError(f"prefix {text!r}: LENGTHxCOUNT, e.g. 512x4") from None
+
+
+DATASET_OUTPUT_LEN = 256
+"""Tokens asked for by a dataset prompt that gives no output length and no recorded answer."""
+_UNIQUE_TOKENS = 4
+"""Token ids of each conversation's own part that every phase draws afresh (see :func:`with_tokens`)."""
+
+
+def _first_char(path: Path) -> str:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.read(64).lstrip()[:1]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"{path}: cannot read it ({exc})") from None
+
+
+def _is_trace(path: Path) -> bool:
+    """A JSONL file whose first row has an arrival time is a trace; any other JSONL, a dataset of prompts."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"{path}: cannot read it ({exc})") from None
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False  # the dataset reader names the line
+    return isinstance(row, dict) and ("timestamp" in row or "time_s" in row)
+
+
+def _from_dataset(spec: str) -> Workload:
+    try:
+        dataset = load_dataset(spec).with_default_output_len(DATASET_OUTPUT_LEN)
+    except DatasetError as exc:
+        raise WorkloadError(str(exc)) from None
+    workload = Workload(
+        dataset.name, Lengths.fixed(1), Lengths.fixed(1), description=dataset.source, dataset=dataset
+    )
+    return with_tokens(workload, dataset) if dataset.tokenized else workload
+
+
+def with_tokens(workload: Workload, dataset: Dataset) -> Workload:
+    """The workload of ``dataset`` once tokenised: its lengths (each prompt's own, its history aside), and
+    sessions when a conversation has several turns (their context: the longest conversation).
+
+    Each conversation's first prompt keeps the tokens it shares with another (a system prompt, a template:
+    the prefix cache should serve those, as in production) and then has ``_UNIQUE_TOKENS`` of its own part
+    replaced by ids drawn per phase: a small dataset is sent many times over a tune, and the server's prefix
+    cache would otherwise answer a whole prompt from an earlier phase. Lengths stay exact.
+
+    Raises:
+        WorkloadError: the dataset is not tokenised.
+    """
+    if not dataset.tokenized:
+        raise WorkloadError(f"{dataset.source}: not tokenised yet")
+    firsts = [c.turns[0].prompt_ids or () for c in dataset.conversations]
+    order = sorted(range(len(firsts)), key=lambda i: firsts[i])
+    shared = [0] * len(firsts)
+    for a, b in itertools.pairwise(order):
+        common = 0
+        for x, y in zip(firsts[a], firsts[b], strict=False):
+            if x != y:
+                break
+            common += 1
+        shared[a], shared[b] = max(shared[a], common), max(shared[b], common)
+    turns = [len(c.turns) for c in dataset.conversations]
+    sessions = (
+        Sessions(Lengths("empirical", values=tuple(turns)), dataset.longest_sequence())
+        if max(turns) > 1
+        else None
+    )
+    return Workload(
+        workload.name,
+        Lengths("empirical", values=tuple(max(1, n) for n in dataset.input_lengths())),
+        Lengths("empirical", values=tuple(max(1, n) for n in dataset.output_lengths())),
+        None,
+        workload.slo,
+        workload.description,
+        sessions=sessions,
+        dataset=dataset,
+        shared_until=tuple(shared),
+    )
+
+
+def tokenized_on_server(
+    workload: Workload, base_url: str, model: str | None, vocab_size: int
+) -> tuple[Workload, str]:
+    """A dataset workload tokenised by the server's ``/tokenize``, less the conversations longer than the context
+    it serves; and one line for people saying what was done. Other workloads come back as they are.
+
+    Raises:
+        WorkloadError: the server cannot tokenise it, an id is outside the vocabulary, or nothing fits.
+    """
+    if workload.dataset is None:
+        return workload, ""
+    try:
+        dataset = tokenize_dataset(workload.dataset, base_url, model)
+        check_ids(dataset, vocab_size)
+        note = f"tokenised {dataset.turns} prompts of {dataset.source} with the server's /tokenize"
+        context = served_max_model_len(base_url, model)
+        if context is not None:
+            dataset, dropped = dataset.fitting(context)
+            if dropped:
+                note += f"; {dropped} conversations longer than its {context}-token context left out"
+    except DatasetError as exc:
+        raise WorkloadError(str(exc)) from None
+    return with_tokens(workload, dataset), note
 
 
 def _from_trace(path: Path) -> Workload:

@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -147,6 +148,29 @@ class ServerSpec:
 def api_server_command(python: str | os.PathLike[str]) -> tuple[str, ...]:
     """The command that runs vLLM's OpenAI API server with ``python`` (for an environment of its own)."""
     return (os.fspath(python), "-m", API_SERVER_MODULE)
+
+
+def python_of(command: Sequence[str]) -> str | None:
+    """The python that runs a vLLM command: ``PYTHON -m MODULE``'s own, or the interpreter named by the
+    ``#!`` line of an executable such as ``vllm`` (found on PATH). None when neither tells."""
+    if len(command) >= 2 and command[1] == "-m":
+        return command[0]
+    path = shutil.which(command[0]) if command else None
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode("utf-8", "replace").split()
+    if not words:
+        return None
+    if Path(words[0]).name == "env" and len(words) > 1:  # #!/usr/bin/env python3
+        return shutil.which(words[1])
+    return words[0] if Path(words[0]).is_file() else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

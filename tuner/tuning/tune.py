@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.loadgen.dataset import DatasetError, check_ids, tokenize_dataset_locally
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
 from tuner.loadgen.vocab import vocab_size_from_dir
-from tuner.loadgen.workload import Workload, WorkloadError
+from tuner.loadgen.workload import Workload, WorkloadError, with_tokens
 from tuner.predict import aic
 from tuner.predict.base import PredictError, Prediction
 from tuner.predict.base import Workload as TokenCounts
 from tuner.predict.rank import Ranker
 from tuner.serving.affinity import pin_process, plan_cpus
-from tuner.serving.launcher import LaunchError
+from tuner.serving.launcher import LaunchError, python_of
 from tuner.serving.leftovers import create_time_of, stop_leftover
 from tuner.telemetry.model import GpuState
 from tuner.telemetry.nvml import NvmlBackend
@@ -166,6 +167,11 @@ class Tuner:
         except (ValueError, OSError) as exc:
             raise TuneError(f"{config.model}/config.json: {exc}") from None
         self.vocab_size = config.vocab_size or vocab_size_from_dir(model_dir) or 1000
+        self.workload_note = ""  # what was left out of the workload to fit a pinned max-model-len
+        if config.workload is not None and config.workload.needs_tokens:
+            self.config = config = dataclasses.replace(
+                config, workload=self._tokenized(config, config.workload)
+            )
         if config.workload is not None:
             self.config = config = self._for_workload(config, config.workload)
         self.hardware, self.hardware_label = detect_hardware(config.gpus, config.env)
@@ -259,7 +265,7 @@ class Tuner:
                 f"{self.config.store_path} exists: pass --resume to continue that run, or another --store"
             )
         store = self._store = TrialStore.open(self.config.store_path, run_meta=meta)
-        notes = self._stop_leftovers(store)
+        notes = [*self._stop_leftovers(store), self.workload_note]
         outcomes: dict[str, TrialOutcome] = {
             r.key: _outcome_from_record(r)
             for r in store.trials()
@@ -312,10 +318,40 @@ class Tuner:
             winner, defaults, trials, self.launches, stopped, outputs, report, verdict, headline, exit_code
         )
 
+    def _tokenized(self, config: TuneConfig, workload: Workload) -> Workload:
+        """A dataset workload tokenised before any launch, by the tokenizer vLLM loads for the model (run by the
+        vLLM environment's python): max-model-len is sized from its lengths."""
+        assert workload.dataset is not None
+        python = python_of(config.command)
+        if python is None:
+            raise TuneError(
+                f"cannot find the python of {' '.join(config.command)} to tokenise {workload.dataset.source}: "
+                "give --vllm-python"
+            )
+        try:
+            dataset = tokenize_dataset_locally(
+                workload.dataset, python, config.model,
+                trust_remote_code="--trust-remote-code" in config.fixed_args,
+            )  # fmt: skip
+            check_ids(dataset, self.vocab_size)
+            return with_tokens(workload, dataset)
+        except (DatasetError, WorkloadError) as exc:
+            raise TuneError(str(exc)) from None
+
     def _for_workload(self, config: TuneConfig, workload: Workload) -> TuneConfig:
         """The config with the workload's mean lengths (for predictions, ceilings and the summary) and, unless
         pinned, max-model-len set to its longest sequence (at most the model's own limit)."""
         context = self.shape.max_position_embeddings
+        limit = int(config.pins.get("max_model_len", context))
+        if workload.dataset is not None and workload.longest_sequence > limit:
+            try:  # conversations longer than the model's context (or a pinned max-model-len) are left out
+                dataset, dropped = workload.dataset.fitting(limit)
+                workload = with_tokens(workload, dataset)
+            except (DatasetError, WorkloadError) as exc:
+                raise TuneError(str(exc)) from None
+            self.workload_note = (
+                f"{dropped} conversations of {dataset.source} longer than {limit} tokens left out"
+            )
         if workload.longest_sequence > context:
             raise TuneError(
                 f"the workload's longest request ({workload.longest_sequence} tokens in and out) is longer than "
@@ -324,8 +360,9 @@ class Tuner:
         pins = dict(config.pins)
         if "max_model_len" not in pins:
             pins["max_model_len"] = workload.longest_sequence
+        pinned = int(pins["max_model_len"])
         sessions = workload.sessions
-        if sessions is not None and int(pins["max_model_len"]) < sessions.context:
+        if sessions is not None and workload.dataset is None and pinned < sessions.context:
             try:  # a pinned max-model-len below the sessions' context: conversations end before they reach it
                 workload = dataclasses.replace(
                     workload, sessions=dataclasses.replace(sessions, context=int(pins["max_model_len"]))
