@@ -31,15 +31,16 @@ TUNED = Candidate(
     gpu_memory_utilization=0.95,
     tensor_parallel_size=2,
     enable_chunked_prefill=False,
+    enable_prefix_caching=False,
 )
 # Options outside the tuned dimensions that the file must carry faithfully: a dict (JSON), a list, a string
-# with quotes, a backslash and non-ASCII text, a true flag, and false flags with and without a --no- form.
+# with quotes, a backslash and non-ASCII text, a true flag, and a false flag without a --no- form (the tuned
+# enable-prefix-caching: false has one).
 EXTRA: dict[str, Any] = {
     "served_model_name": ["llama-8b", "default"],
     "speculative-config": {"method": "ngram", "num_speculative_tokens": 3, "note": "it's"},
     "response-role": 'say "hi" \\ über',
     "enforce-eager": True,
-    "enable-prefix-caching": False,
     "disable-log-stats": False,
     "port": 8123,
 }

@@ -914,3 +914,18 @@ def test_run_reads_the_dict_it_was_given(report: dict[str, Any]) -> None:
     assert run.winner is run.ranking[0] and run.defaults is run.ranking[2]
     assert run.verdict is not None and run.verdict.status == "proven"
     assert run.verdict.chosen_attempt is not None and run.verdict.chosen_attempt.held is not None
+
+
+def test_the_prefix_caches_share_at_the_winners_capacity_is_said_when_its_counters_were_read(
+    report: dict[str, Any], tmp_path: Path
+) -> None:
+    md, _ = _write(report, tmp_path / "without")
+    assert "Prefix cache:" not in md  # no counters: nothing said
+    winner = next(t for t in report["trials"] if t["key"] == report["winner"])
+    for point in winner["capacity"]["points"]:
+        for phase in point["phases"]:
+            phase["evidence"].update(prefix_cache_hits=300.0, prefix_cache_queries=1000.0)
+    md, _ = _write(report, tmp_path / "with")
+    assert (
+        "vLLM's prefix cache served 30% of the prompt tokens at the exported configuration's capacity" in md
+    )

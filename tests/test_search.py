@@ -87,3 +87,30 @@ def test_signals_of_an_open_loop_read_a_growing_queue_as_a_ttft_failure() -> Non
     s = signals_from(summarise(RATE, [ok, bad]), max_num_seqs=None)
     assert s.ttft_failed and s.best_concurrency == 6  # users in flight at the best rate: the server's batch
     assert signals_from(None, max_num_seqs=None) == Signals()
+
+
+def test_a_prefix_cache_that_served_nothing_is_turned_off_after_the_evidence_and_a_busy_one_is_kept() -> None:
+    ladders = {**LADDERS, "enable_prefix_caching": (False,)}
+    current = {**DEFAULTS, "quantization": "fp8", "kv_cache_dtype": "fp8", "enable_prefix_caching": True}
+    idle = propose_moves(current, Signals(prefix_hit_share=0.002, ttft_failed=True), ladders)
+    off = next(m for m in idle if m.values == {"enable_prefix_caching": False})
+    assert "0.2%" in off.why and idle[0].values == {"max_num_batched_tokens": 16384}  # the evidence first
+    busy = propose_moves(current, Signals(prefix_hit_share=0.6), ladders)
+    unknown = propose_moves(current, Signals(), ladders)
+    assert all("enable_prefix_caching" not in m.values for m in (*busy, *unknown))
+    off_already = propose_moves(
+        {**current, "enable_prefix_caching": False}, Signals(prefix_hit_share=0.0), ladders
+    )
+    assert all("enable_prefix_caching" not in m.values for m in off_already)
+    assert all(
+        "enable_prefix_caching" not in m.values
+        for m in propose_moves(current, Signals(prefix_hit_share=0.0), LADDERS)
+    )
+
+
+def test_the_hit_share_is_read_from_the_servers_counters_at_the_best_load() -> None:
+    evidence = {"prefix_cache_hits": 30.0, "prefix_cache_queries": 1200.0}
+    capacity = summarise(RATE, [_point(Load(RATE, 4.0), "pass", evidence)])
+    assert signals_from(capacity, 128).prefix_hit_share == pytest.approx(0.025)
+    none = summarise(RATE, [_point(Load(RATE, 4.0), "pass", {"prefix_cache_queries": 0.0})])
+    assert signals_from(none, 128).prefix_hit_share is None

@@ -167,13 +167,22 @@ def test_candidate_flags_key_and_label() -> None:
     assert Candidate().key() == "vllm-defaults" and Candidate().label() == "vLLM defaults"
     assert Candidate(kv_cache_dtype="auto") == Candidate()
     assert Candidate(enable_chunked_prefill=False).vllm_args() == ("--no-enable-chunked-prefill",)
+    off = Candidate(enable_prefix_caching=False)
+    assert off.vllm_args() == ("--no-enable-prefix-caching",) and off.label() == "no prefix cache"
+    assert off.key() == "enable-prefix-caching=false"
     assert Candidate.from_config_dict({"model": "m", **c.config_dict()}) == c
     assert Candidate.from_config_dict({"max_num_seqs": "64"}).max_num_seqs == 64
 
 
 @pytest.mark.parametrize(
     "bad",
-    [{"max_num_seqs": 0}, {"max_num_seqs": True}, {"gpu_memory_utilization": 1.5}, {"quantization": ""}],
+    [
+        {"max_num_seqs": 0},
+        {"max_num_seqs": True},
+        {"gpu_memory_utilization": 1.5},
+        {"quantization": ""},
+        {"enable_prefix_caching": "no"},
+    ],
 )
 def test_candidate_rejects_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(SpaceError):
@@ -181,8 +190,17 @@ def test_candidate_rejects_bad_values(bad: dict[str, object]) -> None:
 
 
 def test_parse_pins() -> None:
-    pins = parse_pins(["max-num-seqs=128", "--quantization=none", "enable_chunked_prefill=false"])
-    assert pins == {"max_num_seqs": 128, "quantization": None, "enable_chunked_prefill": False}
+    pins = parse_pins(
+        [
+            "max-num-seqs=128",
+            "--quantization=none",
+            "enable_chunked_prefill=false",
+            "enable-prefix-caching=true",
+        ]
+    )
+    assert pins == {
+        "max_num_seqs": 128, "quantization": None, "enable_chunked_prefill": False, "enable_prefix_caching": True,
+    }  # fmt: skip
     for bad, message in (
         ("max-num-seqs", "NAME=VALUE"),
         ("speed=3", "unknown dimension"),
@@ -200,7 +218,11 @@ def test_h100_space_tries_fp8_and_every_candidate_fits(llama8b: ModelShape) -> N
     assert space.values["quantization"] == (None, "fp8") and space.values["kv_cache_dtype"] == (None, "fp8")
     assert space.values["max_num_seqs"] == (64, 128, 256, 512)
     candidates = list(space.candidates())
-    assert len(candidates) == 2 * 2 * 4 * 3 * 2 == len({c.key() for c in candidates})
+    assert space.values["enable_prefix_caching"] == (
+        None,
+        False,
+    )  # off tried on GPUs, where evidence argues for it
+    assert len(candidates) == 2 * 2 * 4 * 3 * 2 * 2 == len({c.key() for c in candidates})
     assert space.feasible() == candidates  # an 8B model fits an H100 at its full context
     assert set(DIMENSIONS) == set(space.values)
 

@@ -413,6 +413,20 @@ def _about(run: Run) -> list[Block]:
     traffic = as_text(as_mapping(as_mapping(raw.get("workload")).get("workload")).get("describe"))
     if traffic:
         items.append(("Traffic: ", traffic, " (the lengths above are its means)"))
+    best = run.winner.best_point if run.winner is not None else None
+    hits, queries = (
+        (as_number(best.evidence.get(k)) for k in ("prefix_cache_hits", "prefix_cache_queries"))
+        if best
+        else (None, None)
+    )
+    if hits is not None and queries:
+        items.append(
+            (
+                "Prefix cache: ",
+                f"vLLM's prefix cache served {hits / queries:.0%} of the prompt tokens at the exported "
+                "configuration's capacity (its counters, the last phase)",
+            )
+        )
     cpu = as_text(raw.get("cpu"))
     if cpu:
         items.append(("CPU: ", cpu))

@@ -35,6 +35,7 @@ class Signals:
     tpot_failed: bool = False  # ... the per-user speed floor
     kv_cache_max_pct: float | None = None
     best_concurrency: int | None = None  # users at the best load (open loop: requests running on the server)
+    prefix_hit_share: float | None = None  # prompt tokens vLLM's prefix cache served at the best load
 
 
 def signals_from(capacity: Capacity | None, max_num_seqs: int | None) -> Signals:
@@ -67,7 +68,14 @@ def signals_from(capacity: Capacity | None, max_num_seqs: int | None) -> Signals
         tpot_failed="per-user" in reasons or "TPOT" in reasons,
         kv_cache_max_pct=kv,
         best_concurrency=users,
+        prefix_hit_share=_share(ev.get("prefix_cache_hits"), ev.get("prefix_cache_queries")),
     )
+
+
+def _share(hits: object, queries: object) -> float | None:
+    if not isinstance(hits, (int, float)) or not isinstance(queries, (int, float)) or queries <= 0:
+        return None
+    return float(hits) / float(queries)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,10 @@ def _step(ladder: Sequence[Any], current: Any, direction: int) -> Any | None:
     if direction > 0:
         return min(above) if above else None
     return max(below) if below else None
+
+
+PREFIX_CACHE_IDLE_SHARE = 0.01
+"""Below this share of prompt tokens served from vLLM's prefix cache, turning the cache off is worth a launch."""
 
 
 def propose_moves(current: dict[str, Any], signals: Signals, ladders: Ladders) -> list[Move]:
@@ -142,6 +154,20 @@ def propose_moves(current: dict[str, Any], signals: Signals, ladders: Ladders) -
         )
     if not signals.tpot_failed:
         add("max_num_batched_tokens", +1, 0.2, "per-user speed had room: a larger prefill budget")
+    share = signals.prefix_hit_share
+    if (
+        False in ladders.get("enable_prefix_caching", ())
+        and current.get("enable_prefix_caching") is not False
+        and share is not None
+        and share < PREFIX_CACHE_IDLE_SHARE
+    ):
+        moves.append(
+            Move(
+                {"enable_prefix_caching": False},
+                0.25,
+                f"the prefix cache served {share:.1%} of the prompt tokens: its bookkeeping buys nothing here",
+            )
+        )
     best: dict[str, Move] = {}
     for move in moves:  # one entry per target, at its highest priority
         key = repr(sorted(move.values.items()))

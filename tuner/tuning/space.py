@@ -1,11 +1,11 @@
 """What the tuner may change: candidate vLLM configurations, their defaults, and which ones can start at all.
 
 A :class:`Candidate` is one point: FP8 weights, FP8 KV cache, max-num-seqs, max-num-batched-tokens,
-max-model-len, gpu-memory-utilization, tensor-parallel-size, chunked prefill. ``None`` in a field means "no
-flag": vLLM's own default. A :class:`SearchSpace` holds the values to try per dimension plus the operator's
-pins, and judges each candidate *a priori* (:meth:`SearchSpace.check`): FP8 on a GPU without FP8 tensor cores,
-a tensor-parallel size the heads do not divide, or a KV cache too small for one max-length sequence would
-each waste a minutes-long server start, so they are rejected with a reason before any launch.
+max-model-len, gpu-memory-utilization, tensor-parallel-size, chunked prefill, prefix caching. ``None`` in a
+field means "no flag": vLLM's own default. A :class:`SearchSpace` holds the values to try per dimension plus
+the operator's pins, and judges each candidate *a priori* (:meth:`SearchSpace.check`): FP8 on a GPU without
+FP8 tensor cores, a tensor-parallel size the heads do not divide, or a KV cache too small for one max-length
+sequence would each waste a minutes-long server start, so they are rejected with a reason before any launch.
 
 The model side is a :class:`~tuner.tuning.modelshape.ModelShape` read from ``config.json``, the machine a
 :class:`~tuner.tuning.modelshape.Hardware`. Memory figures (:func:`estimate_memory`) are estimates meant to prune
@@ -56,6 +56,7 @@ class Candidate:
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int | None = None
     enable_chunked_prefill: bool | None = None
+    enable_prefix_caching: bool | None = None  # on by default in vLLM's V1 engine
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype == "auto":  # the same server as no flag: one key for both
@@ -69,10 +70,10 @@ class Candidate:
             if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
                 raise SpaceError(f"--gpu-memory-utilization must be in (0, 1], got {util!r}")
             object.__setattr__(self, "gpu_memory_utilization", float(util))  # 1 and 1.0: one key
-        if self.enable_chunked_prefill is not None and not isinstance(self.enable_chunked_prefill, bool):
-            raise SpaceError(
-                f"--enable-chunked-prefill must be true or false, got {self.enable_chunked_prefill!r}"
-            )
+        for name in _BOOL_DIMENSIONS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise SpaceError(f"{_flag(name)} must be true or false, got {value!r}")
         for name in ("quantization", "kv_cache_dtype"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -126,6 +127,8 @@ class Candidate:
             parts.append(f"tp {self.tensor_parallel_size}")
         if self.enable_chunked_prefill is not None:
             parts.append("chunked prefill" if self.enable_chunked_prefill else "no chunked prefill")
+        if self.enable_prefix_caching is not None:
+            parts.append("prefix cache" if self.enable_prefix_caching else "no prefix cache")
         return ", ".join(parts) or "vLLM defaults"
 
     def with_values(self, **values: Any) -> Candidate:
@@ -151,6 +154,7 @@ class Candidate:
 DIMENSIONS: tuple[str, ...] = tuple(f.name for f in fields(Candidate))
 """The dimension names, in the order flags are written."""
 _INT_DIMENSIONS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size")
+_BOOL_DIMENSIONS = ("enable_chunked_prefill", "enable_prefix_caching")
 
 
 def _key(name: str) -> str:
@@ -173,7 +177,7 @@ def _coerce(name: str, value: Any) -> Any:
             return int(text) if text is not None else int(value)
         if name == "gpu_memory_utilization":
             return float(text) if text is not None else float(value)
-        if name == "enable_chunked_prefill":
+        if name in _BOOL_DIMENSIONS:
             if isinstance(value, bool):
                 return value
             if text is not None and text.lower() in ("true", "false"):
@@ -235,6 +239,7 @@ def vllm_defaults(hardware: Hardware, shape: ModelShape | None = None) -> Candid
         gpu_memory_utilization=None if hardware.is_cpu else VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
         tensor_parallel_size=1,
         enable_chunked_prefill=True,
+        enable_prefix_caching=True,
     )
 
 
@@ -447,12 +452,13 @@ def default_space(
 ) -> SearchSpace:
     """Value ladders sized for ``hardware`` and ``shape``; ``pins`` fix dimensions (None = vLLM's default).
 
-    FP8 weights and KV cache are tried on GPUs with FP8 tensor cores (not for pre-quantized checkpoints);
-    max-num-seqs 64-512 on >= 70 GiB GPUs, 32-256 on >= 40 GiB, 16-128 below, 8-32 on the CPU build; batched
-    tokens 2048 / 8192 / 16384; memory utilization 0.90 / 0.95; tensor parallelism over the divisors of the
-    GPU count. max-model-len stays at the model's maximum when one such sequence fits the leanest candidate
-    (FP8 where tried, most memory, most ranks); otherwise the largest power of two that fits is used, so that
-    a small GPU still has candidates. Pin max-model-len to the workload's needs to search at that length.
+    FP8 weights and KV cache are tried on GPUs with FP8 tensor cores (not for pre-quantized checkpoints); max-num-
+    seqs 64-512 on >= 70 GiB GPUs, 32-256 on >= 40 GiB, 16-128 below, 8-32 on the CPU build; batched tokens 2048 /
+    8192 / 16384; memory utilization 0.90 / 0.95; prefix caching off as well as on (GPUs); tensor parallelism over
+    the divisors of the GPU count. max-model-len stays at the model's maximum when one such sequence fits the
+    leanest candidate (FP8 where tried, most memory, most ranks); otherwise the largest power of two that fits is
+    used, so that a small GPU still has candidates. Pin max-model-len to the workload's needs to search at that
+    length.
 
     Raises:
         SpaceError: a pin that cannot run on this hardware (FP8 on an A100, TP 3 on 2 GPUs, ...).
@@ -476,6 +482,9 @@ def default_space(
             values["max_num_seqs"] = (16, 32, 64, 128)
         values["max_num_batched_tokens"] = (2048, 8192, 16384)
         values["gpu_memory_utilization"] = (0.90, 0.95)
+        # Off only where the traffic shares nothing: the search proposes it when the defaults' cache served
+        # (almost) no prompt token, so its hashing and bookkeeping bought nothing (search.propose_moves).
+        values["enable_prefix_caching"] = (None, False)
         tps = [tp for tp in range(1, hardware.gpu_count + 1) if hardware.gpu_count % tp == 0]
         tps = [tp for tp in tps if not _static_problems(Candidate(tensor_parallel_size=tp), shape, hardware)]
         values["tensor_parallel_size"] = tuple(tps) if len(tps) > 1 else (None,)

@@ -403,6 +403,8 @@ class Tuner:
             self.prediction_note = f"{exc}: the search follows the evidence"
             return
         for candidate in [self.space.baseline(), *feasible]:
+            if candidate.enable_prefix_caching is False:
+                continue  # no model knows what the cache is worth: left to the evidence (or the operator's --values)
             with contextlib.suppress(PredictError):  # an option it does not model: that one goes unpredicted
                 self.predictions.setdefault(
                     candidate.key(), model.predict(candidate, self.hardware, workload)
