@@ -93,7 +93,9 @@ class TuneConfig:
     confidence: float = DEFAULT_CONFIDENCE
     resolution: float = 0.10  # the capacity search narrows its bracket to this
     max_concurrency: int = 512
-    launch_budget: int | None = None  # default: a third of the feasible grid, at least 3
+    launch_budget: int | None = (
+        None  # default: a third of the feasible grid, at least 3 (+1: prefix cache off)
+    )
     store_path: Path = Path("infertop-tune.sqlite")
     out_dir: Path = Path("infertop-tune")
     startup_timeout_s: float = 900.0
@@ -258,7 +260,10 @@ class Tuner:
     def _run(self) -> TuneResult:
         started = time.time()
         feasible = self.space.feasible()
-        budget = self.config.launch_budget or max(3, -(-len(feasible) // 3))
+        # A third of the grid; the prefix cache off is one evidence move at most (search.propose_moves), not a
+        # second grid: it adds one launch, not a third of the candidates it doubles.
+        core = [c for c in feasible if c.enable_prefix_caching is not False]
+        budget = self.config.launch_budget or max(3, -(-len(core) // 3)) + (len(core) < len(feasible))
         meta = self._meta()
         if self.config.store_path.exists() and not self.resume:
             raise TuneError(
