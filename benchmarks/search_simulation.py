@@ -339,10 +339,11 @@ def build(scenario: Scenario, work: Path) -> Landscape:
     model = aic.AiconfiguratorModel(folder, shape, scenario.system)
     hardware = aic.hardware_for(scenario.system, model, scenario.gpus)
     space = default_space(shape, hardware)
+    # The landscape is aiconfigurator's, which does not model prefix caching: its off twins would be duplicates.
+    values = {**space.values, "enable_prefix_caching": (None,)}
     if scenario.tensor_parallel is not None:
-        space = SearchSpace(
-            shape, hardware, {**space.values, "tensor_parallel_size": scenario.tensor_parallel}
-        )
+        values["tensor_parallel_size"] = scenario.tensor_parallel
+    space = SearchSpace(shape, hardware, values)
     land = Landscape(scenario, space, parse_slo(scenario.slo), model, folder)
     for candidate in space.candidates():
         land.predict(candidate)
