@@ -489,8 +489,29 @@ def test_bench_sends_a_dataset_tokenised_by_the_server_leaving_out_what_does_not
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "tokenised 125 prompts of builtin:chat-sample with the server's /tokenize" in run.stderr
-    assert f"longer than its {MAX_MODEL_LEN}-token context left out" in run.stderr
+    assert f"longer than the server's {MAX_MODEL_LEN}-token context left out" in run.stderr
     phase = json.loads(out.read_text())["phases"][0]
     assert phase["stats"]["requests_ok"] == 10 and phase["stats"]["requests_failed"] == 0
     sent = phase["stats"]["prompt_tokens_total"]
     assert sent > 10 * 20  # real prompts, counted by the server as the client meant them (checked in-phase)
+
+
+@pytest.mark.vllm
+def test_sharegpt_answers_set_the_output_lengths_of_a_dataset_workload(vllm_server: VllmServer) -> None:
+    from tuner.loadgen.workload import for_server, parse_workload
+
+    w, notes = for_server(parse_workload("sharegpt-sample"), vllm_server.url, None, 1024)
+    assert notes and notes[0].startswith("tokenised") and w.dataset is not None
+    for turn in (t for c in w.dataset.conversations for t in c.turns):
+        # The recorded answer's token count (one per byte here), not the 256 asked of prompts without one.
+        assert turn.output_len == (len(turn.answer_text.encode()) if turn.answer_text else 256)
+
+
+def test_a_logged_chat_with_timestamps_is_a_dataset_not_a_trace(tmp_path: Path) -> None:
+    from tuner.loadgen.workload import parse_workload
+
+    rows = [
+        {"timestamp": 1700000000 + i, "prompt_token_ids": [1, 2, 3 + i], "output_len": 4} for i in range(3)
+    ]
+    w = parse_workload(_write(tmp_path, "chats.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    assert w.dataset is not None and w.trace is None

@@ -163,9 +163,53 @@ def test_a_dataset_is_tokenised_before_any_launch_and_sizes_max_model_len(
     assert workload is not None and not workload.needs_tokens and workload.sessions is not None
     longest = workload.longest_sequence
     assert longest <= 2048 and tuner.config.pins["max_model_len"] == longest
-    assert "conversations of builtin:chat-sample longer than 2048 tokens left out" in tuner.workload_note
+    assert "conversations longer than the model's 2048-token context left out" in tuner.workload_note
     assert tuner.config.input_len == round(workload.mean_prompt) > workload.input.mean  # the history counts
     pinned = Tuner(dataclasses.replace(base, pins={"max_model_len": 600}, store_path=tmp_path / "p.sqlite"))
     assert pinned.config.workload is not None and pinned.config.workload.longest_sequence <= 600
     with pytest.raises(TuneError, match="cannot find the python of no-such-vllm"):
         Tuner(dataclasses.replace(base, command=("no-such-vllm", "serve")))
+
+
+def test_a_workload_with_max_model_len_pinned_to_vllms_default_sizes_from_the_models_context(
+    tmp_path: Path,
+) -> None:
+    from tuner.loadgen.workload import parse_workload
+
+    model = write_tiny_model(tmp_path / "m")  # 2,048 positions
+    config = TuneConfig(
+        model=str(model), slo=parse_slo("ttft=2"), pins={"max_model_len": None}, gpus=False,
+        workload=parse_workload("in=400,out=100,turns=uniform:2:8,context=8192"),  # up to 4,000 tokens
+        store_path=tmp_path / "t.sqlite", out_dir=tmp_path / "o",
+    )  # fmt: skip
+    tuner = Tuner(config)
+    assert tuner.config.pins["max_model_len"] is None  # the flag stays out: vLLM's default
+    assert tuner.config.workload is not None and tuner.config.workload.sessions is not None
+    assert tuner.config.workload.sessions.context == 2048  # conversations end within the model's context
+
+
+def test_the_python_behind_a_vllm_executable_is_found_from_its_launcher(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from tuner.serving.launcher import python_of
+
+    pythons = {}
+    for venv in ("venv", "a venv"):  # a path with a space cannot be a #! line: pip writes its sh launcher
+        (tmp_path / venv / "bin").mkdir(parents=True)
+        pythons[venv] = tmp_path / venv / "bin" / "python3.11"
+        pythons[venv].symlink_to(sys.executable)
+    plain, sh = tmp_path / "plain", tmp_path / "sh"
+    plain.mkdir(), sh.mkdir()
+    (plain / "vllm").write_text(f"#!{pythons['venv']}\nimport sys\n")
+    spaced = pythons["a venv"]
+    (sh / "vllm").write_text(f"#!/bin/sh\n'''exec' \"{spaced}\" \"$0\" \"$@\"\n' '''\nimport sys\n")
+    for folder, python in ((plain, pythons["venv"]), (sh, spaced)):
+        (folder / "vllm").chmod(0o755)
+        monkeypatch.setenv("PATH", str(folder))
+        assert python_of(("vllm", "serve")) == str(python), folder
+    assert (
+        python_of(("/opt/py/bin/python", "-m", "vllm.entrypoints.openai.api_server")) == "/opt/py/bin/python"
+    )
+    (sh / "vllm").write_text("#!/bin/sh\nexec something-else\n")
+    monkeypatch.setenv("PATH", str(sh))
+    assert python_of(("vllm", "serve")) is None  # a shell script that names no python: not /bin/sh

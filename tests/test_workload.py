@@ -251,3 +251,48 @@ def test_sessions_under_open_loop_arrivals_keep_the_rate_and_the_counts(vllm_ser
     assert all(r.prompt_tokens == r.prompt_len for r in requests)
     assert max(r.prompt_len for r in requests) > 80  # some conversations went past their first turn
     assert 8.0 * 4.0 * 0.4 < len(requests) < 8.0 * 4.0 * 1.8  # conversations start at rate / mean turns
+
+
+@pytest.mark.vllm
+def test_sessions_under_a_concurrency_cap_send_exactly_the_requests_asked_for(vllm_server) -> None:  # type: ignore[no-untyped-def]
+    """The cap holds turns at a gate; the phase's last request being issued must not drop the ones waiting
+    there (they were counted), nor keep a user thinking past the phase's end."""
+    import time as clock
+
+    from tuner.loadgen import LoadMode
+    from tuner.measure import measure_phase
+
+    workload = parse_workload("in=uniform:40:80,out=8,turns=3,context=400")
+    spec = LoadSpec(
+        mode=LoadMode.RATE, request_rate_per_s=300.0, concurrency=1, num_requests=12, vocab_size=1000,
+        workload=workload, seed=6,
+    )  # fmt: skip
+    result = asyncio.run(measure_phase(vllm_server.url, spec)).load
+    assert len(result.requests) == 12 and all(r.ok for r in result.requests)
+    assert sorted(r.index for r in result.requests) == list(range(12))
+    thinking = parse_workload("in=uniform:40:80,out=8,turns=3,think=60,context=400")
+    spec = LoadSpec(
+        concurrency=2, num_requests=None, duration_s=2.0, vocab_size=1000, workload=thinking, seed=1
+    )
+    started = clock.monotonic()
+    asyncio.run(measure_phase(vllm_server.url, spec))
+    assert clock.monotonic() - started < 20  # not the 60 s a user thinks: the phase ended at its 2 s
+
+
+def test_a_workload_is_kept_within_the_servers_context(tmp_path: Path) -> None:
+    from tuner.loadgen.workload import fit_to_context
+
+    sessions = parse_workload("in=100,out=20,turns=uniform:2:8,context=8192")
+    fitted, note = fit_to_context(sessions, 512)
+    assert fitted.sessions is not None and fitted.sessions.context == 512 and "end within" in note
+    assert fit_to_context(sessions, 100_000) == (sessions, "")
+    with pytest.raises(WorkloadError, match="512-token context"):
+        fit_to_context(parse_workload("in=600,out=20,turns=2"), 512)
+    rows = [{"time_s": i, "input_length": 100 if i % 3 else 900, "output_length": 10} for i in range(9)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    trace, note = fit_to_context(parse_workload(str(path)), 512)
+    assert trace.trace is not None and len(trace.trace.rows) == 6 and trace.longest_sequence == 110
+    assert note.startswith("3 trace requests longer than")
+    _, note = fit_to_context(parse_workload("in=uniform:100:900,out=10"), 512)
+    assert note.startswith("warning: requests of up to 910 tokens")

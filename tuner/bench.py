@@ -19,7 +19,7 @@ from typing import Any
 
 from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.vocab import vocab_size_from_dir, vocab_size_from_server
-from tuner.loadgen.workload import Workload, WorkloadError, tokenized_on_server
+from tuner.loadgen.workload import Workload, WorkloadError, for_server
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
@@ -202,10 +202,12 @@ def run_bench(
             status(f"vocabulary: {found} token ids ({source})")
         report.vocab_size, report.vocab_source = found or FALLBACK_VOCAB_SIZE, source
         plan = dataclasses.replace(plan, vocab_size=report.vocab_size)
-        if plan.workload is not None and plan.workload.dataset is not None:
-            workload, note = tokenized_on_server(plan.workload, endpoint, plan.model, report.vocab_size)
-            status(note)
-            status(f"workload {workload.describe()}")
+        if plan.workload is not None:
+            workload, notes = for_server(plan.workload, endpoint, plan.model, report.vocab_size)
+            for note in notes:
+                status(note)
+            if notes:
+                status(f"workload {workload.describe()}")
             plan = dataclasses.replace(plan, workload=workload)
         sampler = make_sampler(endpoint, with_gpus=with_gpus)
         report.system = sampler.open()

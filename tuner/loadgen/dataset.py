@@ -159,11 +159,16 @@ class Dataset:
         return Dataset(self.name, self.source, kept, self.skipped), len(self.conversations) - len(kept)
 
     def with_default_output_len(self, output_len: int) -> Dataset:
-        """A copy where turns without an output length ask for ``output_len`` tokens."""
+        """A copy where turns without an output length ask for ``output_len`` tokens; a turn with a recorded
+        answer keeps waiting for tokenisation, which makes the answer's token count its length."""
         if output_len < 1:
             raise DatasetError(f"a default output length must be >= 1, got {output_len}")
         return self._map_turns(
-            lambda c, k, t: t if t.output_len is not None else dataclasses.replace(t, output_len=output_len)
+            lambda c, k, t: (
+                t
+                if t.output_len is not None or t.answer_text is not None
+                else dataclasses.replace(t, output_len=output_len)
+            )
         )
 
     def _map_turns(self, change: Callable[[Conversation, int, Turn], Turn]) -> Dataset:

@@ -103,6 +103,10 @@ class _Phase:
         self.on_progress = on_progress
         self.cancel = cancel
         self.stopping = asyncio.Event()
+        # No request is to be issued any more: ``stopping`` (cancelled, aborted, failed early), or a phase of
+        # conversations has issued its ``num_requests``. Requests in flight still finish, and fail-fast still
+        # watches them: only ``stopping`` cancels.
+        self.no_more = asyncio.Event()
         self.cancelled = False
         self.aborted: str | None = None
         self.fail_fast = fail_fast
@@ -215,6 +219,8 @@ class _Phase:
         idle_s, total_s = self.timeouts.read_idle_s, self.timeouts.total_s
         while True:
             await asyncio.sleep(_POLL_S)
+            if self.stopping.is_set():
+                self.no_more.set()
             if self.cancel is not None and self.cancel.is_set() and not self.cancelled:
                 self.cancelled = True
                 self.stopping.set()
@@ -251,25 +257,23 @@ class _Phase:
         limit = self.spec.num_requests
         for turn in conversation.turns:
             if turn.think_s > 0 and history:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), turn.think_s)
+                await self._pause(min(turn.think_s, deadline_s - time.perf_counter()))
             prompt = history + turn.message_ids
             if len(prompt) + turn.max_tokens > conversation.context:
                 return  # the user would start a new conversation
-            if self.stopping.is_set() or time.perf_counter() >= deadline_s:
-                return
-            if limit is not None and self.issued >= limit:
-                self.stopping.set()  # the phase's requests are all issued: no conversation goes on
-                return
-            request = RequestSpec(self.issued, prompt, turn.max_tokens)
-            self.issued += 1
-            if gate is None:
+            if gate is not None:
+                await gate.acquire()
+            try:
+                if self.no_more.is_set() or self.stopping.is_set() or time.perf_counter() >= deadline_s:
+                    return
+                request = RequestSpec(self.issued, prompt, turn.max_tokens)
+                self.issued += 1
+                if limit is not None and self.issued >= limit:
+                    self.no_more.set()  # the phase's requests are all issued: no conversation goes on
                 result, answer = await self._one(request, want_ids=True)
-            else:
-                async with gate:
-                    if self.stopping.is_set():
-                        return
-                    result, answer = await self._one(request, want_ids=True)
+            finally:
+                if gate is not None:
+                    gate.release()
             if not result.ok:
                 return
             if not answer or len(answer) != result.output_tokens:
@@ -277,11 +281,17 @@ class _Phase:
                 answer = list(stand_in_answer(result.output_tokens or 0, self.spec.vocab_size, request.index))
             history = prompt + tuple(answer)
 
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` (a user thinking), or less once no request is to be issued."""
+        if seconds > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.no_more.wait(), seconds)
+
     async def _closed_loop_conversations(self, concurrency: int, deadline_s: float) -> None:
         conversations = make_conversations(self.spec)
 
         async def user() -> None:
-            while not self.stopping.is_set() and time.perf_counter() < deadline_s:
+            while not self.no_more.is_set() and time.perf_counter() < deadline_s:
                 await self._conversation(next(conversations), deadline_s)
 
         await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -333,11 +343,8 @@ class _Phase:
                 next_s += rng.expovariate(session_rate)
                 if next_s >= deadline_s:
                     break
-                delay_s = next_s - time.perf_counter()
-                if delay_s > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), delay_s)
-                if self.stopping.is_set():
+                await self._pause(next_s - time.perf_counter())
+                if self.no_more.is_set():
                     break
                 task = asyncio.create_task(self._conversation(conversation, deadline_s, gate))
                 tasks.add(task)

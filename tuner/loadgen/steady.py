@@ -232,7 +232,7 @@ def _backlog(windows: Sequence[PhaseWindow]) -> dict[str, Any]:
     """Arrivals and completions in each window, and the backlog they leave beyond a steady server's.
 
     In flight at time t: N(t) = started by t - ended by t, so N(close) - N(open) = arrived - finished over the
-    window. A steady server holds N flat at the arrival rate x the median request time (Little's law), but a
+    window. A steady server holds N flat at the arrival rate x the mean request time (Little's law), but a
     window that opens before the phase reaches it (a short phase) sees N climb to it: that shortfall at the
     opening is not a backlog, so it is taken off the growth (with the request time of the ramp's requests).
     """
@@ -248,7 +248,7 @@ def _backlog(windows: Sequence[PhaseWindow]) -> dict[str, Any]:
         # The request time of the ramp's requests (started before the opening): a backlog inflates the
         # window's own, which would excuse the very growth being looked for.
         ramp = [r.duration_s for r in w.requests if r.start_s <= w.start_s] or [0.0]
-        steady_in_flight = a / (w.end_s - w.start_s) * statistics.median(ramp)
+        steady_in_flight = a / (w.end_s - w.start_s) * statistics.fmean(ramp)  # Little's law: the mean
         arrived += a
         finished += f
         in_flight_open += in_flight

@@ -29,6 +29,7 @@ per conversation, so that requests arrive at about the rate asked for.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import json
 import math
@@ -491,7 +492,12 @@ def _is_trace(path: Path) -> bool:
         row = json.loads(first)
     except ValueError:
         return False  # the dataset reader names the line
-    return isinstance(row, dict) and ("timestamp" in row or "time_s" in row)
+    if not isinstance(row, dict) or any(
+        k in row for k in ("prompt", "prompt_token_ids", "turns", "messages")
+    ):
+        return False  # prompts (logged chats may carry a timestamp too)
+    timed = "timestamp" in row or "time_s" in row
+    return timed and ("input_length" in row or "input_len" in row)
 
 
 def _from_dataset(spec: str) -> Workload:
@@ -548,29 +554,71 @@ def with_tokens(workload: Workload, dataset: Dataset) -> Workload:
     )
 
 
-def tokenized_on_server(
+def for_server(
     workload: Workload, base_url: str, model: str | None, vocab_size: int
-) -> tuple[Workload, str]:
-    """A dataset workload tokenised by the server's ``/tokenize``, less the conversations longer than the context
-    it serves; and one line for people saying what was done. Other workloads come back as they are.
+) -> tuple[Workload, list[str]]:
+    """The workload as a running server can take it, and one line for people per change: a dataset tokenised
+    by the server's ``/tokenize``; conversations, sessions and trace requests kept within the context it serves.
 
     Raises:
         WorkloadError: the server cannot tokenise it, an id is outside the vocabulary, or nothing fits.
     """
-    if workload.dataset is None:
+    notes = []
+    if workload.dataset is not None and workload.needs_tokens:
+        try:
+            dataset = tokenize_dataset(workload.dataset, base_url, model)
+            dataset = dataset.with_default_output_len(DATASET_OUTPUT_LEN)
+            check_ids(dataset, vocab_size)
+        except DatasetError as exc:
+            raise WorkloadError(str(exc)) from None
+        notes.append(f"tokenised {dataset.turns} prompts of {dataset.source} with the server's /tokenize")
+        workload = with_tokens(workload, dataset)
+    context = served_max_model_len(base_url, model)
+    if context is not None:
+        workload, note = fit_to_context(workload, context)
+        notes += [note] if note else []
+    return workload, notes
+
+
+def fit_to_context(workload: Workload, context: int, where: str = "") -> tuple[Workload, str]:
+    """``workload`` kept within ``context`` tokens (prompt plus answer), and what that changed ("" if nothing):
+    a dataset's longer conversations and a trace's longer requests are left out, sessions end sooner. Single
+    requests drawn from a distribution cannot be cut: the line warns that the server will refuse the longer ones.
+    ``where`` names the limit in that line (default: the server's context).
+
+    Raises:
+        WorkloadError: nothing fits.
+    """
+    if workload.longest_sequence <= context:
         return workload, ""
-    try:
-        dataset = tokenize_dataset(workload.dataset, base_url, model)
-        check_ids(dataset, vocab_size)
-        note = f"tokenised {dataset.turns} prompts of {dataset.source} with the server's /tokenize"
-        context = served_max_model_len(base_url, model)
-        if context is not None:
-            dataset, dropped = dataset.fitting(context)
-            if dropped:
-                note += f"; {dropped} conversations longer than its {context}-token context left out"
-    except DatasetError as exc:
-        raise WorkloadError(str(exc)) from None
-    return with_tokens(workload, dataset), note
+    where = where or f"the server's {context}-token context"
+    if workload.dataset is not None:
+        try:
+            dataset, dropped = workload.dataset.fitting(context)
+        except DatasetError as exc:
+            raise WorkloadError(str(exc)) from None
+        return with_tokens(workload, dataset), f"{dropped} conversations longer than {where} left out"
+    if workload.trace is not None:
+        rows = tuple(r for r in workload.trace.rows if r.input_len + r.output_len <= context)
+        if len(rows) < 2 or rows[-1].arrival_s <= rows[0].arrival_s:
+            raise WorkloadError(f"{workload.trace.source}: too few requests fit {where} to replay")
+        fitted = dataclasses.replace(
+            workload,
+            input=Lengths("empirical", values=tuple(r.input_len for r in rows)),
+            output=Lengths("empirical", values=tuple(r.output_len for r in rows)),
+            trace=dataclasses.replace(workload.trace, rows=rows),
+        )
+        return fitted, f"{len(workload.trace.rows) - len(rows)} trace requests longer than {where} left out"
+    if workload.sessions is not None:
+        try:
+            sessions = dataclasses.replace(workload.sessions, context=context)
+            return dataclasses.replace(workload, sessions=sessions), f"conversations end within {where}"
+        except WorkloadError as exc:
+            raise WorkloadError(f"{where}: {exc}") from None
+    return workload, (
+        f"warning: requests of up to {workload.longest_sequence} tokens exceed {where}: the server will "
+        "refuse them"
+    )
 
 
 def _from_trace(path: Path) -> Workload:

@@ -152,7 +152,8 @@ def api_server_command(python: str | os.PathLike[str]) -> tuple[str, ...]:
 
 def python_of(command: Sequence[str]) -> str | None:
     """The python that runs a vLLM command: ``PYTHON -m MODULE``'s own, or the interpreter named by the
-    ``#!`` line of an executable such as ``vllm`` (found on PATH). None when neither tells."""
+    ``#!`` line of an executable such as ``vllm`` (found on PATH), including pip's ``#!/bin/sh`` launcher for
+    long or spaced paths (whose second line execs the python). None when neither tells."""
     if len(command) >= 2 and command[1] == "-m":
         return command[0]
     path = shutil.which(command[0]) if command else None
@@ -160,17 +161,25 @@ def python_of(command: Sequence[str]) -> str | None:
         return None
     try:
         with open(path, "rb") as f:
-            first = f.readline(512)
+            first, second = f.readline(512), f.readline(4096)
     except OSError:
         return None
     if not first.startswith(b"#!"):
         return None
     words = first[2:].decode("utf-8", "replace").split()
-    if not words:
-        return None
-    if Path(words[0]).name == "env" and len(words) > 1:  # #!/usr/bin/env python3
-        return shutil.which(words[1])
-    return words[0] if Path(words[0]).is_file() else None
+    if words and Path(words[0]).name == "env" and len(words) > 1:  # #!/usr/bin/env python3
+        words = [shutil.which(words[1]) or ""]
+    if words and Path(words[0]).name.startswith("python") and Path(words[0]).is_file():
+        return words[0]
+    launcher = second.decode("utf-8", "replace")
+    if launcher.startswith(_SH_LAUNCHER):  # then "/long path/python" "$0" "$@"
+        quoted = launcher[len(_SH_LAUNCHER) :].split('"')
+        if len(quoted) > 1 and Path(quoted[1]).name.startswith("python") and Path(quoted[1]).is_file():
+            return quoted[1]
+    return None
+
+
+_SH_LAUNCHER = "'''exec' "  # pip/distlib's second line under #!/bin/sh
 
 
 def free_port(host: str = "127.0.0.1") -> int:

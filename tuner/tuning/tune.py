@@ -26,7 +26,7 @@ from typing import Any
 from tuner.loadgen.dataset import DatasetError, check_ids, tokenize_dataset_locally
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
 from tuner.loadgen.vocab import vocab_size_from_dir
-from tuner.loadgen.workload import Workload, WorkloadError, with_tokens
+from tuner.loadgen.workload import DATASET_OUTPUT_LEN, Workload, WorkloadError, fit_to_context, with_tokens
 from tuner.predict import aic
 from tuner.predict.base import PredictError, Prediction
 from tuner.predict.base import Workload as TokenCounts
@@ -337,7 +337,7 @@ class Tuner:
             dataset = tokenize_dataset_locally(
                 workload.dataset, python, config.model,
                 trust_remote_code="--trust-remote-code" in config.fixed_args,
-            )  # fmt: skip
+            ).with_default_output_len(DATASET_OUTPUT_LEN)  # fmt: skip
             check_ids(dataset, self.vocab_size)
             return with_tokens(workload, dataset)
         except (DatasetError, WorkloadError) as exc:
@@ -347,16 +347,17 @@ class Tuner:
         """The config with the workload's mean lengths (for predictions, ceilings and the summary) and, unless
         pinned, max-model-len set to its longest sequence (at most the model's own limit)."""
         context = self.shape.max_position_embeddings
-        limit = int(config.pins.get("max_model_len", context))
-        if workload.dataset is not None and workload.longest_sequence > limit:
-            try:  # conversations longer than the model's context (or a pinned max-model-len) are left out
-                dataset, dropped = workload.dataset.fitting(limit)
-                workload = with_tokens(workload, dataset)
-            except (DatasetError, WorkloadError) as exc:
+        pin = config.pins.get("max_model_len")  # None: pinned to vLLM's default, the model's own context
+        limit = context if pin is None else int(pin)
+        cuttable = workload.dataset is not None or workload.trace is not None or workload.sessions is not None
+        if cuttable and workload.longest_sequence > limit:
+            # Conversations and trace requests longer than the model's context (or a pinned max-model-len) are
+            # left out; sessions end within it.
+            where = f"the model's {context}-token context" if pin is None else f"max-model-len {limit}"
+            try:
+                workload, self.workload_note = fit_to_context(workload, limit, where)
+            except WorkloadError as exc:
                 raise TuneError(str(exc)) from None
-            self.workload_note = (
-                f"{dropped} conversations of {dataset.source} longer than {limit} tokens left out"
-            )
         if workload.longest_sequence > context:
             raise TuneError(
                 f"the workload's longest request ({workload.longest_sequence} tokens in and out) is longer than "
@@ -365,15 +366,6 @@ class Tuner:
         pins = dict(config.pins)
         if "max_model_len" not in pins:
             pins["max_model_len"] = workload.longest_sequence
-        pinned = int(pins["max_model_len"])
-        sessions = workload.sessions
-        if sessions is not None and workload.dataset is None and pinned < sessions.context:
-            try:  # a pinned max-model-len below the sessions' context: conversations end before they reach it
-                workload = dataclasses.replace(
-                    workload, sessions=dataclasses.replace(sessions, context=int(pins["max_model_len"]))
-                )
-            except WorkloadError as exc:
-                raise TuneError(f"--max-model-len {pins['max_model_len']}: {exc}") from None
         return dataclasses.replace(
             config,
             workload=workload,
