@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import random
@@ -301,7 +303,6 @@ class _Phase:
     ) -> None:
         rng = random.Random(f"{self.spec.seed}:arrivals")
         gate = asyncio.Semaphore(cap) if cap else None
-        tasks: set[asyncio.Task[None]] = set()
 
         async def gated(request: RequestSpec) -> None:
             if gate is None:
@@ -312,59 +313,58 @@ class _Phase:
                     await self._one(request)
 
         workload = self.spec.workload
+        arrivals: Iterator[tuple[float, Callable[[], Awaitable[None]]]]
+        stop = self.stopping
         if workload is not None and workload.trace is not None:
             # The trace's own gaps, its time axis scaled so that its mean rate is the rate asked for.
             scale = workload.trace.rate_per_s / rate_per_s
             vocab = self.spec.vocab_size
             replay = trace_prompts(workload.trace, self.spec.seed, vocab // 10, vocab - vocab // 10)
             limit = self.spec.num_requests
-            next_s = time.perf_counter()
-            for index, (ids, max_tokens, gap) in enumerate(replay):
-                next_s += gap * scale
-                if next_s >= deadline_s or (limit is not None and index >= limit):
-                    break
-                delay_s = next_s - time.perf_counter()
-                if delay_s > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), delay_s)
-                if self.stopping.is_set():
-                    break
-                task = asyncio.create_task(gated(RequestSpec(index, ids, max_tokens)))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            return
-        if workload is not None and workload.sessions is not None:
+            arrivals = (
+                (gap * scale, functools.partial(gated, RequestSpec(index, ids, max_tokens)))
+                for index, (ids, max_tokens, gap) in enumerate(
+                    replay if limit is None else itertools.islice(replay, limit)
+                )
+            )
+        elif workload is not None and workload.sessions is not None:
             # Conversations start at the rate over the mean turns each, so that requests arrive at about the rate.
             session_rate = rate_per_s / max(1.0, workload.sessions.turns.mean)
-            next_s = time.perf_counter()
-            for conversation in make_conversations(self.spec):
-                next_s += rng.expovariate(session_rate)
-                if next_s >= deadline_s:
-                    break
-                await self._pause(next_s - time.perf_counter())
-                if self.no_more.is_set():
-                    break
-                task = asyncio.create_task(self._conversation(conversation, deadline_s, gate))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            return
+            arrivals = (
+                (
+                    rng.expovariate(session_rate),
+                    functools.partial(self._conversation, conversation, deadline_s, gate),
+                )
+                for conversation in make_conversations(self.spec)
+            )
+            stop = self.no_more  # a conversation phase's last request issued: no new conversation either
+        else:
+            arrivals = (
+                (rng.expovariate(rate_per_s), functools.partial(gated, request)) for request in requests
+            )
+        await self._schedule(arrivals, deadline_s, stop)
 
+    async def _schedule(
+        self,
+        arrivals: Iterator[tuple[float, Callable[[], Awaitable[None]]]],
+        deadline_s: float,
+        stop: asyncio.Event,
+    ) -> None:
+        """Start each arrival after its gap (seconds after the one before), until the deadline or ``stop``; then
+        wait for all of them to finish."""
+        tasks: set[asyncio.Task[None]] = set()
         next_s = time.perf_counter()
-        for request in requests:
-            next_s += rng.expovariate(rate_per_s)  # absolute schedule: no drift from loop delays
+        for gap_s, start in arrivals:
+            next_s += gap_s  # absolute schedule: no drift from loop delays
             if next_s >= deadline_s:
                 break
             delay_s = next_s - time.perf_counter()
             if delay_s > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay_s)
-            if self.stopping.is_set():
+                    await asyncio.wait_for(stop.wait(), delay_s)
+            if stop.is_set():
                 break
-            task = asyncio.create_task(gated(request))
+            task = asyncio.ensure_future(start())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
