@@ -17,7 +17,7 @@ import pytest
 
 from tuner.bench import BenchPlan, run_bench
 from tuner.loadgen import LoadSpec, PhaseProgress
-from tuner.measure import BoundKind, Evidence, check_tokens, classify_bound, measure_phase
+from tuner.measure import BoundKind, Evidence, check_tokens, classify_bound, disturbance, measure_phase
 from tuner.serving.launcher import VllmServer
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 
@@ -51,6 +51,23 @@ def test_h100_small_model_many_streams_is_called_front_end_or_client_bound() -> 
 )
 def test_bound_rules(evidence: Evidence, kind: BoundKind) -> None:
     assert classify_bound(evidence, concurrency=64).kind is kind
+
+
+def test_a_phase_is_disturbed_by_other_processes_steal_or_a_late_client() -> None:
+    # 10 s on 2 CPUs: 12 busy core-seconds, the client 30 % of a core and the server 80 %: 0.1 core left over.
+    quiet = disturbance(10.0, 12.0, 0.0, 30.0, 80.0, 2)
+    assert not quiet.disturbed and quiet.other_load_cores == pytest.approx(0.1) and quiet.why == ""
+    busy = disturbance(10.0, 20.0, 0.0, 30.0, 80.0, 2)
+    assert busy.disturbed and "other processes used 0.90 cores" in busy.why
+    stolen = disturbance(10.0, 12.0, 2.0, 30.0, 80.0, 2)
+    assert stolen.disturbed and "CPU steal 10 %" in stolen.why
+    on_time = disturbance(10.0, 12.0, 0.0, 30.0, 80.0, 2, client_late_p99_s=0.004)
+    assert not on_time.disturbed
+    late = disturbance(10.0, 12.0, 0.0, 30.0, 80.0, 2, client_late_p99_s=0.15)
+    assert late.disturbed and "over 150 ms late" in late.why
+    # Without the server's CPU (an endpoint bench) only the client's own schedule can be judged.
+    endpoint = disturbance(0.0, 0.0, None, None, None, 2, client_late_p99_s=0.15)
+    assert endpoint.disturbed and endpoint.other_load_cores is None and "late" in endpoint.why
 
 
 def test_token_check_flags_a_mismatch() -> None:

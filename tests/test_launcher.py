@@ -352,6 +352,41 @@ def test_ctrl_c_during_start_leaves_no_server(tmp_path: Path) -> None:
             owner.kill()
 
 
+def test_ctrl_c_between_the_spawn_and_its_registration_still_stops_the_server(tmp_path: Path) -> None:
+    # The Ctrl-C lands at the worst moment, while the new server is being registered for clean-up (here: by
+    # the registration itself): start() must still raise KeyboardInterrupt and leave no server behind.
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_SERVER)
+    owner_code = textwrap.dedent(
+        f"""\
+        import os, signal, sys
+        from tuner.serving import launcher, reaper
+        from tuner.serving.launcher import ServerSpec, VllmServer
+        watch = reaper.watch
+        def watch_then_ctrl_c(pgid):
+            print(pgid, flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+            return watch(pgid)
+        launcher.reaper.watch = watch_then_ctrl_c
+        server = VllmServer(ServerSpec(model="silent", command=(sys.executable, {str(script)!r}), startup_timeout_s=60))
+        try:
+            server.start()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+        """
+    )
+    owner = psutil.Popen([sys.executable, "-c", owner_code], stdout=-1, text=True)
+    try:
+        out, _ = owner.communicate(timeout=60)
+        server_pid = int(out.split()[0])
+        assert owner.returncode == 3 and "interrupted" in out
+        assert _group_members(server_pid) == []
+    finally:
+        if owner.is_running():
+            owner.kill()
+
+
 # -- the real vLLM (CPU build) -------------------------------------------------------------------------------
 
 

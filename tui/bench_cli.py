@@ -249,6 +249,10 @@ def run_bench_cli(argv: Sequence[str]) -> int:
         for p in report.phases:
             if p.tokens.mismatch:
                 print(f"! c={p.load.spec.concurrency}: {p.tokens.note}")
+            if p.disturbance is not None and p.disturbance.disturbed:
+                spec = p.load.spec
+                what = f"c={spec.concurrency}" if spec.concurrency else f"{spec.request_rate_per_s:g} req/s"
+                print(f"! {what}: disturbed: {p.disturbance.why}")
             hits, queries = p.evidence.prefix_cache_hits, p.evidence.prefix_cache_queries
             shared = workload is not None and (workload.prefix is not None or workload.sessions is not None)
             if p.load.stand_in_answers:

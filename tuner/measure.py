@@ -36,6 +36,9 @@ TOKEN_MISMATCH_TOLERANCE = (
 # measured the neighbours too: it is flagged, and the tuner measures it again.
 OTHER_LOAD_MAX_CORES = 0.3
 STEAL_MAX_PCT = 5.0
+CLIENT_LATE_MAX_S = 0.02
+"""Open loop: a client that started 1 % of its arrivals later than this after their planned time (its own event
+loop busy) offered a lower and burstier load than asked: the phase is disturbed."""
 
 
 class BoundKind(str, enum.Enum):
@@ -366,19 +369,28 @@ def disturbance(
     client_pct: float | None,
     server_pct: float | None,
     cpus: int,
+    *,
+    client_late_p99_s: float | None = None,
 ) -> Disturbance:
-    """Whether the host did other work during a phase, from the CPU it used beyond the client and server."""
-    if wall_s <= 0:
-        return Disturbance(None, None, False, "")
-    ours = ((client_pct or 0.0) + (server_pct or 0.0)) / 100.0
-    other = max(0.0, busy_core_s / wall_s - ours)
-    steal_pct = None if steal_core_s is None else 100.0 * steal_core_s / (wall_s * max(1, cpus))
+    """Whether the host did other work during a phase, from the CPU it used beyond the client and server, and
+    whether the client kept its own arrival schedule (open loop)."""
     why = []
-    if other > OTHER_LOAD_MAX_CORES:
-        why.append(f"other processes used {other:.2f} cores")
-    if steal_pct is not None and steal_pct > STEAL_MAX_PCT:
-        why.append(f"CPU steal {steal_pct:.0f} %")
-    return Disturbance(round(other, 3), steal_pct, bool(why), "; ".join(why))
+    other: float | None = None
+    steal_pct: float | None = None
+    if wall_s > 0:
+        ours = ((client_pct or 0.0) + (server_pct or 0.0)) / 100.0
+        other = round(max(0.0, busy_core_s / wall_s - ours), 3)
+        steal_pct = None if steal_core_s is None else 100.0 * steal_core_s / (wall_s * max(1, cpus))
+        if other > OTHER_LOAD_MAX_CORES:
+            why.append(f"other processes used {other:.2f} cores")
+        if steal_pct is not None and steal_pct > STEAL_MAX_PCT:
+            why.append(f"CPU steal {steal_pct:.0f} %")
+    if client_late_p99_s is not None and client_late_p99_s > CLIENT_LATE_MAX_S:
+        why.append(
+            f"the client started 1 % of its arrivals over {client_late_p99_s * 1000:.0f} ms late (its own CPU "
+            "was busy): the load offered was lower and burstier than asked"
+        )
+    return Disturbance(other, steal_pct, bool(why), "; ".join(why))
 
 
 def group_pids(root_pid: int) -> list[int]:
@@ -492,10 +504,12 @@ async def measure_phase(
     steady_part = steady_window(result.requests)
     steady = steady_stats([steady_part], confidence=confidence, seed=spec.seed)
     # The other load is known only when the server's own CPU is (else the server would count as "other").
+    cpus = psutil.cpu_count() or 1
+    late = result.client_late_p99_s
     disturbed = (
-        disturbance(*host, client_pct, server_pct, psutil.cpu_count() or 1)
+        disturbance(*host, client_pct, server_pct, cpus, client_late_p99_s=late)
         if server_pid is not None
-        else Disturbance(None, None, False, "")
+        else disturbance(0.0, 0.0, None, None, None, cpus, client_late_p99_s=late)
     )
     return MeasuredPhase(result, evidence, bound, tokens, steady_part, steady, disturbed)
 

@@ -26,7 +26,7 @@ from tuner.loadgen.spec import (
     make_requests,
     stand_in_answer,
 )
-from tuner.loadgen.stats import PhaseStats, RequestResult, compute_stats
+from tuner.loadgen.stats import PhaseStats, RequestResult, compute_stats, percentile
 from tuner.loadgen.stream import _Stream
 from tuner.loadgen.trace import trace_prompts
 from tuner.loadgen.transport import Transport, _Client, _HttpxClient, _Target, discover_model
@@ -51,6 +51,14 @@ class PhaseResult:
     # Sessions: answers the server did not return as token ids (older vLLM), replaced in the history by
     # stand-in ids of their length (see spec.stand_in_answer): the prefix cache could not reuse them.
     stand_in_answers: int = 0
+    # Open loop: how late the client started each scheduled arrival (seconds after its planned time, in arrival
+    # order; its own event loop was busy). Empty for a closed loop. Late arrivals lower the rate offered.
+    arrivals_late_s: tuple[float, ...] = ()
+
+    @property
+    def client_late_p99_s(self) -> float | None:
+        """p99 of how late the client started its arrivals; None for a closed loop."""
+        return percentile(sorted(self.arrivals_late_s), 99) if self.arrivals_late_s else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +141,7 @@ class _Phase:
         ].encode()
         self.issued = 0  # measured requests issued by conversations (their turns number them)
         self.stand_in_answers = 0
+        self.arrivals_late_s: list[float] = []
         self._reset_stage("warmup", None)
 
     def _reset_stage(self, stage: Literal["warmup", "measure"], total: int | None) -> None:
@@ -364,6 +373,7 @@ class _Phase:
                     await asyncio.wait_for(stop.wait(), delay_s)
             if stop.is_set():
                 break
+            self.arrivals_late_s.append(max(0.0, time.perf_counter() - next_s))
             task = asyncio.ensure_future(start())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -464,6 +474,7 @@ async def run_phase(
         aborted=phase.aborted,
         failed_early=phase.failed_early,
         stand_in_answers=phase.stand_in_answers,
+        arrivals_late_s=tuple(phase.arrivals_late_s),
     )
 
 

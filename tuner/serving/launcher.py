@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -327,7 +327,7 @@ class VllmServer:
                 FailureKind.CANNOT_START, f"vLLM not started: cannot write its log file: {error}"
             ) from None
         started_at = time.monotonic()
-        with log_file, contextlib.ExitStack() as on_its_cores:
+        with log_file, contextlib.ExitStack() as on_its_cores, _ctrl_c_held() as ctrl_c:
             try:
                 # On its cores from the start, so that everything it forks inherits them.
                 on_its_cores.enter_context(spawn_affinity(self.spec.cpus))
@@ -348,11 +348,15 @@ class VllmServer:
                 )
             except OSError as error:
                 raise self._spawn_error(argv, error) from None
-        # At once, before the long wait for health: from here a SIGKILL of this process must take it down too.
-        reaper.watch(self._process.pid)
-        _live_servers.add(self)
-        _install_cleanup()
+            # At once, before the long wait for health: from here a SIGKILL of this process must take it down
+            # too. A Ctrl-C is held until it is registered: one between the spawn and the registration would
+            # leave a server nobody stops.
+            reaper.watch(self._process.pid)
+            _live_servers.add(self)
+            _install_cleanup()
         try:
+            if ctrl_c:
+                raise KeyboardInterrupt
             if self._on_spawned is not None:
                 self._on_spawned(self._process.pid, self._port)
             self._wait_until_healthy(started_at)
@@ -606,6 +610,25 @@ def _on_termination_signal(signum: int, frame: FrameType | None) -> None:
     # Then die of the same signal, as the default handler would have made us.
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C (SIGINT) over steps that must not be cut in two; the list says whether one came, for the
+    caller to raise KeyboardInterrupt once they are done. Only where Python's own handler is in place, from the
+    main thread (elsewhere no handler can be set, and an application's own handler is left alone)."""
+    held: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _install_cleanup() -> None:
