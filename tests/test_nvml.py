@@ -1037,3 +1037,153 @@ def test_gpm_after_the_wall_clock_steps_back_starts_a_fresh_interval(clock: Manu
     tick(backend, clock)
     (sample,) = tick(backend, clock)
     assert sample.dram_bw_util_pct == pytest.approx(70.0)  # not the last value before the step, for 5 s
+
+
+# --- per-process SM and memory duty cycles ------------------------------------------------------------------
+
+
+def _procs_by_pid(sample: GpuSample) -> dict[int, Any]:
+    assert sample.processes is not None
+    return {p.pid: p for p in sample.processes}
+
+
+def test_process_utilization_flows_from_the_driver_into_each_process(clock: ManualClock) -> None:
+    procs = [
+        scripted.FakeProcess(scripted.INVISIBLE_PID, 0, 10 * 2**30, sm_util_pct=71.0, mem_util_pct=38.0),
+        scripted.FakeProcess(scripted.INVISIBLE_PID + 1, 0, 2**30),  # no sample from the driver
+        scripted.FakeProcess(scripted.INVISIBLE_PID + 2, 1, 2**30, sm_util_pct=12.0, mem_util_pct=0.0),
+    ]
+    fake = scripted.h100_sxm(2, clock=clock, processes=procs)
+    backend = opened(fake)
+    first = tick(backend, clock, slow=True)
+    busy, quiet = _procs_by_pid(first[0])[procs[0].pid], _procs_by_pid(first[0])[procs[1].pid]
+    assert (busy.sm_util_pct, busy.mem_util_pct) == (71.0, 38.0)
+    assert (quiet.sm_util_pct, quiet.mem_util_pct) == (None, None)  # shown as n/a, never a made-up 0
+    other = _procs_by_pid(first[1])[procs[2].pid]
+    assert (other.sm_util_pct, other.mem_util_pct) == (12.0, 0.0)
+    # Fast ticks repeat the slow reading; the driver is asked once per slow tick and GPU.
+    asked = fake.calls["nvmlDeviceGetProcessUtilization"]
+    tick(backend, clock)
+    assert fake.calls["nvmlDeviceGetProcessUtilization"] == asked
+    tick(backend, clock, slow=True)
+    assert fake.calls["nvmlDeviceGetProcessUtilization"] == asked + 2
+
+
+def test_process_utilization_asks_only_for_samples_newer_than_the_last_seen(clock: ManualClock) -> None:
+    seen: list[int] = []
+    proc = scripted.FakeProcess(scripted.INVISIBLE_PID, 0, 2**30, sm_util_pct=50.0, mem_util_pct=20.0)
+
+    class Recording(ScriptedNvml):
+        def nvmlDeviceGetProcessUtilization(self, handle: Any, timeStamp: int) -> Any:
+            seen.append(timeStamp)
+            return super().nvmlDeviceGetProcessUtilization(handle, timeStamp)
+
+    backend = opened(Recording([scripted.H100_SXM], clock=clock, processes=[proc]))
+    tick(backend, clock, slow=True)
+    tick(backend, clock, slow=True)
+    assert seen[0] == int((clock() - 0.25) * 1e6) - 1_000_000  # the first read: the last second
+    assert seen[1] == int((clock() - 0.25) * 1e6)  # then: newer than the newest sample seen
+
+
+def test_no_new_process_sample_keeps_the_processes_with_none(clock: ManualClock) -> None:
+    proc = scripted.FakeProcess(scripted.INVISIBLE_PID, 0, 2**30, sm_util_pct=50.0, mem_util_pct=20.0)
+    fake = scripted.h100_sxm(clock=clock, processes=[proc])
+    backend = opened(fake)
+    tick(backend, clock, slow=True)
+    # The clock stands still: no sample is newer than the last one seen, so the driver answers NOT_FOUND.
+    (sample,) = backend.read(clock(), slow=True)
+    (p,) = sample.processes or ()
+    assert p.pid == proc.pid and p.vram_used_bytes == 2**30
+    assert (p.sm_util_pct, p.mem_util_pct) == (None, None)
+    # NOT_FOUND is "nothing new", not "unsupported": the next slow tick has values again.
+    (sample,) = tick(backend, clock, slow=True)
+    (p,) = sample.processes or ()
+    assert (p.sm_util_pct, p.mem_util_pct) == (50.0, 20.0)
+
+
+def test_process_utilization_not_supported_is_set_aside(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, process_utilization=False)
+    backend = opened(fake)
+    for _ in range(3):
+        (sample,) = tick(backend, clock, slow=True)
+        assert sample.processes and all(p.sm_util_pct is None for p in sample.processes)
+    assert fake.calls["nvmlDeviceGetProcessUtilization"] == 1  # asked once, then never again
+
+
+def test_process_utilization_failing_once_is_none_for_that_tick_only(clock: ManualClock) -> None:
+    proc = scripted.FakeProcess(scripted.INVISIBLE_PID, 0, 2**30, sm_util_pct=50.0, mem_util_pct=20.0)
+    fake = scripted.h100_sxm(clock=clock, processes=[proc])
+    backend = opened(fake)
+    fake.inject("nvmlDeviceGetProcessUtilization", scripted.NVML_ERROR_TIMEOUT)
+    (sample,) = tick(backend, clock, slow=True)
+    assert [p.sm_util_pct for p in sample.processes or ()] == [None]
+    (sample,) = tick(backend, clock, slow=True)
+    assert [p.sm_util_pct for p in sample.processes or ()] == [50.0]
+
+
+def test_default_processes_follow_the_gpu_load(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, load=steady_load())
+    (sample,) = tick(opened(fake), clock, slow=True)
+    mine = _procs_by_pid(sample)[os.getpid()]
+    assert (mine.sm_util_pct, mine.mem_util_pct) == (100.0, 64.0)  # the GPU's util and mem busy
+    assert _procs_by_pid(sample)[scripted.INVISIBLE_PID].sm_util_pct is None
+
+
+# --- GPM held by another client (DCGM) ----------------------------------------------------------------------
+
+
+def test_gpm_held_by_dcgm_says_so_and_keeps_the_duty_cycles(clock: ManualClock) -> None:
+    fake = scripted.dcgm_beside(clock=clock)
+    backend = scripted_backend(fake)
+    assert backend.open().gpus[0].gpm_supported  # the GPU can do GPM: it is taken, not missing
+    for _ in range(2):
+        (sample,) = tick(backend, clock, slow=True)
+        assert sample.gpm_unavailable_reason == "DCGM holds the profiling counters"
+        assert all(getattr(sample, name) is None for name in GPM_FIELDS)
+        assert sample.mem_busy_pct is not None and sample.gpu_util_pct is not None
+    # DCGM stops: GPM is asked again once it is set aside no more, and the reason goes away.
+    fake.gpm_in_use = fake.dcgm_running = False
+    for _ in range(int(nvml.GPM_REPROBE_S / 0.25) + 4):
+        (sample,) = tick(backend, clock)
+    assert sample.gpm_unavailable_reason is None and sample.dram_bw_util_pct is not None
+
+
+def test_gpm_in_use_without_dcgm_running_names_no_culprit(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock, gpm_in_use=True)
+    backend = scripted_backend(fake)
+    backend.open()
+    (sample,) = tick(backend, clock)
+    assert sample.gpm_unavailable_reason == "another client holds the profiling counters"
+
+
+def test_gpm_failing_with_another_code_is_explained_only_once_set_aside(clock: ManualClock) -> None:
+    fake = scripted.h100_sxm(clock=clock)
+    backend = NvmlBackend(fake, source="scripted", dcgm_probe=lambda: True)
+    backend.open()
+    tick(backend, clock)  # primed
+    fake.inject("nvmlGpmSampleGet", *[scripted.NVML_ERROR_TIMEOUT] * nvml.GPM_FAILURES_TO_DROP)
+    reasons = [tick(backend, clock)[0].gpm_unavailable_reason for _ in range(nvml.GPM_FAILURES_TO_DROP)]
+    assert reasons[:-1] == [None] * (nvml.GPM_FAILURES_TO_DROP - 1)  # a failed tick is n/a, not a state
+    assert reasons[-1] == "GPM failing while DCGM runs here (NVML: Timeout)"
+
+
+def test_dcgm_probe_is_asked_rarely(clock: ManualClock) -> None:
+    asked: list[float] = []
+    fake = scripted.h100_sxm(clock=clock, gpm_in_use=True)
+    backend = NvmlBackend(fake, source="scripted", dcgm_probe=lambda: asked.append(clock()) is None)
+    backend.open()
+    for _ in range(200):  # 50 s at 4 Hz
+        (sample,) = tick(backend, clock)
+    assert sample.gpm_unavailable_reason == "DCGM holds the profiling counters"
+    assert len(asked) == 2  # every DCGM_PROBE_EVERY_S (30 s), not every tick
+
+
+def test_dcgm_running_looks_for_its_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Proc:
+        def __init__(self, name: str | None) -> None:
+            self.info = {"name": name}
+
+    monkeypatch.setattr(psutil, "process_iter", lambda attrs: iter([Proc("bash"), Proc(None)]))
+    assert nvml.dcgm_running() is False
+    monkeypatch.setattr(psutil, "process_iter", lambda attrs: iter([Proc("python"), Proc("nv-hostengine")]))
+    assert nvml.dcgm_running() is True

@@ -12,9 +12,11 @@ from helpers import prime, scripted_app
 
 from tuner.telemetry import scripted
 
-# Processes in another pid namespace: psutil cannot see them, so nothing about this machine leaks in.
+# Processes in another pid namespace: psutil cannot see them, so nothing about this machine leaks in. The
+# driver samples the even ones' SM and memory use (they follow their GPU's load); the odd ones show n/a.
 CONTAINER_PROCS = [
-    scripted.FakeProcess(scripted.INVISIBLE_PID + i, i % 8, (18 + i) * 2**30) for i in range(8)
+    scripted.FakeProcess(scripted.INVISIBLE_PID + i, i % 8, (18 + i) * 2**30, follows_load=i % 2 == 0)
+    for i in range(8)
 ]
 
 

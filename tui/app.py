@@ -20,6 +20,7 @@ from tui.widgets.status_bar import StatusBar
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.recording import Recorder, ReplaySource
+from tuner.telemetry.remote import RemoteWatcher
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig, SnapshotSource
 
 
@@ -44,6 +45,7 @@ class InfertopApp(App[None]):
         record_path: Path | None = None,
         autostart: bool = True,
         redraw_interval_s: float = 0.5,
+        remote: RemoteWatcher | None = None,
     ) -> None:
         super().__init__()
         self.sampler = sampler
@@ -52,11 +54,14 @@ class InfertopApp(App[None]):
         self.initial_record_path = record_path
         self.autostart = autostart
         self.recorder: Recorder | None = None
-        self.monitor = MonitorScreen(sampler.history, redraw_interval_s=redraw_interval_s)
+        self.remote = remote
+        self.monitor = MonitorScreen(sampler.history, redraw_interval_s=redraw_interval_s, remote=remote)
 
     async def on_mount(self) -> None:
         await self.push_screen(self.monitor)
         self.monitor.query_one(StatusBar).rate_hz = self.rate_hz
+        if self.autostart and self.remote is not None:
+            self.remote.start()
         if self.autostart:
             # nvmlInit and device discovery can take tens of ms per GPU: keep them off the UI thread.
             self.run_worker(self._open_and_start, thread=True, name="sampler-open")
@@ -77,6 +82,8 @@ class InfertopApp(App[None]):
         self.monitor.post_message(SnapshotTaken(snap))  # thread-safe
 
     def on_unmount(self) -> None:
+        if self.remote is not None:
+            self.remote.stop()
         self.stop_recording()
         self.sampler.stop()
 
@@ -171,6 +178,8 @@ def make_app(
     record_dir: Path | None = None,
     autostart: bool = True,
     redraw_interval_s: float = 0.5,
+    remote_urls: Iterable[str] = (),
+    remote: RemoteWatcher | None = None,
 ) -> InfertopApp:
     """Build the monitor app: live by default, over a recording with ``replay``, or over any ``source``."""
     config = config or SamplerConfig()
@@ -185,4 +194,5 @@ def make_app(
         record_dir=record_dir,
         autostart=autostart,
         redraw_interval_s=redraw_interval_s,
+        remote=remote if remote is not None else (RemoteWatcher(remote_urls) if remote_urls else None),
     )

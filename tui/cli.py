@@ -12,12 +12,13 @@ from pathlib import Path
 
 from tuner.settings import Settings, SettingsError, load_settings
 
-SUBCOMMANDS = ("monitor", "record", "bench", "tune", "predict")
+SUBCOMMANDS = ("monitor", "record", "exporter", "bench", "tune", "predict")
 
 EPILOG = """\
 subcommands:
   infertop [monitor] [options]   live GPU monitor (the default)
   infertop record FILE           record telemetry to NDJSON without a UI (Ctrl-C stops)
+  infertop exporter              serve the readings to Prometheus at 127.0.0.1:9400/metrics
   infertop bench ...             load-test a vLLM server: TTFT, TPOT, tokens/s, what bound it
   infertop tune MODEL ...        find the vLLM config with the most tokens/s within latency targets
 
@@ -58,6 +59,13 @@ def monitor_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--record", type=Path, metavar="FILE", help="record to FILE (NDJSON) while monitoring"
     )
+    parser.add_argument(
+        "--host",
+        action="append",
+        metavar="URL",
+        help="another host's `infertop exporter` to show beside this one, e.g. gpu-node-2:9400 (repeatable)",
+    )
+    parser.add_argument("--hosts", type=Path, metavar="FILE", help="a file of such hosts, one per line")
     return parser
 
 
@@ -112,9 +120,18 @@ def run_monitor(argv: Sequence[str]) -> int:
             read_header(args.replay)
         except RecordingError as exc:
             return _fail(str(exc))
+    from tuner.telemetry.remote import host_url, read_hosts_file
+
+    try:
+        remote_urls = [host_url(h) for h in args.host or ()]
+        if args.hosts is not None:
+            remote_urls += read_hosts_file(args.hosts)
+    except ValueError as exc:
+        return _fail(str(exc))
     from tui.app import make_app
 
     app = make_app(
+        remote_urls=remote_urls,
         config=_sampler_config(settings),
         vllm_urls=settings.vllm_urls,
         replay=args.replay,
@@ -183,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "record":
             return run_record(argv)
+        if command == "exporter":
+            from tui.exporter_cli import run_exporter_cli
+
+            return run_exporter_cli(argv)
         if command == "tune":
             from tui.tune_cli import run_tune_cli
 

@@ -107,23 +107,37 @@ def _mean(chunk: Sequence[float | None]) -> float | None:
 def sparkline(
     values: Sequence[float | None], width: int, lo: float = 0.0, hi: float | None = None, per_cell: int = 1
 ) -> str:
-    """The last ``width`` cells as block characters, each the mean of ``per_cell`` readings. Missing values
-    are blanks; the scale is fixed (0..hi) when ``hi`` is given, so 30 % always looks like 30 %, not like the
-    maximum of the window."""
+    """The last ``width`` cells as block characters, each the mean of ``per_cell`` readings, on the scale
+    ``lo``..``hi``: a cell is as tall as its value's share of the scale, in eighths (half of ``hi`` is ▄, half a
+    cell), and anything at or below ``lo`` is the lowest block, so a zero never passes for a gap. Missing values
+    are blanks. Give ``hi`` wherever the series has a ceiling (100 %, a peak, a limit: see :func:`pct_sparkline`)
+    so that one GPU's 0 % looks like 0 % beside another's 50 %. Only a series without one (tokens/s) may leave it
+    None: its top is then the window's own maximum, a shape rather than an amount."""
     if width <= 0:
         return ""
     tail = downsample(values[-width * per_cell :], per_cell)[-width:]
-    known = [v for v in tail if v is not None and not math.isnan(v)]
-    top = hi if hi is not None else (max(known) if known else 1.0)
-    span = (top - lo) or 1.0
+    if hi is None:
+        known = [v for v in tail if v is not None and not math.isnan(v)]
+        hi = max(known) if known else lo
+    span = hi - lo
     out = []
     for v in tail:
         if v is None or math.isnan(v):
             out.append(" ")
             continue
-        frac = min(1.0, max(0.0, (v - lo) / span))
-        out.append(_BLOCKS[1 + round(frac * (len(_BLOCKS) - 2))] if frac > 0 else _BLOCKS[1])
+        frac = min(1.0, max(0.0, (v - lo) / span)) if span > 0 else 0.0
+        out.append(_BLOCKS[max(1, round(frac * (len(_BLOCKS) - 1)))])
     return " " * (width - len(out)) + "".join(out)
+
+
+PCT_SCALE = (0.0, 100.0)
+"""Every percentage is drawn on 0-100: never on its own window's range."""
+
+
+def pct_sparkline(values: Sequence[float | None], width: int, per_cell: int = 1) -> str:
+    """A sparkline of a percentage, on the fixed 0-100 scale."""
+    lo, hi = PCT_SCALE
+    return sparkline(values, width, lo=lo, hi=hi, per_cell=per_cell)
 
 
 def bar(fraction: float | None, width: int) -> str:

@@ -25,7 +25,8 @@ HELP = """\
 ## What the numbers are
 - **DRAM BW** — real DRAM bandwidth from NVML GPM (Hopper and newer): % of the GPU's peak, and GB/s
   (10⁹ bytes/s) = % × peak. Decode is memory-bound, so this is the number that says how hard inference works
-  the GPU. `n/a` on GPUs without GPM (A100, L4…).
+  the GPU. `n/a` on GPUs without GPM (A100, L4…), and with the reason where GPM stops answering (for example
+  when DCGM holds the profiling counters): the card then shows the duty cycles below instead.
 - **mem busy** — NVML's older "memory utilization": the % of time memory was read or written (a duty cycle).
   It is *not* bandwidth: 60 % busy is often 25 % of peak bandwidth.
 - **util** — % of time any kernel ran (duty cycle). **SM active** (GPM) — how many SMs were busy;
@@ -33,9 +34,20 @@ HELP = """\
 - **Power** — board power now (W, NVML's instantaneous reading; its 1 s average where the driver has no
   instantaneous one) against the enforced limit. **energy** — counter since the driver loaded.
 - **throttle** — clock-event reasons: power cap, thermal, HW slowdown, board limit, reliability… `none` means
-  clocks run free; `other(0x…)` is a reason this version has no name for (it counts as throttling).
+  clocks run free; `other(0x…)` is a reason this version has no name for (it counts as throttling). In
+  brackets: the share of the window the sparklines show (its length in seconds) that each reason held.
+- **Processes: SM, MEM BUSY** — the driver's per-process samples (`nvmlDeviceGetProcessUtilization`): % of
+  time the process had a kernel running, and % of time it read or wrote memory. Duty cycles, not bandwidth;
+  `n/a` where the driver has no sample for it (it ran nothing lately; MIG and some GPUs never report them).
 - **vLLM** — from the server's `/metrics`: requests running and waiting, KV-cache use, generated tokens/s and
   TTFT (mean and estimated p95 of requests in the last interval).
+
+## Scales of the sparklines
+Every sparkline has a fixed scale, the same on every GPU, so one GPU's 0 % looks like 0 % beside another's
+50 %: percentages (DRAM BW, SM active, util, mem busy) on 0–100 %, DRAM BW thus on the GPU's peak, power on
+0 W to its power limit. A cell is as tall as its value in eighths of the scale (▄ is half); the lowest block
+is 0 (or near it), a blank is no reading. Only the vLLM tokens/s line has no ceiling: it is scaled to its
+own window, a shape rather than an amount. Each cell averages 4 readings (a second at the default 4 Hz).
 
 `n/a` always means the GPU, driver or server does not report it: never a hidden zero.
 """

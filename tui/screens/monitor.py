@@ -11,11 +11,14 @@ from textual.widgets import Footer
 from tui.messages import GpusFound, ReplayEnded, SnapshotTaken
 from tui.widgets.banner import HINTS, StateBanner
 from tui.widgets.engine_panel import EnginePanel
+from tui.widgets.fleet import FleetPanel
 from tui.widgets.gpu_card import CARD_SERIES, GpuCard
 from tui.widgets.host_bar import HostBar
 from tui.widgets.process_table import ProcessTable
 from tui.widgets.status_bar import StatusBar
+from tuner.telemetry.energy import SnapshotWindow
 from tuner.telemetry.model import GpuProcess, GpuState, Snapshot, SystemInfo
+from tuner.telemetry.remote import RemoteWatcher
 from tuner.telemetry.sampler import History
 
 FULL_CARD_ROWS = 8
@@ -31,6 +34,8 @@ class MonitorScreen(Screen[None]):
     #gpus.compact { border: round $primary 60%; border-title-color: $text; }
     #engines { display: none; }
     #engines.attached { display: block; }
+    #fleet { display: none; }
+    #fleet.shown { display: block; }
     #banner { display: none; }
     #banner.shown { display: block; }
     """
@@ -41,21 +46,26 @@ class MonitorScreen(Screen[None]):
         Binding("r", "reverse_sort", "Reverse", show=False),
     ]
 
-    def __init__(self, history: History, *, redraw_interval_s: float = 0.5) -> None:
+    def __init__(
+        self, history: History, *, redraw_interval_s: float = 0.5, remote: RemoteWatcher | None = None
+    ) -> None:
         super().__init__()
         self.history = history
+        self.remote = remote  # other hosts' exporters (--host), read on their own threads
         self.redraw_interval_s = redraw_interval_s
         self._pending: Snapshot | None = None
         self.info: SystemInfo | None = None
         self.cards: dict[int, GpuCard] = {}
         self.compact_forced: bool | None = None  # None = decide from the terminal size
         self.last_snapshot: Snapshot | None = None
+        self.energy_window = SnapshotWindow()  # every reading of the last minute: energy per token
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
         yield HostBar(id="host")
         yield StateBanner(id="banner")
         yield VerticalScroll(id="gpus")
+        yield FleetPanel(id="fleet")
         yield EnginePanel(id="engines")
         yield ProcessTable(id="processes")
         yield Footer()
@@ -87,8 +97,18 @@ class MonitorScreen(Screen[None]):
         # Redraws are paced separately from sampling: every reading still lands in the history (sparklines),
         # but the screen is repainted at most this often, which is where most of the CPU goes (BENCHMARKS.md).
         self.set_interval(self.redraw_interval_s, self._redraw_pending)
+        if self.remote is not None and self.remote.urls:
+            self.query_one(FleetPanel).set_class(True, "shown")
+            self.show_fleet()
+            self.set_interval(1.0, self.show_fleet)
+
+    def show_fleet(self) -> None:
+        """The remote hosts' latest readings (taken on their own threads: this never waits on a host)."""
+        if self.remote is not None:
+            self.query_one(FleetPanel).show(self.remote.latest(), self.remote.clock())
 
     def on_snapshot_taken(self, message: SnapshotTaken) -> None:
+        self.energy_window.add(message.snapshot)
         if self.last_snapshot is None:
             self.show_snapshot(message.snapshot)  # the first reading at once
         else:
@@ -123,7 +143,8 @@ class MonitorScreen(Screen[None]):
         engines.set_class(bool(snap.engines), "attached")
         if snap.engines or engines.engines:
             gen = {e.url: self.history.engine_series(e.url, "generation_tokens_per_s") for e in snap.engines}
-            engines.show(snap.engines, gen)
+            power = {e.url: self.energy_window.power(e.url) for e in snap.engines if e.error is None}
+            engines.show(snap.engines, gen, power)
         procs: list[GpuProcess] = []
         for sample in snap.gpus:
             procs.extend(sample.processes or ())
@@ -141,7 +162,8 @@ class MonitorScreen(Screen[None]):
         if self.compact_forced is not None:
             compact = self.compact_forced
         else:
-            compact = len(self.cards) * FULL_CARD_ROWS > max(0, self.size.height - RESERVED_ROWS)
+            fleet = len(self.remote.urls) + 2 if self.remote is not None and self.remote.urls else 0
+            compact = len(self.cards) * FULL_CARD_ROWS > max(0, self.size.height - RESERVED_ROWS - fleet)
         container = self.query_one("#gpus", VerticalScroll)
         container.set_class(compact and bool(self.cards), "compact")
         container.border_title = "GPUs" if compact else None

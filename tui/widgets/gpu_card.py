@@ -9,13 +9,24 @@ from textual.widget import Widget
 
 from tui import format as fmt
 from tuner.telemetry.model import GpuInfo, GpuSample
+from tuner.telemetry.throttle import THROTTLE_SERIES, throttle_shares
 
 Series = dict[str, list[float | None]]
 
 LABEL_W = 10
 VALUE_W = 24
-CARD_SERIES = ("dram_bw_util_pct", "sm_active_pct", "gpu_util_pct", "mem_busy_pct", "power_w")
+PCT_SERIES = ("dram_bw_util_pct", "sm_active_pct", "gpu_util_pct", "mem_busy_pct")
+CARD_SERIES = (*PCT_SERIES, "power_w", "time_s", *THROTTLE_SERIES)
 """The history a card draws: the sampler keeps more series than a card shows."""
+REASON_SHORT = {
+    "sw_power_cap": "sw power cap",
+    "hw_slowdown": "hw slowdown",
+    "sw_thermal_slowdown": "sw thermal",
+    "hw_thermal_slowdown": "hw thermal",
+    "hw_power_brake_slowdown": "hw power brake",
+    "display_clock_setting": "display clock",
+    "board_limit": "board limit",
+}
 COMPACT_FIXED_W = 66  # everything on a compact row but its sparkline
 SPARK_MAX_W = 60  # wider history stops being readable: a minute at 4 Hz is 240 readings anyway
 
@@ -38,6 +49,14 @@ def reason_text(reasons: tuple[str, ...] | None) -> str:
     if not costly:
         return "idle" if "gpu_idle" in reasons else "none"
     return ", ".join(r.replace("_", " ") for r in costly)
+
+
+def window_seconds(times: list[float | None], last: int | None = None) -> float | None:
+    """How many seconds the (``last``) readings stamped ``times`` cover: first to last plus one interval."""
+    known = [t for t in (times[-last:] if last else times) if t is not None]
+    if len(known) < 2 or known[-1] <= known[0]:
+        return None
+    return (known[-1] - known[0]) * len(known) / (len(known) - 1)
 
 
 class GpuCard(Widget):
@@ -114,13 +133,24 @@ class GpuCard(Widget):
     # --- full card -----------------------------------------------------------------------------------
 
     def _spark(self, name: str, width: int, hi: float | None) -> str:
-        return fmt.sparkline(self.series.get(name, []), width, hi=hi, per_cell=self.readings_per_cell)
+        """A sparkline of one series on a fixed scale: 0-100 for percentages, else 0..``hi`` (a limit)."""
+        values = self.series.get(name, [])
+        if name in PCT_SERIES:
+            return fmt.pct_sparkline(values, width, per_cell=self.readings_per_cell)
+        return fmt.sparkline(values, width, hi=hi, per_cell=self.readings_per_cell)
+
+    def _gpm_live(self, s: GpuSample) -> bool:
+        """GPM values to show: a GPM GPU whose counters answer (not, e.g., held by DCGM)."""
+        return self.info.gpm_supported and s.gpm_unavailable_reason is None
+
+    def _spark_width(self, width: int) -> int:
+        return min(SPARK_MAX_W, width - LABEL_W - VALUE_W - 1)
 
     def _row(self, label: str, value: Text, series: str | None, hi: float | None, width: int) -> Text:
         line = Text(label.ljust(LABEL_W), style="dim")
         value.truncate(VALUE_W, pad=True)
         line.append_text(value)
-        spark_w = min(SPARK_MAX_W, width - LABEL_W - VALUE_W - 1)
+        spark_w = self._spark_width(width)
         if series and spark_w >= 6:
             line.append(" " + self._spark(series, spark_w, hi), style="cyan")
         return line
@@ -134,7 +164,7 @@ class GpuCard(Widget):
 
     def _render_full(self, s: GpuSample, width: int) -> Text:
         lines: list[Text] = []
-        if self.info.gpm_supported:
+        if self._gpm_live(s):
             value = Text.assemble(
                 (fmt.pct(s.dram_bw_util_pct).rjust(4), "bold"), "  ", fmt.gbps(s.dram_bw_gbps)
             )
@@ -144,7 +174,8 @@ class GpuCard(Widget):
             )
             lines.append(self._row("SM active", value, "sm_active_pct", 100.0, width))
         else:
-            # Without GPM there is no bandwidth counter: show the duty cycles, named as such.
+            # Without GPM (or while another client holds it) there is no bandwidth counter: show the duty
+            # cycles, named as such.
             value = Text.assemble((fmt.pct(s.mem_busy_pct).rjust(4), "bold"), ("  duty cycle, not BW", "dim"))
             lines.append(self._row("Mem busy", value, "mem_busy_pct", 100.0, width))
             value = Text.assemble((fmt.pct(s.gpu_util_pct).rjust(4), "bold"), ("  duty cycle", "dim"))
@@ -159,9 +190,11 @@ class GpuCard(Widget):
         value = Text.assemble(
             (fmt.watts(s.power_w), _level_style(power_pct, 90, 99)), f" / {fmt.watts(s.power_limit_w)}"
         )
-        lines.append(self._row("Power", value, "power_w", s.power_limit_w, width))
+        # Power on the limit's scale (the default limit where the enforced one is not reported).
+        power_hi = s.power_limit_w or self.info.power_limit_default_w
+        lines.append(self._row("Power", value, "power_w", power_hi, width))
         lines.append(self._details_line(s))
-        lines.append(self._clocks_line(s))
+        lines.append(self._clocks_line(s, width))
         return Text("\n").join(line[:width] if len(line) > width else line for line in lines)
 
     def _details_line(self, s: GpuSample) -> Text:
@@ -169,6 +202,11 @@ class GpuCard(Widget):
         if not self.info.gpm_supported:
             line.append("DRAM BW ", style="dim")
             line.append("n/a (no GPM)", style="dim")
+            line.append("  temp ", style="dim")
+            return self._temps(line, s)
+        if s.gpm_unavailable_reason is not None:
+            line.append("DRAM BW n/a: ", style="dim")
+            line.append(s.gpm_unavailable_reason, style="yellow")
             line.append("  temp ", style="dim")
             return self._temps(line, s)
         line.append("util ", style="dim")
@@ -190,7 +228,7 @@ class GpuCard(Widget):
         line.append(fmt.joules(s.energy_counter_j))
         return line
 
-    def _clocks_line(self, s: GpuSample) -> Text:
+    def _clocks_line(self, s: GpuSample, width: int) -> Text:
         line = Text()
         line.append("SM ", style="dim")
         line.append(fmt.mhz(s.sm_clock_mhz))
@@ -199,6 +237,7 @@ class GpuCard(Widget):
         line.append("  throttle ", style="dim")
         reasons = reason_text(s.clock_event_reasons)
         line.append(reasons, style="bold red" if s.throttled else "green")
+        line.append_text(self._throttle_history(width))
         line.append("  PCIe ", style="dim")
         line.append(f"↑{fmt.rate_bytes(s.pcie_tx_bytes_per_s)} ↓{fmt.rate_bytes(s.pcie_rx_bytes_per_s)}")
         if s.nvlink_tx_bytes_per_s is not None or (self.info.nvlink_links or 0) > 0:
@@ -208,6 +247,25 @@ class GpuCard(Widget):
             )
         return line
 
+    def _throttle_history(self, width: int) -> Text:
+        """' (41 s: sw power cap 38%, hw thermal 5%)': the share of the window the sparklines show that each
+        throttle reason held; empty when the GPU reports no reasons."""
+        spark_w = self._spark_width(width)
+        last = spark_w * self.readings_per_cell if spark_w >= 6 else None
+        window_s = window_seconds(self.series.get("time_s", []), last)
+        if window_s is None or not any(self.series.get(name) for name in THROTTLE_SERIES):
+            return Text()
+        shares = throttle_shares(self.series, last)
+        text = Text(" (", style="dim")
+        if not shares:
+            text.append(f"none in {window_s:.0f} s", style="dim")
+        else:
+            text.append(f"{window_s:.0f} s: ", style="dim")
+            parts = [f"{REASON_SHORT.get(reason, reason)} {share:.0f}%" for reason, share in shares]
+            text.append(", ".join(parts), style="yellow")
+        text.append(")", style="dim")
+        return text
+
     # --- compact row ---------------------------------------------------------------------------------
 
     def _render_compact(self, s: GpuSample, width: int) -> Text:
@@ -216,7 +274,7 @@ class GpuCard(Widget):
         name = self.info.name.replace("NVIDIA ", "")
         line.append(f"{self.info.index} ", style="bold")
         line.append(f"{name[:9]:<9} ", style="dim")
-        if self.info.gpm_supported:
+        if self._gpm_live(s):
             line.append("DRAM ", style="dim")
             line.append(
                 f"{fmt.pct(s.dram_bw_util_pct):>4} {fmt.gbps(s.dram_bw_gbps).replace(' ', ''):>10} ",

@@ -27,7 +27,7 @@ def sort_processes(procs: Iterable[GpuProcess], key: str, descending: bool) -> l
 
 
 class ProcessTable(DataTable[Text | str]):
-    """GPU processes: GPU, PID, user, VRAM, CPU %, host RSS, command."""
+    """GPU processes: GPU, PID, user, VRAM, SM and memory duty cycles on the GPU, CPU %, host RSS, command."""
 
     DEFAULT_CSS = """
     ProcessTable { height: 1fr; min-height: 3; }
@@ -46,6 +46,8 @@ class ProcessTable(DataTable[Text | str]):
             ("PID", "pid"),
             ("USER", "user"),
             ("VRAM", "vram"),
+            ("SM", "sm"),  # duty cycles from the driver's per-process samples: not bandwidth
+            ("MEM BUSY", "mem_busy"),
             ("CPU", "cpu"),
             ("RSS", "rss"),
             ("COMMAND", "command"),
@@ -97,6 +99,8 @@ class ProcessTable(DataTable[Text | str]):
                 p.gpu_index,
                 p.pid,
                 p.vram_used_bytes,
+                None if p.sm_util_pct is None else round(p.sm_util_pct),
+                None if p.mem_util_pct is None else round(p.mem_util_pct),
                 round(p.cpu_pct or 0),
                 p.host_rss_bytes,
                 p.command,
@@ -115,6 +119,8 @@ class ProcessTable(DataTable[Text | str]):
                 str(p.pid),
                 p.user or fmt.NA,
                 Text(fmt.vram_short(p.vram_used_bytes), justify="right"),
+                Text(fmt.pct(p.sm_util_pct), justify="right"),
+                Text(fmt.pct(p.mem_util_pct), justify="right"),
                 Text(fmt.pct(p.cpu_pct), justify="right"),
                 Text(fmt.vram_short(p.host_rss_bytes), justify="right"),
                 _command(p),

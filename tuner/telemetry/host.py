@@ -18,8 +18,8 @@ COMMAND_MAX_CHARS = 300
 class HostReader:
     """Reads host telemetry. ``cpu_percent`` is measured between calls, so the first reading primes it."""
 
-    def __init__(self) -> None:
-        self._hostname = socket.gethostname()
+    def __init__(self, hostname: str | None = None) -> None:
+        self._hostname = hostname or socket.gethostname()
         self._cpu_count = psutil.cpu_count(logical=True)
         psutil.cpu_percent(interval=None)  # prime: the next call reports usage since now
 

@@ -41,6 +41,11 @@ class GpuProcess:
     # pid of another PID namespace (a container) that names an unrelated process here, so the host facts are
     # left out and it may not be signalled; None: not checkable (another user's process, no /proc).
     host_verified: bool | None = None
+    # nvmlDeviceGetProcessUtilization, averaged over the driver's samples since the last read. Both are duty
+    # cycles of this process, like the GPU's util and mem busy; None where the driver gave no sample for it
+    # (it ran no kernel since, or the GPU does not support per-process use: MIG, some boards).
+    sm_util_pct: float | None = None  # % of time a kernel of this process ran on the SMs
+    mem_util_pct: float | None = None  # % of time this process read or wrote device memory; NOT bandwidth
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,9 @@ class GpuSample:
     nvlink_tx_bytes_per_s: float | None = None
     nvlink_rx_bytes_per_s: float | None = None
     processes: tuple[GpuProcess, ...] | None = None
+    # Why a GPM-capable GPU gives no GPM values now, for people (e.g. DCGM holds the profiling counters);
+    # None while GPM works, and on GPUs without GPM (GpuInfo.gpm_supported says so).
+    gpm_unavailable_reason: str | None = None
     error: str | None = None
 
     @property
@@ -144,11 +152,15 @@ class HostSample:
 
 @dataclass(frozen=True, slots=True)
 class EngineSample:
-    """What a vLLM server's /metrics says, with counters turned into rates over the last interval."""
+    """What an inference server's /metrics says, with counters turned into rates over the last interval and
+    latency histograms into quantiles over a window (``latency_window_s``)."""
 
     url: str
     time_s: float
     error: str | None = None  # set when the endpoint could not be read this tick
+    engine: str | None = None  # "vllm", "sglang", "tgi", "llamacpp"; None in older recordings (vLLM)
+    # The server's process and its descendants (its GPU workers) when discovery found it; None: not known.
+    server_pids: tuple[int, ...] | None = None
     model_name: str | None = None
     requests_running: float | None = None
     requests_waiting: float | None = None
@@ -159,9 +171,16 @@ class EngineSample:
     requests_success_total: float | None = None
     generation_tokens_per_s: float | None = None
     prompt_tokens_per_s: float | None = None
-    ttft_mean_s: float | None = None  # mean TTFT of requests that got their first token during the interval
-    ttft_p95_s: float | None = None  # estimated from histogram buckets over the interval
-    itl_mean_s: float | None = None
+    # Latency of the requests observed over the window, estimated from histogram buckets.
+    ttft_mean_s: float | None = None
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    ttft_p99_s: float | None = None
+    itl_mean_s: float | None = None  # time per output token, mean
+    tpot_p50_s: float | None = None  # time per output token (inter-token latency where the engine has it)
+    tpot_p95_s: float | None = None
+    tpot_p99_s: float | None = None
+    latency_window_s: float | None = None  # what the latency figures cover, seconds up to time_s
 
 
 @dataclass(frozen=True, slots=True)

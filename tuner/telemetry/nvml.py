@@ -7,10 +7,12 @@ falls off the bus (GPU_IS_LOST, RESET_REQUIRED) gets an error on its own sample;
 away raises :class:`~tuner.telemetry.backend.GpuLostError`.
 
 Per tick and GPU the fast set is memory, utilisation, clock-event reasons, instantaneous power, temperature,
-SM clock, P-state and two GPM calls; limits, memory clock, memory temperature, energy and processes change
-slowly and are read on slow ticks. GPM samples are taken at least 0.2 s apart (NVML's GPM notes ask for more
-than ~100 ms), re-primed after a pause, and a metric or GPM itself is dropped only after several failures in a
-row and asked for again a minute later. On MIG-enabled GPUs memory and processes come from the MIG device
+SM clock, P-state and two GPM calls; limits, memory clock, memory temperature, energy and processes (with
+each one's SM and memory duty cycles, ``nvmlDeviceGetProcessUtilization``) change slowly and are read on slow
+ticks. GPM samples are taken at least 0.2 s apart (NVML's GPM notes ask for more than ~100 ms), re-primed after
+a pause, and a metric or GPM itself is dropped only after several failures in a row and asked for again a
+minute later; a GPU whose GPM stays silent says why on its sample (another client such as DCGM holding the
+counters, where the evidence says so). On MIG-enabled GPUs memory and processes come from the MIG device
 handles where the parent's need privileges, and GPM from ``nvmlGpmMigSampleGet`` per GPU instance.
 
 The module is injectable: tests, demos and benchmarks pass :mod:`tuner.telemetry.scripted`'s fake, so this
@@ -24,8 +26,11 @@ import ctypes
 import dataclasses
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from tuner.telemetry import gpus
 from tuner.telemetry.backend import GpuLostError
@@ -47,6 +52,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_IN_USE = 19
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 NVML_ERROR_DEPRECATED = 26
 NVML_ERROR_UNKNOWN = 999
@@ -91,6 +97,14 @@ GPM_FAILURES_TO_DROP = 3  # failures in a row before a metric (or GPM) is set as
 GPM_REPROBE_S = 60.0  # ... and asked for again after this long
 # nvml.h documents the PCIe and NVLink GPM rates in MiB/sec.
 BYTES_PER_MIB = 1024 * 1024
+# Processes whose presence means DCGM runs here (standalone host engine, or dcgm-exporter's embedded one).
+DCGM_PROCESS_NAMES = frozenset({"nv-hostengine", "dcgm-exporter"})
+DCGM_PROBE_EVERY_S = (
+    30.0  # listing processes costs milliseconds: asked only while GPM fails, at most this often
+)
+# The first per-process utilization read asks for the driver's samples of the last second (as nvitop does);
+# later reads for those newer than the newest seen.
+PROCESS_UTIL_FIRST_WINDOW_S = 1.0
 
 # Clock-event reason bits (nvmlClocksEventReason*; the older nvmlClocksThrottleReason* use the same bits).
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
@@ -223,6 +237,7 @@ class _GpmStream:
     metric_failures: dict[int, int] = field(default_factory=dict)  # per metric, in a row
     paused_until_s: float | None = None  # GPM set aside after failures: asked again then
     reprobe_at_s: float | None = None  # metrics set aside are asked for again then
+    last_error: tuple[int | None, str] | None = None  # NVML code and text of the last failed GPM call
 
 
 @dataclass(slots=True)
@@ -248,6 +263,10 @@ class _Gpu:
     energy_interval_s: float | None = None
     raw_processes: list[tuple[int, int | None, str]] | None = None  # pid, VRAM bytes, kind
     processes: tuple[GpuProcess, ...] | None = None
+    # Per-process SM and memory duty cycles (pid -> %), and the newest driver sample seen (µs since the epoch).
+    process_util: dict[int, tuple[float, float]] | None = None
+    process_util_seen_us: int | None = None
+    gpm_unavailable_reason: str | None = None  # why GPM gives nothing now (see _gpm_unavailable_reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +295,12 @@ class NvmlBackend:
         source: str = "nvml",
         label: str | None = None,
         energy_interval_s: float = 5.0,
+        dcgm_probe: Callable[[], bool] | None = None,
     ) -> None:
         self._nvml = nvml
+        # Whether DCGM runs on this machine: asked only to explain GPM failures (tests pass their own).
+        self._dcgm_probe = dcgm_probe or dcgm_running
+        self._dcgm_seen: tuple[float, bool] | None = None  # when last asked, and the answer
         # The energy counter costs ~4 ms of CPU per read (the driver spins, REFERENCE.md): on 8 GPUs once a
         # second that alone is 3 % of a core. Every 5 s keeps it at 0.6 % and still gives joules per phase.
         self._energy_interval_s = energy_interval_s
@@ -341,7 +364,7 @@ class NvmlBackend:
                 if exc.sticky:
                     gpu.lost = str(exc)
                 self._unprime(gpu)
-                gpu.raw_processes = None
+                gpu.raw_processes = gpu.process_util = None
                 readings.append(str(exc))
                 continue
             if gpu.unknown is not None and all(v is None for v in fast.values()):
@@ -366,6 +389,7 @@ class NvmlBackend:
                     energy_interval_j=gpu.energy_interval_j,
                     energy_interval_s=gpu.energy_interval_s,
                     processes=gpu.processes,
+                    gpm_unavailable_reason=gpu.gpm_unavailable_reason,
                     **gpu.slow_values,
                     **values,
                 )
@@ -622,9 +646,9 @@ class NvmlBackend:
         current = st.current
         sample = st.samples[current]
         if st.gpu_instance_id is None:
-            got = self._call(gpu, None, "nvmlGpmSampleGet", gpu.handle, sample)
+            got = self._gpm_call(gpu, st, "nvmlGpmSampleGet", gpu.handle, sample)
         else:
-            got = self._call(gpu, None, "nvmlGpmMigSampleGet", gpu.handle, st.gpu_instance_id, sample)
+            got = self._gpm_call(gpu, st, "nvmlGpmMigSampleGet", gpu.handle, st.gpu_instance_id, sample)
         if got is None or st.failures:
             self._gpm_outcome(st, "sample", got is not None, now_s)
         if got is None:
@@ -651,7 +675,7 @@ class NvmlBackend:
         for entry in entries:
             # Cleared every time: an entry the driver skips must not repeat the last interval's value.
             entry.nvmlReturn = NVML_ERROR_UNKNOWN
-        got = self._call(gpu, None, "nvmlGpmMetricsGet", request)
+        got = self._gpm_call(gpu, st, "nvmlGpmMetricsGet", request)
         if got is None or st.failures:
             self._gpm_outcome(st, "metrics", got is not None, now_s)
         if got is None:
@@ -666,8 +690,58 @@ class NvmlBackend:
                 failed.append(metric_id)
         if failed or st.metric_failures:
             self._count_metric_failures(st, failed, now_s)
-        st.values = values
+        st.values, st.last_error = values, None
         return values
+
+    def _gpm_call(self, gpu: _Gpu, st: _GpmStream, function: str, *args: Any) -> Any:
+        """A GPM call through :meth:`_call`, keeping the NVML code of a failure on the stream: it tells why GPM
+        gives nothing (another client holding the counters answers IN_USE)."""
+        fn = getattr(self._nvml, function, None)
+        if fn is None:
+            return None
+
+        def call(*call_args: Any) -> Any:
+            try:
+                return fn(*call_args)
+            except self._nvml_error as exc:
+                st.last_error = (getattr(exc, "value", None), str(exc))
+                raise
+
+        return self._call(gpu, None, call, *args)
+
+    def _gpm_unavailable_reason(self, gpu: _Gpu, now_s: float) -> str | None:
+        """Why this GPM-capable GPU gives no GPM values now, for its card; None while GPM works, and after a
+        single failed tick (that is n/a for a tick, not a state worth explaining).
+
+        nvml.h documents no error code for GPM's counters being taken, and DCGM's developers say GPM on Hopper
+        does not share the perfmon lock that DCGM and Nsight contend for (NVIDIA/DCGM#62), while nvtop's GPM
+        pull request saw DCGM and GPM disturb each other. So the reason names DCGM only on evidence: an IN_USE
+        answer, or GPM failing while a DCGM process runs on this machine.
+        """
+        if any(st.values is not None for st in gpu.gpm):
+            return None
+        errors = [st.last_error for st in gpu.gpm if st.last_error is not None]
+        if not errors:
+            return None
+        in_use = any(code == NVML_ERROR_IN_USE for code, _ in errors)
+        set_aside = any(st.paused_until_s is not None for st in gpu.gpm)
+        if not in_use and not set_aside:
+            return None
+        dcgm = self._dcgm_running(now_s)
+        if in_use:
+            return (
+                "DCGM holds the profiling counters" if dcgm else "another client holds the profiling counters"
+            )
+        text = errors[0][1]
+        if dcgm:
+            return f"GPM failing while DCGM runs here (NVML: {text})"
+        return f"GPM failing (NVML: {text}); asked again each minute"
+
+    def _dcgm_running(self, now_s: float) -> bool:
+        seen = self._dcgm_seen
+        if seen is None or not 0 <= now_s - seen[0] < DCGM_PROBE_EVERY_S:
+            seen = self._dcgm_seen = (now_s, self._dcgm_probe())
+        return seen[1]
 
     @staticmethod
     def _count_metric_failures(st: _GpmStream, failed: list[int], now_s: float) -> None:
@@ -719,9 +793,12 @@ class NvmlBackend:
             "pstate": _pstate(call(gpu, "pstate", "nvmlDeviceGetPerformanceState", h)),
             "clock_event_reasons": None if reasons is None else decode_clock_event_reasons(reasons),
         }
+        gpu.gpm_unavailable_reason = None
         if gpu.gpm:
             gpm = self._read_gpm(gpu, now_s)
-            if gpm is not None:
+            if gpm is None:
+                gpu.gpm_unavailable_reason = self._gpm_unavailable_reason(gpu, now_s)
+            else:
                 dram_pct = gpm.get(GPM_DRAM_BW_UTIL)
                 values["dram_bw_util_pct"] = dram_pct
                 values["dram_bw_gbps"] = gpm_dram_gbps(dram_pct, gpu.info.peak_dram_bw_gbps)
@@ -823,6 +900,7 @@ class NvmlBackend:
             "mem_temp_c": _float(mem_temp),
         }
         gpu.raw_processes = self._read_processes(gpu)
+        gpu.process_util = self._read_process_utilization(gpu, now_s) if gpu.raw_processes else None
         if gpu.energy_prev_s is not None and now_s - gpu.energy_prev_s < self._energy_interval_s:
             return  # keep the last energy reading: see energy_interval_s
         energy_mj = self._call(gpu, "energy", "nvmlDeviceGetTotalEnergyConsumption", h)
@@ -849,6 +927,46 @@ class NvmlBackend:
                 unique = {(pid, kind): (pid, used, kind) for p in parts for pid, used, kind in p or ()}
                 found = list(unique.values())
         return found
+
+    def _read_process_utilization(self, gpu: _Gpu, now_s: float) -> dict[int, tuple[float, float]] | None:
+        """pid -> (SM %, memory %) averaged over the driver's samples since the last read; a pid without a
+        sample is left out. None where the GPU cannot tell (NOT_SUPPORTED, e.g. MIG: set aside like any
+        unsupported call) or the call failed this tick.
+
+        ``nvmlDeviceGetProcessUtilization(handle, lastSeenTimeStamp)`` returns the samples newer than that
+        timestamp (µs, CPU clock) and NOT_FOUND when there is none: then nothing ran, which is not a failure.
+        pynvml's wrapper raises with code SUCCESS when the driver answers an empty list outright: the same.
+        """
+        since_us = gpu.process_util_seen_us
+        now_us = int(now_s * 1e6)
+        if since_us is None or since_us > now_us:  # first read, or the wall clock stepped back
+            since_us = max(0, now_us - int(PROCESS_UTIL_FIRST_WINDOW_S * 1e6))
+        fn = getattr(self._nvml, "nvmlDeviceGetProcessUtilization", None)
+        if fn is None:
+            gpu.unsupported.add("process_util")
+            return None
+
+        def ask(handle: Any, since: int) -> Any:
+            try:
+                return fn(handle, since)
+            except self._nvml_error as exc:
+                if getattr(exc, "value", None) in (NVML_SUCCESS, NVML_ERROR_NOT_FOUND):
+                    return []
+                raise
+
+        samples = self._call(gpu, "process_util", ask, gpu.handle, since_us)
+        if samples is None:
+            return None
+        sums: dict[int, list[float]] = {}
+        newest = since_us
+        for sample in samples:
+            newest = max(newest, int(sample.timeStamp))
+            acc = sums.setdefault(int(sample.pid), [0.0, 0.0, 0.0])
+            acc[0] += float(sample.smUtil)
+            acc[1] += float(sample.memUtil)
+            acc[2] += 1.0
+        gpu.process_util_seen_us = newest
+        return {pid: (sm / n, mem / n) for pid, (sm, mem, n) in sums.items()}
 
     def _processes_of(self, gpu: _Gpu, handle: Any, prefix: str) -> list[tuple[int, int | None, str]] | None:
         found: list[tuple[int, int | None, str]] | None = None
@@ -936,8 +1054,17 @@ class NvmlBackend:
             if gpu.raw_processes is None:
                 gpu.processes = None
                 continue
+            util = gpu.process_util or {}
             gpu.processes = tuple(
-                GpuProcess(pid=pid, gpu_index=gpu.index, vram_used_bytes=used, kind=kind, **host[pid])
+                GpuProcess(
+                    pid=pid,
+                    gpu_index=gpu.index,
+                    vram_used_bytes=used,
+                    kind=kind,
+                    sm_util_pct=util[pid][0] if pid in util else None,
+                    mem_util_pct=util[pid][1] if pid in util else None,
+                    **host[pid],
+                )
                 for pid, used, kind in gpu.raw_processes
             )
 
@@ -985,6 +1112,15 @@ class NvmlBackend:
             return
         with contextlib.suppress(self._nvml_error):
             fn(*args)
+
+
+def dcgm_running() -> bool:
+    """Whether a DCGM host engine (or dcgm-exporter with its embedded one) runs on this machine, as far as this
+    user can see (another pid namespace's, e.g. a Kubernetes exporter's from inside a container, is not seen)."""
+    try:
+        return any(p.info.get("name") in DCGM_PROCESS_NAMES for p in psutil.process_iter(["name"]))
+    except psutil.Error:
+        return False
 
 
 def _instances(mig_devices: list[tuple[Any, int, int | None]]) -> dict[int, int | None]:

@@ -8,6 +8,7 @@ History is kept in fixed-size ring buffers, so memory stays flat over hours.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tuner.telemetry.backend import GpuBackend, GpuLostError
+from tuner.telemetry.discovery import DiscoveredServer
+from tuner.telemetry.engines import EngineScraper
 from tuner.telemetry.host import HostReader
 from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
-from tuner.telemetry.vllm_metrics import EngineScraper
+from tuner.telemetry.throttle import THROTTLE_SERIES, throttle_flags
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ GPU_SERIES = (
     "power_w",
     "vram_used_pct",
     "gpu_temp_c",
+    "time_s",  # when each reading was taken: how many seconds a window of readings covers
 )
 ENGINE_SERIES = ("generation_tokens_per_s", "requests_running", "requests_waiting", "kv_cache_usage_pct")
 
@@ -71,7 +75,10 @@ class SnapshotSource(Protocol):
 
 
 class History:
-    """Fixed-size ring buffers of the series above, per GPU and per engine. Thread-safe."""
+    """Fixed-size ring buffers of the series above, per GPU and per engine. Thread-safe.
+
+    Per GPU also one series per throttle reason (:data:`~tuner.telemetry.throttle.THROTTLE_SERIES`: 1.0 while it
+    held), read with :meth:`gpu_series` like the others."""
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = maxlen
@@ -84,9 +91,15 @@ class History:
         with self._lock:
             self._host_cpu.append(snap.host.cpu_pct if snap.host else None)
             for g in snap.gpus:
-                series = self._gpu.setdefault(g.index, {n: deque(maxlen=self.maxlen) for n in GPU_SERIES})
-                for name, buf in series.items():
-                    buf.append(getattr(g, name))
+                series = self._gpu.get(g.index)
+                if series is None:
+                    names = (*GPU_SERIES, *THROTTLE_SERIES)
+                    series = self._gpu[g.index] = {n: deque(maxlen=self.maxlen) for n in names}
+                for name in GPU_SERIES:
+                    series[name].append(getattr(g, name))
+                # Throttle reasons as one 0/1 series each: what share of a window each held (throttle.py).
+                for name, flag in throttle_flags(g.clock_event_reasons).items():
+                    series[name].append(flag)
             for e in snap.engines:
                 eseries = self._engine.setdefault(
                     e.url, {n: deque(maxlen=self.maxlen) for n in ENGINE_SERIES}
@@ -116,7 +129,11 @@ class History:
 
 
 class EngineWatcher:
-    """Scrapes vLLM servers on its own thread; the sampler takes the latest readings each tick."""
+    """Scrapes inference servers on its own thread; the sampler takes the latest readings each tick.
+
+    Discovered servers keep their engine and process tree: each reading carries the server's pids, which is how
+    energy per token finds the GPUs a server uses.
+    """
 
     def __init__(self, urls: Iterable[str], config: SamplerConfig) -> None:
         self._fixed = [u.rstrip("/") for u in urls]
@@ -142,28 +159,33 @@ class EngineWatcher:
         with self._lock:
             return tuple(self._latest.values())
 
-    def _urls(self, last_discovery: list[float], discovered: list[str]) -> list[str]:
+    def _servers(self, last_discovery: list[float], discovered: dict[str, DiscoveredServer]) -> list[str]:
         if (
             self._config.discover_vllm
             and time.monotonic() - last_discovery[0] >= self._config.discover_every_s
         ):
-            from tuner.telemetry.discovery import discover_vllm_urls
+            from tuner.telemetry.discovery import discover_servers
 
-            discovered[:] = discover_vllm_urls()
+            discovered.clear()
+            discovered.update((s.url, s) for s in discover_servers())
             last_discovery[0] = time.monotonic()
         with self._lock:
             fixed = list(self._fixed)
         return fixed + [u for u in discovered if u not in fixed]
 
     def _run(self) -> None:
-        last_discovery, discovered = [-1e9], list[str]()
+        last_discovery, discovered = [-1e9], dict[str, DiscoveredServer]()
         while not self._stop.is_set():
-            urls = self._urls(last_discovery, discovered)
+            urls = self._servers(last_discovery, discovered)
             for url in urls:
+                server = discovered.get(url)
                 scraper = self._scrapers.get(url)
                 if scraper is None:
-                    scraper = self._scrapers[url] = EngineScraper(url)
+                    engine = server.engine if server else None
+                    scraper = self._scrapers[url] = EngineScraper(url, engine=engine)
                 sample = scraper.scrape(time.time())
+                if server is not None:
+                    sample = dataclasses.replace(sample, server_pids=server.pids)
                 with self._lock:
                     self._latest[url] = sample
             with self._lock:  # a discovered server that went away disappears from the screen

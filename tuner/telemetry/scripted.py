@@ -41,6 +41,7 @@ _ERROR_CODES = {
     "NVML_ERROR_GPU_IS_LOST": (15, "GPU is lost"),
     "NVML_ERROR_RESET_REQUIRED": (16, "GPU requires restart"),
     "NVML_ERROR_LIB_RM_VERSION_MISMATCH": (18, "RM has detected an NVML/RM version mismatch."),
+    "NVML_ERROR_IN_USE": (19, "In use by another client"),
     "NVML_ERROR_ARGUMENT_VERSION_MISMATCH": (25, "Argument version mismatch"),
     "NVML_ERROR_DEPRECATED": (26, "Deprecated"),
     "NVML_ERROR_UNKNOWN": (999, "Unknown Error"),
@@ -58,6 +59,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_IN_USE = 19
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 NVML_ERROR_DEPRECATED = 26
 NVML_ERROR_UNKNOWN = 999
@@ -332,6 +334,19 @@ class FakeProcess:
     vram_used_bytes: int | None
     kind: str = "compute"  # or "graphics"
     gpu_instance_id: int | None = None  # on a MIG-enabled GPU: the GPU instance it runs in
+    # What nvmlDeviceGetProcessUtilization reports for it: these duty cycles, or with ``follows_load`` the GPU's
+    # own (util, mem busy: the process is all the GPU runs). Neither: the driver has no sample for it.
+    sm_util_pct: float | None = None
+    mem_util_pct: float | None = None
+    follows_load: bool = False
+
+    def utilization(self, load: Load) -> tuple[float, float] | None:
+        """(SM %, memory %) the fake driver samples for this process under ``load``; None: no sample."""
+        if self.follows_load:
+            return load.gpu_util_pct, load.mem_busy_pct
+        if self.sm_util_pct is None and self.mem_util_pct is None:
+            return None
+        return self.sm_util_pct or 0.0, self.mem_util_pct or 0.0
 
 
 # A pid above Linux's largest pid_max (2**22) can never exist here: it stands for a process in another pid
@@ -342,7 +357,7 @@ INVISIBLE_PID = 2**22 + 7
 def default_processes(n_gpus: int, spec: FakeGpuSpec) -> tuple[FakeProcess, ...]:
     """This process holding most of every GPU (so psutil finds a real process), plus one invisible process."""
     main = int(spec.vram_total_bytes * spec.vram_used_frac) - 512 * MIB
-    procs = [FakeProcess(os.getpid(), i, main) for i in range(n_gpus)]
+    procs = [FakeProcess(os.getpid(), i, main, follows_load=True) for i in range(n_gpus)]
     if n_gpus:
         procs.append(FakeProcess(INVISIBLE_PID, 0, 512 * MIB))
     return tuple(procs)
@@ -460,7 +475,10 @@ class ScriptedNvml:
     bindings do not define at all. ``deprecated_functions`` answer ``NVMLError_Deprecated``.
     ``missing_fields``: field ids the driver does not know. ``driver_535``: the process lists' entries are 32
     bytes (a 535 driver's layout) while pynvml reads 24. ``privileged=False``: on a MIG-enabled GPU the parent
-    handle's memory and process lists answer ``NoPermission`` (only MIG device handles answer). Faults for one
+    handle's memory and process lists answer ``NoPermission`` (only MIG device handles answer).
+    ``process_utilization=False``: ``nvmlDeviceGetProcessUtilization`` answers ``NotSupported`` (as on MIG-enabled
+    GPUs always). ``gpm_in_use``: another client (DCGM) holds the GPM counters, so GPM samples answer
+    ``NVMLError_InUse``; ``dcgm_running`` is what :func:`scripted_backend`'s DCGM probe sees. Faults for one
     call at a time: :meth:`inject`, :meth:`inject_gpm_metric`, :meth:`hang`. ``calls`` counts every call by
     function name.
     """
@@ -486,6 +504,9 @@ class ScriptedNvml:
         missing_fields: Collection[int] = (),
         driver_535: bool = False,
         privileged: bool = True,
+        process_utilization: bool = True,
+        gpm_in_use: bool = False,
+        dcgm_running: bool = False,
         label: str | None = None,
     ) -> None:
         self.clock = clock or time.time
@@ -501,6 +522,9 @@ class ScriptedNvml:
         self.missing_fields = frozenset(missing_fields)
         self.driver_535 = driver_535
         self.privileged = privileged
+        self.process_utilization = process_utilization
+        self.gpm_in_use = gpm_in_use  # may be changed while running: DCGM started or stopped
+        self.dcgm_running = dcgm_running
         self.label = label or self._default_label(gpus)
         self.calls: Counter[str] = Counter()
         self.initialized = False
@@ -820,6 +844,8 @@ class ScriptedNvml:
             raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
         if not device.spec.gpm or device.spec.mig_enabled:
             raise nvml_error(NVML_ERROR_NOT_SUPPORTED)
+        if self.gpm_in_use:
+            raise nvml_error(NVML_ERROR_IN_USE)
         sample.device, sample.gpu_instance_id = device, None
         sample.t = self.clock()
         return sample
@@ -833,6 +859,8 @@ class ScriptedNvml:
             raise nvml_error(NVML_ERROR_NOT_SUPPORTED)
         if not 1 <= gpu_instance_id <= len(device.spec.mig_slices):
             raise nvml_error(NVML_ERROR_INVALID_ARGUMENT)
+        if self.gpm_in_use:
+            raise nvml_error(NVML_ERROR_IN_USE)
         sample.device, sample.gpu_instance_id = device, gpu_instance_id
         sample.t = self.clock()
         return sample
@@ -902,6 +930,34 @@ class ScriptedNvml:
             device.energy_mj += power_w * (t1 - t0) * 1000
         device.energy_t = max(start, now)
         return int(device.energy_mj)
+
+    def nvmlDeviceGetProcessUtilization(self, handle: FakeDevice, timeStamp: int) -> list[_Struct]:
+        """One sample per process that has one, stamped now (µs); NOT_FOUND when none is newer than
+        ``timeStamp``, as the driver answers."""
+        device = self._device("nvmlDeviceGetProcessUtilization", handle)
+        if device.spec.mig_enabled or not self.process_utilization:
+            raise nvml_error(NVML_ERROR_NOT_SUPPORTED)
+        now_us = int(self.clock() * 1e6)
+        load = self._load(device)
+        samples = []
+        if now_us > timeStamp:
+            for p in self.processes:
+                util = p.utilization(load) if p.gpu_index == device.index else None
+                if util is not None:
+                    sm, mem = util
+                    samples.append(
+                        _Struct(
+                            pid=p.pid,
+                            timeStamp=now_us,
+                            smUtil=round(sm),
+                            memUtil=round(mem),
+                            encUtil=0,
+                            decUtil=0,
+                        )
+                    )
+        if not samples:
+            raise nvml_error(NVML_ERROR_NOT_FOUND)
+        return samples
 
     # The driver's C entry points, as pynvml reaches them: its friendly functions below decode what these write
     # the way pynvml does, so a 535 driver's 32-byte entries come out garbled there, as on a real machine.
@@ -1092,9 +1148,14 @@ def mig_h100(n_gpus: int = 1, *, privileged: bool = False, **options: Any) -> Sc
     return ScriptedNvml([spec] * n_gpus, privileged=privileged, **options)
 
 
+def dcgm_beside(n_gpus: int = 1, **options: Any) -> ScriptedNvml:
+    """H100s on a machine where DCGM (nv-hostengine, dcgm-exporter) holds the GPM counters: GPM answers InUse."""
+    return h100_sxm(n_gpus, gpm_in_use=True, dcgm_running=True, **options)
+
+
 def scripted_backend(nvml: ScriptedNvml) -> NvmlBackend:
-    """The real NVML backend running on a scripted module."""
-    return NvmlBackend(nvml, source="scripted", label=nvml.label)
+    """The real NVML backend running on a scripted module (whose DCGM processes are scripted too)."""
+    return NvmlBackend(nvml, source="scripted", label=nvml.label, dcgm_probe=lambda: nvml.dcgm_running)
 
 
 def read_cpu_s_per_tick(n_gpus: int = 1, *, ticks: int = 2000, slow_every: int | None = 4) -> float:

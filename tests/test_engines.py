@@ -1,0 +1,247 @@
+"""SGLang, TGI, llama.cpp and vLLM /metrics pages, served over real HTTP and read by the real EngineScraper.
+
+The pages in tests/data/engines/ have each server's exposition shape (HELP/TYPE lines, label sets, `le`
+buckets as the server builds them); every expected figure below is worked out by hand from them.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tuner.telemetry.engines import EngineScraper, engine_title, parse_metrics
+
+DATA = Path(__file__).parent / "data"
+ENGINE_DATA = DATA / "engines"
+
+
+def page(name: str) -> str:
+    return (ENGINE_DATA / name).read_text()
+
+
+class _Pages(http.server.BaseHTTPRequestHandler):
+    pages: list[str] = []
+    status = 200
+
+    def do_GET(self) -> None:
+        if self.path != "/metrics" or self.status != 200:
+            self.send_error(404 if self.path != "/metrics" else self.status)
+            return
+        body = (self.pages.pop(0) if len(self.pages) > 1 else self.pages[0]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+Serve = Callable[..., str]
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """serve(pages, status=200) -> base URL of a server answering /metrics with each page in turn."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(pages: list[str], status: int = 200) -> str:
+        handler = type("Handler", (_Pages,), {"pages": list(pages), "status": status})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def scrape(url: str, times: list[float], **kwargs: object) -> list:  # type: ignore[type-arg]
+    scraper = EngineScraper(url, **kwargs)  # type: ignore[arg-type]
+    try:
+        return [scraper.scrape(t) for t in times]
+    finally:
+        scraper.close()
+
+
+def test_engine_is_told_by_the_metric_names() -> None:
+    assert parse_metrics(page("sglang_a.txt")).engine == "sglang"
+    assert parse_metrics(page("tgi_a.txt")).engine == "tgi"
+    assert parse_metrics(page("llamacpp_a.txt")).engine == "llamacpp"
+    assert parse_metrics((DATA / "vllm_metrics_a.txt").read_text()).engine == "vllm"
+    assert engine_title("llamacpp") == "llama.cpp" and engine_title(None) == "vLLM"
+
+
+def test_sglang_over_http(serve: Serve) -> None:
+    url = serve([page("sglang_a.txt"), page("sglang_b.txt")])
+    first, second = scrape(url, [100.0, 105.0])
+    assert first.engine == "sglang" and first.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (first.requests_running, first.requests_waiting) == (12, 2)
+    assert first.kv_cache_usage_pct == pytest.approx(37.0)  # sglang:token_usage 0.37
+    assert first.generation_tokens_per_s == pytest.approx(950.5)  # the gauge, until a counter rate exists
+    assert first.ttft_p50_s is None and first.latency_window_s is None
+    assert (second.requests_running, second.requests_waiting) == (14, 0)
+    assert second.kv_cache_usage_pct == pytest.approx(41.0)
+    assert second.generation_tokens_per_s == pytest.approx(1000.0)  # 5000 tokens in 5 s
+    assert second.prompt_tokens_per_s == pytest.approx(800.0)
+    assert second.preemptions_total == 1  # retracted requests
+    assert second.latency_window_s == pytest.approx(5.0)
+    # TTFT: 40 new requests, cumulative 0/0/20/30/40 at le 0.1/0.2/0.4/0.6/0.8. Rank 20 ends the (0.2, 0.4]
+    # bucket; rank 38 is 8 of the 10 in (0.6, 0.8]; rank 39.6 is 9.6 of them.
+    assert second.ttft_p50_s == pytest.approx(0.4)
+    assert second.ttft_p95_s == pytest.approx(0.76)
+    assert second.ttft_p99_s == pytest.approx(0.792)
+    assert second.ttft_mean_s == pytest.approx(0.5)  # 20 s over 40 requests
+    # Inter-token latency: 5000 new, cumulative 0/1000/3000/4000/4500/5000 at le .01/.015/.02/.025/.03/.04.
+    assert second.tpot_p50_s == pytest.approx(0.015 + 0.005 * 1500 / 2000)  # rank 2500
+    assert second.tpot_p95_s == pytest.approx(0.03 + 0.01 * 250 / 500)  # rank 4750
+    assert second.tpot_p99_s == pytest.approx(0.03 + 0.01 * 450 / 500)  # rank 4950
+    assert second.itl_mean_s == pytest.approx(0.02)  # 100 s over 5000 gaps
+
+
+def test_tgi_over_http(serve: Serve) -> None:
+    url = serve([page("tgi_a.txt"), page("tgi_b.txt")])
+    first, second = scrape(url, [200.0, 210.0])
+    assert first.engine == "tgi" and first.model_name is None
+    assert (first.requests_running, first.requests_waiting) == (8, 3)
+    assert first.kv_cache_usage_pct is None  # TGI publishes no KV-cache usage
+    assert (second.requests_running, second.requests_waiting) == (10, 0)
+    assert second.generation_tokens_per_s == pytest.approx(
+        400.0
+    )  # generated-tokens sum 24000 -> 28000 in 10 s
+    assert second.prompt_tokens_per_s == pytest.approx(1000.0)
+    assert second.requests_success_total == 140
+    assert second.ttft_p50_s is None and second.ttft_p99_s is None  # no TTFT histogram in TGI
+    # 20 new requests over TGI's duration buckets b_k = 1e-4 * 1.5^k: 5 in (b12, b13], 10 in (b13, b14],
+    # 5 in (b14, b15].
+    b13, b14, b15 = (1e-4 * 1.5**k for k in (13, 14, 15))
+    assert second.tpot_p50_s == pytest.approx(b13 + (b14 - b13) * 5 / 10)  # rank 10
+    assert second.tpot_p95_s == pytest.approx(b14 + (b15 - b14) * 4 / 5)  # rank 19
+    assert second.tpot_p99_s == pytest.approx(b14 + (b15 - b14) * 4.8 / 5)  # rank 19.8
+    assert second.itl_mean_s == pytest.approx((5 * 0.016 + 10 * 0.025 + 5 * 0.035) / 20)
+
+
+def test_llamacpp_over_http(serve: Serve) -> None:
+    url = serve([page("llamacpp_a.txt"), page("llamacpp_b.txt")])
+    first, second = scrape(url, [50.0, 54.0])
+    assert first.engine == "llamacpp"
+    assert (first.requests_running, first.requests_waiting) == (2, 1)
+    assert (second.requests_running, second.requests_waiting) == (4, 0)
+    assert second.kv_cache_usage_pct is None  # kv_cache_usage_ratio left llama-server's /metrics
+    assert second.generation_tokens_per_s == pytest.approx(100.0)  # 400 tokens in 4 s
+    assert second.prompt_tokens_per_s == pytest.approx(125.0)
+    # No histograms: no percentiles, but generation time over generated tokens is the mean TPOT.
+    assert second.tpot_p50_s is None and second.ttft_p95_s is None
+    assert second.itl_mean_s == pytest.approx(8.0 / 400)
+
+
+def test_older_llamacpp_kv_cache_ratio() -> None:
+    from tuner.telemetry.engines import engine_sample
+
+    text = "# TYPE llamacpp:kv_cache_usage_ratio gauge\nllamacpp:kv_cache_usage_ratio 0.25\n"
+    assert engine_sample("u", 0.0, parse_metrics(text), None, None).kv_cache_usage_pct == 25.0
+
+
+def test_vllm_over_http_with_p50_and_p99(serve: Serve) -> None:
+    url = serve([(DATA / "vllm_metrics_a.txt").read_text(), (DATA / "vllm_metrics_b.txt").read_text()])
+    _, second = scrape(url, [10.0, 12.0])
+    assert second.engine == "vllm"
+    # 20 new requests: 10 in (0.1, 0.5], 10 in (0.5, 1.0].
+    assert second.ttft_p50_s == pytest.approx(0.5)
+    assert second.ttft_p99_s == pytest.approx(0.5 + 0.5 * 9.8 / 10)
+    # No new inter-token gaps between the two pages.
+    assert second.tpot_p50_s is None
+
+
+def test_quantiles_cover_the_window_not_just_the_last_interval(serve: Serve) -> None:
+    url = serve([page("sglang_a.txt"), page("sglang_a.txt"), page("sglang_b.txt")])
+    *_, last = scrape(url, [100.0, 103.0, 105.0])
+    assert last.generation_tokens_per_s == pytest.approx(2500.0)  # the last 2 s
+    assert last.latency_window_s == pytest.approx(5.0)  # the quantiles go back to the page at 100 s
+    assert last.ttft_p95_s == pytest.approx(0.76)
+
+
+def test_pages_older_than_the_window_are_dropped(serve: Serve) -> None:
+    url = serve([page("sglang_a.txt"), page("sglang_b.txt"), page("sglang_b.txt")])
+    *_, last = scrape(url, [100.0, 105.0, 106.0], window_s=3.0)
+    assert last.latency_window_s == pytest.approx(1.0)  # from the page at 105 s
+    assert last.ttft_p50_s is None  # nothing new since then
+
+
+def test_a_restart_starts_the_window_again(serve: Serve) -> None:
+    url = serve([page("sglang_b.txt"), page("sglang_a.txt")])
+    _, after = scrape(url, [100.0, 105.0])  # counters went down
+    assert after.ttft_p95_s is None and after.latency_window_s is None
+    assert after.generation_tokens_per_s == pytest.approx(
+        950.5
+    )  # SGLang's own gauge: no rate across a restart
+
+
+def test_metrics_switched_off_says_how_to_switch_them_on(serve: Serve) -> None:
+    url = serve(["unused"], status=501)
+    (sample,) = scrape(url, [1.0], engine="llamacpp")
+    assert sample.error is not None and "HTTP 501" in sample.error and "--metrics" in sample.error
+
+
+def test_a_page_of_no_known_engine_is_an_error(serve: Serve) -> None:
+    url = serve(['python_gc_objects_collected_total{generation="0"} 1.0\n'])
+    (sample,) = scrape(url, [1.0])
+    assert sample.error is not None and sample.requests_running is None
+
+
+async def test_engine_panel_at_80_columns_shows_percentiles_energy_and_units() -> None:
+    from textual.app import App, ComposeResult
+
+    from tui.widgets.engine_panel import EnginePanel
+    from tuner.telemetry.energy import EnginePower
+    from tuner.telemetry.model import EngineSample
+
+    class PanelApp(App[None]):
+        def compose(self) -> ComposeResult:
+            yield EnginePanel(id="engines")
+
+    sglang = EngineSample(
+        url="http://127.0.0.1:30000",
+        time_s=1.0,
+        engine="sglang",
+        model_name="meta-llama/Llama-3.1-8B-Instruct",
+        requests_running=14,
+        requests_waiting=0,
+        kv_cache_usage_pct=41.0,
+        generation_tokens_per_s=1000.0,
+        ttft_p50_s=0.4,
+        ttft_p95_s=0.76,
+        ttft_p99_s=0.792,
+        tpot_p50_s=0.01875,
+        tpot_p95_s=0.035,
+        tpot_p99_s=0.039,
+        latency_window_s=60.0,
+    )
+    llama = EngineSample(url="http://127.0.0.1:8080", time_s=1.0, engine="llamacpp", itl_mean_s=0.02)
+    power = {
+        sglang.url: EnginePower(sglang.url, 0.35, 2.857, 350.0, 1000.0, (0, 1), True, 59.0),
+        llama.url: EnginePower(llama.url, None, None, 80.0, None, (0, 1), False, None, "waiting for tokens"),
+    }
+    app = PanelApp()
+    async with app.run_test(size=(80, 24)):
+        panel = app.query_one(EnginePanel)
+        panel.show((sglang,), {}, power)
+        assert panel.border_title == "SGLang"
+        text = str(panel.render())
+        assert "TTFT p50/p95/p99 400/760/792 ms" in text
+        assert "19/35/39 ms" in text and "last 60 s" in text
+        assert "0.35 J/token" in text and "2.86 tok/s/W" in text and "GPUs 0,1" in text
+        assert max(len(line) for line in text.splitlines()) <= 76  # 80 columns less border and padding
+        panel.show((sglang, llama), {}, power)
+        assert panel.border_title == "Inference servers"
+        text = str(panel.render())
+        assert "llama.cpp http://127.0.0.1:8080" in text
+        assert "mean 20 ms" in text  # llama.cpp: no histogram, the mean time per output token
+        assert "n/a: waiting for tokens  all GPUs" in text

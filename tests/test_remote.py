@@ -1,0 +1,288 @@
+"""Other hosts in the monitor: read from real exporters over HTTP, a stopped one kept as stale, the fleet view."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import FixedHost, prime, scripted_app
+
+from tuner.telemetry import scripted
+from tuner.telemetry.exporter import Exporter
+from tuner.telemetry.remote import (
+    RemoteHost,
+    RemoteWatcher,
+    host_url,
+    mean_dram_pct,
+    read_hosts_file,
+    summarise_host,
+)
+from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+
+
+def _exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: int = 8) -> Exporter:
+    config = SamplerConfig(discover_vllm=False)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
+    exporter = Exporter(Sampler(source, history_len=8), port=0)
+    exporter.start(sampling=False)
+    for _ in range(ticks):
+        clock.advance(0.25)
+        exporter.sampler.tick()
+    return exporter
+
+
+@pytest.fixture
+def three_exporters() -> Iterator[list[Exporter]]:
+    clock = scripted.ManualClock()
+    exporters = [
+        _exporter(scripted.h100_sxm(8, clock=clock), clock),
+        _exporter(scripted.l4(2, clock=clock), clock),
+        _exporter(scripted.h100_sxm(1, clock=clock), clock),
+    ]
+    yield exporters
+    for e in exporters:
+        e.stop()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_hosts_read_from_their_exporters_a_stopped_one_stays_as_stale_and_a_dead_one_says_why(
+    three_exporters: list[Exporter],
+) -> None:
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    urls = [host_url(f"127.0.0.1:{e.port}") for e in three_exporters] + [dead]
+    now = [1000.0]
+    watcher = RemoteWatcher(urls, timeout_s=2.0, clock=lambda: now[0])
+    watcher.read_all_once()
+    hosts = watcher.latest()
+    assert [h.state(now[0]) for h in hosts] == ["ok", "ok", "ok", "down"]
+    h100s, _, _, down = hosts
+    assert h100s.snapshot is not None and h100s.info is not None
+    assert len(h100s.snapshot.gpus) == 8 and h100s.name == "gpu-node-01"
+    # What came over the wire is what the exporter's sampler read.
+    sent = three_exporters[0].sampler.latest
+    assert sent is not None and h100s.snapshot.gpus == tuple(
+        g.__class__(**{**{f: getattr(g, f) for f in g.__slots__}, "processes": h.processes})  # type: ignore[attr-defined]
+        for g, h in zip(sent.gpus, h100s.snapshot.gpus, strict=True)
+    )
+    assert all(p.command is None for g in h100s.snapshot.gpus for p in g.processes or ())  # no command lines
+    assert "not reachable" in (down.error or "")
+
+    three_exporters[1].stop()  # the L4 host stops answering
+    now[0] += 30
+    watcher.read_all_once()
+    h100s, l4s, _, down = watcher.latest()
+    assert h100s.state(now[0]) == "ok" and l4s.state(now[0]) == "stale"
+    assert l4s.snapshot is not None and len(l4s.snapshot.gpus) == 2  # its last reading, kept
+    assert l4s.error and l4s.age_s(now[0]) == pytest.approx(30)
+    assert down.state(now[0]) == "down"
+
+
+def test_a_host_that_hangs_never_blocks_the_screen() -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        watcher = RemoteWatcher([f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout_s=3.0)
+        watcher.start()
+        try:
+            time.sleep(0.3)  # the reader thread is now waiting on the host
+            started = time.perf_counter()
+            hosts = watcher.latest()
+            assert time.perf_counter() - started < 0.05
+            assert hosts[0].state(time.time()) == "waiting"
+        finally:
+            watcher.stop()
+
+
+def test_a_host_summary_adds_up_its_gpus(three_exporters: list[Exporter]) -> None:
+    snap = three_exporters[0].sampler.latest
+    assert snap is not None
+    s = summarise_host(three_exporters[0].sampler.info, snap)
+    assert s.gpus == 8 and s.gpu_name == "H100 80GB HBM3" and s.lost == 0
+    assert s.power_w == pytest.approx(sum(g.power_w or 0 for g in snap.gpus))
+    assert s.dram_pct == pytest.approx(sum(g.dram_bw_util_pct or 0 for g in snap.gpus) / 8)
+    l4 = three_exporters[1].sampler.latest
+    assert l4 is not None
+    assert (
+        summarise_host(three_exporters[1].sampler.info, l4).dram_pct is None
+    )  # no GPM: no made-up bandwidth
+
+
+@pytest.mark.parametrize(
+    ("text", "url"),
+    [
+        ("gpu-node-2", "http://gpu-node-2:9400"),
+        ("gpu-node-2:9500", "http://gpu-node-2:9500"),
+        ("http://10.0.0.7:9400/metrics", "http://10.0.0.7:9400"),
+        ("https://node.example/", "https://node.example:9400"),
+    ],
+)
+def test_host_urls(text: str, url: str) -> None:
+    assert host_url(text) == url
+
+
+@pytest.mark.parametrize("text", ["", "ftp://node", "http://:9400", "node:port"])
+def test_bad_hosts_are_refused_in_words(text: str) -> None:
+    with pytest.raises(ValueError, match="--host"):
+        host_url(text)
+
+
+def test_a_hosts_file_skips_comments_and_names_a_bad_line(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# the rack\ngpu-node-1\n\ngpu-node-2:9500  # the new one\n")
+    assert read_hosts_file(hosts) == ["http://gpu-node-1:9400", "http://gpu-node-2:9500"]
+    hosts.write_text("gpu-node-1\nftp://bad\n")
+    with pytest.raises(ValueError, match=r"hosts:2: "):
+        read_hosts_file(hosts)
+    with pytest.raises(ValueError, match="No such file"):
+        read_hosts_file(tmp_path / "missing")
+
+
+# --- the fleet view -----------------------------------------------------------------------------------------
+
+
+class StaticFleet:
+    """Remote hosts in a fixed state (for snapshots): what RemoteWatcher would hold."""
+
+    def __init__(self, hosts: tuple[RemoteHost, ...], now_s: float) -> None:
+        self.hosts = hosts
+        self.urls = [h.url for h in hosts]
+        self.now_s = now_s
+
+    def clock(self) -> float:
+        return self.now_s
+
+    def latest(self) -> tuple[RemoteHost, ...]:
+        return self.hosts
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def fleet(n_hosts: int, gpus_per_host: int = 8) -> StaticFleet:
+    """``n_hosts`` simulated 8-GPU hosts, read at different moments of their load; host 3 stopped answering
+    20 s ago, host 5 never answered."""
+    clock = scripted.ManualClock()
+    hosts = []
+    for i in range(n_hosts):
+        url = f"http://gpu-node-{i + 2:02d}:9400"
+        if i == 5:
+            hosts.append(RemoteHost(url, error="not reachable (connection refused or no route)"))
+            continue
+        nvml = scripted.h100_sxm(gpus_per_host, clock=clock, processes=[])
+        source = LiveSource(
+            scripted.scripted_backend(nvml),
+            config=SamplerConfig(discover_vllm=False),
+            host=_Named(f"gpu-node-{i + 2:02d}"),
+            clock=clock,
+        )  # type: ignore[arg-type]
+        sampler = Sampler(source, history_len=4)
+        info = sampler.open()
+        history: list[float | None] = []
+        for _ in range(4 + 3 * i):
+            clock.advance(1.0)
+            snap = sampler.tick()
+            assert snap is not None
+            history.append(mean_dram_pct(snap))
+        sampler.stop()
+        assert snap is not None
+        hosts.append(RemoteHost(url, info, snap, None, None, tuple(history[-30:])))
+    now = clock()
+    hosts = [
+        h
+        if h.snapshot is None
+        else dataclasses.replace(
+            h, error="timed out" if i == 3 else None, last_ok_s=now - (20 if i == 3 else 0.5)
+        )
+        for i, h in enumerate(hosts)
+    ]
+    return StaticFleet(tuple(hosts), now)
+
+
+class _Named(FixedHost):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def read(self, now_s: float) -> Any:
+        return dataclasses.replace(super().read(now_s), hostname=self.name)
+
+
+@pytest.mark.parametrize(("hosts", "size"), [(32, (80, 24)), (32, (200, 60))])
+def test_fleet_snapshot(snap_compare: Any, hosts: int, size: tuple[int, int]) -> None:
+    clock = scripted.ManualClock()
+    # Processes of another pid namespace: nothing of the machine running the tests shows.
+    procs = [scripted.FakeProcess(scripted.INVISIBLE_PID + i, i, (18 + i) * 2**30) for i in range(8)]
+    app = scripted_app(scripted.h100_sxm(8, clock=clock, processes=procs), clock)
+    app.remote = app.monitor.remote = fleet(hosts)  # type: ignore[assignment]
+
+    async def run_before(pilot: Any) -> None:
+        prime(app, clock, ticks=120)
+        app.monitor.query_one("#fleet").set_class(True, "shown")
+        app.monitor.show_fleet()
+        await pilot.pause()
+        app.monitor.query("HostRow").first().action_open_host()  # the first host opened onto its GPUs
+        app.monitor.show_fleet()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+async def test_the_fleet_panel_shows_every_host_and_opens_one() -> None:
+    clock = scripted.ManualClock()
+    app = scripted_app(scripted.h100_sxm(1, clock=clock), clock)
+    app.remote = app.monitor.remote = fleet(6)  # type: ignore[assignment]
+    async with app.run_test(size=(120, 40)) as pilot:
+        prime(app, clock, ticks=8)
+        app.monitor.query_one("#fleet").set_class(True, "shown")
+        app.monitor.show_fleet()
+        await pilot.pause()
+        rows = list(app.monitor.query("HostRow"))
+        assert len(rows) == 6
+        text = [str(r.render()) for r in rows]
+        assert text[0].startswith("▸ gpu-node-02") and "DRAM" in text[0] and "kW" in text[0]
+        assert "stale 20s" in text[3]
+        assert "down" in text[5] and "not reachable" in text[5]
+        rows[0].action_open_host()
+        app.monitor.show_fleet()
+        await pilot.pause()
+        group = rows[0].parent
+        assert group is not None and len(group.query("GpuCard")) == 8
+        assert all(card.display for card in group.query("GpuCard"))
+        assert not any(card.display for card in rows[1].parent.query("GpuCard"))  # type: ignore[union-attr]
+        await pilot.pause()
+
+
+def test_the_monitor_command_refuses_a_bad_host_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tui.cli import main
+
+    assert main(["--host", "ftp://node"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host" in err
+
+
+def test_the_watcher_reads_hosts_in_parallel(three_exporters: list[Exporter]) -> None:
+    # One reader thread per host: a slow host costs its own thread only.
+    urls = [host_url(f"127.0.0.1:{e.port}") for e in three_exporters]
+    watcher = RemoteWatcher(urls, interval_s=0.2)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(h.state(time.time()) == "ok" for h in watcher.latest()):
+            time.sleep(0.05)
+        assert all(h.state(time.time()) == "ok" for h in watcher.latest())
+        assert sum(t.name.startswith("infertop-remote-") for t in threading.enumerate()) == 3
+    finally:
+        watcher.stop()
