@@ -115,6 +115,62 @@ async def scripted_screenshot(name: str, size: tuple[int, int], n_gpus: int) -> 
         _save(app, name)
 
 
+async def fleet_screenshots(hosts: int = 32, wait_s: float = 12.0) -> None:
+    """The fleet view for real: ``hosts`` SIMULATED 8x H100 machines, each a real `infertop exporter` over the
+    scripted NVML (in this process, on loopback), read over HTTP by the real monitor; one host stops answering
+    midway, one address never answers."""
+    from tui.app import make_app
+    from tuner.telemetry import scripted
+    from tuner.telemetry.exporter import Exporter
+    from tuner.telemetry.host import HostReader
+    from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+
+    class Named(HostReader):
+        def __init__(self, name: str) -> None:
+            super().__init__(hostname=name)
+
+    exporters = []
+    for i in range(hosts - 1):
+        config = SamplerConfig(discover_vllm=False, interval_s=1.0, slow_every=1)
+        nvml = scripted.h100_sxm(8, processes=[])
+        source = LiveSource(
+            scripted.scripted_backend(nvml), config=config, host=Named(f"gpu-node-{i + 2:02d}")
+        )
+        exporter = Exporter(Sampler(source, history_len=4), port=0)
+        exporter.start()
+        exporters.append(exporter)
+    urls = [f"http://127.0.0.1:{e.port}" for e in exporters]
+    urls.insert(5, "http://10.0.0.99:9400")  # an address nothing answers on
+    clock = scripted.ManualClock()
+    procs = [scripted.FakeProcess(scripted.INVISIBLE_PID + i, i, 71_600 * 2**20) for i in range(8)]
+    nvml = scripted.h100_sxm(8, clock=clock, processes=procs)
+    config = SamplerConfig(discover_vllm=False)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
+    shots = (((80, 24), "fleet-32x8xh100-80x24", 2), ((200, 60), "fleet-32x8xh100-200x60", 3))
+    for size, name, stopping in shots:
+        app = make_app(config=config, source=source, remote_urls=urls, autostart=False)
+        async with app.run_test(size=size) as pilot:
+            assert app.remote is not None
+            app.remote.start()
+            info = app.sampler.open()
+            app.monitor.show_system(info)
+            for _ in range(240):
+                clock.advance(0.25)
+                app.sampler.tick()
+            assert app.sampler.latest is not None
+            app.monitor.show_snapshot(app.sampler.latest)
+            await pilot.pause(wait_s / 2)
+            exporters[stopping].stop()  # that host stops answering
+            await pilot.pause(wait_s / 2)
+            app.monitor.query("HostRow").first().action_open_host()
+            app.monitor.show_fleet()
+            await pilot.pause(0.5)
+            _save(app, name)
+            app.remote.stop()
+    for e in exporters:
+        e.stop()
+
+
 async def no_gpu_screenshot(name: str, size: tuple[int, int]) -> None:
     """This machine as it is: the real NVML backend, which finds no driver here."""
     from tui.app import make_app
@@ -193,6 +249,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep-recording", action="store_true", help="reuse screenshots/demo-h100.ndjson")
+    parser.add_argument("--fleet", action="store_true", help="only the fleet view's screenshots")
     parser.add_argument("--tune", action="store_true", help="also screenshot a real tuning run (CPU vLLM)")
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     parser.add_argument(
@@ -209,6 +266,9 @@ def main() -> int:
         asyncio.run(live_screenshot(args.live, args.vllm, args.wait, (120, 36)))
         return 0
     OUT.mkdir(exist_ok=True)
+    if args.fleet:
+        asyncio.run(fleet_screenshots())
+        return 0
     if not (args.keep_recording and DEMO.exists()):
         make_demo_recording(DEMO)
     asyncio.run(replay_screenshot("monitor-h100", (110, 32)))
@@ -217,6 +277,7 @@ def main() -> int:
     asyncio.run(scripted_screenshot("monitor-8xh100-80x24", (80, 24), 8))
     asyncio.run(scripted_screenshot("monitor-8xh100-120x50", (120, 50), 8))
     asyncio.run(no_gpu_screenshot("no-gpu", (80, 24)))
+    asyncio.run(fleet_screenshots())
     if args.tune:
         asyncio.run(tune_screenshots(args.vllm_python))
     return 0

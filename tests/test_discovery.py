@@ -149,3 +149,19 @@ def test_discovers_sglang_and_llama_server_processes_with_their_process_trees() 
         for proc in (sglang, llama):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_url_given_by_hand_finds_the_discovered_server_it_names() -> None:
+    import socket
+
+    from tuner.telemetry.discovery import DiscoveredServer
+    from tuner.telemetry.sampler import _same_local_server
+
+    found = [
+        DiscoveredServer("http://127.0.0.1:8000", "vllm", 100, (100, 101)),
+        DiscoveredServer("http://127.0.0.1:30000", "sglang", 200, (200,)),
+    ]
+    assert _same_local_server("http://localhost:8000", found) is found[0]
+    assert _same_local_server(f"http://{socket.gethostname()}:30000", found) is found[1]
+    assert _same_local_server("http://10.1.2.3:8000", found) is None  # another machine's server
+    assert _same_local_server("http://localhost:9999", found) is None

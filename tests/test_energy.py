@@ -126,8 +126,21 @@ def test_no_energy_counter_gives_no_figure() -> None:
         for t in range(5)
     ]
     power = engine_power(snaps, URL)
-    assert power.joules_per_token is None and "energy counter" in (power.unavailable or "")
+    assert power.joules_per_token is None
+    assert power.unavailable == "GPU 0 has no energy counter (NVML gives none on this GPU or driver)"
     assert engine_power([], URL).unavailable == "no readings yet"
+
+
+def test_servers_whose_gpus_are_unknown_are_not_each_charged_the_whole_machine() -> None:
+    snaps = snapshots(10, watts={0: 100.0, 1: 300.0}, tokens_per_s=400.0, pids=None)
+    other = EngineSample(url="http://127.0.0.1:8001", time_s=0.0, generation_tokens_total=1.0)
+    two = [Snapshot(s.time_s, s.host, s.gpus, (*s.engines, other)) for s in snaps]
+    power = engine_power(two, URL)
+    assert power.joules_per_token is None and "2 servers run here" in (power.unavailable or "")
+    # With its GPUs known, each server is charged its own.
+    known = snapshots(10, watts={0: 100.0, 1: 300.0}, tokens_per_s=600.0, pids=(43,), holders={43: 1})
+    both = [Snapshot(s.time_s, s.host, s.gpus, (*s.engines, other)) for s in known]
+    assert engine_power(both, URL).joules_per_token == pytest.approx(0.5)
 
 
 def test_counter_rate_skips_intervals_that_go_backwards() -> None:

@@ -245,3 +245,40 @@ async def test_engine_panel_at_80_columns_shows_percentiles_energy_and_units() -
         assert "llama.cpp http://127.0.0.1:8080" in text
         assert "mean 20 ms" in text  # llama.cpp: no histogram, the mean time per output token
         assert "n/a: waiting for tokens  all GPUs" in text
+
+
+def test_a_line_no_parser_foresaw_is_skipped_and_the_rest_still_reads(serve: Serve) -> None:
+    odd = page("sglang_b.txt") + 'sglang:time_to_first_token_seconds_bucket{le="0.1x",model_name="m"} 3\n'
+    url = serve([page("sglang_a.txt"), odd])
+    _, second = scrape(url, [100.0, 102.0])
+    assert second.error is None and second.ttft_p95_s is not None
+
+
+def test_one_server_whose_page_breaks_the_scraper_never_stops_the_others(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from tuner.telemetry import engines
+    from tuner.telemetry.sampler import EngineWatcher, SamplerConfig
+
+    good = serve([page("sglang_a.txt")])
+    bad = serve([page("sglang_a.txt") + "# BOOM\n"])
+    real = engines.parse_metrics
+
+    def fragile(text: str) -> engines.MetricsText:
+        if "# BOOM" in text:
+            raise RuntimeError("a page no parser foresaw")
+        return real(text)
+
+    monkeypatch.setattr(engines, "parse_metrics", fragile)
+    watcher = EngineWatcher([bad, good], SamplerConfig(discover_vllm=False, engine_interval_s=0.05))
+    watcher.start()
+    try:
+        time.sleep(0.5)
+        readings = {s.url: s for s in watcher.latest()}
+        assert "unreadable /metrics" in (readings[bad].error or "")
+        assert readings[good].error is None and readings[good].requests_running is not None
+        assert watcher._thread.is_alive()  # the watcher lives on
+    finally:
+        watcher.stop()

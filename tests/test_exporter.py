@@ -30,7 +30,7 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 def _exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: int = 8) -> Exporter:
     config = SamplerConfig(discover_vllm=False)
     source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
-    exporter = Exporter(Sampler(source, history_len=8), port=0, version="test")
+    exporter = Exporter(Sampler(source, history_len=8), port=0, version="test", clock=clock)
     exporter.start(sampling=False)
     for _ in range(ticks):
         clock.advance(0.25)
@@ -129,10 +129,39 @@ def test_a_lost_gpu_and_a_dead_server_are_series_at_0_with_the_reason() -> None:
     finally:
         exporter.stop()
     assert _one(got["infertop_gpu_up"], gpu="0") == 1.0
-    lost = [(dict(k), v) for k, v in got["infertop_gpu_up"].items() if ("gpu", "1") in k]
-    assert lost[0][1] == 0.0 and lost[0][0]["error"]
+    assert _one(got["infertop_gpu_up"], gpu="1") == 0.0
+    (why,) = [dict(k)["error"] for k in got["infertop_gpu_error_info"] if ("gpu", "1") in k]
+    assert why  # the reason, in an info series: the up series keeps its labels whatever the error says
     assert not any(("gpu", "1") in k for k in got["infertop_gpu_power_watts"])
     assert _one(got["infertop_engine_up"], url="http://127.0.0.1:8000") == 0.0
+    assert "not reachable" in dict(next(iter(got["infertop_engine_error_info"])))["error"]
+
+
+def test_a_stuck_sampler_is_never_served_as_live(h100x2: Exporter) -> None:
+    # The sampler thread hangs in an NVML call (a sick GPU): its last reading ages. Past the limit, every GPU
+    # is down with the reason, and no value is served as if it were now.
+    clock = h100x2.collector._clock
+    assert isinstance(clock, scripted.ManualClock)
+    fresh = _families(httpx.get(h100x2.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
+    assert _one(fresh["infertop_gpu_telemetry_up"]) == 1.0
+    clock.advance(30)
+    got = _families(httpx.get(h100x2.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
+    assert _one(got["infertop_gpu_telemetry_up"]) == 0.0
+    assert "no reading for 30 s" in dict(next(iter(got["infertop_gpu_telemetry_error_info"])))["reason"]
+    assert _one(got["infertop_gpu_up"], gpu="0") == 0.0 and _one(got["infertop_gpu_up"], gpu="1") == 0.0
+    assert "infertop_gpu_power_watts" not in got and "infertop_gpu_dram_bandwidth_ratio" not in got
+    assert json.loads(h100x2.snapshot_json())["age_s"] == pytest.approx(30, abs=0.5)
+
+
+def test_when_the_driver_goes_away_every_gpu_stays_a_series_at_0() -> None:
+    clock = scripted.ManualClock()
+    exporter = _exporter(scripted.driver_gone_after(6, n_gpus=2, clock=clock), clock, ticks=12)
+    try:
+        got = _families(httpx.get(exporter.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
+    finally:
+        exporter.stop()
+    assert _one(got["infertop_gpu_telemetry_up"]) == 0.0
+    assert _one(got["infertop_gpu_up"], gpu="0") == 0.0 and _one(got["infertop_gpu_up"], gpu="1") == 0.0
 
 
 @pytest.mark.parametrize(
@@ -327,7 +356,8 @@ def test_an_inference_server_exports_its_energy_per_token_labelled_with_its_gpus
         got = _families(httpx.get(exporter.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
     finally:
         exporter.stop()
-    j_per_token = _one(got["infertop_engine_energy_joules_per_token"], url=url, gpus="1")
+    j_per_token = _one(got["infertop_engine_energy_joules_per_token"], url=url)
+    assert dict(next(iter(got["infertop_engine_info"])))["gpus"] == "1"  # the server's GPU, not both
     # By hand: GPU 1's energy counter over the window, over the tokens generated meanwhile.
     assert first is not None and snap is not None
     e0, e1 = first.gpus[1].energy_counter_j, snap.gpus[1].energy_counter_j
@@ -335,4 +365,4 @@ def test_an_inference_server_exports_its_energy_per_token_labelled_with_its_gpus
     by_hand = (e1 - e0) / (snap.time_s - first.time_s) / 500.0
     assert j_per_token == pytest.approx(by_hand, rel=0.1)
     assert _one(got["infertop_engine_tokens_per_second_per_watt"], url=url) == pytest.approx(1 / j_per_token)
-    assert _one(got["infertop_engine_up"], url=url, gpus="1", engine="vllm") == 1.0
+    assert _one(got["infertop_engine_up"], url=url, engine="vllm") == 1.0

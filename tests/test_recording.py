@@ -103,3 +103,11 @@ def test_recording_without_snapshots_cannot_be_opened(tmp_path: Path) -> None:
     _record(path, 0)
     with pytest.raises(RecordingError, match="no snapshots"):
         ReplaySource(path).open()
+
+
+def test_a_snapshot_with_an_inference_server_comes_back_equal() -> None:
+    from tuner.telemetry.model import EngineSample, Snapshot, snapshot_from_dict, to_jsonable
+
+    engine = EngineSample(url="http://127.0.0.1:8000", time_s=5.0, engine="sglang", server_pids=(7, 8))
+    snap = Snapshot(time_s=5.0, host=None, engines=(engine,))
+    assert snapshot_from_dict(json.loads(json.dumps(to_jsonable(snap)))) == snap

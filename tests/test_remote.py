@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 def _exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: int = 8) -> Exporter:
     config = SamplerConfig(discover_vllm=False)
     source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
-    exporter = Exporter(Sampler(source, history_len=8), port=0)
+    exporter = Exporter(Sampler(source, history_len=8), port=0, clock=clock)
     exporter.start(sampling=False)
     for _ in range(ticks):
         clock.advance(0.25)
@@ -86,6 +87,65 @@ def test_hosts_read_from_their_exporters_a_stopped_one_stays_as_stale_and_a_dead
     assert l4s.snapshot is not None and len(l4s.snapshot.gpus) == 2  # its last reading, kept
     assert l4s.error and l4s.age_s(now[0]) == pytest.approx(30)
     assert down.state(now[0]) == "down"
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"<html>a web server</html>", "not JSON"),
+        (b'{"format": 99}', "format differs"),
+        (b'{"format": 1, "info": {}, "snapshot": null}', "no reading yet"),
+        (b'{"format": 1, "info": {"gpus": []}, "snapshot": {"time_s": 1, "host": [1, 2]}}', "unreadable"),
+        (
+            b'{"format": 1, "info": {"gpus": []}, "snapshot": {"time_s": 1, "host": null, "gpus": '
+            b'[{"index": 0, "time_s": 1, "power_w": "12"}]}}',
+            "power_w is not a number",
+        ),
+    ],
+)
+def test_whatever_a_host_answers_its_reader_lives_on_and_says_why(body: bytes, why: str) -> None:
+    handler = type("Page", (_Page,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        watcher = RemoteWatcher([f"http://127.0.0.1:{server.server_address[1]}"], interval_s=0.05)
+        watcher.start()
+        time.sleep(0.3)  # several reads
+        (host,) = watcher.latest()
+        assert host.state(time.time()) == "down" and why in (host.error or ""), host.error
+        assert any(t.name.startswith("infertop-remote-") for t in threading.enumerate())  # still reading
+        watcher.stop()
+        assert not any(t.name.startswith("infertop-remote-") for t in threading.enumerate())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_host_whose_exporter_is_stuck_shows_as_stale(three_exporters: list[Exporter]) -> None:
+    # It answers, but with a reading 30 s old by its own clock (its sampler hangs): not "ok".
+    stuck = three_exporters[2]
+    clock = stuck.collector._clock
+    assert isinstance(clock, scripted.ManualClock)
+    clock.advance(30)
+    watcher = RemoteWatcher([host_url(f"127.0.0.1:{stuck.port}")])
+    watcher.read_all_once()
+    (host,) = watcher.latest()
+    now = time.time()
+    assert host.state(now) == "stale" and host.age_s(now) == pytest.approx(30, abs=1)
+    watcher.stop()
 
 
 def test_a_host_that_hangs_never_blocks_the_screen() -> None:
@@ -252,7 +312,7 @@ async def test_the_fleet_panel_shows_every_host_and_opens_one() -> None:
         rows = list(app.monitor.query("HostRow"))
         assert len(rows) == 6
         text = [str(r.render()) for r in rows]
-        assert text[0].startswith("▸ gpu-node-02") and "DRAM" in text[0] and "kW" in text[0]
+        assert text[0].startswith("▶ gpu-node-02") and "DRAM" in text[0] and "kW" in text[0]
         assert "stale 20s" in text[3]
         assert "down" in text[5] and "not reachable" in text[5]
         rows[0].action_open_host()

@@ -85,7 +85,9 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
     backend = simulated_backend(args.simulate) if args.simulate else NvmlBackend()
     reader = HostReader(hostname=args.hostname) if args.hostname else None
     source = LiveSource(backend, config=config, vllm_urls=args.vllm or (), host=reader)
-    exporter = Exporter(Sampler(source, history_len=8), host=host, port=port, version=__version__)
+    exporter = Exporter(
+        Sampler(source, history_len=8), host=host, port=port, version=__version__, interval_s=args.interval
+    )
     try:
         info = exporter.start()
     except OSError as exc:

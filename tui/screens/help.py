@@ -21,6 +21,7 @@ HELP = """\
 | `↑` `↓` | select a process |
 | `k` | terminate the selected process (asks first) |
 | `R` | start / stop recording to NDJSON (replay with `infertop --replay FILE`) |
+| `tab`, `enter` | in the fleet (`infertop --host URL`): move to a host, open or close its GPUs |
 
 ## What the numbers are
 - **DRAM BW** — real DRAM bandwidth from NVML GPM (Hopper and newer): % of the GPU's peak, and GB/s
@@ -39,8 +40,18 @@ HELP = """\
 - **Processes: SM, MEM BUSY** — the driver's per-process samples (`nvmlDeviceGetProcessUtilization`): % of
   time the process had a kernel running, and % of time it read or wrote memory. Duty cycles, not bandwidth;
   `n/a` where the driver has no sample for it (it ran nothing lately; MIG and some GPUs never report them).
-- **vLLM** — from the server's `/metrics`: requests running and waiting, KV-cache use, generated tokens/s and
-  TTFT (mean and estimated p95 of requests in the last interval).
+- **Inference servers** (vLLM, SGLang, TGI, llama.cpp) — from each server's `/metrics`: requests running and
+  waiting, KV-cache use, generated tokens/s; **TTFT** and **TPOT** p50/p95/p99 of the requests of the last
+  minute (estimated from the server's histogram buckets; `n/a` where the server keeps no histogram: TGI has no
+  TTFT, llama.cpp no histograms at all).
+- **J/token**, **tok/s/W** — the energy counters of the GPUs holding the server's processes over its
+  generated-tokens counter, in the last minute: energy per output token, and its inverse. "all GPUs" where the
+  server's processes are not known; `n/a`, with why, where the GPUs have no energy counter or several servers
+  share GPUs nobody can attribute.
+- **Fleet** — other hosts read from their `infertop exporter` each second: one line per host (mean DRAM BW and
+  SM over its GPUs, VRAM, power against the sum of limits in kW, hottest GPU, tokens/s, throttled or lost GPUs).
+  **stale Ns** — the host stopped answering (or its exporter's readings stopped) N s ago: its last state, dimmed.
+  **down** — it never answered, with why.
 
 ## Scales of the sparklines
 Every sparkline has a fixed scale, the same on every GPU, so one GPU's 0 % looks like 0 % beside another's

@@ -60,7 +60,7 @@ class HostRow(Widget, can_focus=True):
         width = max(20, self.size.width)
         state = h.state(self.now_s)
         line = Text()
-        line.append("▾ " if self.expanded else "▸ ", style="dim")
+        line.append("▼ " if self.expanded else "▶ ", style="dim")
         line.append(f"{h.name[:NAME_W]:<{NAME_W}} ", style="bold" if state == "ok" else "dim")
         if h.snapshot is None:
             line.append(state, style=STATE_STYLE[state])

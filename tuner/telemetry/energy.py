@@ -105,12 +105,22 @@ def engine_power(
     attributed = bool(gpus)
     if not attributed:
         gpus = tuple(sorted({g.index for s in recent for g in s.gpus}))
+    others = {e.url for snap in recent for e in snap.engines if e.url != url and e.error is None}
 
     def unavailable(why: str, power_w: float | None = None, rate: float | None = None) -> EnginePower:
         return EnginePower(url, None, None, power_w, rate, gpus, attributed, None, why)
 
     if not gpus:
         return unavailable("no GPU readings")
+    if not attributed and others:
+        # Every GPU charged to each of several servers would count the machine's energy once per server.
+        return unavailable(f"its GPUs are unknown and {len(others) + 1} servers run here: no fair share")
+    without = sorted(
+        {g.index for snap in recent for g in snap.gpus if g.index in gpus and g.energy_counter_j is None}
+        - {g.index for snap in recent for g in snap.gpus if g.energy_counter_j is not None}
+    )
+    if without:
+        return unavailable(f"GPU {without[0]} has no energy counter (NVML gives none on this GPU or driver)")
     energy = _energy_readings(snapshots, since_s)
     power_w = 0.0
     for index in gpus:

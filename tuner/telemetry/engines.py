@@ -187,7 +187,10 @@ def parse_metrics(text: str) -> MetricsText:
         le = labels.get("le") if name.endswith("_bucket") else None
         if le is not None:
             hist = histograms[name[: -len("_bucket")]]
-            bound = math.inf if le in ("+Inf", "Inf") else float(le)
+            try:
+                bound = math.inf if le in ("+Inf", "Inf") else float(le)
+            except ValueError:
+                continue  # a bucket bound that is no number: that line says nothing
             hist.buckets[bound] = hist.buckets.get(bound, 0.0) + value
         else:
             values[name] += value

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,10 @@ CLOCK_EVENT_NAMES = (
 )
 """Every reason NVML names (tuner.telemetry.nvml.CLOCK_EVENT_REASONS): each GPU exports a 0/1 series per reason,
 so a reason that has not held yet is a 0, not a missing series (an alert on it can fire at once)."""
+_GPU_UP_HELP = "1 while this GPU reads; 0 when it cannot (infertop_gpu_error says why)"
+_GPU_ERROR_HELP = "Why a GPU cannot be read"
+STALE_AFTER_S = 5.0
+"""A reading older than this (or 3 sampling intervals) is not served as live: the sampler is stuck in a call."""
 SNAPSHOT_FORMAT = 1
 """The version of ``/snapshot.json``'s layout (the remote view refuses another)."""
 WINDOW_S = 60.0
@@ -144,10 +149,14 @@ class SnapshotCollector(Collector):
         *,
         version: str = "",
         window_s: float = WINDOW_S,
+        stale_after_s: float = STALE_AFTER_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._latest = latest
         self._info = info
         self._version = version
+        self.stale_after_s = stale_after_s
+        self._clock = clock
         self._window = SnapshotWindow(window_s)
         self._lock = threading.Lock()  # the sampler thread adds, scrapes read
 
@@ -164,11 +173,27 @@ class SnapshotCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         return ()  # families vary with the machine: nothing to check at registration
 
+    def age_s(self, snap: Snapshot) -> float:
+        return max(0.0, self._clock() - snap.time_s)
+
+    def stale_s(self, snap: Snapshot | None) -> float | None:
+        """How old ``snap`` is when older than it may be (the sampler is stuck in a call); else None."""
+        if snap is None:
+            return None
+        age = self._clock() - snap.time_s
+        return age if age > self.stale_after_s else None
+
     def collect(self) -> Iterator[Metric]:
         info = self._info()
         snap = self._latest()
-        yield from self._exporter_families(info, snap)
+        stale = self.stale_s(snap)
+        yield from self._exporter_families(info, snap, stale)
         if snap is None:
+            return
+        if stale is not None:
+            # The last reading is old: the sampler is stuck (a sick GPU hangs NVML calls). Never serve it as
+            # live: every GPU is down, with the reason, and no values.
+            yield from self._gpus_down(info, f"no reading for {stale:.0f} s (telemetry stuck)")
             return
         yield from self._host_families(snap)
         yield from self._gpu_families(info, snap)
@@ -176,7 +201,9 @@ class SnapshotCollector(Collector):
 
     # --- families ------------------------------------------------------------------------------------------
 
-    def _exporter_families(self, info: SystemInfo, snap: Snapshot | None) -> Iterator[Metric]:
+    def _exporter_families(
+        self, info: SystemInfo, snap: Snapshot | None, stale_s: float | None
+    ) -> Iterator[Metric]:
         about = InfoMetricFamily(f"{PREFIX}_exporter", "What this exporter reads")
         about.add_metric(
             [],
@@ -196,13 +223,32 @@ class SnapshotCollector(Collector):
             )
             age.add_metric([], snap.time_s)
             yield age
+        up = GaugeMetricFamily(
+            f"{PREFIX}_gpu_telemetry_up",
+            "1 while NVML answers with fresh readings; 0 when it cannot be read (see infertop_gpu_telemetry_error)",
+        )
+        reason = None
         if info.state is not GpuState.OK or (snap is not None and snap.gpu_error):
-            why = GaugeMetricFamily(
-                f"{PREFIX}_gpu_telemetry_up", "1 while NVML answers; 0 with the reason", labels=["reason"]
-            )
             reason = (snap.gpu_error if snap is not None else None) or info.message or info.state.value
-            why.add_metric([reason], 0.0)
+        elif stale_s is not None:
+            reason = f"no reading for {stale_s:.0f} s (telemetry stuck)"
+        up.add_metric([], 0.0 if reason else 1.0)
+        yield up
+        if reason:
+            why = InfoMetricFamily(f"{PREFIX}_gpu_telemetry_error", "Why GPU telemetry is down")
+            why.add_metric([], {"reason": reason})
             yield why
+
+    def _gpus_down(self, info: SystemInfo, reason: str) -> Iterator[Metric]:
+        """Every GPU found at start-up as down (the driver went away, or the readings stopped coming)."""
+        up = GaugeMetricFamily(f"{PREFIX}_gpu_up", _GPU_UP_HELP, labels=["gpu", "uuid", "name"])
+        error = InfoMetricFamily(f"{PREFIX}_gpu_error", _GPU_ERROR_HELP, labels=["gpu", "uuid", "name"])
+        for g in info.gpus:
+            up.add_metric([str(g.index), g.uuid, g.name], 0.0)
+            error.add_metric([str(g.index), g.uuid, g.name], {"error": reason})
+        if up.samples:
+            yield up
+            yield error
 
     def _host_families(self, snap: Snapshot) -> Iterator[Metric]:
         host = snap.host
@@ -231,13 +277,18 @@ class SnapshotCollector(Collector):
             g = by_index.get(s.index)
             return [str(s.index), g.uuid if g else "", g.name if g else ""]
 
-        up = GaugeMetricFamily(
-            f"{PREFIX}_gpu_up", "1 while this GPU reads; 0 when it cannot (the error label says why)",
-            labels=[*base, "error"],
-        )  # fmt: skip
+        if not snap.gpus and snap.gpu_error:
+            yield from self._gpus_down(info, snap.gpu_error)
+            return
+        up = GaugeMetricFamily(f"{PREFIX}_gpu_up", _GPU_UP_HELP, labels=base)
+        error = InfoMetricFamily(f"{PREFIX}_gpu_error", _GPU_ERROR_HELP, labels=base)
         for s in snap.gpus:
-            up.add_metric([*key(s), s.error or ""], 0.0 if s.error else 1.0)
+            up.add_metric(key(s), 0.0 if s.error else 1.0)
+            if s.error:
+                error.add_metric(key(s), {"error": s.error})
         yield up
+        if error.samples:
+            yield error
         readable = [s for s in snap.gpus if not s.error]
         for gauge in GPU_GAUGES:
             family = GaugeMetricFamily(f"{PREFIX}_{gauge.name}", gauge.help, labels=base)
@@ -324,24 +375,35 @@ class SnapshotCollector(Collector):
                 yield family
 
     def _engine_families(self, snap: Snapshot) -> Iterator[Metric]:
-        labels = ["url", "engine", "model", "gpus"]
+        labels = ["url", "engine", "model"]
         power = {e.url: self.power(e.url) for e in snap.engines if not e.error}
 
         def key(e: EngineSample) -> list[str]:
-            p = power.get(e.url)
-            # The GPUs holding the server's processes; "" where they are not known.
-            gpus = ",".join(map(str, p.gpu_indices)) if p is not None and p.attributed else ""
-            return [e.url, e.engine or "unknown", e.model_name or "", gpus]
+            return [e.url, e.engine or "unknown", e.model_name or ""]
 
         up = GaugeMetricFamily(
             f"{PREFIX}_engine_up",
-            "1 while the inference server's /metrics answers; 0 with the error",
-            labels=[*labels, "error"],
+            "1 while the inference server's /metrics answers; 0 when not (infertop_engine_error says why)",
+            labels=labels,
+        )
+        about = InfoMetricFamily(
+            f"{PREFIX}_engine",
+            'An inference server and the GPUs holding its processes (gpus="" while they are not known)',
+            labels=labels,
+        )
+        error = InfoMetricFamily(
+            f"{PREFIX}_engine_error", "Why an inference server cannot be read", labels=labels
         )
         for e in snap.engines:
-            up.add_metric([*key(e), e.error or ""], 0.0 if e.error else 1.0)
-        if up.samples:
-            yield up
+            up.add_metric(key(e), 0.0 if e.error else 1.0)
+            p = power.get(e.url)
+            gpus = ",".join(map(str, p.gpu_indices)) if p is not None and p.attributed else ""
+            about.add_metric(key(e), {"gpus": gpus})
+            if e.error:
+                error.add_metric(key(e), {"error": e.error})
+        for family in (up, about, error):
+            if family.samples:
+                yield family
         live = [e for e in snap.engines if not e.error]
         gauges: tuple[tuple[str, str, Callable[[EngineSample], float | None]], ...] = (
             ("engine_requests_running", "Requests the server is running", lambda e: e.requests_running),
@@ -355,7 +417,7 @@ class SnapshotCollector(Collector):
             (
                 "engine_energy_joules_per_token",
                 "GPU energy per generated token over the last minute, J (the energy counters of the server's "
-                'GPUs over its generated-tokens counter; every GPU when its GPUs are unknown: gpus="")',
+                "GPUs in infertop_engine_info's gpus label, over its generated-tokens counter)",
                 lambda e: power[e.url].joules_per_token,
             ),
             (
@@ -455,11 +517,24 @@ class Exporter:
     ``/metrics``; ``stop`` ends both. Raises OSError from ``start`` when the address cannot be bound."""
 
     def __init__(
-        self, sampler: Sampler, *, host: str = "127.0.0.1", port: int = 9400, version: str = ""
+        self,
+        sampler: Sampler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 9400,
+        version: str = "",
+        interval_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.sampler = sampler
         self.host, self.port = host, port
-        self.collector = SnapshotCollector(lambda: sampler.latest, lambda: sampler.info, version=version)
+        self.collector = SnapshotCollector(
+            lambda: sampler.latest,
+            lambda: sampler.info,
+            version=version,
+            stale_after_s=max(STALE_AFTER_S, 3 * interval_s),
+            clock=clock,
+        )
         self.registry = make_registry(self.collector)
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -488,6 +563,8 @@ class Exporter:
             "format": SNAPSHOT_FORMAT,
             "info": to_jsonable(self.sampler.info),
             "snapshot": to_jsonable(snap),
+            # How old the reading is by the exporter's own clock: the reader's clock may differ.
+            "age_s": None if snap is None else round(self.collector.age_s(snap), 3),
         }
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -520,21 +597,28 @@ class Exporter:
             def log_message(self, format: str, *args: Any) -> None:  # a scrape is not news
                 pass
 
+        # The address first (a port in use fails before anything starts), then the machine, then serving: the
+        # first scrape never sees an unopened machine.
         self._server = make_server(self.host, self.port, self._app(), _Server, handler_class=_Quiet)
+        self.port = self._server.server_port  # port 0: the one the system chose
+        try:
+            info = self.sampler.open()
+            self.sampler.add_listener(self.collector.take)
+            if sampling:
+                self.sampler.start()
+        except BaseException:
+            self.stop()
+            raise
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="infertop-exporter", daemon=True
         )
         self._thread.start()
-        self.port = self._server.server_port  # port 0: the one the system chose
-        info = self.sampler.open()
-        self.sampler.add_listener(self.collector.take)
-        if sampling:
-            self.sampler.start()
         return info
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            if self._thread is not None:
+                self._server.shutdown()  # waits for serve_forever: only once it runs
             self._server.server_close()
             self._server = None
         self.sampler.stop()

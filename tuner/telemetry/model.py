@@ -259,13 +259,20 @@ def gpu_sample_from_dict(d: dict[str, Any]) -> GpuSample:
     return _build(GpuSample, d)
 
 
+def engine_sample_from_dict(d: dict[str, Any]) -> EngineSample:
+    d = dict(d)
+    if d.get("server_pids") is not None:
+        d["server_pids"] = tuple(d["server_pids"])
+    return _build(EngineSample, d)
+
+
 def snapshot_from_dict(d: dict[str, Any]) -> Snapshot:
     host = _build(HostSample, d["host"]) if d.get("host") else None
     return Snapshot(
         time_s=d["time_s"],
         host=host,
         gpus=tuple(gpu_sample_from_dict(g) for g in d.get("gpus", ())),
-        engines=tuple(_build(EngineSample, e) for e in d.get("engines", ())),
+        engines=tuple(engine_sample_from_dict(e) for e in d.get("engines", ())),
         gpu_error=d.get("gpu_error"),
         extra=d.get("extra", {}),
     )

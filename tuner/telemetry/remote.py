@@ -7,6 +7,7 @@ keeps its last reading, marked stale with its age; one that never answered says 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -79,6 +80,7 @@ class RemoteHost:
     error: str | None = None  # why the last read failed ("" never)
     last_ok_s: float | None = None  # when (this machine's clock, epoch s) it last answered
     bw_history: tuple[float | None, ...] = ()  # mean GPM DRAM bandwidth % over its GPUs, per reading
+    reading_age_s: float | None = None  # how old its reading was when it answered, by its own clock
 
     @property
     def name(self) -> str:
@@ -87,7 +89,10 @@ class RemoteHost:
         return httpx.URL(self.url).host or self.url
 
     def age_s(self, now_s: float) -> float | None:
-        return None if self.last_ok_s is None else max(0.0, now_s - self.last_ok_s)
+        """How old the reading shown is: since the host last answered, plus how old its reading was then."""
+        if self.last_ok_s is None:
+            return None
+        return max(0.0, now_s - self.last_ok_s) + (self.reading_age_s or 0.0)
 
     def state(self, now_s: float) -> str:
         """'waiting' (never tried yet), 'down' (never answered), 'stale' (answered, not lately) or 'ok'."""
@@ -98,16 +103,49 @@ class RemoteHost:
         return "ok"
 
 
-def parse_snapshot_page(payload: object) -> tuple[SystemInfo, Snapshot]:
-    """An exporter's /snapshot.json -> (its machine, its reading). Raises ValueError in words."""
+def parse_snapshot_page(payload: object) -> tuple[SystemInfo, Snapshot, float | None]:
+    """An exporter's /snapshot.json -> (its machine, its reading, the reading's age by its clock). Raises
+    ValueError in words for anything else, whatever the page holds: what reaches the screen is well typed."""
     if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
         raise ValueError("not an infertop exporter of this version (/snapshot.json format differs)")
     if not isinstance(payload.get("info"), dict) or not isinstance(payload.get("snapshot"), dict):
         raise ValueError("the exporter has no reading yet")
+    age = payload.get("age_s")
     try:
-        return system_info_from_dict(payload["info"]), snapshot_from_dict(payload["snapshot"])
-    except (KeyError, TypeError, ValueError) as exc:
+        info, snap = system_info_from_dict(payload["info"]), snapshot_from_dict(payload["snapshot"])
+        for obj in (info, *info.gpus, snap, snap.host, *snap.gpus, *snap.engines):
+            _check_types(obj)
+        for gpu in snap.gpus:
+            for process in gpu.processes or ():
+                _check_types(process)
+    except Exception as exc:  # a foreign or damaged page: any shape at all
         raise ValueError(f"unreadable /snapshot.json ({type(exc).__name__}: {exc})") from None
+    if age is not None and not isinstance(age, (int, float)):
+        raise ValueError("unreadable /snapshot.json (age_s is not a number)")
+    return info, snap, float(age) if age is not None else None
+
+
+_NUMBER = (int, float)
+
+
+def _check_types(obj: object) -> None:
+    """Each field holds what its annotation allows (numbers where numbers go, text where text goes): JSON from
+    another machine is data, not a promise."""
+    if obj is None:
+        return
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        kind = str(f.type)
+        if value is None or f.name in ("gpus", "processes", "engines", "host", "extra", "state"):
+            continue
+        if kind.startswith(("float", "int")) and (isinstance(value, bool) or not isinstance(value, _NUMBER)):
+            raise TypeError(f"{type(obj).__name__}.{f.name} is not a number")
+        if kind.startswith("str") and not isinstance(value, str):
+            raise TypeError(f"{type(obj).__name__}.{f.name} is not text")
+        if kind.startswith("bool") and not isinstance(value, bool):
+            raise TypeError(f"{type(obj).__name__}.{f.name} is not true/false")
+        if kind.startswith("tuple") and not isinstance(value, (tuple, list)):
+            raise TypeError(f"{type(obj).__name__}.{f.name} is not a list")
 
 
 def mean_dram_pct(snap: Snapshot) -> float | None:
@@ -115,7 +153,7 @@ def mean_dram_pct(snap: Snapshot) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx.ConnectError):
         return "not reachable (connection refused or no route)"
     if isinstance(exc, httpx.TimeoutException):
@@ -123,8 +161,10 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code} from its exporter"
     if isinstance(exc, ValueError):
-        return str(exc)
-    return type(exc).__name__
+        return str(exc) or "unreadable answer"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 class _HostReader:
@@ -154,8 +194,12 @@ class _HostReader:
         try:
             response = self._client.get(self.url + "/snapshot.json")
             response.raise_for_status()
-            info, snap = parse_snapshot_page(response.json())
-        except (httpx.HTTPError, ValueError) as exc:
+            try:
+                payload = response.json()
+            except ValueError:
+                raise ValueError("not an infertop exporter (its /snapshot.json is not JSON)") from None
+            info, snap, age = parse_snapshot_page(payload)
+        except Exception as exc:  # whatever the host does, its reader lives on and says why
             with self._lock:
                 self._state = RemoteHost(
                     self.url,
@@ -168,18 +212,25 @@ class _HostReader:
                 return self._state
         self._bw.append(mean_dram_pct(snap))
         with self._lock:
-            self._state = RemoteHost(self.url, info, snap, None, now, tuple(self._bw))
+            self._state = RemoteHost(self.url, info, snap, None, now, tuple(self._bw), age)
             return self._state
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            self.read_once()
-            self._stop.wait(max(0.0, self._interval_s - (time.monotonic() - started)))
-        self._client.close()
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                self.read_once()
+                self._stop.wait(max(0.0, self._interval_s - (time.monotonic() - started)))
+        finally:
+            self._client.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float) -> None:
+        """Stop reading; wait up to ``timeout_s`` for a read in progress (a hung host: its timeout ends it)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        elif self._thread.ident is None:  # never started: nothing else will close the client
+            self._client.close()
 
 
 class RemoteWatcher:
@@ -209,9 +260,13 @@ class RemoteWatcher:
     def latest(self) -> tuple[RemoteHost, ...]:
         return tuple(reader.latest() for reader in self._readers)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Stop every reader (all told at once, then each waited for, up to ``timeout_s`` in all)."""
         for reader in self._readers:
-            reader.stop()
+            reader._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for reader in self._readers:
+            reader.stop(max(0.0, deadline - time.monotonic()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
+
 from tuner.telemetry.backend import GpuBackend, GpuLostError
 from tuner.telemetry.discovery import DiscoveredServer
 from tuner.telemetry.engines import EngineScraper
@@ -128,6 +130,22 @@ class History:
             return max((len(s["power_w"]) for s in self._gpu.values()), default=0)
 
 
+def _same_local_server(url: str, servers: Iterable[DiscoveredServer]) -> DiscoveredServer | None:
+    """The discovered server a URL given by hand names in other words (localhost for 127.0.0.1, a host name of
+    this machine): same port, a local host. Its processes then tell which GPUs it uses."""
+    import socket
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
+    local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname()}
+    if parsed.host not in local and not parsed.host.startswith("127."):
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return next((s for s in servers if httpx.URL(s.url).port == port), None)
+
+
 class EngineWatcher:
     """Scrapes inference servers on its own thread; the sampler takes the latest readings each tick.
 
@@ -178,12 +196,16 @@ class EngineWatcher:
         while not self._stop.is_set():
             urls = self._servers(last_discovery, discovered)
             for url in urls:
-                server = discovered.get(url)
+                server = discovered.get(url) or _same_local_server(url, discovered.values())
                 scraper = self._scrapers.get(url)
                 if scraper is None:
                     engine = server.engine if server else None
                     scraper = self._scrapers[url] = EngineScraper(url, engine=engine)
-                sample = scraper.scrape(time.time())
+                try:
+                    sample = scraper.scrape(time.time())
+                except Exception as exc:  # a page no parser foresaw: that server says so, the others go on
+                    log.exception("reading %s failed", url)
+                    sample = EngineSample(url=url, time_s=time.time(), error=f"unreadable /metrics ({exc})")
                 if server is not None:
                     sample = dataclasses.replace(sample, server_pids=server.pids)
                 with self._lock:
