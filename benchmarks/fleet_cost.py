@@ -1,6 +1,7 @@
 """What the fleet costs: one exporter scrape of an 8-GPU host, and the monitor's CPU with 32 remote hosts.
 
     .venv/bin/python benchmarks/fleet_cost.py [--scrapes 500] [--hosts 32] [--seconds 20] [--repeats 2]
+                                              [--host-interval 2]
 
 1. Scrape: an exporter over a scripted 8x H100 with an inference server, CPU per scrape (process time) of the
    text and OpenMetrics expositions, of /snapshot.json (what the remote view reads), and what parsing each costs
@@ -149,14 +150,14 @@ def serve_hosts(n: int, port_file: Path) -> None:
         e.stop()
 
 
-async def _monitor_cpu(urls: list[str], seconds: float) -> tuple[float, int]:
+async def _monitor_cpu(urls: list[str], seconds: float, interval_s: float) -> tuple[float, int]:
     from tui.app import make_app
     from tuner.telemetry.host import HostReader
 
     nvml = scripted.h100_sxm(8)
     config = SamplerConfig(discover_vllm=False)
     source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader())
-    app = make_app(config=config, source=source, remote_urls=urls)
+    app = make_app(config=config, source=source, remote_urls=urls, remote_interval_s=interval_s)
     me = psutil.Process()
     async with app.run_test(size=(120, 40)) as pilot:
         await asyncio.sleep(3.0)  # started, every host read once
@@ -171,7 +172,7 @@ async def _monitor_cpu(urls: list[str], seconds: float) -> tuple[float, int]:
     return 100.0 * cpu / wall, answering
 
 
-def remote_cost(hosts: int, seconds: float, repeats: int) -> list[str]:
+def remote_cost(hosts: int, seconds: float, repeats: int, interval_s: float) -> list[str]:
     port_file = Path(f"/tmp/infertop-fleet-ports-{os.getpid()}")
     server = subprocess.Popen(
         [
@@ -198,8 +199,8 @@ def remote_cost(hosts: int, seconds: float, repeats: int) -> list[str]:
         rows: dict[str, list[float]] = {"local only": [], f"+ {hosts} remote hosts": []}
         seen = 0
         for _ in range(repeats):
-            rows["local only"].append(asyncio.run(_monitor_cpu([], seconds))[0])
-            pct, seen = asyncio.run(_monitor_cpu(urls, seconds))
+            rows["local only"].append(asyncio.run(_monitor_cpu([], seconds, interval_s))[0])
+            pct, seen = asyncio.run(_monitor_cpu(urls, seconds, interval_s))
             rows[f"+ {hosts} remote hosts"].append(pct)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -207,7 +208,8 @@ def remote_cost(hosts: int, seconds: float, repeats: int) -> list[str]:
         port_file.unlink(missing_ok=True)
     out = [
         f"The monitor (120x40, 8 local scripted GPUs, 4 Hz sampling, 2 Hz redraw) over {seconds:.0f} s, pinned to "
-        f"core 1; {hosts} simulated 8x H100 exporters in another process on core 0 ({seen} answering at the end).",
+        f"core 1; {hosts} simulated 8x H100 exporters in another process on core 0, each read every {interval_s:g} s "
+        f"({seen} answering at the end).",
         "",
         "| monitor | CPU, % of one core (each run) | median |",
         "|---|---|---|",
@@ -227,6 +229,7 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--host-interval", type=float, default=2.0, help="seconds between reads of a host")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -237,7 +240,7 @@ def main() -> int:
           f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip
     print("\n".join(scrape_cost(args.scrapes)))
     print()
-    print("\n".join(remote_cost(args.hosts, args.seconds, args.repeats)))
+    print("\n".join(remote_cost(args.hosts, args.seconds, args.repeats, args.host_interval)))
     return 0
 
 

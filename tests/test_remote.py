@@ -40,11 +40,11 @@ def _exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: i
 
 @pytest.fixture
 def three_exporters() -> Iterator[list[Exporter]]:
-    clock = scripted.ManualClock()
+    clocks = [scripted.ManualClock() for _ in range(3)]  # each host its own clock: its readings are fresh
     exporters = [
-        _exporter(scripted.h100_sxm(8, clock=clock), clock),
-        _exporter(scripted.l4(2, clock=clock), clock),
-        _exporter(scripted.h100_sxm(1, clock=clock), clock),
+        _exporter(scripted.h100_sxm(8, clock=clocks[0]), clocks[0]),
+        _exporter(scripted.l4(2, clock=clocks[1]), clocks[1]),
+        _exporter(scripted.h100_sxm(1, clock=clocks[2]), clocks[2]),
     ]
     yield exporters
     for e in exporters:
@@ -218,6 +218,7 @@ class StaticFleet:
         self.hosts = hosts
         self.urls = [h.url for h in hosts]
         self.now_s = now_s
+        self.interval_s = 2.0
 
     def clock(self) -> float:
         return self.now_s

@@ -165,6 +165,13 @@ def make_live_sampler(
     return Sampler(source, history_len=config.history_len)
 
 
+def _remote(urls: Iterable[str], interval_s: float | None) -> RemoteWatcher | None:
+    urls = list(urls)
+    if not urls:
+        return None
+    return RemoteWatcher(urls) if interval_s is None else RemoteWatcher(urls, interval_s=interval_s)
+
+
 def make_app(
     *,
     config: SamplerConfig | None = None,
@@ -179,6 +186,7 @@ def make_app(
     autostart: bool = True,
     redraw_interval_s: float = 0.5,
     remote_urls: Iterable[str] = (),
+    remote_interval_s: float | None = None,
     remote: RemoteWatcher | None = None,
 ) -> InfertopApp:
     """Build the monitor app: live by default, over a recording with ``replay``, or over any ``source``."""
@@ -194,5 +202,5 @@ def make_app(
         record_dir=record_dir,
         autostart=autostart,
         redraw_interval_s=redraw_interval_s,
-        remote=remote if remote is not None else (RemoteWatcher(remote_urls) if remote_urls else None),
+        remote=remote if remote is not None else _remote(remote_urls, remote_interval_s),
     )

@@ -66,6 +66,9 @@ def monitor_parser() -> argparse.ArgumentParser:
         help="another host's `infertop exporter` to show beside this one, e.g. gpu-node-2:9400 (repeatable)",
     )
     parser.add_argument("--hosts", type=Path, metavar="FILE", help="a file of such hosts, one per line")
+    parser.add_argument(
+        "--host-interval", type=float, metavar="S", help="seconds between readings of each host (default 2)"
+    )
     return parser
 
 
@@ -128,10 +131,13 @@ def run_monitor(argv: Sequence[str]) -> int:
             remote_urls += read_hosts_file(args.hosts)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.host_interval is not None and args.host_interval <= 0:
+        return _fail("--host-interval must be greater than 0")
     from tui.app import make_app
 
     app = make_app(
         remote_urls=remote_urls,
+        remote_interval_s=args.host_interval,
         config=_sampler_config(settings),
         vllm_urls=settings.vllm_urls,
         replay=args.replay,

@@ -100,7 +100,7 @@ class MonitorScreen(Screen[None]):
         if self.remote is not None and self.remote.urls:
             self.query_one(FleetPanel).set_class(True, "shown")
             self.show_fleet()
-            self.set_interval(1.0, self.show_fleet)
+            self.set_interval(self.remote.interval_s, self.show_fleet)
 
     def show_fleet(self) -> None:
         """The remote hosts' latest readings (taken on their own threads: this never waits on a host)."""

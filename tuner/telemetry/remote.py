@@ -26,7 +26,9 @@ from tuner.telemetry.model import (
 
 DEFAULT_EXPORTER_PORT = 9400
 SNAPSHOT_FORMAT = 1  # tuner.telemetry.exporter.SNAPSHOT_FORMAT (not imported: it pulls prometheus_client in)
-STALE_AFTER_S = 5.0
+DEFAULT_INTERVAL_S = 2.0
+"""How often a remote host is read: a fleet overview; the local GPUs keep their own 4 Hz (BENCHMARKS.md §10)."""
+STALE_AFTER_S = 3 * DEFAULT_INTERVAL_S
 """A reading older than this is shown as stale (its host stopped answering, or answers late)."""
 HISTORY_LEN = 120
 
@@ -81,6 +83,7 @@ class RemoteHost:
     last_ok_s: float | None = None  # when (this machine's clock, epoch s) it last answered
     bw_history: tuple[float | None, ...] = ()  # mean GPM DRAM bandwidth % over its GPUs, per reading
     reading_age_s: float | None = None  # how old its reading was when it answered, by its own clock
+    stale_after_s: float = STALE_AFTER_S  # older than this, the reading is shown as stale
 
     @property
     def name(self) -> str:
@@ -98,7 +101,7 @@ class RemoteHost:
         """'waiting' (never tried yet), 'down' (never answered), 'stale' (answered, not lately) or 'ok'."""
         if self.last_ok_s is None:
             return "down" if self.error else "waiting"
-        if self.error or (self.age_s(now_s) or 0.0) > STALE_AFTER_S:
+        if self.error or (self.age_s(now_s) or 0.0) > self.stale_after_s:
             return "stale"
         return "ok"
 
@@ -173,10 +176,11 @@ class _HostReader:
     def __init__(self, url: str, interval_s: float, timeout_s: float, clock: Callable[[], float]) -> None:
         self.url = url
         self._interval_s = interval_s
+        self._stale_after_s = max(STALE_AFTER_S, 3 * interval_s)
         self._clock = clock
         self._client = httpx.Client(timeout=timeout_s)
         self._lock = threading.Lock()
-        self._state = RemoteHost(url)
+        self._state = RemoteHost(url, stale_after_s=self._stale_after_s)
         self._bw: deque[float | None] = deque(maxlen=HISTORY_LEN)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"infertop-remote-{url}", daemon=True)
@@ -201,18 +205,13 @@ class _HostReader:
             info, snap, age = parse_snapshot_page(payload)
         except Exception as exc:  # whatever the host does, its reader lives on and says why
             with self._lock:
-                self._state = RemoteHost(
-                    self.url,
-                    self._state.info,
-                    self._state.snapshot,
-                    _describe(exc),
-                    self._state.last_ok_s,
-                    self._state.bw_history,
-                )
+                self._state = dataclasses.replace(self._state, error=_describe(exc))
                 return self._state
         self._bw.append(mean_dram_pct(snap))
         with self._lock:
-            self._state = RemoteHost(self.url, info, snap, None, now, tuple(self._bw), age)
+            self._state = RemoteHost(
+                self.url, info, snap, None, now, tuple(self._bw), age, stale_after_s=self._stale_after_s
+            )
             return self._state
 
     def _run(self) -> None:
@@ -240,11 +239,12 @@ class RemoteWatcher:
         self,
         urls: Iterable[str],
         *,
-        interval_s: float = 1.0,
+        interval_s: float = DEFAULT_INTERVAL_S,
         timeout_s: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.urls = list(dict.fromkeys(urls))
+        self.interval_s = interval_s
         self.clock = clock
         self._readers = [_HostReader(u, interval_s, timeout_s, clock) for u in self.urls]
 
