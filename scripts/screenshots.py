@@ -162,7 +162,8 @@ async def fleet_screenshots(hosts: int = 32, wait_s: float = 12.0) -> None:
             await pilot.pause(wait_s / 2)
             exporters[stopping].stop()  # that host stops answering
             await pilot.pause(wait_s / 2)
-            app.monitor.query("HostRow").first().action_open_host()
+            if size[1] > 24:  # room to open the first host onto its GPUs; at 80x24 the host lines
+                app.monitor.query("HostRow").first().action_open_host()
             app.monitor.show_fleet()
             await pilot.pause(0.5)
             _save(app, name)

@@ -314,6 +314,7 @@ async def test_the_fleet_panel_shows_every_host_and_opens_one() -> None:
         assert len(rows) == 6
         text = [str(r.render()) for r in rows]
         assert text[0].startswith("▶ gpu-node-02") and "DRAM" in text[0] and "kW" in text[0]
+        assert "SIM" in text[0]  # a simulated machine says so
         assert "stale 20s" in text[3]
         assert "down" in text[5] and "not reachable" in text[5]
         rows[0].action_open_host()

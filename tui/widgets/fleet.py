@@ -70,7 +70,14 @@ class HostRow(Widget, can_focus=True):
             return line
         s = summarise_host(h.info, h.snapshot)
         dim_all = state != "ok"
+        if dim_all:  # first, so that even a narrow terminal shows it
+            age = h.age_s(self.now_s)
+            line.append(f"{state} {age:.0f}s " if age is not None else f"{state} ", style=STATE_STYLE[state])
+        dim_from = len(line)
         line.append(f"{s.gpus}×{s.gpu_name.split()[0][:5]:<5} ", style="dim")
+        source = h.info.source if h.info is not None else "nvml"
+        if source != "nvml":  # a simulated machine (exporter --simulate) or a replay says so
+            line.append("SIM " if source == "scripted" else "REPLAY ", style="bold magenta")
         if s.dram_pct is not None:
             line.append("DRAM ", style="dim")
             line.append(f"{fmt.pct(s.dram_pct):>4} ", style="bold")
@@ -94,11 +101,8 @@ class HostRow(Widget, can_focus=True):
             line.append(f" !{s.throttled} throttled", style="bold red")
         if s.lost:
             line.append(f" !{s.lost} lost", style="bold red")
-        if state != "ok":
-            age = h.age_s(self.now_s)
-            line.append(f" {state} {age:.0f}s" if age is not None else f" {state}", style=STATE_STYLE[state])
         if dim_all:
-            line.stylize("dim")
+            line.stylize("dim", dim_from)  # its last state, dimmed; the name and the state stay readable
         line.truncate(width)
         return line
 

@@ -162,6 +162,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     if isinstance(exc, httpx.HTTPStatusError):
+        if exc.response.status_code == 404:
+            return "HTTP 404: no infertop exporter there (no /snapshot.json; an older exporter, or another server?)"
         return f"HTTP {exc.response.status_code} from its exporter"
     if isinstance(exc, ValueError):
         return str(exc) or "unreadable answer"
