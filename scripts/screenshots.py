@@ -172,6 +172,53 @@ async def fleet_screenshots(hosts: int = 32, wait_s: float = 12.0) -> None:
         e.stop()
 
 
+async def engines_screenshot(name: str, size: tuple[int, int]) -> None:
+    """The monitor with inference servers: two SIMULATED servers (an SGLang on GPUs 0-1, a vLLM on GPUs 2-3)
+    whose counters are scripted beside the scripted NVML, so that energy per token has both sides to divide."""
+    from tui.app import make_app
+    from tuner.telemetry import scripted
+    from tuner.telemetry.host import HostReader
+    from tuner.telemetry.model import EngineSample, Snapshot
+    from tuner.telemetry.sampler import LiveSource, SamplerConfig
+
+    clock = scripted.ManualClock()
+    sglang_pid, vllm_pid = scripted.INVISIBLE_PID + 1, scripted.INVISIBLE_PID + 2
+    procs = [scripted.FakeProcess(sglang_pid if i < 2 else vllm_pid, i, 71_600 * 2**20) for i in range(4)]
+    nvml = scripted.h100_sxm(4, clock=clock, processes=procs)
+    config = SamplerConfig(discover_vllm=False)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
+    app = make_app(config=config, source=source, autostart=False)
+    async with app.run_test(size=size) as pilot:
+        app.monitor.show_system(app.sampler.open())
+        for tick in range(240):
+            clock.advance(0.25)
+            read = app.sampler.tick()
+            assert read is not None
+            t = tick * 0.25
+            engines = (
+                EngineSample(
+                    url="http://127.0.0.1:30000", time_s=read.time_s, engine="sglang",
+                    model_name="meta-llama/Llama-3.1-70B-Instruct", requests_running=48, requests_waiting=0,
+                    kv_cache_usage_pct=62.0, generation_tokens_total=2400.0 * t, generation_tokens_per_s=2400.0,
+                    ttft_p50_s=0.21, ttft_p95_s=0.48, ttft_p99_s=0.71, tpot_p50_s=0.019, tpot_p95_s=0.026,
+                    tpot_p99_s=0.031, latency_window_s=60.0, server_pids=(sglang_pid,),
+                ),
+                EngineSample(
+                    url="http://127.0.0.1:8000", time_s=read.time_s, engine="vllm",
+                    model_name="Qwen/Qwen2.5-32B-Instruct", requests_running=31, requests_waiting=4,
+                    kv_cache_usage_pct=97.5, generation_tokens_total=1500.0 * t, generation_tokens_per_s=1500.0,
+                    ttft_p50_s=0.35, ttft_p95_s=1.9, ttft_p99_s=2.6, tpot_p50_s=0.024, tpot_p95_s=0.041,
+                    tpot_p99_s=0.055, latency_window_s=60.0, preemptions_total=12, server_pids=(vllm_pid,),
+                ),
+            )  # fmt: skip
+            snap = Snapshot(read.time_s, read.host, read.gpus, engines)
+            app.sampler.history.add(snap)
+            app.monitor.energy_window.add(snap)
+        app.monitor.show_snapshot(snap)
+        await pilot.pause(0.3)
+        _save(app, name)
+
+
 async def no_gpu_screenshot(name: str, size: tuple[int, int]) -> None:
     """This machine as it is: the real NVML backend, which finds no driver here."""
     from tui.app import make_app
@@ -250,7 +297,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep-recording", action="store_true", help="reuse screenshots/demo-h100.ndjson")
-    parser.add_argument("--fleet", action="store_true", help="only the fleet view's screenshots")
+    parser.add_argument(
+        "--fleet", action="store_true", help="only the fleet view's and the inference servers' screenshots"
+    )
     parser.add_argument("--tune", action="store_true", help="also screenshot a real tuning run (CPU vLLM)")
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     parser.add_argument(
@@ -269,6 +318,7 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     if args.fleet:
         asyncio.run(fleet_screenshots())
+        asyncio.run(engines_screenshot("monitor-engines-4xh100-110x44", (110, 44)))
         return 0
     if not (args.keep_recording and DEMO.exists()):
         make_demo_recording(DEMO)
@@ -279,6 +329,7 @@ def main() -> int:
     asyncio.run(scripted_screenshot("monitor-8xh100-120x50", (120, 50), 8))
     asyncio.run(no_gpu_screenshot("no-gpu", (80, 24)))
     asyncio.run(fleet_screenshots())
+    asyncio.run(engines_screenshot("monitor-engines-4xh100-110x44", (110, 44)))
     if args.tune:
         asyncio.run(tune_screenshots(args.vllm_python))
     return 0
