@@ -309,9 +309,15 @@ async def test_poisson_rate_averages_near_the_rate(start_emitter: StartEmitter) 
 async def test_a_busy_client_says_how_late_it_started_arrivals(start_emitter: StartEmitter) -> None:
     emitter = start_emitter(chunk_interval_s=0.005)
     load = spec(mode=LoadMode.RATE, request_rate_per_s=100.0, concurrency=None, num_requests=60, output_len=2)
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.2, time.sleep, 0.25)  # the client's event loop blocked for 250 ms mid-phase
-    phase = await run_phase(emitter.base_url, load)
+    stalled: list[int] = []
+
+    def stall(p: PhaseProgress) -> None:
+        if p.stage == "measure" and p.requests_done >= 5 and not stalled:
+            stalled.append(p.requests_done)
+            time.sleep(0.25)  # the client's event loop blocked for 250 ms mid-phase
+
+    phase = await run_phase(emitter.base_url, load, on_progress=stall)
+    assert stalled
     assert phase.stats.requests_ok == 60
     assert max(phase.arrivals_late_s) >= 0.2
     assert sum(late > 0.1 for late in phase.arrivals_late_s) >= 5  # ~25 arrivals were due in the stall

@@ -126,9 +126,10 @@ def test_whatever_a_host_answers_its_reader_lives_on_and_says_why(body: bytes, w
         time.sleep(0.3)  # several reads
         (host,) = watcher.latest()
         assert host.state(time.time()) == "down" and why in (host.error or ""), host.error
-        assert any(t.name.startswith("infertop-remote-") for t in threading.enumerate())  # still reading
+        mine = f"infertop-remote-{watcher.urls[0]}"
+        assert any(t.name == mine for t in threading.enumerate())  # still reading
         watcher.stop()
-        assert not any(t.name.startswith("infertop-remote-") for t in threading.enumerate())
+        assert not any(t.name == mine for t in threading.enumerate())
     finally:
         server.shutdown()
         server.server_close()
@@ -345,6 +346,7 @@ def test_the_watcher_reads_hosts_in_parallel(three_exporters: list[Exporter]) ->
         while time.monotonic() < deadline and not all(h.state(time.time()) == "ok" for h in watcher.latest()):
             time.sleep(0.05)
         assert all(h.state(time.time()) == "ok" for h in watcher.latest())
-        assert sum(t.name.startswith("infertop-remote-") for t in threading.enumerate()) == 3
+        mine = {f"infertop-remote-{u}" for u in urls}
+        assert sum(t.name in mine for t in threading.enumerate()) == 3
     finally:
         watcher.stop()
