@@ -346,6 +346,7 @@ def step_bench(run: Run, limit_s: float) -> str:
     vocab = json.loads((run.model_dir / "config.json").read_text())["vocab_size"]
     rows: list[dict[str, Any]] = []
     capture: subprocess.Popen[bytes] | None = None
+    exporter: tuple[subprocess.Popen[bytes], int] | None = None
     order = ("infertop", "vllm-bench")
     seed = 100
     for i, c in enumerate(run.mode.concurrencies):
@@ -357,6 +358,7 @@ def step_bench(run: Run, limit_s: float) -> str:
                 stderr=open(run.work / "monitor-capture.log", "wb"),  # noqa: SIM115
                 cwd=REPO, start_new_session=True,
             )  # fmt: skip
+            exporter = start_exporter(run, url)
         num = run.mode.rounds * c
         setting = fidelity.Setting(run.mode.input_len, run.mode.output_len, c)
         for client in order if i % 2 == 0 else tuple(reversed(order)):
@@ -372,6 +374,8 @@ def step_bench(run: Run, limit_s: float) -> str:
                 row = _vllm_bench(run, url, setting, num, seed, left)
             row["server_generation_tokens"] = _delta(before, _scrape(url), "vllm:generation_tokens_total")
             rows.append(row)
+    if exporter is not None:
+        read_exporter(run, *exporter)
     if capture is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             capture.wait(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
@@ -383,6 +387,47 @@ def step_bench(run: Run, limit_s: float) -> str:
     if failed:
         raise StepFailed("; ".join(f"{r['client']} c={r['concurrency']}: {r['error']}" for r in failed))
     return f"{len(rows)} runs at c={','.join(map(str, run.mode.concurrencies))}"
+
+
+def start_exporter(run: Run, vllm_url: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`infertop exporter` on the real driver, beside the bench's high load (read by :func:`read_exporter`)."""
+    from tuner.serving.launcher import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        run.infertop("exporter", "--listen", f"127.0.0.1:{port}", "--vllm", vllm_url),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(run.work / "exporter.log", "wb"),  # noqa: SIM115
+        cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    return process, port
+
+
+def read_exporter(run: Run, process: subprocess.Popen[bytes], port: int) -> None:
+    """Its /metrics (OpenMetrics) after the high load, kept in the archive; a few figures in the summary."""
+    import httpx
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    try:
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+            timeout=10.0,
+        )
+        response.raise_for_status()
+        (run.work / "exporter-metrics.txt").write_text(response.text)
+        figures: dict[str, Any] = {"bytes": len(response.content)}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in ("infertop_engine_energy_joules_per_token", "infertop_gpu_telemetry_up"):
+                    figures[sample.name] = sample.value
+                if sample.name == "infertop_gpu_dram_bandwidth_ratio":
+                    figures.setdefault("dram_bw_ratio", []).append(sample.value)
+        run.figures["exporter"] = figures
+    except Exception as exc:  # a summary line, never the end of the run
+        run.notes.append(f"exporter: not read ({type(exc).__name__}: {exc})")
+    finally:
+        stop_group(process, grace_s=2.0)
 
 
 def _scrape(url: str) -> Any:
@@ -666,6 +711,14 @@ def summary_markdown(doc: Mapping[str, Any]) -> str:
             )
         for c, ratio in bench_ratios(bench).items():
             lines.append(f"\n- c={c}: infertop bench / vLLM bench serve output tok/s = {ratio:.3f}")
+    exporter = f.get("exporter")
+    if exporter:
+        lines += ["", "## Exporter on the real driver (after the high load; exporter-metrics.txt)", ""]
+        bw = ", ".join(f"{v:.1%}" for v in exporter.get("dram_bw_ratio", ())) or "none"
+        lines.append(
+            f"- {exporter['bytes']:,} bytes; telemetry up {exporter.get('infertop_gpu_telemetry_up')}; "
+            f"GPM DRAM bandwidth {bw}; J/token {exporter.get('infertop_engine_energy_joules_per_token', 'n/a')}"
+        )
     tune = f.get("tune")
     if tune:
         lines += ["", "## Tune", ""]

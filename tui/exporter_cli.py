@@ -93,7 +93,7 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
     except OSError as exc:
         exporter.sampler.stop()
         return _fail(f"cannot listen on {args.listen}: {exc.strerror or exc}", code=1)
-    what = f"{len(info.gpus)} GPU(s)" if info.gpus else f"no GPUs ({info.message})"
+    what = f"{len(info.gpus)} GPU(s)" if info.gpus else f"no GPUs: {info.message}"
     if args.simulate:
         what += f", SIMULATED {args.simulate}"
     print(f"infertop exporter: serving {exporter.url} ({what}); Ctrl-C stops", file=sys.stderr)
