@@ -282,3 +282,46 @@ def test_one_server_whose_page_breaks_the_scraper_never_stops_the_others(
         assert watcher._thread.is_alive()  # the watcher lives on
     finally:
         watcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("pages", "times", "title", "shown"),
+    [
+        (
+            ("sglang_a.txt", "sglang_b.txt"),
+            (100.0, 105.0),
+            "SGLang",
+            ("400/760/792 ms", "KV cache 41.0%", "last 5 s"),
+        ),
+        (
+            ("tgi_a.txt", "tgi_b.txt"),
+            (200.0, 210.0),
+            "TGI",
+            ("TTFT p50/p95/p99 n/a", "KV cache n/a", "400 tok/s"),
+        ),
+        (("llamacpp_a.txt", "llamacpp_b.txt"), (50.0, 54.0), "llama.cpp", ("TPOT mean 20 ms", "100 tok/s")),
+    ],
+)
+async def test_each_engines_panel_from_its_own_page(
+    serve: Serve, pages: tuple[str, str], times: tuple[float, float], title: str, shown: tuple[str, ...]
+) -> None:
+    from textual.app import App, ComposeResult
+
+    from tui.widgets.engine_panel import EnginePanel
+
+    url = serve([page(p) for p in pages])
+    _, sample = scrape(url, list(times))
+
+    class PanelApp(App[None]):
+        def compose(self) -> ComposeResult:
+            yield EnginePanel(id="engines")
+
+    app = PanelApp()
+    async with app.run_test(size=(80, 24)):
+        panel = app.query_one(EnginePanel)
+        panel.show((sample,), {}, {})
+        text = str(panel.render())
+    assert panel.border_title == title
+    for piece in shown:
+        assert piece in text, (piece, text)
+    assert "energy n/a" in text  # no energy figure handed over: n/a, never a number
