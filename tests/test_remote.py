@@ -350,3 +350,48 @@ def test_the_watcher_reads_hosts_in_parallel(three_exporters: list[Exporter]) ->
         assert sum(t.name in mine for t in threading.enumerate()) == 3
     finally:
         watcher.stop()
+
+
+async def test_an_opened_host_shows_its_inference_servers_with_their_energy_per_token() -> None:
+    from tui.widgets.engine_panel import EnginePanel
+    from tuner.telemetry.model import EngineSample, Snapshot
+
+    remote_clock, local_clock = scripted.ManualClock(), scripted.ManualClock()
+    pid = scripted.INVISIBLE_PID + 1  # a vLLM whose process holds GPU 1 of the remote host's 2
+    nvml = scripted.h100_sxm(2, clock=remote_clock, processes=[scripted.FakeProcess(pid, 1, 40 * 2**30)])
+    exporter = _exporter(nvml, remote_clock, ticks=1)
+    watcher = RemoteWatcher([host_url(f"127.0.0.1:{exporter.port}")])
+    app = scripted_app(scripted.h100_sxm(1, clock=local_clock), local_clock)
+    app.remote = app.monitor.remote = watcher  # type: ignore[assignment]
+    try:
+        async with app.run_test(size=(120, 50)) as pilot:
+            prime(app, local_clock, ticks=4)
+            app.monitor.query_one("#fleet").set_class(True, "shown")
+            generated = 0.0
+            for _ in range(15):  # 15 reads of the host, 2 s of its time apart, 500 tokens/s
+                for _ in range(8):
+                    remote_clock.advance(0.25)
+                    read = exporter.sampler.tick()
+                    assert read is not None
+                    generated += 500 * 0.25
+                    engine = EngineSample(
+                        url="http://127.0.0.1:8000", time_s=read.time_s, engine="vllm", model_name="llama",
+                        generation_tokens_total=generated, generation_tokens_per_s=500.0, server_pids=(pid,),
+                    )  # fmt: skip
+                    exporter.sampler.latest = Snapshot(read.time_s, read.host, read.gpus, (engine,))
+                watcher.read_all_once()
+                app.monitor.show_fleet()
+                await pilot.pause()
+            row = app.monitor.query("HostRow").first()
+            row.action_open_host()
+            app.monitor.show_fleet()
+            await pilot.pause()
+            assert row.parent is not None
+            panel = row.parent.query_one(EnginePanel)
+            assert panel.display
+            text = str(panel.render())
+    finally:
+        watcher.stop()
+        exporter.stop()
+    assert "vLLM" in (panel.border_title or "") and "500 tok/s" in text
+    assert "J/token" in text and "on GPU 1" in text, text  # the server's GPU, not the host's two

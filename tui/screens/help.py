@@ -21,7 +21,7 @@ HELP = """\
 | `↑` `↓` | select a process |
 | `k` | terminate the selected process (asks first) |
 | `R` | start / stop recording to NDJSON (replay with `infertop --replay FILE`) |
-| `tab`, `enter` | in the fleet (`infertop --host URL`): move to a host, open or close its GPUs |
+| `tab`, `enter` | in the fleet (`infertop --host URL`): move to a host, open or close its GPUs and servers |
 
 ## What the numbers are
 - **DRAM BW** — real DRAM bandwidth from NVML GPM (Hopper and newer): % of the GPU's peak, and GB/s

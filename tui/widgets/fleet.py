@@ -10,7 +10,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui import format as fmt
+from tui.widgets.engine_panel import EnginePanel
 from tui.widgets.gpu_card import CARD_SERIES, GpuCard
+from tuner.telemetry.energy import SnapshotWindow
 from tuner.telemetry.remote import RemoteHost, summarise_host
 from tuner.telemetry.sampler import History
 
@@ -108,19 +110,24 @@ class HostRow(Widget, can_focus=True):
 
 
 class HostGroup(Vertical):
-    """A host's line and, when open, its GPUs as compact cards (the same rows as the local GPUs)."""
+    """A host's line and, when open, its GPUs as compact cards (the same rows as the local GPUs) and its inference
+    servers (the same panel as the local ones)."""
 
     DEFAULT_CSS = """
     HostGroup { height: auto; }
-    HostGroup > GpuCard { display: none; }
+    HostGroup > GpuCard, HostGroup > EnginePanel { display: none; }
     HostGroup.open > GpuCard { display: block; }
+    HostGroup.open > EnginePanel.attached { display: block; }
+    HostGroup > EnginePanel { margin: 0 1; }
     """
 
     def __init__(self, host: RemoteHost, now_s: float, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.row = HostRow(host, now_s)
         self.history = History(maxlen=240)
+        self.energy = SnapshotWindow()  # the host's readings of the last minute: its servers' J/token
         self.cards: dict[int, GpuCard] = {}
+        self.engines: EnginePanel | None = None
         self._last_time_s: float | None = None
 
     def compose(self):  # type: ignore[no-untyped-def]
@@ -141,6 +148,7 @@ class HostGroup(Vertical):
         if snap is not None and snap.time_s != self._last_time_s:
             self._last_time_s = snap.time_s
             self.history.add(snap)
+            self.energy.add(snap)
         if self.row.expanded:
             self._update_cards(host)
 
@@ -154,6 +162,16 @@ class HostGroup(Vertical):
                 card.readings_per_cell = 1  # remote hosts are read once a second
                 self.cards[info.index] = card
             self.mount_all(self.cards.values())
+            self.engines = EnginePanel()
+            self.mount(self.engines)
+        if self.engines is not None:
+            # Its inference servers, as the local panel shows them: energy per token from the host's own
+            # energy counters and token counters, on the GPUs its servers' processes hold.
+            engines = host.snapshot.engines
+            self.engines.set_class(bool(engines), "attached")
+            power = {e.url: self.energy.power(e.url) for e in engines if e.error is None}
+            gen = {e.url: self.history.engine_series(e.url, "generation_tokens_per_s") for e in engines}
+            self.engines.show(engines, gen, power)
         for sample in host.snapshot.gpus:
             shown = self.cards.get(sample.index)
             if shown is not None:
