@@ -366,3 +366,27 @@ def test_an_inference_server_exports_its_energy_per_token_labelled_with_its_gpus
     assert j_per_token == pytest.approx(by_hand, rel=0.1)
     assert _one(got["infertop_engine_tokens_per_second_per_watt"], url=url) == pytest.approx(1 / j_per_token)
     assert _one(got["infertop_engine_up"], url=url, engine="vllm") == 1.0
+
+
+def test_the_shipped_alerts_fire_on_the_series_they_name() -> None:
+    # promtool's own unit tests of the rules (tests/data/infertop-alerts-test.yml): a GPU down 2 minutes, NVML
+    # down, a server down, 30 % of 10 minutes in HW thermal slowdown, a queue rising for 10 minutes; and not
+    # before their time.
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "promtool is not installed (Debian's prometheus package has it; scripts/test.sh installs it)"
+            )
+        pytest.skip("promtool is not installed (apt install prometheus)")
+    rules = REPO / "tuner" / "telemetry" / "prometheus" / "infertop-alerts.yml"
+    assert rules.read_text() == _run("exporter", "--prometheus-alerts").stdout  # what the command prints
+    check = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    unit = subprocess.run(
+        [promtool, "test", "rules", str(REPO / "tests" / "data" / "infertop-alerts-test.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unit.returncode == 0, unit.stdout + unit.stderr

@@ -45,6 +45,11 @@ def exporter_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a Grafana dashboard (JSON) of these metrics and exit: import it in Grafana",
     )
+    parser.add_argument(
+        "--prometheus-alerts",
+        action="store_true",
+        help="print Prometheus alerting rules (YAML) for these metrics and exit: add them to rule_files",
+    )
     return parser
 
 
@@ -60,10 +65,13 @@ def simulated_backend(machine: str):  # type: ignore[no-untyped-def]
 
 def run_exporter_cli(argv: Sequence[str]) -> int:
     args = exporter_parser().parse_args(argv)
-    from tuner.telemetry.exporter import Exporter, dashboard_json, is_loopback, parse_listen
+    from tuner.telemetry.exporter import Exporter, alert_rules, dashboard_json, is_loopback, parse_listen
 
     if args.grafana_dashboard:
         sys.stdout.write(dashboard_json())
+        return 0
+    if args.prometheus_alerts:
+        sys.stdout.write(alert_rules())
         return 0
     try:
         host, port = parse_listen(args.listen)

@@ -508,6 +508,13 @@ def dashboard_json() -> str:
     return files("tuner.telemetry").joinpath("grafana/infertop-dashboard.json").read_text()
 
 
+def alert_rules() -> str:
+    """The Prometheus alerting rules shipped beside the exporter (promtool-tested)."""
+    from importlib.resources import files
+
+    return files("tuner.telemetry").joinpath("prometheus/infertop-alerts.yml").read_text()
+
+
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
