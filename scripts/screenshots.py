@@ -90,27 +90,45 @@ async def replay_screenshot(name: str, size: tuple[int, int], keys: tuple[str, .
         _save(app, name)
 
 
-async def scripted_screenshot(name: str, size: tuple[int, int], n_gpus: int) -> None:
-    """Many GPUs: straight from the scripted backend (a recording of 8 GPUs would be a large file)."""
+def _scripted_app(procs: list[Any], n_gpus: int, **app_options: Any) -> tuple[Any, Any]:
+    """The real app over ``n_gpus`` scripted H100s holding ``procs``, on a manual clock (not started)."""
     from tui.app import make_app
     from tuner.telemetry import scripted
     from tuner.telemetry.host import HostReader
     from tuner.telemetry.sampler import LiveSource, SamplerConfig
 
     clock = scripted.ManualClock()
-    procs = [scripted.FakeProcess(scripted.INVISIBLE_PID + i, i, 71_600 * 2**20) for i in range(n_gpus)]
     nvml = scripted.h100_sxm(n_gpus, clock=clock, processes=procs)
     config = SamplerConfig(discover_vllm=False)
     source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
-    app = make_app(config=config, source=source, autostart=False)
+    return make_app(config=config, source=source, autostart=False, **app_options), clock
+
+
+def _container_procs(n_gpus: int) -> list[Any]:
+    """A server in a container on each GPU: the driver reports its pid and memory, psutil cannot see it."""
+    from tuner.telemetry import scripted
+
+    return [scripted.FakeProcess(scripted.INVISIBLE_PID + i, i, 71_600 * 2**20) for i in range(n_gpus)]
+
+
+def _prime(app: Any, clock: Any, feed: Any = None, ticks: int = 240) -> None:
+    """Open the machine and give the monitor a minute of readings at 4 Hz (each passed through ``feed``)."""
+    app.monitor.show_system(app.sampler.open())
+    snap = None
+    for _ in range(ticks):
+        clock.advance(0.25)
+        snap = app.sampler.tick()
+        if feed is not None:
+            snap = feed(snap)
+    assert snap is not None
+    app.monitor.show_snapshot(snap)
+
+
+async def scripted_screenshot(name: str, size: tuple[int, int], n_gpus: int) -> None:
+    """Many GPUs: straight from the scripted backend (a recording of 8 GPUs would be a large file)."""
+    app, clock = _scripted_app(_container_procs(n_gpus), n_gpus)
     async with app.run_test(size=size) as pilot:
-        info = app.sampler.open()
-        app.monitor.show_system(info)
-        for _ in range(240):
-            clock.advance(0.25)
-            app.sampler.tick()
-        assert app.sampler.latest is not None
-        app.monitor.show_snapshot(app.sampler.latest)
+        _prime(app, clock)
         await pilot.pause(0.2)
         _save(app, name)
 
@@ -119,7 +137,6 @@ async def fleet_screenshots(hosts: int = 32, wait_s: float = 12.0) -> None:
     """The fleet view for real: ``hosts`` SIMULATED 8x H100 machines, each a real `infertop exporter` over the
     scripted NVML (in this process, on loopback), read over HTTP by the real monitor; one host stops answering
     midway, one address never answers."""
-    from tui.app import make_app
     from tuner.telemetry import scripted
     from tuner.telemetry.exporter import Exporter
     from tuner.telemetry.host import HostReader
@@ -141,24 +158,13 @@ async def fleet_screenshots(hosts: int = 32, wait_s: float = 12.0) -> None:
         exporters.append(exporter)
     urls = [f"http://127.0.0.1:{e.port}" for e in exporters]
     urls.insert(5, "http://10.0.0.99:9400")  # an address nothing answers on
-    clock = scripted.ManualClock()
-    procs = [scripted.FakeProcess(scripted.INVISIBLE_PID + i, i, 71_600 * 2**20) for i in range(8)]
-    nvml = scripted.h100_sxm(8, clock=clock, processes=procs)
-    config = SamplerConfig(discover_vllm=False)
-    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
     shots = (((80, 24), "fleet-32x8xh100-80x24", 2), ((200, 60), "fleet-32x8xh100-200x60", 3))
     for size, name, stopping in shots:
-        app = make_app(config=config, source=source, remote_urls=urls, autostart=False)
+        app, clock = _scripted_app(_container_procs(8), 8, remote_urls=urls)
         async with app.run_test(size=size) as pilot:
             assert app.remote is not None
             app.remote.start()
-            info = app.sampler.open()
-            app.monitor.show_system(info)
-            for _ in range(240):
-                clock.advance(0.25)
-                app.sampler.tick()
-            assert app.sampler.latest is not None
-            app.monitor.show_snapshot(app.sampler.latest)
+            _prime(app, clock)
             await pilot.pause(wait_s / 2)
             exporters[stopping].stop()  # that host stops answering
             await pilot.pause(wait_s / 2)
@@ -175,46 +181,47 @@ async def fleet_screenshots(hosts: int = 32, wait_s: float = 12.0) -> None:
 async def engines_screenshot(name: str, size: tuple[int, int]) -> None:
     """The monitor with inference servers: two SIMULATED servers (an SGLang on GPUs 0-1, a vLLM on GPUs 2-3)
     whose counters are scripted beside the scripted NVML, so that energy per token has both sides to divide."""
-    from tui.app import make_app
     from tuner.telemetry import scripted
-    from tuner.telemetry.host import HostReader
     from tuner.telemetry.model import EngineSample, Snapshot
-    from tuner.telemetry.sampler import LiveSource, SamplerConfig
 
-    clock = scripted.ManualClock()
     sglang_pid, vllm_pid = scripted.INVISIBLE_PID + 1, scripted.INVISIBLE_PID + 2
     procs = [scripted.FakeProcess(sglang_pid if i < 2 else vllm_pid, i, 71_600 * 2**20) for i in range(4)]
-    nvml = scripted.h100_sxm(4, clock=clock, processes=procs)
-    config = SamplerConfig(discover_vllm=False)
-    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock)
-    app = make_app(config=config, source=source, autostart=False)
+    app, clock = _scripted_app(procs, 4)
+    ticks = iter(range(240))
+
+    def with_servers(read: Any) -> Any:
+        """The machine's reading with the two servers' counters at its time."""
+        t = next(ticks) * 0.25
+        engines = (
+            EngineSample(
+                url="http://127.0.0.1:30000", time_s=read.time_s, engine="sglang",
+                model_name="meta-llama/Llama-3.1-70B-Instruct", requests_running=48, requests_waiting=0,
+                kv_cache_usage_pct=62.0, generation_tokens_total=2400.0 * t, generation_tokens_per_s=2400.0,
+                ttft_p50_s=0.21, ttft_p95_s=0.48, ttft_p99_s=0.71, tpot_p50_s=0.019, tpot_p95_s=0.026,
+                tpot_p99_s=0.031, latency_window_s=60.0, server_pids=(sglang_pid,),
+            ),
+            EngineSample(
+                url="http://127.0.0.1:8000", time_s=read.time_s, engine="vllm",
+                model_name="Qwen/Qwen2.5-32B-Instruct", requests_running=31, requests_waiting=4,
+                kv_cache_usage_pct=97.5, generation_tokens_total=1500.0 * t, generation_tokens_per_s=1500.0,
+                ttft_p50_s=0.35, ttft_p95_s=1.9, ttft_p99_s=2.6, tpot_p50_s=0.024, tpot_p95_s=0.041,
+                tpot_p99_s=0.055, latency_window_s=60.0, preemptions_total=12, server_pids=(vllm_pid,),
+            ),
+        )  # fmt: skip
+        return Snapshot(read.time_s, read.host, read.gpus, engines)
+
+    # The sampler takes the servers' readings with the machine's (history, sparklines); the monitor's
+    # energy window, which the app's message handler would feed, is fed here.
+    source = app.sampler.source
+    read_machine = source.next_snapshot
+    source.next_snapshot = lambda: with_servers(read_machine())
+
+    def to_energy_window(snap: Any) -> Any:
+        app.monitor.energy_window.add(snap)
+        return snap
+
     async with app.run_test(size=size) as pilot:
-        app.monitor.show_system(app.sampler.open())
-        for tick in range(240):
-            clock.advance(0.25)
-            read = app.sampler.tick()
-            assert read is not None
-            t = tick * 0.25
-            engines = (
-                EngineSample(
-                    url="http://127.0.0.1:30000", time_s=read.time_s, engine="sglang",
-                    model_name="meta-llama/Llama-3.1-70B-Instruct", requests_running=48, requests_waiting=0,
-                    kv_cache_usage_pct=62.0, generation_tokens_total=2400.0 * t, generation_tokens_per_s=2400.0,
-                    ttft_p50_s=0.21, ttft_p95_s=0.48, ttft_p99_s=0.71, tpot_p50_s=0.019, tpot_p95_s=0.026,
-                    tpot_p99_s=0.031, latency_window_s=60.0, server_pids=(sglang_pid,),
-                ),
-                EngineSample(
-                    url="http://127.0.0.1:8000", time_s=read.time_s, engine="vllm",
-                    model_name="Qwen/Qwen2.5-32B-Instruct", requests_running=31, requests_waiting=4,
-                    kv_cache_usage_pct=97.5, generation_tokens_total=1500.0 * t, generation_tokens_per_s=1500.0,
-                    ttft_p50_s=0.35, ttft_p95_s=1.9, ttft_p99_s=2.6, tpot_p50_s=0.024, tpot_p95_s=0.041,
-                    tpot_p99_s=0.055, latency_window_s=60.0, preemptions_total=12, server_pids=(vllm_pid,),
-                ),
-            )  # fmt: skip
-            snap = Snapshot(read.time_s, read.host, read.gpus, engines)
-            app.sampler.history.add(snap)
-            app.monitor.energy_window.add(snap)
-        app.monitor.show_snapshot(snap)
+        _prime(app, clock, to_energy_window)
         await pilot.pause(0.3)
         _save(app, name)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from tui.app import InfertopApp, make_app
 from tuner.telemetry import scripted
+from tuner.telemetry.exporter import Exporter
 from tuner.telemetry.model import HostSample
-from tuner.telemetry.sampler import LiveSource, SamplerConfig
+from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 
 NO_DISCOVERY = SamplerConfig(discover_vllm=False)
 
@@ -50,3 +51,16 @@ def prime(app: InfertopApp, clock: scripted.ManualClock, ticks: int, interval_s:
         assert snap is not None
     assert app.sampler.latest is not None
     app.monitor.show_snapshot(app.sampler.latest)
+
+
+def scripted_exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: int = 8) -> Exporter:
+    """The real exporter over a scripted NVML, serving on a free loopback port, after ``ticks`` readings that
+    the caller's clock drives (its own sampler thread is not started)."""
+    config = SamplerConfig(discover_vllm=False)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
+    exporter = Exporter(Sampler(source, history_len=8), port=0, version="test", clock=clock)
+    exporter.start(sampling=False)
+    for _ in range(ticks):
+        clock.advance(0.25)
+        exporter.sampler.tick()
+    return exporter

@@ -15,34 +15,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FixedHost
+from helpers import scripted_exporter
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter, dashboard_json, parse_listen
 from tuner.telemetry.model import EngineSample, Snapshot
-from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
-
-
-def _exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: int = 8) -> Exporter:
-    config = SamplerConfig(discover_vllm=False)
-    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
-    exporter = Exporter(Sampler(source, history_len=8), port=0, version="test", clock=clock)
-    exporter.start(sampling=False)
-    for _ in range(ticks):
-        clock.advance(0.25)
-        exporter.sampler.tick()
-    return exporter
 
 
 @pytest.fixture
 def h100x2() -> Iterator[Exporter]:
     clock = scripted.ManualClock()
     nvml = scripted.h100_sxm(2, clock=clock)
-    exporter = _exporter(nvml, clock)
+    exporter = scripted_exporter(nvml, clock)
     yield exporter
     exporter.stop()
 
@@ -108,7 +96,7 @@ def test_the_exporter_serves_every_gpu_reading_in_base_units_as_openmetrics(h100
 
 def test_a_gpu_without_gpm_exports_its_duty_cycles_and_no_bandwidth() -> None:
     clock = scripted.ManualClock()
-    exporter = _exporter(scripted.l4(1, clock=clock), clock)
+    exporter = scripted_exporter(scripted.l4(1, clock=clock), clock)
     try:
         got = _families(httpx.get(exporter.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
     finally:
@@ -119,7 +107,9 @@ def test_a_gpu_without_gpm_exports_its_duty_cycles_and_no_bandwidth() -> None:
 
 def test_a_lost_gpu_and_a_dead_server_are_series_at_0_with_the_reason() -> None:
     clock = scripted.ManualClock()
-    exporter = _exporter(scripted.gpu_lost_after(4, gpu_index=1, n_gpus=2, clock=clock), clock, ticks=12)
+    exporter = scripted_exporter(
+        scripted.gpu_lost_after(4, gpu_index=1, n_gpus=2, clock=clock), clock, ticks=12
+    )
     latest = exporter.sampler.latest
     assert latest is not None
     dead = EngineSample(url="http://127.0.0.1:8000", time_s=latest.time_s, error="not reachable")
@@ -155,7 +145,7 @@ def test_a_stuck_sampler_is_never_served_as_live(h100x2: Exporter) -> None:
 
 def test_when_the_driver_goes_away_every_gpu_stays_a_series_at_0() -> None:
     clock = scripted.ManualClock()
-    exporter = _exporter(scripted.driver_gone_after(6, n_gpus=2, clock=clock), clock, ticks=12)
+    exporter = scripted_exporter(scripted.driver_gone_after(6, n_gpus=2, clock=clock), clock, ticks=12)
     try:
         got = _families(httpx.get(exporter.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
     finally:
@@ -226,9 +216,12 @@ def _query(base: str, promql: str) -> list[dict[str, object]]:
     return response.json()["data"]["result"]  # type: ignore[no-any-return]
 
 
-def _serving(exporter: Exporter, clock: scripted.ManualClock, server_pid: int, ticks: int = 80) -> Snapshot:
-    """Feed ``ticks`` readings of a server on ``server_pid`` generating 500 tokens/s, with latency figures."""
-    snap = exporter.sampler.latest
+def _serving(
+    exporter: Exporter, clock: scripted.ManualClock, server_pid: int, ticks: int = 80
+) -> tuple[Snapshot, Snapshot]:
+    """Feed ``ticks`` readings of a server on ``server_pid`` generating 500 tokens/s, with latency figures;
+    the first and the last reading fed."""
+    fed: list[Snapshot] = []
     for tick in range(ticks):
         clock.advance(0.25)
         read = exporter.sampler.tick()
@@ -242,8 +235,8 @@ def _serving(exporter: Exporter, clock: scripted.ManualClock, server_pid: int, t
         snap = Snapshot(read.time_s, read.host, read.gpus, (engine,))
         exporter.collector.take(snap)
         exporter.sampler.latest = snap
-    assert snap is not None
-    return snap
+        fed.append(snap)
+    return fed[0], fed[-1]
 
 
 @pytest.fixture
@@ -251,7 +244,7 @@ def serving() -> Iterator[Exporter]:
     clock = scripted.ManualClock()
     pid = scripted.INVISIBLE_PID + 1
     nvml = scripted.h100_sxm(2, clock=clock, processes=[scripted.FakeProcess(pid, 1, 40 * 2**30)])
-    exporter = _exporter(nvml, clock, ticks=1)
+    exporter = scripted_exporter(nvml, clock, ticks=1)
     _serving(exporter, clock, pid)
     yield exporter
     exporter.stop()
@@ -337,29 +330,16 @@ def test_an_inference_server_exports_its_energy_per_token_labelled_with_its_gpus
     clock = scripted.ManualClock()
     server_pid = scripted.INVISIBLE_PID + 1
     nvml = scripted.h100_sxm(2, clock=clock, processes=[scripted.FakeProcess(server_pid, 1, 40 * 2**30)])
-    exporter = _exporter(nvml, clock, ticks=1)
+    exporter = scripted_exporter(nvml, clock, ticks=1)
+    url = "http://127.0.0.1:8000"
     try:
-        url = "http://127.0.0.1:8000"
-        first = None
-        for tick in range(80):
-            clock.advance(0.25)
-            snap = exporter.sampler.tick()
-            assert snap is not None
-            engine = EngineSample(
-                url=url, time_s=snap.time_s, engine="vllm", model_name="llama",
-                generation_tokens_total=500.0 * tick * 0.25, server_pids=(server_pid,),
-            )  # fmt: skip
-            snap = Snapshot(snap.time_s, snap.host, snap.gpus, (engine,))
-            exporter.collector.take(snap)
-            exporter.sampler.latest = snap
-            first = first or snap
+        first, snap = _serving(exporter, clock, server_pid)
         got = _families(httpx.get(exporter.url, headers={"Accept": OPENMETRICS}, timeout=5).text)
     finally:
         exporter.stop()
     j_per_token = _one(got["infertop_engine_energy_joules_per_token"], url=url)
     assert dict(next(iter(got["infertop_engine_info"])))["gpus"] == "1"  # the server's GPU, not both
     # By hand: GPU 1's energy counter over the window, over the tokens generated meanwhile.
-    assert first is not None and snap is not None
     e0, e1 = first.gpus[1].energy_counter_j, snap.gpus[1].energy_counter_j
     assert e0 is not None and e1 is not None
     by_hand = (e1 - e0) / (snap.time_s - first.time_s) / 500.0

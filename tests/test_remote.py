@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import FixedHost, prime, scripted_app
+from helpers import FixedHost, prime, scripted_app, scripted_exporter
 
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter
@@ -27,24 +27,13 @@ from tuner.telemetry.remote import (
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 
 
-def _exporter(nvml: scripted.ScriptedNvml, clock: scripted.ManualClock, ticks: int = 8) -> Exporter:
-    config = SamplerConfig(discover_vllm=False)
-    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
-    exporter = Exporter(Sampler(source, history_len=8), port=0, clock=clock)
-    exporter.start(sampling=False)
-    for _ in range(ticks):
-        clock.advance(0.25)
-        exporter.sampler.tick()
-    return exporter
-
-
 @pytest.fixture
 def three_exporters() -> Iterator[list[Exporter]]:
     clocks = [scripted.ManualClock() for _ in range(3)]  # each host its own clock: its readings are fresh
     exporters = [
-        _exporter(scripted.h100_sxm(8, clock=clocks[0]), clocks[0]),
-        _exporter(scripted.l4(2, clock=clocks[1]), clocks[1]),
-        _exporter(scripted.h100_sxm(1, clock=clocks[2]), clocks[2]),
+        scripted_exporter(scripted.h100_sxm(8, clock=clocks[0]), clocks[0]),
+        scripted_exporter(scripted.l4(2, clock=clocks[1]), clocks[1]),
+        scripted_exporter(scripted.h100_sxm(1, clock=clocks[2]), clocks[2]),
     ]
     yield exporters
     for e in exporters:
@@ -359,7 +348,7 @@ async def test_an_opened_host_shows_its_inference_servers_with_their_energy_per_
     remote_clock, local_clock = scripted.ManualClock(), scripted.ManualClock()
     pid = scripted.INVISIBLE_PID + 1  # a vLLM whose process holds GPU 1 of the remote host's 2
     nvml = scripted.h100_sxm(2, clock=remote_clock, processes=[scripted.FakeProcess(pid, 1, 40 * 2**30)])
-    exporter = _exporter(nvml, remote_clock, ticks=1)
+    exporter = scripted_exporter(nvml, remote_clock, ticks=1)
     watcher = RemoteWatcher([host_url(f"127.0.0.1:{exporter.port}")])
     app = scripted_app(scripted.h100_sxm(1, clock=local_clock), local_clock)
     app.remote = app.monitor.remote = watcher  # type: ignore[assignment]

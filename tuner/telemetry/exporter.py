@@ -130,6 +130,17 @@ GPU_GAUGES: tuple[_Gauge, ...] = (
 )
 
 
+def _filled(
+    family: GaugeMetricFamily | CounterMetricFamily, rows: Iterable[tuple[list[str], float | int | None]]
+) -> Iterator[Metric]:
+    """``family`` with a sample per row whose value is known; nothing when none is (never a made-up 0)."""
+    for labels, value in rows:
+        if value is not None:
+            family.add_metric(labels, float(value))
+    if family.samples:
+        yield family
+
+
 def _labels(*pairs: tuple[str, str]) -> tuple[list[str], list[str]]:
     return [k for k, _ in pairs], [v for _, v in pairs]
 
@@ -263,11 +274,7 @@ class SnapshotCollector(Collector):
             ("host_load1", "Host load average over 1 minute", host.load_avg_1m),
         )
         for name, text, value in gauges:
-            if value is None:
-                continue
-            family = GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=names)
-            family.add_metric(values, float(value))
-            yield family
+            yield from _filled(GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=names), [(values, value)])
 
     def _gpu_families(self, info: SystemInfo, snap: Snapshot) -> Iterator[Metric]:
         by_index = {g.index: g for g in info.gpus}
@@ -292,12 +299,7 @@ class SnapshotCollector(Collector):
         readable = [s for s in snap.gpus if not s.error]
         for gauge in GPU_GAUGES:
             family = GaugeMetricFamily(f"{PREFIX}_{gauge.name}", gauge.help, labels=base)
-            for s in readable:
-                value = gauge.read(s, by_index.get(s.index))
-                if value is not None:
-                    family.add_metric(key(s), float(value))
-            if family.samples:
-                yield family
+            yield from _filled(family, [(key(s), gauge.read(s, by_index.get(s.index))) for s in readable])
         yield from self._gpu_labelled(readable, key, base)
         yield from self._processes(readable, key, base)
 
@@ -428,12 +430,7 @@ class SnapshotCollector(Collector):
         )
         for name, text, read in gauges:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
-            for e in live:
-                value = read(e)
-                if value is not None:
-                    family.add_metric(key(e), float(value))
-            if family.samples:
-                yield family
+            yield from _filled(family, [(key(e), read(e)) for e in live])
         quantiles = GaugeMetricFamily(
             f"{PREFIX}_engine_latency_seconds",
             "TTFT and TPOT quantiles over the server's last minute (from its histograms' bucket deltas), s",
@@ -459,12 +456,7 @@ class SnapshotCollector(Collector):
         )
         for name, text, read in counters:
             counter = CounterMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
-            for e in live:
-                value = read(e)
-                if value is not None:
-                    counter.add_metric(key(e), float(value))
-            if counter.samples:
-                yield counter
+            yield from _filled(counter, [(key(e), read(e)) for e in live])
 
 
 def make_registry(collector: SnapshotCollector, *, process_metrics: bool = True) -> CollectorRegistry:

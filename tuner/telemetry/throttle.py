@@ -8,7 +8,9 @@ not throttling and get no series.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from tuner.telemetry.model import BENIGN_CLOCK_EVENTS
 from tuner.telemetry.nvml import CLOCK_EVENT_REASONS
@@ -22,20 +24,19 @@ SERIES_PREFIX = "throttle_"
 THROTTLE_SERIES = tuple(SERIES_PREFIX + reason for reason in THROTTLE_REASONS)
 """History series names, one per throttle reason: 1.0 while it held, 0.0 while not, None when unknown."""
 
-_UNKNOWN: dict[str, float | None] = dict.fromkeys(THROTTLE_SERIES)
 
-
-def throttle_flags(reasons: tuple[str, ...] | None) -> dict[str, float | None]:
+@functools.lru_cache(maxsize=256)  # a GPU shows few distinct reason sets; this runs per GPU per sampler tick
+def throttle_flags(reasons: tuple[str, ...] | None) -> Mapping[str, float | None]:
     """One reading's reasons as a value per throttle series (all None when the GPU did not report reasons)."""
     if reasons is None:
-        return _UNKNOWN
+        return MappingProxyType(dict.fromkeys(THROTTLE_SERIES))
     flags: dict[str, float | None] = dict.fromkeys(THROTTLE_SERIES, 0.0)
     for reason in reasons:
         if reason in BENIGN_CLOCK_EVENTS:
             continue
         name = SERIES_PREFIX + reason
         flags[name if name in flags else SERIES_PREFIX + OTHER_REASON] = 1.0
-    return flags
+    return MappingProxyType(flags)  # shared between calls: read-only
 
 
 def throttle_shares(
