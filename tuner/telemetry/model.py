@@ -68,6 +68,7 @@ class GpuInfo:
     pcie_width_max: int | None = None
     nvlink_links: int | None = None
     mig_enabled: bool | None = None
+    local_cpus: tuple[int, ...] | None = None  # the host's cores nearest this GPU (NVML's CPU affinity)
 
 
 @dataclass(frozen=True, slots=True)

@@ -539,6 +539,9 @@ class NvmlBackend:
             pcie_width_max=self._call(gpu, "pcie_width", "nvmlDeviceGetMaxPcieLinkWidth", h),
             nvlink_links=None if nvlinks is None else int(nvlinks),
             mig_enabled=mig_enabled,
+            local_cpus=_cpu_set(
+                self._call(gpu, "cpu_affinity", "nvmlDeviceGetCpuAffinity", h, _CPU_SET_WORDS)
+            ),
         )
 
     # --- MIG -----------------------------------------------------------------------------------------------
@@ -1126,6 +1129,22 @@ def dcgm_running() -> bool:
 def _instances(mig_devices: list[tuple[Any, int, int | None]]) -> dict[int, int | None]:
     """GPU instance id -> its memory, from MIG devices (compute instances) that may share an instance."""
     return {gi: memory for _, gi, memory in reversed(mig_devices)}
+
+
+_CPU_SET_WORDS = 64  # nvmlDeviceGetCpuAffinity's mask in 64-bit words: room for 4096 cores
+
+
+def _cpu_set(words: Any) -> tuple[int, ...] | None:
+    """Core numbers from NVML's CPU-affinity mask (a list of 64-bit words, lowest cores first)."""
+    if not words:
+        return None
+    try:
+        cores = tuple(
+            64 * i + bit for i, word in enumerate(words) for bit in range(64) if int(word) >> bit & 1
+        )
+    except (TypeError, ValueError):
+        return None
+    return cores or None
 
 
 def _placeholder_info(index: int) -> GpuInfo:

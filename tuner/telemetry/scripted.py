@@ -678,6 +678,21 @@ class ScriptedNvml:
     def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeDevice) -> int:
         return self._device("nvmlDeviceGetMaxPcieLinkWidth", handle).spec.pcie_width
 
+    def nvmlDeviceGetCpuAffinity(self, handle: FakeDevice, cpu_set_size: int) -> list[int]:
+        """As on a two-socket box: the first half of the GPUs near the first half of this host's cores, the
+        second half near the rest (one socket when there is one GPU or one core)."""
+        device = self._device("nvmlDeviceGetCpuAffinity", handle)
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+        n = len(self.devices)
+        if n > 1 and len(cores) > 1:
+            half = len(cores) // 2
+            cores = cores[:half] if device.index < n // 2 else cores[half:]
+        words = [0] * cpu_set_size
+        for core in cores:
+            if core // 64 < cpu_set_size:
+                words[core // 64] |= 1 << (core % 64)
+        return words
+
     def nvmlDeviceGetMigMode(self, handle: FakeDevice) -> list[int]:
         spec = self._device("nvmlDeviceGetMigMode", handle).spec
         if not spec.mig_capable:

@@ -25,12 +25,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tuner.tuning.points import RATE, USERS, Load, Point
 
 Measure = Callable[[Load, str], Point]
 T = TypeVar("T")
+
+
+class Bracket(Protocol):
+    """What comparing needs of a capacity: one server's :class:`Capacity`, or a node's
+    (:class:`tuner.tuning.layout.NodeCapacity`: one server's times its replicas)."""
+
+    @property
+    def lo(self) -> float | None: ...
+
+    @property
+    def feasible(self) -> bool: ...
+
+    def upper(self, resolution: float) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -263,7 +276,7 @@ def _bracket_note(cap: Capacity) -> str:
 # --- comparing servers --------------------------------------------------------------------------------------
 
 
-def beats(a: Capacity, b: Capacity, resolution: float) -> bool:
+def beats(a: Bracket, b: Bracket, resolution: float) -> bool:
     """``a`` held a load that ``b`` did not: a difference beyond the measurements' uncertainty."""
     if a.lo is None:
         return False
@@ -283,7 +296,7 @@ def separating_load(a: Capacity, b: Capacity, objective: str) -> Load | None:
 
 
 def rank(
-    items: Sequence[T], capacity: Callable[[T], Capacity], distance: Callable[[T], int], resolution: float
+    items: Sequence[T], capacity: Callable[[T], Bracket], distance: Callable[[T], int], resolution: float
 ) -> list[T]:
     """Best first. The top is the highest capacity; every item it does not beat ties with it, and among the
     tied ones the closest to vLLM's defaults (``distance``: dimensions changed) comes first, then the higher
@@ -299,6 +312,6 @@ def rank(
     return ranked
 
 
-def ties_with(a: Capacity, b: Capacity, resolution: float) -> bool:
+def ties_with(a: Bracket, b: Bracket, resolution: float) -> bool:
     """Neither beats the other."""
     return a.feasible and b.feasible and not beats(a, b, resolution) and not beats(b, a, resolution)

@@ -26,6 +26,9 @@ class TuneStarted:
     objective: str = "rate"  # "rate": highest arrival rate within the SLO; "users": most concurrent users
     cpu_note: str = ""  # how client and server were placed on the host's cores
     prediction: str = ""  # the performance model ranking the candidates, or why there is none
+    node_gpus: tuple[int, ...] = ()  # the GPUs the tune may use (physical indices); () on the CPU build
+    parallel: int = 1  # how many trials may run at once (slots); 1 = one after another
+    eta_s: float | None = None  # expected wall time of the whole run (search and proof), None: unknown
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class TrialStarted:
     index: int  # 1-based launch number
     why: str  # why the search picked it
     predicted: float | None = None  # the model's capacity for it (the objective's unit), None: no prediction
+    gpus: tuple[
+        int, ...
+    ] = ()  # the GPUs this trial's server holds (CUDA_VISIBLE_DEVICES); () on the CPU build
+    layout: str = ""  # how the candidate fills the node: "8 x TP 1"
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,12 @@ class TrialFinished:
     capacity: str = ""  # "2.4 req/s (2.7 req/s did not)"
     predicted: float | None = None  # the model's capacity (the objective's unit); None: no prediction
     measured: float | None = None  # the capacity measured, same unit (0: nothing met the SLO)
+    gpus: tuple[int, ...] = ()  # the GPUs its server held, now free again
+    layout: str = ""  # "8 x TP 1"
+    node_capacity: float | None = None  # measured x replicas: the node's capacity in the objective's unit
+    disturbed: str = (
+        ""  # why trials beside it disturbed its measurement (host CPU busy, throttling), "" if not
+    )
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,15 @@ class VerdictReached:
     label: str | None
     operating_point: str | None  # the load the export is proven for, "2.4 req/s"
     exit_code: int
+
+
+@dataclass(frozen=True)
+class EtaUpdated:
+    """The expected time left, re-estimated as trials end (start-up and trial times seen so far)."""
+
+    remaining_s: float | None  # None: cannot tell yet
+    launches_left: int  # launches the search still expects (at most the budget left), the proof included
+    basis: str  # "predicted: 4 launches x ~3.1 min on 8 slots" for people
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,7 @@ TuneEvent = (
     | TrialFinished
     | BestChanged
     | VerdictReached
+    | EtaUpdated
     | TuneFinished
 )
 Listener = Callable[[TuneEvent], None]
