@@ -229,6 +229,13 @@ class _Relaunch:
         self.serving = label
         yield self
 
+    @contextlib.contextmanager
+    def serve_node(
+        self, key: str, args: tuple[str, ...], log_name: str, placements: object
+    ) -> Iterator[_Relaunch]:
+        with self.serve(key, args, log_name) as session:
+            yield session
+
     def measure(self, load: Load, role: str) -> Point:
         return self.script(self.serving, load, role)
 
@@ -268,7 +275,7 @@ def _report(
     )
     feasible = [o for o in outcomes.values() if o.feasible]
     ranked = rank(feasible, tuner.capacity_of, tuner.distance, config.resolution)
-    contenders = [Contender(o.candidate, tuner.label(o.candidate), tuner.capacity_of(o)) for o in ranked]
+    contenders = [tuner.contender(o) for o in ranked]
     verdict: Verdict | None = None
     if contenders and script is not None:
 
@@ -527,10 +534,9 @@ def test_the_verdict_section_walks_through_each_relaunch(report: dict[str, Any],
     assert "**PROVEN:**" in verdict and "size a production server for 24.1 req/s" in verdict
     assert "### Relaunch 1: fp8 kv (the winner)" in verdict and "start-up 128 s" in verdict
     assert "Proof at 32.1 req/s (the capacity found in the search): pass" in verdict
-    assert (
-        "8,105 tok/s (7,781-8,429 tok/s) against 8,218 tok/s (7,889-8,547 tok/s) in the trial: 0.99x"
-        in verdict
-    )
+    # Judged against the load offered, not the trial's window (issue 16): both are shown.
+    assert "8,105 tok/s (7,781-8,429 tok/s), delivered 1.00x the arrivals: held" in verdict
+    assert "The trial's window read 8,218 tok/s (7,889-8,547 tok/s) at its capacity." in verdict
     assert "**Holds 24.1 req/s**" in verdict
     row = _row(verdict, "24.1 req/s")
     assert "| pass | 6,190 (5,942-6,438) | 0.41 (0.36-0.47) | 38.0 (36.1-40.3) | 722 / 30 s |" in row
@@ -551,7 +557,7 @@ def test_not_proven_is_said_plainly(tmp_path: Path) -> None:
         and "Relaunch 2: fp8 w, fp8 kv (the runner-up)" in verdict
     )
     assert verdict.count("**No production check held**") == 2
-    assert "**did not reproduce**" in verdict and "TTFT p95 2.60 s > 2.00 s" in verdict
+    assert "**did not hold**" in verdict and "TTFT p95 2.60 s > 2.00 s" in verdict
     assert "to be run at" not in md  # no operating point is claimed
     assert "warning" in page and "NOT PROVEN" in page
 

@@ -283,17 +283,20 @@ def test_tensor_parallel_sizes(llama8b: ModelShape) -> None:
     eight = Hardware.from_gpus([_gpu("NVIDIA H100 80GB HBM3", H100_VRAM, (9, 0), i) for i in range(8)])
     assert default_space(llama8b, eight).values["tensor_parallel_size"] == (1, 2, 4, 8)
     assert (
-        "does not divide the 8 GPUs"
+        "does not divide the 32 attention heads"
         in default_space(llama8b, eight).check(Candidate(tensor_parallel_size=3)).reasons[0]
+    )
+    assert (
+        "needs more than the 8 GPUs"
+        in default_space(llama8b, eight).check(Candidate(tensor_parallel_size=16)).reasons[0]
     )
     three = Hardware.from_gpus([_gpu("NVIDIA L4", L4_VRAM, (8, 9), i) for i in range(3)])
     odd_heads = ModelShape.from_config(
         {**_llama_config(), "num_attention_heads": 9, "num_key_value_heads": 3}
     )
     assert default_space(odd_heads, three).values["tensor_parallel_size"] == (1, 3)
-    assert default_space(llama8b, three).values["tensor_parallel_size"] == (
-        None,
-    )  # 32 heads: 3 does not divide
+    # 32 heads: 3 does not divide them; TP 2 runs one replica and leaves a GPU idle (the node's ranking counts it)
+    assert default_space(llama8b, three).values["tensor_parallel_size"] == (1, 2)
     with pytest.raises(SpaceError, match="does not divide"):
         default_space(llama8b, three, {"tensor_parallel_size": 3})
     # TP 2 halves the weights and the KV heads each GPU holds: more than twice the cache.

@@ -46,7 +46,7 @@ def _run(
 ) -> tuple[list[Candidate], list[ev.TuneEvent]]:
     launched: list[Candidate] = []
 
-    def fake_trial(store, candidate, why, incumbent):  # type: ignore[no-untyped-def]
+    def fake_trial(store, candidate, why, incumbent, placement=None):  # type: ignore[no-untyped-def]
         if not tuner.space.check(candidate).ok:  # as the real trial: judged without a launch
             store.record_result(candidate, TrialStatus.INFEASIBLE, "not launched")
             return TrialOutcome(candidate, TrialStatus.INFEASIBLE, "not launched")

@@ -97,7 +97,7 @@ def _fake_search(tuner: Tuner, monkeypatch, capacities):  # type: ignore[no-unty
 
     launched: list[Candidate] = []
 
-    def fake_trial(store, candidate, why, incumbent):  # type: ignore[no-untyped-def]
+    def fake_trial(store, candidate, why, incumbent, placement=None):  # type: ignore[no-untyped-def]
         launched.append(candidate)
         if candidate.quantization == "fp8":
             reason = "vLLM failed to start (unsupported option): fp8 is not supported here"

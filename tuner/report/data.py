@@ -368,9 +368,11 @@ class Attempt:
     error: str | None
     startup_s: float | None
     proof: Point | None
-    proof_ratio: float | None  # the proof's steady tok/s over the trial's at the same load
+    proof_ratio: float | None  # open loop: requests completed over arrivals in the proof's window
     proof_ok: bool
     checks: tuple[Point, ...]
+    replicas: int = 1  # servers of the layout, loaded together as the node
+    predicted_node_tokens_per_s: float | None = None  # the trial's tok/s times the replicas
 
     @property
     def held(self) -> Point | None:
@@ -391,6 +393,8 @@ class Attempt:
             proof_ratio=as_number(data.get("proof_ratio")),
             proof_ok=data.get("proof_ok") is True,
             checks=tuple(Point.parse(c) for c in data.get("checks") or () if isinstance(c, Mapping)),
+            replicas=max(1, int(as_number(data.get("replicas")) or 1)),
+            predicted_node_tokens_per_s=as_number(data.get("predicted_node_tokens_per_s")),
         )
 
 

@@ -451,8 +451,8 @@ def _about(run: Run) -> list[Block]:
 # --- the verdict -----------------------------------------------------------------------------------------
 
 _MEANING = {
-    "proven": "vLLM relaunched from the exported file reproduced the capacity and held the production check "
-    "with every interval inside the SLO: size a production server for {op} of this workload.",
+    "proven": "vLLM relaunched from the exported file held the capacity and the production check with every "
+    "interval inside the SLO: size a production server for {op} of this workload.",
     "backed_off": "the exported file holds {op}, but not everything the search promised (below): size a server "
     "for {op}, not for the capacity found in the search.",
     "unverified": "vLLM was never relaunched from the exported file (--no-prove): the capacity comes from the "
@@ -500,17 +500,32 @@ def _attempt(run: Run, a: Attempt) -> list[Block]:
     searched = trial.best_point if trial else None
     if a.proof is not None:
         p = a.proof
-        ratio = "reproduced" if a.proof_ok else bold("did not reproduce")
+        outcome: Inline = "held" if a.proof_ok else bold("did not hold")
+        what = (
+            f"the capacity found in the search, {a.replicas} replicas loaded together as one node"
+            if a.replicas > 1
+            else "the capacity found in the search"
+        )
+        delivered = f", delivered {fmt_times(a.proof_ratio)} the arrivals" if a.proof_ratio is not None else ""
         items.append(
             (
-                f"Proof at {_load(p)} (the capacity found in the search): ",
+                f"Proof at {_load(p)} ({what}): ",
                 _decision(p),
-                f"; {_tok_s(p, ' tok/s')} against {_tok_s(searched, ' tok/s')} in the trial: "
-                f"{fmt_times(a.proof_ratio)}, ",
-                ratio,
+                f"; {_tok_s(p, ' tok/s')}{delivered}: ",
+                outcome,
                 f"; {p.why()}.",
             )
         )
+        if a.replicas > 1:
+            predicted = a.predicted_node_tokens_per_s
+            items.append(
+                (
+                    f"The node: {fmt_bare(predicted)} tok/s predicted from one replica's trial x {a.replicas} "
+                    f"(a prediction); {_tok_s(p, ' tok/s')} measured with every replica loaded (the measurement).",
+                )
+            )
+        elif searched is not None:
+            items.append((f"The trial's window read {_tok_s(searched, ' tok/s')} at its capacity.",))
     else:
         items.append(("Proof: n/a (not measured).",))
     held = a.held

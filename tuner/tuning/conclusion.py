@@ -53,17 +53,39 @@ def run_headline(
     )
 
 
-def export_text(tuner: Tuner, contender: Contender, status_line: str) -> str:
-    """The exported file, its header opening with ``status_line`` (the verdict, or that it is pending)."""
+def export_text(
+    tuner: Tuner,
+    contender: Contender,
+    status_line: str,
+    *,
+    replica: tuple[int, tuple[int, ...], int] | None = None,
+) -> str:
+    """The exported file, its header opening with ``status_line`` (the verdict, or that it is pending).
+
+    ``replica`` (its number, GPUs and port) writes one replica's file of a layout of several: its port in the
+    file, its GPUs in the header (vLLM's config cannot set CUDA_VISIBLE_DEVICES)."""
     cfg = tuner.config
     best = contender.capacity.best
     assert best is not None
     load_model = LOAD_MODELS.get(tuner.objective, CLOSED_LOOP)
+    node = []
+    if contender.replicas > 1:
+        node.append(
+            f"Layout: {contender.replicas} replicas of this configuration on {tuner.hardware_label}; "
+            "start them all with serve-node.sh (one server per replica, each on its own GPUs and port)"
+        )
+    if replica is not None:
+        number, gpus, _ = replica
+        node.append(
+            f"Replica {number}: run with CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))}"
+        )
     return to_vllm_yaml(
         cfg.model,
         contender.candidate,
+        extra={"port": replica[2]} if replica is not None else None,
         comment_lines=[
             status_line,
+            *node,
             f"SLO: {cfg.slo.describe()} (judged at {cfg.slo.judged_at} with {cfg.confidence:.0%} intervals)",
             f"Measured on {tuner.hardware_label}: capacity {contender.capacity.describe()} of {load_model}, "
             f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens"

@@ -21,9 +21,11 @@ import asyncio
 import contextlib
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tuner.loadgen import FailFast, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for, steady_stats
@@ -33,6 +35,8 @@ from tuner.serving.affinity import CpuPlan, cpu_list
 from tuner.serving.launcher import ServerSpec, VllmServer
 from tuner.telemetry.sampler import LiveSource, Sampler
 from tuner.tuning import events as ev
+from tuner.tuning.nodeload import merge_measured, split_load
+from tuner.tuning.placement import Placement
 from tuner.tuning.points import Load, Point, empty_steady
 from tuner.tuning.slo import Slo, check, judge
 
@@ -74,6 +78,30 @@ class ServerHooks:
     stopped: Callable[[int], None] = lambda pid: None
 
 
+class EngineUrls:
+    """The servers whose /metrics the sampler scrapes: every running trial's (several run side by side)."""
+
+    def __init__(self, sampler: Sampler | None) -> None:
+        self._sampler = sampler
+        self._urls: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, url: str) -> None:
+        with self._lock:
+            self._urls.add(url)
+            self._apply()
+
+    def remove(self, url: str) -> None:
+        with self._lock:
+            self._urls.discard(url)
+            self._apply()
+
+    def _apply(self) -> None:
+        source = self._sampler.source if self._sampler else None
+        if isinstance(source, LiveSource):
+            source.set_engine_urls(sorted(self._urls))
+
+
 @dataclass
 class TrialRunner:
     """Launches candidate servers and measures them. ``emit`` takes tuning events; ``cancel`` stops phases."""
@@ -92,14 +120,24 @@ class TrialRunner:
     emit: Callable[[ev.TuneEvent], None] = lambda event: None
     cancelled: Callable[[], bool] = lambda: False
     hooks: ServerHooks = field(default_factory=ServerHooks)
+    placement: Placement | None = None  # the GPUs and cores this trial's server (and client) may use
+    engines: EngineUrls | None = None  # shared by the trials running side by side; None: this runner's own
+    workers: int = 1  # load-generator processes per phase (one: in this process)
     _seeds: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
-    def spec(self, args: Sequence[str], log_name: str) -> ServerSpec:
+    def __post_init__(self) -> None:
+        if self.engines is None:
+            self.engines = EngineUrls(self.sampler)
+
+    def spec(self, args: Sequence[str], log_name: str, placement: Placement | None = None) -> ServerSpec:
+        placement = placement or self.placement
         env = dict(self.env)
-        if self.cpu_build and self.cpu_plan.server and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(
-                self.cpu_plan.server
-            )  # vLLM's CPU build binds by itself
+        cpus = self.cpu_plan.server
+        if placement is not None:
+            env.update(placement.env())
+            cpus = placement.server_cpus
+        if self.cpu_build and cpus and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(cpus)  # vLLM's CPU build binds by itself
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return ServerSpec(
             model=self.model,
@@ -108,15 +146,54 @@ class TrialRunner:
             env=env,
             startup_timeout_s=self.startup_timeout_s,
             log_path=self.log_dir / f"{log_name[:60]}.log",
-            cpus=self.cpu_plan.server,
+            cpus=cpus,
         )
 
     @contextlib.contextmanager
     def serve(self, key: str, args: Sequence[str], log_name: str) -> Iterator[Session]:
         """Start a server with ``args`` (raises :class:`tuner.serving.launcher.LaunchError`), yield a session on
         it, and stop it however the block ends."""
+        with self._server(key, args, log_name, self.placement) as server:
+            yield Session(self, server, key)
+
+    @contextlib.contextmanager
+    def serve_node(
+        self, key: str, args: Sequence[str], log_name: str, placements: Sequence[Placement]
+    ) -> Iterator[Session]:
+        """One server per placement, started side by side, all from the same ``args``; yields one session whose
+        loads are split across them as a router would (:class:`NodeSession`). One placement: :meth:`serve`."""
+        if len(placements) <= 1:
+            with self._server(key, args, log_name, placements[0] if placements else self.placement) as one:
+                yield Session(self, one, key)
+            return
+        with contextlib.ExitStack() as stack:
+            servers: list[VllmServer | BaseException | None] = [None] * len(placements)
+
+            def start(i: int) -> None:
+                try:
+                    servers[i] = stack.enter_context(
+                        self._server(key, args, f"{log_name}-r{i}", placements[i])
+                    )
+                except BaseException as exc:
+                    servers[i] = exc
+
+            threads = [threading.Thread(target=start, args=(i,), daemon=True) for i in range(len(placements))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            failed = next((s for s in servers if isinstance(s, BaseException)), None)
+            if failed is not None:
+                raise failed
+            yield NodeSession(self, [s for s in servers if isinstance(s, VllmServer)], key)
+
+    @contextlib.contextmanager
+    def _server(
+        self, key: str, args: Sequence[str], log_name: str, placement: Placement | None
+    ) -> Iterator[VllmServer]:
         server = VllmServer(
-            self.spec(args, log_name), on_spawned=lambda pid, port: self.hooks.started(key, pid, port)
+            self.spec(args, log_name, placement),
+            on_spawned=lambda pid, port: self.hooks.started(key, pid, port),
         )
         try:
             server.start()
@@ -125,20 +202,15 @@ class TrialRunner:
                 self.hooks.stopped(server.pid)
             raise
         self.emit(ev.ServerReady(key, server.url, server.startup_s or 0.0, server.pid))
-        self._watch(server.url)
+        assert self.engines is not None
+        self.engines.add(server.url)
         try:
-            yield Session(self, server, key)
+            yield server
         finally:
-            self._watch(None)
+            self.engines.remove(server.url)
             server.stop()
             if server.pid is not None:
                 self.hooks.stopped(server.pid)
-
-    def _watch(self, url: str | None) -> None:
-        """Point the sampler's server scraping at the running candidate (or at nothing)."""
-        source = self.sampler.source if self.sampler else None
-        if isinstance(source, LiveSource):
-            source.set_engine_urls([url] if url else [])
 
     def next_seed(self) -> int:
         return next(self._seeds)
@@ -279,6 +351,19 @@ class Session:
         )  # fmt: skip
 
     async def _phase(self, load: Load, role: str, n: int, seed: int, *, warmup: bool) -> MeasuredPhase:
+        return await self._phase_on(self.server, load, role, n, seed, warmup=warmup)
+
+    async def _phase_on(
+        self,
+        server: VllmServer,
+        load: Load,
+        role: str,
+        n: int,
+        seed: int,
+        *,
+        warmup: bool,
+        report: bool = True,
+    ) -> MeasuredPhase:
         runner, plan = self.runner, self.runner.plan
         if load.open_loop:
             spec = LoadSpec(
@@ -306,11 +391,46 @@ class Session:
             def is_set(self) -> bool:
                 return runner.cancelled()
 
+        extra: dict[str, Any] = {}
+        if runner.workers > 1:
+            extra = {
+                "workers": runner.workers,
+                "client_cpus": runner.placement.client_cpus if runner.placement else None,
+            }
         return await measure_phase(
-            self.url, spec, sampler=runner.sampler, server_pid=self.server.pid, ttft_max_s=slo.ttft_p95_max_s,
-            tpot_max_s=slo.tpot_p95_max_s, on_progress=progress, cancel=_Cancel(), confidence=plan.confidence,
-            fail_fast=FailFast(slo.ttft_p95_max_s) if slo.ttft_p95_max_s is not None else None,
+            server.url, spec, sampler=runner.sampler, server_pid=server.pid, ttft_max_s=slo.ttft_p95_max_s,
+            tpot_max_s=slo.tpot_p95_max_s, on_progress=progress if report else None, cancel=_Cancel(),
+            confidence=plan.confidence,
+            fail_fast=FailFast(slo.ttft_p95_max_s) if slo.ttft_p95_max_s is not None else None, **extra,
         )  # fmt: skip
+
+
+class NodeSession(Session):
+    """Every replica of a layout, loaded together: each load is split across them as a random router would
+    (:func:`tuner.tuning.nodeload.split_load`) and their phases merged into the node's
+    (:func:`tuner.tuning.nodeload.merge_measured`), so a point is the node's, judged against the SLO as one."""
+
+    def __init__(self, runner: TrialRunner, servers: Sequence[VllmServer], key: str) -> None:
+        super().__init__(runner, servers[0], key)
+        self.servers = list(servers)
+
+    @property
+    def replicas(self) -> int:
+        return len(self.servers)
+
+    async def _phase(self, load: Load, role: str, n: int, seed: int, *, warmup: bool) -> MeasuredPhase:
+        shares = split_load(load, len(self.servers))
+        active = [
+            (server, share) for server, share in zip(self.servers, shares, strict=True) if share is not None
+        ]
+        counts = [max(1, math.ceil(n * share.value / load.value)) for _, share in active]
+        phases = await asyncio.gather(
+            *(
+                self._phase_on(server, share, role, count, seed * 1009 + i, warmup=warmup, report=i == 0)
+                for i, ((server, share), count) in enumerate(zip(active, counts, strict=True))
+            )
+        )
+        return merge_measured(phases, confidence=self.runner.plan.confidence, seed=seed)
 
 
 def _stored(phase: MeasuredPhase) -> dict[str, object]:

@@ -348,8 +348,8 @@ def _static_problems(candidate: Candidate, shape: ModelShape, hardware: Hardware
     if tp is not None and tp > 1:
         if hardware.is_cpu:
             problems.append("--tensor-parallel-size > 1 is not tuned on the CPU build")
-        elif hardware.gpu_count % tp:
-            problems.append(f"--tensor-parallel-size {tp} does not divide the {hardware.gpu_count} GPUs")
+        elif tp > hardware.gpu_count:
+            problems.append(f"--tensor-parallel-size {tp} needs more than the {hardware.gpu_count} GPUs")
         if shape.num_heads % tp:
             problems.append(
                 f"--tensor-parallel-size {tp} does not divide the {shape.num_heads} attention heads"
@@ -455,10 +455,10 @@ def default_space(
     FP8 weights and KV cache are tried on GPUs with FP8 tensor cores (not for pre-quantized checkpoints); max-num-
     seqs 64-512 on >= 70 GiB GPUs, 32-256 on >= 40 GiB, 16-128 below, 8-32 on the CPU build; batched tokens 2048 /
     8192 / 16384; memory utilization 0.90 / 0.95; prefix caching off as well as on (GPUs); tensor parallelism over
-    the divisors of the GPU count. max-model-len stays at the model's maximum when one such sequence fits the
-    leanest candidate (FP8 where tried, most memory, most ranks); otherwise the largest power of two that fits is
-    used, so that a small GPU still has candidates. Pin max-model-len to the workload's needs to search at that
-    length.
+    powers of two up to the node's GPUs (and the node itself). max-model-len stays at the model's maximum when
+    one such sequence fits the leanest candidate (FP8 where tried, most memory, most ranks); otherwise the largest
+    power of two that fits is used, so that a small GPU still has candidates. Pin max-model-len to the workload's
+    needs to search at that length.
 
     Raises:
         SpaceError: a pin that cannot run on this hardware (FP8 on an A100, TP 3 on 2 GPUs, ...).
@@ -485,7 +485,10 @@ def default_space(
         # Off only where the traffic shares nothing: the search proposes it when the defaults' cache served
         # (almost) no prompt token, so its hashing and bookkeeping bought nothing (search.propose_moves).
         values["enable_prefix_caching"] = (None, False)
-        tps = [tp for tp in range(1, hardware.gpu_count + 1) if hardware.gpu_count % tp == 0]
+        # Powers of two up to the node (what NCCL rings and NVLink blocks are built for) and the node itself; a
+        # size that does not divide the node leaves GPUs idle, which the node's ranking counts as lost.
+        tps = sorted({2**k for k in range(hardware.gpu_count.bit_length()) if 2**k <= hardware.gpu_count})
+        tps = sorted({*tps, hardware.gpu_count})
         tps = [tp for tp in tps if not _static_problems(Candidate(tensor_parallel_size=tp), shape, hardware)]
         values["tensor_parallel_size"] = tuple(tps) if len(tps) > 1 else (None,)
     if "max_model_len" not in pins:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ from tuner.loadgen.workload import DATASET_OUTPUT_LEN, Workload, WorkloadError, 
 from tuner.predict import aic
 from tuner.predict.base import PredictError, Prediction
 from tuner.predict.base import Workload as TokenCounts
-from tuner.predict.rank import Ranker
 from tuner.serving.affinity import pin_process, plan_cpus
 from tuner.serving.launcher import LaunchError, python_of
 from tuner.serving.leftovers import create_time_of, stop_leftover
+from tuner.telemetry import gpus as gpu_table
 from tuner.telemetry.model import GpuState
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
@@ -48,13 +49,17 @@ from tuner.tuning.capacity import (
     ties_with,
 )
 from tuner.tuning.conclusion import build_report, export_text, run_headline
+from tuner.tuning.executor import Done, Executor, Job
+from tuner.tuning.layout import Layout, NodeCapacity, layout_for
 from tuner.tuning.modelshape import Hardware, ModelShape
-from tuner.tuning.points import RATE, USERS
-from tuner.tuning.runner import AllRequestsFailed, MeasurePlan, ServerHooks, TrialRunner
+from tuner.tuning.placement import Node, Placement, gpus_local_cpus
+from tuner.tuning.points import RATE, USERS, Load
+from tuner.tuning.runner import AllRequestsFailed, EngineUrls, MeasurePlan, ServerHooks, TrialRunner
 from tuner.tuning.search import propose_moves, signals_from
 from tuner.tuning.slo import Slo
 from tuner.tuning.space import Candidate, SearchSpace, default_space, resolve
 from tuner.tuning.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
+from tuner.tuning.strategy import EvidenceStrategy, PredictedStrategy, Strategy
 from tuner.tuning.verdict import (
     Contender,
     Verdict,
@@ -108,6 +113,11 @@ class TuneConfig:
     # output_len in every phase; their means size predictions, and its longest sequence max-model-len.
     workload: Workload | None = None
     verdict: VerdictPlan = field(default_factory=VerdictPlan)
+    # The node: the GPUs the tune may use (physical indices; None: every GPU NVML sees) and how many trials may
+    # run at once (None: as many as the free GPUs hold; 1: one after another).
+    gpu_ids: tuple[int, ...] | None = None
+    parallel: int | None = None
+    nvml: Any = None  # a pynvml-like module to read the GPUs through (tests: a scripted one); None: pynvml
 
 
 @dataclass
@@ -119,6 +129,13 @@ class TrialOutcome:
     log_tail: str = ""
     startup_s: float | None = None
     failure_kind: str | None = None  # launcher.FailureKind value when the server did not start
+    gpus: tuple[int, ...] = ()  # the GPUs its server held
+
+    @property
+    def disturbed(self) -> str:
+        """Why other work on the host (trials beside it, other processes) disturbed a kept point, "" if none."""
+        points = self.capacity.points if self.capacity else ()
+        return next((p.disturbed for p in points if p.disturbed), "")
 
     @property
     def feasible(self) -> bool:
@@ -139,17 +156,63 @@ class TuneResult:
     exit_code: int = 0
 
 
-def detect_hardware(use_gpus: bool, env: Mapping[str, str]) -> tuple[Hardware, str]:
-    """The GPUs NVML sees, or the CPU build of vLLM sized by VLLM_CPU_KVCACHE_SPACE (GiB)."""
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the tune runs on: the hardware it sizes candidates for, and the GPUs and cores it hands out."""
+
+    hardware: Hardware
+    label: str
+    node: Node
+    board_power_w: float | None  # one GPU's default power limit (NVML) or datasheet TDP; None: unknown
+
+
+def detect_node(
+    use_gpus: bool,
+    env: Mapping[str, str],
+    *,
+    gpu_ids: tuple[int, ...] | None = None,
+    nvml: Any = None,
+    cpu_plan: Any = None,
+) -> NodeInfo:
+    """The GPUs NVML sees (those of ``gpu_ids`` only, when given), or the CPU build of vLLM sized by
+    VLLM_CPU_KVCACHE_SPACE (GiB).
+
+    Raises:
+        TuneError: ``gpu_ids`` names a GPU that is not there, or mixes GPU types.
+    """
     if use_gpus:
-        backend = NvmlBackend()
+        backend = NvmlBackend(nvml=nvml) if nvml is not None else NvmlBackend()
         info = backend.open()
         backend.close()
         if info.state is GpuState.OK and info.gpus:
-            hw = Hardware.from_gpus(info.gpus)
-            return hw, f"{hw.gpu_count}x {hw.gpu_name}"
+            visible = {g.index: g for g in info.gpus}
+            chosen = sorted(visible) if gpu_ids is None else list(gpu_ids)
+            missing = [i for i in chosen if i not in visible]
+            if missing:
+                have = ",".join(map(str, sorted(visible)))
+                raise TuneError(f"--gpus: GPU {missing[0]} is not visible here (visible: {have})")
+            picked = [visible[i] for i in chosen]
+            names = {g.name for g in picked}
+            if len(names) > 1:
+                raise TuneError(
+                    f"--gpus: the GPUs differ ({', '.join(sorted(names))}): tune one GPU type at a time"
+                )
+            hw = Hardware.from_gpus(picked)
+            cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+            node = Node(tuple(chosen), cores, gpus_local_cpus(picked, cores))
+            known = gpu_table.lookup(hw.gpu_name)
+            power = picked[0].power_limit_default_w or (known.tdp_w if known else None)
+            which = "" if gpu_ids is None else f" (GPUs {','.join(map(str, chosen))})"
+            return NodeInfo(hw, f"{hw.gpu_count}x {hw.gpu_name}{which}", node, power)
     kv_gib = float(env.get("VLLM_CPU_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
-    return Hardware.cpu(int(kv_gib * GiB)), f"CPU (vLLM CPU build, {kv_gib:g} GiB KV cache)"
+    hw = Hardware.cpu(int(kv_gib * GiB))
+    return NodeInfo(hw, f"CPU (vLLM CPU build, {kv_gib:g} GiB KV cache)", Node((), cpu_plan=cpu_plan), None)
+
+
+def detect_hardware(use_gpus: bool, env: Mapping[str, str]) -> tuple[Hardware, str]:
+    """The GPUs NVML sees, or the CPU build of vLLM sized by VLLM_CPU_KVCACHE_SPACE (GiB)."""
+    info = detect_node(use_gpus, env)
+    return info.hardware, info.label
 
 
 class Tuner:
@@ -176,7 +239,8 @@ class Tuner:
             )
         if config.workload is not None:
             self.config = config = self._for_workload(config, config.workload)
-        self.hardware, self.hardware_label = detect_hardware(config.gpus, config.env)
+        self.node_info = detect_node(config.gpus, config.env, gpu_ids=config.gpu_ids, nvml=config.nvml)
+        self.hardware, self.hardware_label = self.node_info.hardware, self.node_info.label
         if self.hardware.is_cpu and "VLLM_CPU_KVCACHE_SPACE" not in {**os.environ, **config.env}:
             # Unset, vLLM's CPU build reserves 92 % of the NUMA node's memory for the KV cache and refuses to
             # start when anything else uses it: give it the size the search space assumes instead.
@@ -191,10 +255,21 @@ class Tuner:
             self.cpu_plan = plan_cpus(config.pin_cpus, cpu_build=self.hardware.is_cpu)
         except ValueError as exc:
             raise TuneError(str(exc)) from None
+        node = self.node_info.node
+        if node.is_cpu or config.pin_cpus != "auto":
+            node.cpu_plan = self.cpu_plan  # one slot, split as planned (or as the operator asked)
+            if not node.is_cpu:
+                node.cores = frozenset()  # the operator's split holds for every trial: no per-GPU cores
+        self.node = node
+        if config.parallel is not None and config.parallel < 1:
+            raise TuneError(f"--parallel must be at least 1, got {config.parallel}")
+        self.parallel = 1 if node.is_cpu else min(config.parallel or node.size, node.size)
         self.explicit = set(config.values)  # operator-chosen ladders are launched even if predicted to fail
         self.sampler = Sampler(
             LiveSource(
-                NvmlBackend() if config.gpus and not self.hardware.is_cpu else None,
+                (NvmlBackend(nvml=config.nvml) if config.nvml is not None else NvmlBackend())
+                if config.gpus and not self.hardware.is_cpu
+                else None,
                 config=SamplerConfig(discover_vllm=False, history_len=480),
             ),
             history_len=480,
@@ -206,12 +281,15 @@ class Tuner:
         self._listener: ev.Listener = lambda e: None
         self._cancel = threading.Event()
         self._store: TrialStore | None = None
+        self._emit_lock = threading.Lock()  # trials side by side emit from their own threads
+        self.engines = EngineUrls(self.sampler)
+        self._trial_s: list[float] = []  # wall times of the trials that ran (launch to stop), for the ETA
         self.predictions: dict[str, Prediction] = {}  # candidate key -> the model's prediction
         self.prediction_note = ""  # the model's source, or why candidates are not predicted
 
     # --- the run ---------------------------------------------------------------------------------------------
 
-    def runner(self) -> TrialRunner:
+    def runner(self, placement: Placement | None = None) -> TrialRunner:
         cfg = self.config
         plan = MeasurePlan(
             input_len=cfg.input_len, output_len=cfg.output_len, vocab_size=self.vocab_size, workload=cfg.workload,
@@ -222,7 +300,8 @@ class Tuner:
             model=cfg.model, slo=cfg.slo, plan=plan, command=cfg.command, fixed_args=cfg.fixed_args, env=cfg.env,
             startup_timeout_s=cfg.startup_timeout_s, log_dir=cfg.out_dir / "logs", sampler=self.sampler,
             cpu_plan=self.cpu_plan, cpu_build=self.hardware.is_cpu, emit=self._emit, cancelled=self._cancel.is_set,
-            hooks=ServerHooks(self._server_started, self._server_stopped),
+            hooks=ServerHooks(self._server_started, self._server_stopped), placement=placement,
+            engines=self.engines,
         )  # fmt: skip
 
     def run(self, listener: ev.Listener | None = None, cancel: threading.Event | None = None) -> TuneResult:
@@ -415,65 +494,142 @@ class Tuner:
     def _search(
         self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
     ) -> str | None:
-        if any(self.predicted_capacity(c) for c in self.space.feasible()):
-            return self._search_predicted(store, outcomes, budget, defaults)
-        return self._search_evidence(store, outcomes, budget, defaults)
+        """Run trials, side by side where the node has the GPUs, until the strategy has nothing left worth a
+        launch or the budget is used. Returns why it stopped early ("interrupted") or None.
 
-    def _search_predicted(
-        self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
-    ) -> str | None:
-        """Predict, then measure: vLLM's defaults first (the reference every result is compared with), then the
-        best calibrated prediction that could still beat the incumbent (tuner.predict.rank); stops when none
-        can. Returns why it stopped early ("interrupted") or None."""
-        candidates = {c.key(): c for c in [defaults, *self.space.feasible()]}  # the defaults calibrate too
-        predicted = {k: self.predicted_capacity(c) or 0.0 for k, c in candidates.items()}
-        ranker = Ranker(
-            predicted,
-            family=lambda k: (
-                candidates[k].quantization,
-                candidates[k].kv_cache_dtype,
-                candidates[k].tensor_parallel_size,
-            ),
+        The strategy (predict-then-measure where a performance model covers the GPU, else the evidence search
+        from vLLM's defaults) proposes candidates best first; each starts as soon as its GPUs are free, the best
+        waiting for its own rather than being overtaken. Each ending trial is recorded, the strategy recalibrated
+        and asked again."""
+        predicted = any(self.predicted_capacity(c) for c in self.space.feasible())
+        strategy: Strategy = (
+            PredictedStrategy(self, outcomes, defaults) if predicted else EvidenceStrategy(self, defaults)
         )
-        incumbent: TrialOutcome | None = None
-        for o in outcomes.values():  # a resumed run's trials calibrate the model too
-            if o.candidate.key() in predicted:
-                ranker.record(o.candidate.key(), self._measured(o))
-            if o.feasible and (incumbent is None or self._prefer(o, incumbent)):
-                incumbent = o
-        queue: list[tuple[Candidate, str]] = [(defaults, "vLLM's defaults: the configuration to beat")]
+        executor: Executor[TrialOutcome] = Executor(self.node, self._run_job, self._cancel, self.parallel)
+        self._jobs: dict[str, tuple[Candidate, TrialOutcome | None]] = {}
+        self._submitted = self.launches
         tried: set[str] = set(outcomes)
+        incumbent = self._incumbent(outcomes.values())
         while True:
             if self._cancel.is_set():
+                executor.drain()
                 return "interrupted"
-            if queue:
-                candidate, why = queue.pop(0)
-            else:
-                argued = self._argued_for(incumbent, tried) if incumbent is not None else {}
-                key = ranker.next(tried, prefer=list(argued))
-                if key is None:
-                    self.note = "no untried configuration could beat the best, given the model's error so far"
-                    break
-                candidate, why = candidates[key], ranker.why(key)
-                if key in argued:
-                    why = f"{argued[key]}; {why}"
-            key = candidate.key()
-            if key in tried and key in outcomes:
-                continue
-            tried.add(key)
-            if self.launches >= budget:
-                self.note = f"launch budget of {budget} used"
+            self._fill(strategy, executor, store, outcomes, tried, incumbent, budget)
+            done = executor.wait()
+            if done is None:
                 break
-            outcome = self._trial(store, candidate, why, incumbent)
+            outcome = self._collect(done, executor)
             if outcome is None:
-                return "interrupted"
-            outcomes[key] = outcome
-            if key in predicted:
-                ranker.record(key, self._measured(outcome))
+                continue  # interrupted: the loop's first check returns
+            outcomes[outcome.candidate.key()] = outcome
+            strategy.record(outcome)
             incumbent = self._consider(outcome, incumbent)
+            self._eta(strategy, executor, budget)
         return None
 
-    def _argued_for(self, base: TrialOutcome, tried: set[str]) -> dict[str, str]:
+    def _collect(self, done: Done[TrialOutcome], executor: Executor[TrialOutcome]) -> TrialOutcome | None:
+        """A finished job's outcome; a trial whose code raised stops the search (the others are stopped first)."""
+        self._jobs.pop(done.job.key, None)
+        self._trial_s.append(done.wall_s)
+        if done.error is not None:
+            self._cancel.set()  # the others stop within seconds; their trials are kept as interrupted
+            executor.drain()
+            self._cancel.clear()
+            raise done.error
+        return done.result
+
+    def _run_job(self, job: Job, placement: Placement) -> TrialOutcome | None:
+        """One trial on its placement, on the executor's thread."""
+        candidate, incumbent = self._jobs[job.key]
+        assert self._store is not None
+        return self._trial(self._store, candidate, job.why, incumbent, placement)
+
+    def _fill(
+        self,
+        strategy: Strategy,
+        executor: Executor[TrialOutcome],
+        store: TrialStore,
+        outcomes: dict[str, TrialOutcome],
+        tried: set[str],
+        incumbent: TrialOutcome | None,
+        budget: int,
+    ) -> None:
+        """Start what the strategy proposes while GPUs are free: the best first, then others that fit beside it
+        (tuner.tuning.placement.pack_batch's rule). Candidates that cannot start are recorded without a launch."""
+        while not self._cancel.is_set():
+            proposals = strategy.propose(tried, incumbent)
+            if not proposals:
+                if not executor.running and strategy.stop_note and self.note is None:
+                    self.note = strategy.stop_note
+                return
+            started = False
+            for i, (candidate, why) in enumerate(proposals):
+                key = candidate.key()
+                if not self._can_start(candidate):
+                    tried.add(key)
+                    outcome = self._trial(store, candidate, why, incumbent)  # recorded, not launched
+                    if outcome is not None:
+                        outcomes[key] = outcome
+                        strategy.record(outcome)
+                    started = True
+                    break
+                if self._submitted >= budget:
+                    self.note = f"launch budget of {budget} used"
+                    return
+                tp = candidate.tensor_parallel_size or 1
+                if executor.has_room(tp):
+                    self._jobs[key] = (candidate, incumbent)
+                    executor.submit(Job(key, tp, why))
+                    self._submitted += 1
+                    tried.add(key)
+                    started = True
+                    break
+                if i == 0:
+                    return  # the best contender waits for its GPUs rather than be overtaken
+            if not started:
+                return
+
+    def _can_start(self, candidate: Candidate) -> bool:
+        """Whether a candidate is worth a launch: it fits, or the operator asked for its values explicitly."""
+        explicit = any(getattr(candidate, k) is not None for k in self.explicit)
+        return self.space.check(candidate).ok or explicit
+
+    def _incumbent(self, outcomes: Iterable[TrialOutcome]) -> TrialOutcome | None:
+        best: TrialOutcome | None = None
+        for o in outcomes:
+            if o.feasible and (best is None or self._prefer(o, best)):
+                best = o
+        return best
+
+    def _eta(self, strategy: Strategy, executor: Executor[TrialOutcome], budget: int) -> None:
+        """Tell watchers how long the rest should take: the launches left (the strategy's contenders, at most
+        the budget left) at the trial time seen so far, over the slots, plus the proof."""
+        left = max(0, min(strategy.expected_left(), budget - self._submitted)) + len(executor.running)
+        per_trial = sorted(self._trial_s)[len(self._trial_s) // 2] if self._trial_s else None
+        if per_trial is None:
+            self._emit(ev.EtaUpdated(None, left + 1, "no trial has ended yet"))
+            return
+        waves = -(-left // max(1, self.parallel))
+        remaining = (waves + (1 if self.config.prove else 0)) * per_trial
+        basis = (
+            f"{left} launch{'es' if left != 1 else ''} left on {self.parallel} slot"
+            f"{'s' if self.parallel != 1 else ''} at ~{per_trial / 60:.1f} min each"
+            + (", then the proof" if self.config.prove else "")
+        )
+        self._emit(ev.EtaUpdated(remaining, left + (1 if self.config.prove else 0), basis))
+
+    # --- the node -------------------------------------------------------------------------------------------
+
+    def layout(self, candidate: Candidate) -> Layout:
+        """How ``candidate`` fills the node: replicas x TP, idle GPUs counted as lost."""
+        return layout_for(candidate.tensor_parallel_size, self.hardware.gpu_count)
+
+    def predicted_node(self, candidate: Candidate) -> float | None:
+        """The model's capacity for the whole node: one server's times the replicas the node holds."""
+        predicted = self.predicted_capacity(candidate)
+        return None if predicted is None else predicted * self.layout(candidate).replicas
+
+    def argued_for(self, base: TrialOutcome, tried: set[str]) -> dict[str, str]:
         """Candidate key -> why, for the moves the incumbent's evidence argues for (search.propose_moves),
         best first: where the model cannot tell candidates apart, these go first."""
         current = dataclasses.asdict(resolve(base.candidate, self.hardware, self.shape))
@@ -488,7 +644,7 @@ class Tuner:
                 argued.setdefault(key, move.why)
         return argued
 
-    def _defaults_that_fit(self, defaults: Candidate) -> list[tuple[Candidate, str]]:
+    def defaults_that_fit(self, defaults: Candidate) -> list[tuple[Candidate, str]]:
         """Where vLLM's defaults cannot start (a model too big for one GPU), the defaults at the smallest
         tensor parallelism that fits: the evidence search has no move for TP and would have nowhere to start."""
         if self.space.check(defaults).ok or defaults.tensor_parallel_size is not None:
@@ -499,9 +655,17 @@ class Tuner:
                 return [(candidate, f"vLLM's defaults do not fit one GPU: the defaults at TP {tp}")]
         return []
 
+    def note_refusal(self, outcome: TrialOutcome) -> None:
+        """A value vLLM refused as unsupported is not tried again with other settings."""
+        if outcome.failure_kind == "unsupported_option" or "(unsupported option)" in outcome.reason:
+            self._rejected.update(self._moves.get(outcome.candidate.key(), {}).items())
+
+    def node_measured(self, outcome: TrialOutcome) -> float:
+        return self._measured(outcome)
+
     def _measured(self, outcome: TrialOutcome) -> float:
-        """A trial's capacity in the objective's unit (0: it failed or nothing met the SLO)."""
-        return (outcome.capacity.lo or 0.0) if outcome.feasible and outcome.capacity else 0.0
+        """A trial's capacity for the whole node in the objective's unit (0: it failed or nothing met the SLO)."""
+        return (self.capacity_of(outcome).lo or 0.0) if outcome.feasible and outcome.capacity else 0.0
 
     def _consider(self, outcome: TrialOutcome, incumbent: TrialOutcome | None) -> TrialOutcome | None:
         """The incumbent after ``outcome``: it, when it beats the incumbent or ties closer to the defaults."""
@@ -526,40 +690,6 @@ class Tuner:
         )  # fmt: skip
         return outcome
 
-    def _search_evidence(
-        self, store: TrialStore, outcomes: dict[str, TrialOutcome], budget: int, defaults: Candidate
-    ) -> str | None:
-        """Coordinate search from vLLM's defaults. Returns why it stopped early ("interrupted") or None."""
-        incumbent: TrialOutcome | None = None
-        queue: list[tuple[Candidate, str]] = [(defaults, "vLLM's defaults: the configuration to beat")]
-        queue += self._defaults_that_fit(defaults)
-        tried: set[str] = set()
-        for o in outcomes.values():  # a resumed run's incumbent
-            if o.feasible and (incumbent is None or self._prefer(o, incumbent)):
-                incumbent = o
-        while queue:
-            if self._cancel.is_set():
-                return "interrupted"
-            candidate, why = queue.pop(0)
-            if candidate.key() in tried:
-                continue
-            tried.add(candidate.key())
-            outcome = outcomes.get(candidate.key())
-            if outcome is None:
-                if self.launches >= budget:
-                    self.note = f"launch budget of {budget} used"
-                    break
-                outcome = self._trial(store, candidate, why, incumbent)
-                if outcome is None:
-                    return "interrupted"
-                outcomes[candidate.key()] = outcome
-            if outcome.failure_kind == "unsupported_option" or "(unsupported option)" in outcome.reason:
-                self._rejected.update(self._moves.get(candidate.key(), {}).items())
-            incumbent = self._consider(outcome, incumbent)
-            if not queue:
-                queue = self._next_moves(incumbent or outcome, tried)
-        return None
-
     def label(self, candidate: Candidate) -> str:
         """The candidate's short label; the baseline says that it is vLLM's defaults (plus any pins)."""
         if candidate == self.space.baseline():
@@ -572,10 +702,10 @@ class Tuner:
         baseline = self.space.baseline().config_dict()
         return sum(1 for k, v in outcome.candidate.config_dict().items() if baseline.get(k) != v)
 
-    @staticmethod
-    def capacity_of(outcome: TrialOutcome) -> Capacity:
+    def capacity_of(self, outcome: TrialOutcome) -> NodeCapacity:
+        """The node's capacity with this trial's configuration: its server's times the replicas the node holds."""
         assert outcome.capacity is not None
-        return outcome.capacity
+        return NodeCapacity(outcome.capacity, self.layout(outcome.candidate).replicas)
 
     def _prefer(self, new: TrialOutcome, incumbent: TrialOutcome) -> bool:
         """``new`` replaces the incumbent: it beats it, or ties with it closer to vLLM's defaults."""
@@ -586,24 +716,27 @@ class Tuner:
         return ties_with(a, b, res) and self.distance(new) < self.distance(incumbent)
 
     def _emit(self, event: ev.TuneEvent) -> None:
-        with contextlib.suppress(Exception):  # a broken listener must not end the run
+        # Trials side by side emit from their own threads: one at a time, so a listener sees them in order.
+        with self._emit_lock, contextlib.suppress(Exception):  # a broken listener must not end the run
             self._listener(event)
 
-    def _next_moves(self, base: TrialOutcome, tried: set[str]) -> list[tuple[Candidate, str]]:
+    def next_moves(self, base: TrialOutcome, tried: set[str]) -> list[tuple[Candidate, str]]:
+        """Every untried move the evidence of ``base`` argues for, best first."""
         # Step from the values the server really ran with (None = vLLM's default, e.g. 128 sequences on CPU).
         current = dataclasses.asdict(resolve(base.candidate, self.hardware, self.shape))
         signals = signals_from(base.capacity, base.candidate.max_num_seqs)
         ladders = {
             name: tuple(v for v in values if v is not None) for name, values in self.space.values.items()
         }
+        moves: list[tuple[Candidate, str]] = []
         for move in propose_moves(current, signals, ladders):
             if any((name, value) in self._rejected for name, value in move.values.items()):
                 continue  # vLLM refused this value outright on this machine: no other combination will start
             candidate = base.candidate.with_values(**move.values)
-            if candidate.key() not in tried:
+            if candidate.key() not in tried and all(candidate.key() != c.key() for c, _ in moves):
                 self._moves[candidate.key()] = dict(move.values)
-                return [(candidate, move.why)]
-        return []
+                moves.append((candidate, move.why))
+        return moves
 
     # --- servers: recorded while they run, stopped on resume if an earlier run left them -------------------
 
@@ -628,8 +761,15 @@ class Tuner:
     # --- one trial -------------------------------------------------------------------------------------------
 
     def _trial(
-        self, store: TrialStore, candidate: Candidate, why: str, incumbent: TrialOutcome | None
+        self,
+        store: TrialStore,
+        candidate: Candidate,
+        why: str,
+        incumbent: TrialOutcome | None,
+        placement: Placement | None = None,
     ) -> TrialOutcome | None:
+        """Launch ``candidate`` on ``placement`` (its GPUs and cores), search its server's capacity, store it, stop
+        it. A candidate that cannot start is recorded without a launch. Runs on an executor thread."""
         feasibility = self.space.check(candidate)
         explicit = any(getattr(candidate, k) is not None for k in self.explicit)
         if not feasibility.ok and not explicit:
@@ -638,16 +778,23 @@ class Tuner:
             outcome = TrialOutcome(candidate, TrialStatus.INFEASIBLE, f"not launched: {reason}")
             self._emit(self._finished_event(candidate.key(), outcome))
             return outcome
-        self.launches += 1
+        with self._emit_lock:
+            self.launches += 1
+            index = self.launches
         key = candidate.key()
+        gpus = placement.gpus if placement else ()
         self._emit(
             ev.TrialStarted(
-                key, self.label(candidate), candidate.config_dict(), self.launches, why,
-                self.predicted_capacity(candidate),
+                key, self.label(candidate), candidate.config_dict(), index, why,
+                self.predicted_capacity(candidate), gpus, self.layout(candidate).label(),
             )
         )  # fmt: skip
         store.record_start(candidate)
-        runner = self.runner()
+        runner = self.runner(placement)
+        if self.parallel > 1:
+            # Beside other trials the host is never quiet: measuring again would not make it so. Disturbed
+            # points are kept and flagged (the proof runs alone and has the last word).
+            runner.plan = dataclasses.replace(runner.plan, remeasures=0)
         plan = CapacityPlan(
             objective=self.objective,
             max_users=max(
@@ -661,26 +808,23 @@ class Tuner:
             with runner.serve(key, candidate.vllm_args(), key) as session:
                 startup_s = session.startup_s
                 capacity = find_capacity(session.measure, plan, self._cancel.is_set)
-                load = (
-                    separating_load(capacity, incumbent.capacity, self.objective)
-                    if incumbent and incumbent.capacity
-                    else None
-                )
+                load = self._separating_load(candidate, capacity, incumbent)
                 if load is not None and not self._cancel.is_set() and not _died(capacity):
                     # Tied so far: one more point at the load the incumbent failed tells them apart.
                     capacity = capacity.with_point(session.measure(load, "judged"))
                 log_tail = session.server.log_tail(30) if _died(capacity) else ""
         except LaunchError as exc:
             outcome = TrialOutcome(
-                candidate, TrialStatus.FAILED, exc.summary, log_tail=exc.log_tail, failure_kind=exc.kind.value
-            )
+                candidate, TrialStatus.FAILED, exc.summary, log_tail=exc.log_tail, failure_kind=exc.kind.value,
+                gpus=gpus,
+            )  # fmt: skip
             store.record_result(candidate, outcome.status, outcome.reason, log_tail=exc.log_tail)
             self._emit(self._finished_event(key, outcome))
             return outcome
         except AllRequestsFailed as exc:
             reason = f"the server refused every request: {exc}"
             store.record_result(candidate, TrialStatus.FAILED, reason, startup_s=startup_s)
-            outcome = TrialOutcome(candidate, TrialStatus.FAILED, reason, startup_s=startup_s)
+            outcome = TrialOutcome(candidate, TrialStatus.FAILED, reason, startup_s=startup_s, gpus=gpus)
             self._emit(self._finished_event(key, outcome))
             if candidate == self.space.baseline():
                 raise TuneError(f"vLLM's defaults: {reason}") from None  # the workload itself is refused
@@ -712,20 +856,86 @@ class Tuner:
             best=BestPoint(best.load.value, best.output_tokens_per_s, best.load.kind) if best else None,
             log_tail=log_tail or None, startup_s=startup_s,
         )  # fmt: skip
-        outcome = TrialOutcome(candidate, status, reason, capacity, log_tail, startup_s)
+        outcome = TrialOutcome(candidate, status, reason, capacity, log_tail, startup_s, gpus=gpus)
         self._emit(self._finished_event(key, outcome))
         return outcome
 
+    def _separating_load(
+        self, candidate: Candidate, capacity: Capacity, incumbent: TrialOutcome | None
+    ) -> Load | None:
+        """The one load (on this server) that could tell this layout from a tied incumbent: the node load the
+        incumbent's layout failed, over this layout's replicas."""
+        if incumbent is None or incumbent.capacity is None:
+            return None
+        mine, theirs = self.layout(candidate).replicas, self.layout(incumbent.candidate).replicas
+        if mine == theirs:
+            return separating_load(capacity, incumbent.capacity, self.objective)
+        node_hi = self.capacity_of(incumbent).hi
+        if capacity.lo is None or node_hi is None or mine < 1:
+            return None
+        per_server = node_hi / mine
+        if capacity.lo >= per_server or (capacity.hi is not None and capacity.hi <= per_server):
+            return None
+        if self.objective == RATE:
+            return Load.rate(per_server)
+        users = math.ceil(per_server)
+        return Load.users(users) if capacity.lo < users else None
+
     def _finished_event(self, key: str, o: TrialOutcome) -> ev.TrialFinished:
         best = o.capacity.best if o.capacity else None
-        measured = self._measured(o) if o.status is TrialStatus.FEASIBLE else None
+        server = (o.capacity.lo or 0.0) if o.feasible and o.capacity else 0.0
+        measured = server if o.status is TrialStatus.FEASIBLE else None
+        node = self._measured(o) if o.status is TrialStatus.FEASIBLE else None
         return ev.TrialFinished(
             key, self.label(o.candidate), o.status.value, o.reason, best.load.label() if best else None,
             best.output_tokens_per_s if best else None, o.log_tail, o.capacity.describe() if o.capacity else "",
-            self.predicted_capacity(o.candidate), measured,
+            self.predicted_capacity(o.candidate), measured, o.gpus, self.layout(o.candidate).label(), node,
+            o.disturbed,
         )  # fmt: skip
 
     # --- the end: export, verdict, report -------------------------------------------------------------------
+
+    def contender(self, outcome: TrialOutcome) -> Contender:
+        """A ranked trial as the verdict tries it: its layout's replicas and a label that names the layout."""
+        assert outcome.capacity is not None
+        layout = self.layout(outcome.candidate)
+        label = self.label(outcome.candidate)
+        if self.hardware.gpu_count > 1:
+            label = f"{label} as {layout.label()}"
+        return Contender(outcome.candidate, label, outcome.capacity, layout.replicas)
+
+    def proof_placements(self, contender: Contender) -> list[Placement]:
+        """Where each replica of the contender's layout runs for the proof: the whole node, one block each."""
+        return _took_all(self.node, contender.candidate.tensor_parallel_size or 1, contender.replicas)
+
+    def _write_replicas(self, contender: Contender, status_line: str, out: Path) -> dict[str, str]:
+        """For a layout of several replicas: one file per replica (its port; its GPUs in the header) and the
+        script that starts them all. One replica: nothing more than best.yaml."""
+        if contender.replicas <= 1:
+            return {}
+        written: dict[str, str] = {}
+        lines = [
+            "#!/bin/sh",
+            f"# {status_line}",
+            "# One vLLM server per replica, each on its own GPUs and port.",
+        ]
+        tp = contender.candidate.tensor_parallel_size or 1
+        for i, placement in enumerate(self.proof_placements(contender)):
+            port = 8000 + i
+            path = out / f"best-replica-{i}.yaml"
+            path.write_text(export_text(self, contender, status_line, replica=(i, placement.gpus, port)))
+            written[f"replica_{i}"] = str(path)
+            devices = ",".join(map(str, placement.gpus))
+            lines.append(
+                f"CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES={devices} vllm serve --config {path.name} &"
+                f"  # TP {tp}, port {port}"
+            )
+        lines.append("wait")
+        script = out / "serve-node.sh"
+        script.write_text("\n".join(lines) + "\n")
+        script.chmod(0o755)
+        written["serve_node"] = str(script)
+        return written
 
     def _finish(
         self,
@@ -741,7 +951,7 @@ class Tuner:
         out = self.config.out_dir
         out.mkdir(parents=True, exist_ok=True)
         outputs: dict[str, str] = {}
-        contenders = [Contender(o.candidate, self.label(o.candidate), self.capacity_of(o)) for o in ranked]
+        contenders = [self.contender(o) for o in ranked]
         defaults_outcome = outcomes.get(defaults.key())
         defaults_capacity = defaults_outcome.capacity if defaults_outcome else None
         yaml_path = out / "best.yaml"
@@ -750,6 +960,7 @@ class Tuner:
 
             def write_yaml(contender: Contender, status_line: str) -> Path:
                 yaml_path.write_text(export_text(self, contender, status_line))
+                outputs.update(self._write_replicas(contender, status_line, out))
                 return yaml_path
 
             if self.config.prove and not self._cancel.is_set():
@@ -760,6 +971,7 @@ class Tuner:
                     self.config.verdict,
                     defaults_capacity=defaults_capacity,
                     first_launch=self.launches + 1,
+                    placements_for=self.proof_placements,
                 )
             elif not self.config.prove:
                 verdict = unverified(contenders[0])
@@ -785,6 +997,19 @@ class Tuner:
                 )
             )  # fmt: skip
         return report, verdict
+
+
+def _took_all(node: Node, tp: int, replicas: int) -> list[Placement]:
+    """Every replica's placement on an idle node (the proof runs alone)."""
+    taken: list[Placement] = []
+    for _ in range(replicas):
+        placement = node.take(tp)
+        if placement is None:
+            break
+        taken.append(placement)
+    for placement in taken:
+        node.release(placement)  # handed back at once: the proof is the node's only user
+    return taken
 
 
 def _died(capacity: Capacity) -> bool:

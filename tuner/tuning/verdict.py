@@ -1,18 +1,26 @@
 """The verdict: does the winner hold on a server started from the exported file alone?
 
 For the winner (then, if it does not hold, the runner-up), vLLM is relaunched from the exported
-``vllm serve --config`` YAML (plus the run's fixed arguments) and, on that one server:
+``vllm serve --config`` YAML (plus the run's fixed arguments): one server per replica of its layout, on the GPUs
+each would hold, all loaded together as one node (the load split across them as a random router would:
+:class:`tuner.tuning.runner.NodeSession`). One replica's capacity times the replicas is the search's
+*prediction* of the node; this is its *measurement*:
 
-* **proof**: the capacity point is held again, as long as in the search, with the same load model: it must
-  meet the SLO again and its steady throughput must come within ``proof_tolerance`` (10 %) of the trial's;
+* **proof**: the node's capacity (the trial's per server, times the replicas) is held, as long as in the
+  search, with the same load model. It passes when the SLO holds with its intervals inside the limits and,
+  under an open loop, the node delivered the load offered to it (the throughput's interval reaches the arrival
+  rate times the mean output tokens, within ``proof_tolerance``). Under an open loop the throughput of a window at
+  a fixed rate is the offered load plus where a short window starts and ends, not a property of the server, so it
+  is compared with what was offered, never with the trial's window;
 * **production check**: ``production_fraction`` (75 %) of the capacity, the load a production server should be
   sized for, held long enough for the judged percentile (``MeasurePlan.production_s``, at least three requests
   beyond the p95). If it does not hold, the load backs off by x0.8, at most ``backoffs`` times: the highest
   load that holds becomes the exported operating point.
 
-Statuses: ``proven`` (proof reproduced and the first check held), ``backed_off`` (a check held only lower, the
-proof did not reproduce, or the runner-up was proven instead), ``not_proven`` (nothing held: the command exits
-3), ``unverified`` (the operator skipped the relaunch with --no-prove).
+Statuses: ``proven`` (the proof held and the first check held), ``backed_off`` (something actually backed off:
+a check held only at a lower load, the capacity did not hold on the relaunch while the operating point did, or the
+runner-up was proven instead), ``not_proven`` (nothing held: the command exits 3), ``unverified`` (the operator
+skipped the relaunch with --no-prove).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 from tuner.serving.launcher import LaunchError
 from tuner.tuning import events as ev
 from tuner.tuning.capacity import Capacity
+from tuner.tuning.placement import Placement
 from tuner.tuning.points import Load, Point
 from tuner.tuning.runner import AllRequestsFailed, TrialRunner
 from tuner.tuning.space import Candidate
@@ -52,7 +61,14 @@ class Contender:
 
     candidate: Candidate
     label: str
-    capacity: Capacity
+    capacity: Capacity  # one server's, as the search measured it
+    replicas: int = 1  # servers of the layout on the node: the proof starts and loads them all
+
+    def node_load(self) -> Load:
+        """The node's capacity load: the server's best times the replicas (a prediction until the proof)."""
+        best = self.capacity.best
+        assert best is not None
+        return _times(best.load, self.replicas)
 
 
 @dataclass
@@ -65,9 +81,11 @@ class Attempt:
     error: str | None = None
     startup_s: float | None = None
     proof: Point | None = None
-    proof_ratio: float | None = None
+    proof_ratio: float | None = None  # open loop: delivered / offered (requests completed over arrivals)
     proof_ok: bool = False
     checks: list[Point] = field(default_factory=list)
+    replicas: int = 1
+    predicted_node_tokens_per_s: float | None = None  # the trial's throughput times the replicas
 
     @property
     def held(self) -> Point | None:
@@ -84,6 +102,9 @@ class Attempt:
             "proof_ratio": self.proof_ratio,
             "proof_ok": self.proof_ok,
             "checks": [c.to_dict() for c in self.checks],
+            "replicas": self.replicas,
+            "predicted_node_tokens_per_s": self.predicted_node_tokens_per_s,
+            "measured_node_tokens_per_s": self.proof.output_tokens_per_s if self.proof else None,
         }
 
 
@@ -120,6 +141,8 @@ class Verdict:
 
 WriteYaml = Callable[[Contender, str], Path]
 """Writes the export for a contender with a header line; returns its path."""
+PlacementsFor = Callable[[Contender], Sequence[Placement]]
+"""Where each replica of a contender's layout runs for the proof (one placement per replica)."""
 
 
 def reach_verdict(
@@ -130,6 +153,7 @@ def reach_verdict(
     *,
     defaults_capacity: Capacity | None = None,
     first_launch: int = 1,
+    placements_for: PlacementsFor | None = None,
 ) -> Verdict:
     """Relaunch the best contender from its exported file and check it; the runner-up if it does not hold."""
     attempts: list[Attempt] = []
@@ -139,7 +163,8 @@ def reach_verdict(
         path = write_yaml(
             contender, "NOT YET PROVEN: infertop is relaunching vLLM from this file to check it"
         )
-        attempt = _attempt(runner, contender, path, plan, first_launch + len(attempts))
+        placements = placements_for(contender) if placements_for is not None else ()
+        attempt = _attempt(runner, contender, path, plan, first_launch + len(attempts), placements)
         attempts.append(attempt)
         held = attempt.held
         if held is not None:
@@ -169,32 +194,36 @@ def unverified(contender: Contender) -> Verdict:
 
 
 def _attempt(
-    runner: TrialRunner, contender: Contender, path: Path, plan: VerdictPlan, launch: int
+    runner: TrialRunner,
+    contender: Contender,
+    path: Path,
+    plan: VerdictPlan,
+    launch: int,
+    placements: Sequence[Placement] = (),
 ) -> Attempt:
-    attempt = Attempt(contender.candidate.key(), contender.label, str(path))
+    attempt = Attempt(contender.candidate.key(), contender.label, str(path), replicas=contender.replicas)
     best = contender.capacity.best
     assert best is not None  # only feasible contenders are ranked
+    attempt.predicted_node_tokens_per_s = best.output_tokens_per_s * contender.replicas
+    node_load = contender.node_load()
+    gpus = tuple(g for p in placements for g in p.gpus)
+    on = f" on {contender.replicas} replicas" if contender.replicas > 1 else ""
     runner.emit(
         ev.TrialStarted(
-            PROOF_KEY, f"proof: {contender.label} from {path.name}", {"config": str(path)}, launch,
-            "relaunch from the exported file: the proof, then the production check",
+            PROOF_KEY, f"proof: {contender.label} from {path.name}{on}", {"config": str(path)}, launch,
+            "relaunch from the exported file: the proof, then the production check", gpus=gpus,
         )
     )  # fmt: skip
     try:
-        with runner.serve(
-            PROOF_KEY, ("--config", str(path)), f"proof-{len(contender.label)}-{path.stem}"
+        with runner.serve_node(
+            PROOF_KEY, ("--config", str(path)), f"proof-{len(contender.label)}-{path.stem}", placements
         ) as session:
             attempt.startup_s = session.startup_s
-            proof = session.measure(best.load, "proof")
+            proof = session.measure(node_load, "proof")
             attempt.proof = proof
-            if best.output_tokens_per_s > 0 and proof.aborted is None:
-                attempt.proof_ratio = proof.output_tokens_per_s / best.output_tokens_per_s
-            attempt.proof_ok = bool(
-                proof.passed
-                and attempt.proof_ratio is not None
-                and abs(attempt.proof_ratio - 1) <= plan.proof_tolerance
-            )
-            load: Load | None = best.load.scaled(plan.production_fraction)
+            attempt.proof_ratio, delivered = _delivered(proof, plan.proof_tolerance)
+            attempt.proof_ok = bool(proof.passed and delivered)
+            load: Load | None = node_load.scaled(plan.production_fraction)
             for _ in range(plan.backoffs + 1):
                 if load is None or runner.cancelled():
                     break
@@ -209,6 +238,30 @@ def _attempt(
     except AllRequestsFailed as error:
         attempt.error = f"every request failed: {error}"
     return attempt
+
+
+def _times(load: Load, factor: int) -> Load:
+    """``load`` for ``factor`` servers side by side."""
+    if factor == 1:
+        return load
+    return Load.rate(load.value * factor) if load.open_loop else Load.users(load.users_count * factor)
+
+
+def _delivered(proof: Point, tolerance: float) -> tuple[float | None, bool]:
+    """(delivered / offered, whether the server delivered the load offered to it). Open loop: requests completed
+    per second over arrivals per second, and the throughput's interval must reach the offered tokens/s (the
+    rate times the mean output tokens) within ``tolerance``. A closed loop offers what it is given: True."""
+    if proof.aborted is not None:
+        return None, False
+    s = proof.steady
+    if not proof.load.open_loop or proof.load.value <= 0:
+        return None, True
+    ratio = s.requests_per_s / proof.load.value if s.requests_per_s > 0 else None
+    if s.requests_per_s <= 0 or s.output_tokens_per_s <= 0:
+        return ratio, False
+    offered_tok_s = proof.load.value * s.output_tokens_per_s / s.requests_per_s
+    top = s.output_tokens_per_s_ci[1] if s.output_tokens_per_s_ci else s.output_tokens_per_s
+    return ratio, top >= (1 - tolerance) * offered_tok_s
 
 
 def _figures(p: Point) -> dict[str, Any]:
@@ -269,10 +322,21 @@ def _headline(
     best = contender.capacity.best
     assert best is not None
     file = Path(attempt.yaml).name
-    where = f"{held.load.label()} on vLLM relaunched from {file} ({describe_point(held)})"
-    capacity = f"capacity {best.load.label()} in the search{_speedup(contender, defaults)}"
+    node = f" on {contender.replicas} replicas" if contender.replicas > 1 else ""
+    where = f"{held.load.label()} on vLLM relaunched from {file}{node} ({describe_point(held)})"
+    searched = (
+        f"{contender.replicas} x {best.load.label()} predicted from one replica"
+        if contender.replicas > 1
+        else f"{best.load.label()} in the search"
+    )
+    capacity = f"capacity {searched}{_speedup(contender, defaults)}"
     if status == "proven":
-        ratio = f", reproduced at {attempt.proof_ratio:.2f}x" if attempt.proof_ratio else ""
+        proof = attempt.proof
+        ratio = (
+            f", the proof held {proof.load.label()} (delivered {attempt.proof_ratio:.2f}x the arrivals)"
+            if proof is not None and attempt.proof_ratio
+            else ""
+        )
         return f"PROVEN: {contender.label} holds {where}; {capacity}{ratio}"
     why = []
     if len(attempts) > 1:
@@ -280,9 +344,13 @@ def _headline(
             f"the winner {attempts[0].label} did not hold ({_failure(attempts[0])}); the runner-up did"
         )
     if not attempt.proof_ok:
-        ratio = f"{attempt.proof_ratio:.2f}x" if attempt.proof_ratio is not None else "n/a"
+        proof = attempt.proof
+        what = proof.load.label() if proof else "its capacity"
+        ratio = (
+            f"delivered {attempt.proof_ratio:.2f}x the arrivals, " if attempt.proof_ratio is not None else ""
+        )
         why.append(
-            f"its capacity did not reproduce on the relaunch ({ratio}, {attempt.proof.why() if attempt.proof else ''})"
+            f"the capacity {what} did not hold on the relaunch ({ratio}{proof.why() if proof else ''})"
         )
     if held is not attempt.checks[0]:
         why.append(f"{attempt.checks[0].load.label()} did not hold ({attempt.checks[0].why()})")

@@ -1,0 +1,132 @@
+"""What to launch next: the two search strategies, asked for proposals best first as GPUs free up.
+
+* :class:`PredictedStrategy` (a performance model covers the GPU): vLLM's defaults first (the reference every
+  result is compared with), then the best calibrated predictions of *node* capacity that could still beat the
+  incumbent (:class:`tuner.predict.rank.Ranker`), one per configuration family not yet tried first, so that trials
+  side by side explore rather than repeat one another; it has nothing more to propose when no untried
+  configuration could win given the model's error so far.
+* :class:`EvidenceStrategy`: from vLLM's defaults, every move the incumbent's evidence argues for
+  (:func:`tuner.tuning.search.propose_moves`: a full KV cache asks for an FP8 one, a queue for a larger batch ...).
+
+Both see the search through :class:`SearchView` (the tuner), record each trial as it ends, and never propose a
+candidate already tried or running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any, Protocol
+
+from tuner.predict.rank import Ranker
+from tuner.tuning.space import Candidate, SearchSpace
+
+__all__ = ["EvidenceStrategy", "Outcome", "PredictedStrategy", "SearchView", "Strategy"]
+
+Proposal = tuple[Candidate, str]  # a candidate and why it is proposed
+
+
+Outcome = Any
+"""A finished trial (tuner.tuning.tune.TrialOutcome): strategies read its ``candidate`` and hand it back to the
+view, which knows what else it holds."""
+
+
+class SearchView(Protocol):
+    """What a strategy asks of the tuner."""
+
+    space: SearchSpace
+    parallel: int
+
+    def predicted_node(self, candidate: Candidate) -> float | None: ...
+    def node_measured(self, outcome: Outcome) -> float: ...
+    def argued_for(self, base: Outcome, tried: set[str]) -> dict[str, str]: ...
+    def next_moves(self, base: Outcome, tried: set[str]) -> list[Proposal]: ...
+    def defaults_that_fit(self, defaults: Candidate) -> list[Proposal]: ...
+    def note_refusal(self, outcome: Outcome) -> None: ...
+
+
+class Strategy(Protocol):
+    stop_note: str | None  # why the search ended when it has nothing left to propose
+
+    def propose(self, tried: set[str], incumbent: Outcome | None) -> list[Proposal]: ...
+    def record(self, outcome: Outcome) -> None: ...
+    def expected_left(self) -> int: ...
+
+
+DEFAULTS_WHY = "vLLM's defaults: the configuration to beat"
+
+
+def family(candidate: Candidate) -> Hashable:
+    """Configurations a performance model tends to get wrong together: weights and KV-cache precision, and TP."""
+    return (candidate.quantization, candidate.kv_cache_dtype, candidate.tensor_parallel_size)
+
+
+class PredictedStrategy:
+    """Predict, then measure, ranked by the node's capacity (see the module docstring)."""
+
+    stop_note: str | None = "no untried configuration could beat the best, given the model's error so far"
+
+    def __init__(self, view: SearchView, outcomes: Mapping[str, Outcome], defaults: Candidate) -> None:
+        self.view = view
+        self.candidates = {
+            c.key(): c for c in [defaults, *view.space.feasible()]
+        }  # the defaults calibrate too
+        predicted = {k: view.predicted_node(c) or 0.0 for k, c in self.candidates.items()}
+        self.ranker = Ranker(predicted, family=lambda k: family(self.candidates[k]))
+        for key, outcome in outcomes.items():  # a resumed run's trials calibrate the model too
+            if key in predicted:
+                self.ranker.record(key, view.node_measured(outcome))
+        self.queue: list[Proposal] = [(defaults, DEFAULTS_WHY)]
+
+    def propose(self, tried: set[str], incumbent: Outcome | None) -> list[Proposal]:
+        proposals = [(c, why) for c, why in self.queue if c.key() not in tried]
+        argued = self.view.argued_for(incumbent, tried) if incumbent is not None else {}
+        seen = set(tried) | {c.key() for c, _ in proposals}
+        ranked: list[Proposal] = []
+        for _ in range(max(1, self.view.parallel)):
+            key = self.ranker.next(seen, prefer=list(argued))
+            if key is None:
+                break
+            seen.add(key)
+            why = self.ranker.why(key)
+            ranked.append((self.candidates[key], f"{argued[key]}; {why}" if key in argued else why))
+        # One per family first: a second of a family waits behind the families not yet proposed.
+        families: set[Hashable] = {family(c) for c, _ in proposals}
+        first: list[Proposal] = []
+        later: list[Proposal] = []
+        for proposal in ranked:
+            (later if family(proposal[0]) in families else first).append(proposal)
+            families.add(family(proposal[0]))
+        return proposals + first + later
+
+    def record(self, outcome: Outcome) -> None:
+        key = outcome.candidate.key()
+        if key in self.ranker.predicted:
+            self.ranker.record(key, self.view.node_measured(outcome))
+
+    def expected_left(self) -> int:
+        return len(self.ranker.contenders(set(self.ranker.measured)))
+
+
+class EvidenceStrategy:
+    """The coordinate search from vLLM's defaults, every move the evidence argues for proposed at once."""
+
+    stop_note: str | None = None
+
+    def __init__(self, view: SearchView, defaults: Candidate) -> None:
+        self.view = view
+        self.queue: list[Proposal] = [(defaults, DEFAULTS_WHY), *view.defaults_that_fit(defaults)]
+        self.last: Outcome | None = None
+
+    def propose(self, tried: set[str], incumbent: Outcome | None) -> list[Proposal]:
+        queued = [(c, why) for c, why in self.queue if c.key() not in tried]
+        if queued:
+            return queued
+        base = incumbent or self.last
+        return self.view.next_moves(base, tried) if base is not None else []
+
+    def record(self, outcome: Outcome) -> None:
+        self.last = outcome
+        self.view.note_refusal(outcome)
+
+    def expected_left(self) -> int:
+        return len(self.view.next_moves(self.last, set())) if self.last is not None else 1
