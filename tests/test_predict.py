@@ -101,7 +101,10 @@ def test_a_model_too_big_for_one_gpu_does_not_fit_and_says_by_how_much(tmp_path:
 def test_coverage_limits_are_one_line_errors(model_8b: Path, tmp_path: Path) -> None:
     shape = ModelShape.from_dir(model_8b)
     with pytest.raises(PredictError, match="no measured vLLM data for l4"):
-        aic.AiconfiguratorModel(model_8b, shape, "l4")
+        aic.AiconfiguratorModel(model_8b, shape, "l4", "SILICON")
+    with pytest.raises(PredictError, match="cannot run its EMPIRICAL mode for l4") as empirical:
+        aic.AiconfiguratorModel(model_8b, shape, "l4")  # its own mode: EMPIRICAL, which 0.12 cannot run there
+    assert "\n" not in str(empirical.value) and "/" not in str(empirical.value)  # no paths, no traceback
     h100 = aic.AiconfiguratorModel(model_8b, shape, "h100_sxm")
     with pytest.raises(PredictError, match="cannot model") as info:
         h100.predict(Candidate(tensor_parallel_size=3), aic.hardware_for("h100_sxm", h100, 3), WORKLOAD)
@@ -139,8 +142,12 @@ def test_system_names_come_from_the_gpu_table() -> None:
     assert aic.system_for("NVIDIA H100 80GB HBM3") == "h100_sxm"
     assert aic.system_for("NVIDIA H200") == "h200_sxm"
     assert aic.system_for("NVIDIA L40S") == "l40s"
-    assert aic.system_for("NVIDIA H100 PCIe") is None  # no data for it
-    assert aic.system_for("NVIDIA L4") is None
+    assert aic.system_for("NVIDIA H100 PCIe") == "h100_pcie"  # a system description, no measured data
+    assert aic.system_for("NVIDIA L4") == "l4"
+    assert aic.model_for("NVIDIA L4") == ("l4", "EMPIRICAL")
+    assert aic.model_for("NVIDIA H100 80GB HBM3") == ("h100_sxm", "SILICON")
+    assert aic.system_for("NVIDIA GeForce RTX 4090") is None
+    assert aic.hardware_for("l4", None).compute_capability == (8, 9)  # FP8 candidates on an L4
 
 
 def _slo(ttft_s: float, tok_s_per_user: float) -> Slo:

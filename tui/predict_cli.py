@@ -1,9 +1,12 @@
-"""``infertop predict``: which GPU, which configuration and what cost per token, before renting anything.
+"""``infertop predict``: which GPU, which layout and what cost per token, before renting anything.
 
-For each GPU type, every candidate of the tuner's search space is predicted by NVIDIA's aiconfigurator (the
-``predict`` extra), and the best under the SLO is shown with its capacity and, given a price per GPU-hour, its
-cost per million output tokens. Predictions are a performance model's, not measurements: ``infertop tune`` on
-the machine measures them.
+For each GPU type, a node of ``--gpus N`` such GPUs is laid out every way the tuner's search space allows (a
+configuration with tensor parallelism TP fills it as N // TP replicas; idle GPUs count as lost) and the layouts
+are ranked by what the whole node serves under the SLO (:mod:`tuner.predict.node`). The best is shown with the
+node's requests/s and tokens/s, per GPU, per kW of board power and, given a price per GPU-hour, per million
+output tokens. The figures are NVIDIA aiconfigurator's (the ``predict`` extra; its EMPIRICAL mode where it has no
+measured data for the GPU), or the memory-bandwidth roofline's ceiling where it cannot model the GPU, and every
+row says which. A performance model's figures, not measurements: ``infertop tune`` on the machine measures.
 """
 
 from __future__ import annotations
@@ -19,23 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from tuner.predict import aic
-from tuner.predict.base import PredictError, Prediction, Workload
-from tuner.predict.roofline import decode_ceiling_tokens_per_s
+from tuner.predict.base import PredictError, Workload
+from tuner.predict.node import NodeRanking, rank_layouts
 from tuner.telemetry import gpus
 from tuner.tuning.modelshape import ModelShape, SpaceError
-from tuner.tuning.slo import SloError, parse_slo
-from tuner.tuning.space import Candidate, default_space
+from tuner.tuning.slo import Slo, SloError, parse_slo
 
 DEFAULT_SLO = "mlperf-llama3.1-8b-server"
-DEFAULT_GPUS = "h100,h200,a100,l40s,b200"
+DEFAULT_GPUS = "h100,h200,l4,a100,l40s,b200"
 
 
 def predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infertop predict",
-        description="Predict the best vLLM configuration, its capacity under an SLO and its cost per token on "
-        "each GPU type, from NVIDIA's aiconfigurator (pip install 'infertop[predict]'). A model's estimate, "
-        "not a measurement: infertop tune measures.",
+        description="Predict the best layout of a node (replicas x tensor parallelism) and vLLM configuration, "
+        "what the whole node serves under an SLO, per GPU, per kW and per million tokens on each GPU type, from "
+        "NVIDIA's aiconfigurator (pip install 'infertop[predict]'), or the bandwidth roofline's ceiling where it "
+        "cannot model a GPU. A model's estimate, not a measurement: infertop tune measures.",
         epilog="examples:\n"
         "  infertop predict /models/llama-8b --gpu h100,h200,l40s --price h100=2.5,h200=3.6,l40s=1.0\n"
         "  infertop predict /models/llama-70b --gpu h100 --gpus 8 --slo ttft=2,tps=20 --json\n",
@@ -50,7 +53,7 @@ def predict_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="GPUs in the machine: tensor parallelism up to N (default 1)",
+        help="GPUs in the node: a configuration with tensor parallelism TP runs N // TP replicas (default 1)",
     )
     parser.add_argument("--slo", default=DEFAULT_SLO, help=f"preset or ttft=S,tps=N (default {DEFAULT_SLO})")
     parser.add_argument("--input-len", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
@@ -68,28 +71,6 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
-
-
-@dataclass
-class GpuResult:
-    """The best predicted configuration on one GPU type (or why there is none)."""
-
-    gpu: str
-    system: str | None
-    gpus: int
-    best: Candidate | None = None
-    prediction: Prediction | None = None
-    predicted: int = 0  # candidates the model could predict
-    fitting: int = 0  # ... of which fit in memory
-    skipped: tuple[str, ...] = ()  # why others could not be predicted (distinct reasons)
-    error: str = ""  # no prediction at all
-    ceiling_tokens_per_s: float | None = None  # the decode roofline at batch 1, for GPUs without data
-    price_per_gpu_hour: float | None = None
-    calibration: Calibration | None = None  # a local tune's measured/predicted, applied to the figures
-
-    @property
-    def scale(self) -> float:
-        return self.calibration.ratio if self.calibration is not None else 1.0
 
 
 @dataclass(frozen=True)
@@ -132,87 +113,60 @@ class Calibration:
         return cls(system, math.exp(statistics.fmean(ratios)), len(ratios), str(path))
 
 
+@dataclass(frozen=True)
+class GpuRow:
+    """One GPU type as typed after ``--gpu``, its node's ranked layouts and its price and calibration."""
+
+    name: str  # as typed: "h100", "l4"
+    ranking: NodeRanking
+    price_per_gpu_hour: float | None
+    calibration: Calibration | None  # a local tune's measured/predicted, applied to the figures
+
+
 def run_predict_cli(argv: Sequence[str]) -> int:
     args = predict_parser().parse_args(argv)
     try:
         slo = parse_slo(args.slo)
         workload = Workload(args.input_len, args.output_len)
-        shape = ModelShape.from_dir(args.model)
-        prices = _prices(args.price)
-        systems = _systems(args.gpu)
         if args.gpus < 1:
             raise PredictError(f"--gpus must be >= 1, got {args.gpus}")
+        shape = ModelShape.from_dir(args.model)
+        prices = _prices(args.price)
+        names = _gpu_names(args.gpu)
         calibration = Calibration.from_report(args.calibrate) if args.calibrate else None
+        rows = [_row(args, shape, name, workload, slo, prices.get(name), calibration) for name in names]
     except (SloError, SpaceError, PredictError) as exc:
         print(f"infertop predict: {exc}", file=sys.stderr)
         return 2
-    if not aic.available():
-        print(f"infertop predict: no performance model installed: {aic.INSTALL_HINT}", file=sys.stderr)
-        return 2
-    results = [
-        _predict_gpu(Path(args.model), shape, alias, system, args.gpus, workload, slo, prices.get(alias))
-        for alias, system in systems
-    ]
-    for result in results:
-        if calibration is not None and result.system == calibration.system:
-            result.calibration = calibration
     if args.json:
-        print(json.dumps(_to_json(args, results, slo), indent=2))
+        print(json.dumps(_to_json(args, rows, slo), indent=2))
     else:
-        print(_table(args, results, slo))
-    return 0 if any(r.best is not None for r in results) else 1
+        print(_table(args, rows, slo))
+    return 0 if any(r.ranking.best is not None for r in rows) else 1
 
 
-def _predict_gpu(
-    model_dir: Path,
+def _row(
+    args: argparse.Namespace,
     shape: ModelShape,
-    alias: str,
-    system: str | None,
-    count: int,
+    name: str,
     workload: Workload,
-    slo: Any,
+    slo: Slo,
     price: float | None,
-) -> GpuResult:
-    result = GpuResult(alias, system, count, price_per_gpu_hour=price)
-    if system is None:
-        hardware = aic.hardware_for(alias, None, count)
-        result.error = f"aiconfigurator {aic.package_version()} has no measured data for {alias.upper()}"
-        result.ceiling_tokens_per_s = decode_ceiling_tokens_per_s(Candidate(), shape, hardware, workload, 1)
-        return result
-    try:
-        model = aic.AiconfiguratorModel(model_dir, shape, system)
-    except PredictError as exc:
-        result.error = str(exc)
-        return result
-    hardware = aic.hardware_for(system, model, count)
-    try:
-        space = default_space(shape, hardware)
-    except SpaceError as exc:
-        result.error = str(exc)
-        return result
-    reasons: list[str] = []
-    best_value = 0.0
-    for candidate in space.candidates():
-        try:
-            prediction = model.predict(candidate, hardware, workload)
-        except PredictError as exc:
-            if str(exc) not in reasons:
-                reasons.append(str(exc))
-            continue
-        result.predicted += 1
-        if not prediction.fits:
-            continue
-        result.fitting += 1
-        value = prediction.capacity(slo, "rate")
-        # Strictly better only: of equal predictions the first (fewest flags set, as the space orders them) stays.
-        if value > best_value * 1.0001:
-            best_value, result.best, result.prediction = value, candidate, prediction
-    result.skipped = tuple(reasons)
-    if result.best is None and not result.error:
-        result.error = (
-            "no configuration fits in memory" if result.fitting == 0 else "no configuration meets the SLO"
-        )
-    return result
+    calibration: Calibration | None,
+) -> GpuRow:
+    system = aic.system_for(name)
+    own = calibration if calibration is not None and system == calibration.system else None
+    ranking = rank_layouts(
+        Path(args.model),
+        shape,
+        name,
+        args.gpus,
+        workload,
+        slo,
+        price_per_gpu_hour=price,
+        capacity_scale=own.ratio if own is not None else 1.0,
+    )
+    return GpuRow(name, ranking, price, own)
 
 
 def _prices(spec: str) -> dict[str, float]:
@@ -223,83 +177,70 @@ def _prices(spec: str) -> dict[str, float]:
             price = float(value)
         except ValueError:
             price = -1.0
-        if not sep or price <= 0:
+        if not sep or price <= 0 or not math.isfinite(price):
             raise PredictError(f"--price takes GPU=USD per GPU-hour, e.g. h100=2.5; got {item!r}")
         prices[name.strip().lower()] = price
     return prices
 
 
-def _systems(spec: str) -> list[tuple[str, str | None]]:
-    """(the name as typed, aiconfigurator's system or None for a GPU we know without its data)."""
-    found: list[tuple[str, str | None]] = []
+def _gpu_names(spec: str) -> list[str]:
+    """The GPU types as typed, each one aiconfigurator or the GPU table knows."""
+    found: list[str] = []
     for name in (p.strip().lower() for p in spec.split(",") if p.strip()):
-        if name in aic.ALIASES:
-            found.append((name, aic.ALIASES[name]))
-        elif gpus.lookup(name) is not None:
-            found.append((name, None))
-        else:
-            raise PredictError(
-                f"unknown GPU {name!r}: try {', '.join(sorted(set(aic.ALIASES) - set(aic.SYSTEMS.values())))}"
-            )
+        if aic.model_for(name) is None and gpus.lookup(name) is None:
+            raise PredictError(f"unknown GPU {name!r}: try {', '.join(sorted(aic.ALIASES))}")
+        found.append(name)
     if not found:
         raise PredictError("--gpu names no GPU")
     return found
 
 
-def _cost_per_million(result: GpuResult, tokens_per_s: float | None) -> float | None:
-    """USD per million output tokens of the GPUs the server uses (its tensor-parallel ranks) at capacity."""
-    if result.price_per_gpu_hour is None or not tokens_per_s or result.best is None:
-        return None
-    used = result.best.tensor_parallel_size or 1
-    return result.price_per_gpu_hour * used / (tokens_per_s * 3600.0) * 1e6
+def _kind_short(ranking: NodeRanking) -> str:
+    """The table's last column: where the row's figures come from."""
+    if ranking.is_ceiling:
+        return "roofline CEILING"
+    return "aic EMPIRICAL" if "EMPIRICAL" in ranking.kind else "aic SILICON"
 
 
-def _label(candidate: Candidate) -> str:
-    return candidate.label() if candidate.config_dict() else "vLLM defaults"
+def _money(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
-def _table(args: argparse.Namespace, results: list[GpuResult], slo: Any) -> str:
+def _table(args: argparse.Namespace, rows: list[GpuRow], slo: Slo) -> str:
     workload = f"{args.input_len} in / {args.output_len} out"
-    width = max([len("best configuration")] + [len(_label(r.best)) for r in results if r.best is not None])
+    node = f"a node of {args.gpus} GPUs" if args.gpus > 1 else "one GPU"
+    bests = [r.ranking.best for r in rows if r.ranking.best is not None]
+    width = max([len("configuration")] + [len(b.label()) for b in bests])
+    layout_width = max([len("best layout")] + [len(b.layout.label()) for b in bests])
     lines = [
-        f"Predicted (a performance model, not a measurement) for {args.model}, {workload}, SLO {slo.describe()}:",
+        f"Predicted (a performance model, not a measurement) for {args.model}, {workload}, SLO {slo.describe()}, "
+        f"{node} per GPU type:",
         "",
-        f"{'GPU':<10} {'best configuration':<{width}} {'req/s':>7} {'out tok/s':>10} {'TTFT':>8} {'tok/s/user':>10} "
-        f"{'$/1M out':>9}",
+        f"{'GPU':<10} {'best layout':<{layout_width}} {'configuration':<{width}} {'node req/s':>10} "
+        f"{'node tok/s':>10} {'tok/s/GPU':>9} {'tok/s/kW†':>9} {'$/1M out':>8}  figures",
     ]
     notes: list[str] = []
-    for r in results:
-        gpu = f"{r.gpus}x {r.gpu}" if r.gpus > 1 else r.gpu
-        if r.best is None or r.prediction is None:
-            detail = r.error
-            if r.ceiling_tokens_per_s is not None:
-                detail += (
-                    f"; decode ceiling at 1 request {r.ceiling_tokens_per_s:,.0f} tok/s (bandwidth roofline)"
-                )
-            lines.append(f"{gpu:<10} {detail}")
+    for row in rows:
+        r = row.ranking
+        gpu = f"{args.gpus}x {row.name}" if args.gpus > 1 else row.name
+        best = r.best
+        if best is None:
+            lines.append(f"{gpu:<10} {r.error}  ({_kind_short(r)})")
+            notes += _notes(row)
             continue
-        point = r.prediction.at_capacity(slo)
-        assert point is not None
-        tok_s = point.output_tokens_per_s * r.scale
-        cost = _cost_per_million(r, tok_s)
-        gpu = f"{r.best.tensor_parallel_size or 1}x {r.gpu}"
+        f = best.figures
+        per_kw = "" if f.tokens_per_s_per_kw is None else f"{f.tokens_per_s_per_kw:,.0f}"
         lines.append(
-            f"{gpu:<10} {_label(r.best):<{width}} {point.requests_per_s(r.prediction.workload) * r.scale:>7.2f} "
-            f"{tok_s:>10,.0f} {point.ttft_s * 1000:>6.0f}ms {point.tokens_per_s_per_user:>10.1f} "
-            f"{'' if cost is None else f'{cost:.3f}':>9}" + (" *" if r.calibration else "")
+            f"{gpu:<10} {best.layout.label():<{layout_width}} {best.label():<{width}} {f.capacity:>10.2f} "
+            f"{f.output_tokens_per_s or 0:>10,.0f} {f.per_gpu or 0:>9,.0f} {per_kw:>9} "
+            f"{_money(f.cost_per_million_tokens):>8}  {_kind_short(r)}" + (" *" if row.calibration else "")
         )
-        if r.calibration is not None:
-            c = r.calibration
-            notes.append(
-                f"  * {r.gpu}: req/s, tok/s and cost x{c.ratio:.2f}, the ratio measured/predicted over {c.trials} "
-                f"trials of the tune in {c.source}"
-            )
-        notes.append(
-            f"  {r.gpu}: {r.fitting} of {r.predicted} candidates fit; at capacity {point.concurrency} requests in "
-            f"flight; {r.prediction.source}"
-        )
-        notes += [f"  {r.gpu}: not predicted: {reason}" for reason in r.skipped[:2]]
+        notes += _notes(row)
     lines += ["", *notes]
+    lines.append(
+        "† tok/s/kW over the GPUs' board power (not measured); $/1M pays for every GPU of the node, idle ones "
+        "included."
+    )
     lines.append(
         "aiconfigurator's own error against a real H100 was 4-18 % (REFERENCE.md): rank with it, then measure "
         "the winner with infertop tune."
@@ -307,49 +248,78 @@ def _table(args: argparse.Namespace, results: list[GpuResult], slo: Any) -> str:
     return "\n".join(lines)
 
 
-def _to_json(args: argparse.Namespace, results: list[GpuResult], slo: Any) -> dict[str, Any]:
-    rows = []
-    for r in results:
-        row: dict[str, Any] = {
-            "gpu": r.gpu,
-            "system": r.system,
-            "gpus": r.gpus,
-            "error": r.error or None,
-            "candidates_predicted": r.predicted,
-            "candidates_fitting": r.fitting,
-            "not_predicted": list(r.skipped),
-            "price_per_gpu_hour": r.price_per_gpu_hour,
-            "decode_ceiling_tokens_per_s_at_1": r.ceiling_tokens_per_s,
-            "best": None,
-        }
-        if r.best is not None and r.prediction is not None:
-            point = r.prediction.at_capacity(slo)
-            assert point is not None
-            row["best"] = {
-                "config": r.best.config_dict(),
-                "label": r.best.label(),
-                "requests_per_s": point.requests_per_s(r.prediction.workload) * r.scale,
-                "concurrency": point.concurrency,
-                "output_tokens_per_s": point.output_tokens_per_s * r.scale,
-                "ttft_s": point.ttft_s,
-                "tpot_s": point.tpot_s,
-                "cost_per_million_output_tokens": _cost_per_million(r, point.output_tokens_per_s * r.scale),
-                "prediction": r.prediction.to_dict(slo),
-            }
-            row["calibration"] = (
-                None
-                if r.calibration is None
-                else {
-                    "ratio": r.calibration.ratio,
-                    "trials": r.calibration.trials,
-                    "report": r.calibration.source,
-                }
+def _notes(row: GpuRow) -> list[str]:
+    """What stands under the table for one GPU type: where its figures come from and how it was ranked."""
+    r = row.ranking
+    source = r.source if r.source.startswith(r.kind) else f"{r.kind}: {r.source}"
+    notes = [f"  {row.name}: {source}"]
+    if r.note:
+        notes.append(f"  {row.name}: {r.note}")
+    best = r.best
+    if best is not None:
+        point = best.point
+        server = (
+            f"each replica {best.server_capacity:.2f} req/s at {point.concurrency} requests in flight, "
+            f"{point.tokens_per_s_per_user:.1f} tok/s per user"
+        )
+        if not r.is_ceiling:
+            server += f", TTFT {point.ttft_s * 1000:.0f} ms"
+        notes.append(f"  {row.name}: {r.fitting} of {r.predicted} candidates fit; {server}")
+        others = [
+            f"{e.layout.label()} {e.figures.capacity:.1f} req/s"
+            + (
+                ""
+                if e.figures.cost_per_million_tokens is None
+                else f" ${e.figures.cost_per_million_tokens:.3f}"
             )
-        rows.append(row)
+            for e in r.best_per_layout(5)[1:]
+        ]
+        if others:
+            notes.append(f"  {row.name}: other layouts: {'; '.join(others)}")
+    if row.calibration is not None:
+        c = row.calibration
+        notes.append(
+            f"  * {row.name}: req/s, tok/s and cost x{c.ratio:.2f}, the ratio measured/predicted over {c.trials} "
+            f"trials of the tune in {c.source}"
+        )
+    notes += [f"  {row.name}: not predicted: {reason}" for reason in r.skipped[:2]]
+    return notes
+
+
+def _to_json(args: argparse.Namespace, rows: list[GpuRow], slo: Slo) -> dict[str, Any]:
     return {
         "kind": "prediction (a performance model, not a measurement)",
         "model": str(args.model),
         "workload": {"input_len": args.input_len, "output_len": args.output_len},
         "slo": slo.describe(),
-        "gpus": rows,
+        "node_gpus": args.gpus,
+        "gpus": [_row_json(row, slo) for row in rows],
+    }
+
+
+def _row_json(row: GpuRow, slo: Slo) -> dict[str, Any]:
+    r = row.ranking
+    best = r.best
+    return {
+        "gpu": row.name,
+        "gpu_model": r.gpu,
+        "system": r.system,
+        "node_gpus": r.node_gpus,
+        "figures": r.kind,
+        "source": r.source,
+        "note": r.note or None,
+        "error": r.error or None,
+        "candidates_predicted": r.predicted,
+        "candidates_fitting": r.fitting,
+        "not_predicted": list(r.skipped),
+        "price_per_gpu_hour": row.price_per_gpu_hour,
+        "calibration": None
+        if row.calibration is None
+        else {
+            "ratio": row.calibration.ratio,
+            "trials": row.calibration.trials,
+            "report": row.calibration.source,
+        },
+        "best": None if best is None else {**best.to_dict(), "prediction": best.prediction.to_dict(slo)},
+        "layouts": [e.to_dict() for e in r.best_per_layout(5)],
     }

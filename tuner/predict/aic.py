@@ -5,6 +5,13 @@ H200 SXM, A100 SXM, L40S, B200 and more; none for L4, A30, H100 PCIe). For a mod
 batch of concurrent requests, tensor parallelism and FP8 weights / KV cache it estimates TTFT, TPOT, output
 tokens/s and memory per GPU. Checked against a real H100 (REFERENCE.md): within 4-18 %.
 
+Database modes: ``SILICON`` (the default) interpolates the measured timings. For GPUs it has a system description
+of but no measurements (L4, H100 PCIe, A30, A100 PCIe) the model is asked in its ``EMPIRICAL`` mode (each
+operation's speed-of-light time divided by an empirical utilisation) and every source string says so. In
+aiconfigurator 0.12 that mode still takes its utilisations from the GPU's own measured data, so for those GPUs it
+cannot run: :class:`AiconfiguratorModel` says so in one line (checked with one estimate when it is built) and the
+caller falls back to the bandwidth roofline (:mod:`tuner.predict.node`).
+
 This module calls its SDK in-process, the same steps as ``aiconfigurator cli estimate --estimate-mode agg``
 (bit-identical figures), with the database loaded once per GPU type (~2 s) and ~1 ms per estimate after that.
 Two things it does not model are said in each prediction's ``extra``: ``max-num-batched-tokens`` beyond one
@@ -31,6 +38,13 @@ GiB = 2**30
 PACKAGE = "aiconfigurator_core"
 INSTALL_HINT = "pip install 'infertop[predict]' (NVIDIA's aiconfigurator-core)"
 
+SILICON = "SILICON"  # interpolated from timings measured on the GPU
+EMPIRICAL = "EMPIRICAL"  # speed-of-light x empirical utilisation
+MODE_LABELS = {
+    SILICON: "SILICON",
+    EMPIRICAL: "EMPIRICAL (speed-of-light x empirical factors, no measured data)",
+}
+
 # Our GPU table's model names -> aiconfigurator's system names, for GPUs it has measured data for.
 SYSTEMS = {
     "H100 SXM": "h100_sxm",
@@ -39,6 +53,14 @@ SYSTEMS = {
     "A100 40GB SXM": "a100_sxm",
     "L40S": "l40s",
     "B200": "b200_sxm",
+}
+# ... and for GPUs it has a system description of but no measured data: asked in its EMPIRICAL mode.
+EMPIRICAL_SYSTEMS = {
+    "L4": "l4",
+    "H100 PCIe": "h100_pcie",
+    "A30": "a30",
+    "A100 80GB PCIe": "a100_pcie",
+    "A100 40GB PCIe": "a100_pcie",
 }
 # What people type after --gpu.
 ALIASES = {
@@ -51,6 +73,10 @@ ALIASES = {
     "l40s": "l40s",
     "b200": "b200_sxm",
     "b200_sxm": "b200_sxm",
+    "l4": "l4",
+    "h100_pcie": "h100_pcie",
+    "a30": "a30",
+    "a100_pcie": "a100_pcie",
 }
 _COMPUTE_CAPABILITY = {
     "h100_sxm": (9, 0),
@@ -58,7 +84,13 @@ _COMPUTE_CAPABILITY = {
     "b200_sxm": (10, 0),
     "l40s": (8, 9),
     "a100_sxm": (8, 0),
+    "l4": (8, 9),
+    "h100_pcie": (9, 0),
+    "a30": (8, 0),
+    "a100_pcie": (8, 0),
 }
+# Whose vLLM data version keys an EMPIRICAL view of a system without data of its own.
+_REFERENCE_SYSTEM = "h100_sxm"
 # Dense architectures aiconfigurator does not list that have Llama's exact layer shapes.
 _AS_LLAMA = frozenset({"MistralForCausalLM"})
 
@@ -69,10 +101,37 @@ def available() -> bool:
 
 
 def system_for(gpu_name: str) -> str | None:
-    """aiconfigurator's system name for an NVML GPU name ("NVIDIA H100 80GB HBM3" -> "h100_sxm"); None when it
-    has no measured data for that GPU."""
+    """aiconfigurator's system name for an NVML GPU name ("NVIDIA H100 80GB HBM3" -> "h100_sxm", "NVIDIA L4" ->
+    "l4") or a name as typed after ``--gpu`` ("h100", "l4"); None for a GPU it has no system for."""
+    found = model_for(gpu_name)
+    return found[0] if found is not None else None
+
+
+def model_for(gpu_name: str) -> tuple[str, str] | None:
+    """(system, database mode) for a GPU name: ``SILICON`` where aiconfigurator has measured data for it,
+    ``EMPIRICAL`` where it has only a system description; None for a GPU it has no system for."""
+    alias = ALIASES.get(gpu_name.strip().lower())
+    if alias is not None:
+        return alias, mode_for(alias)
     known = gpus.lookup(gpu_name)
-    return SYSTEMS.get(known.model) if known is not None else None
+    if known is None:
+        return None
+    if known.model in SYSTEMS:
+        return SYSTEMS[known.model], SILICON
+    if known.model in EMPIRICAL_SYSTEMS:
+        return EMPIRICAL_SYSTEMS[known.model], EMPIRICAL
+    return None
+
+
+def mode_for(system: str) -> str:
+    """The database mode a system is asked in: ``SILICON`` where it has measured data, else ``EMPIRICAL``."""
+    return SILICON if system in SYSTEMS.values() else EMPIRICAL
+
+
+def gpu_model_for(system: str) -> str:
+    """Our GPU table's name for an aiconfigurator system ("h100_sxm" -> "H100 SXM"; the first of several)."""
+    every = {**EMPIRICAL_SYSTEMS, **SYSTEMS}
+    return next((k for k, v in every.items() if v == system), system)
 
 
 class _Sdk:
@@ -98,7 +157,7 @@ class _Sdk:
         self.resolve_context_fmha_by_data = models.resolve_context_fmha_by_data
         self.get_latest_database_version = database.get_latest_database_version
         self.get_database_view = database.get_database_view
-        self.databases: dict[str, tuple[str, Any]] = {}
+        self.databases: dict[tuple[str, str], tuple[str, Any]] = {}
 
     @classmethod
     def get(cls) -> _Sdk:
@@ -109,27 +168,36 @@ class _Sdk:
                 cls._loaded = cls()
             return cls._loaded
 
-    def database(self, system: str) -> tuple[str, Any]:
-        """(vLLM data version, database) for ``system``, loaded once."""
+    def database(self, system: str, mode: str = SILICON) -> tuple[str, Any]:
+        """(vLLM data version, database view in ``mode``) for ``system``, loaded once per pair."""
         with self._lock:
-            if system not in self.databases:
-                version = self.get_latest_database_version(system=system, backend="vllm")
-                if version is None:
-                    raise PredictError(
-                        f"aiconfigurator {self.version} has no measured vLLM data for {system}"
-                    )
-                view = self.get_database_view(
-                    system,
-                    "vllm",
-                    version,
-                    allow_missing_data=False,
-                    database_mode="SILICON",
-                    transfer_policy=None,
-                )
-                if view is None:
-                    raise PredictError(f"aiconfigurator {self.version} could not load its data for {system}")
-                self.databases[system] = (version, view)
-            return self.databases[system]
+            if (system, mode) not in self.databases:
+                self.databases[system, mode] = self._load(system, mode)
+            return self.databases[system, mode]
+
+    def _load(self, system: str, mode: str) -> tuple[str, Any]:
+        version = self.get_latest_database_version(system=system, backend="vllm")
+        if version is None and mode == SILICON:
+            raise PredictError(f"aiconfigurator {self.version} has no measured vLLM data for {system}")
+        if version is None:
+            # No data of its own: the EMPIRICAL view is keyed by the vLLM data version the measured GPUs have.
+            version = self.get_latest_database_version(system=_REFERENCE_SYSTEM, backend="vllm")
+        try:
+            view = self.get_database_view(
+                system,
+                "vllm",
+                version,
+                allow_missing_data=mode != SILICON,
+                database_mode=mode,
+                transfer_policy=None,
+            )
+        except Exception as exc:  # its own errors: a system or version it cannot open
+            raise PredictError(
+                f"aiconfigurator {self.version} cannot open {system} in {mode} mode: {_first_line(exc)}"
+            ) from None
+        if view is None:
+            raise PredictError(f"aiconfigurator {self.version} could not load its data for {system}")
+        return str(version), view
 
 
 class AiconfiguratorModel:
@@ -138,15 +206,56 @@ class AiconfiguratorModel:
     Raises :class:`PredictError` (one line) for a model, GPU or option outside aiconfigurator's coverage.
     """
 
-    def __init__(self, model_dir: str | Path, shape: ModelShape, system: str) -> None:
+    def __init__(
+        self, model_dir: str | Path, shape: ModelShape, system: str, mode: str | None = None
+    ) -> None:
+        """``mode``: the database mode, ``SILICON`` or ``EMPIRICAL``; None: the system's own (:func:`mode_for`).
+
+        Raises:
+            PredictError: no model installed, no data for ``system`` in ``mode``, or (EMPIRICAL) a mode this
+                version cannot run for the system (one line).
+        """
         self._sdk = _Sdk.get()
         self.shape = shape
         self.system = system
-        self.data_version, self._db = self._sdk.database(system)
+        self.mode = mode or mode_for(system)
+        if self.mode not in MODE_LABELS:
+            raise PredictError(f"unknown aiconfigurator database mode {self.mode!r}")
+        self.data_version, self._db = self._sdk.database(system, self.mode)
         self._model_dir, self._note = _usable_model_dir(Path(model_dir))
-        self.source = (
-            f"aiconfigurator {self._sdk.version}, {system}, vLLM data {self.data_version}{self._note}"
-        )
+        if self.mode == SILICON:
+            described = f"vLLM data {self.data_version}"
+        elif system in SYSTEMS.values():
+            described = (
+                f"EMPIRICAL: speed-of-light x empirical factors from its vLLM data {self.data_version}"
+            )
+        else:
+            described = "EMPIRICAL: speed-of-light x empirical factors, no measured data"
+        self.source = f"aiconfigurator {self._sdk.version}, {system}, {described}{self._note}"
+        if self.mode != SILICON:
+            self._probe()
+
+    @property
+    def kind(self) -> str:
+        """What kind of figures these are: ``"aiconfigurator SILICON"`` or ``"aiconfigurator EMPIRICAL (...)"``."""
+        if self.mode == EMPIRICAL and self.system in SYSTEMS.values():
+            return "aiconfigurator EMPIRICAL (speed-of-light x empirical factors from measured data)"
+        return f"aiconfigurator {MODE_LABELS[self.mode]}"
+
+    def _probe(self) -> None:
+        """One estimate, so that a mode this version cannot run for the system fails here, in one line."""
+        try:
+            self._estimate(Candidate(gpu_memory_utilization=0.9), Workload(128, 16), 1)
+        except PredictError as exc:
+            why = str(exc)
+            if "no own-shape" in why or "perf data directory not found" in why:
+                why = "in this version it takes its empirical factors from measured data, and has none for "
+                why += self.system
+            else:
+                why = why.rsplit(f" on {self.system}: ", 1)[-1]
+            raise PredictError(
+                f"aiconfigurator {self._sdk.version} cannot run its {self.mode} mode for {self.system}: {why}"
+            ) from None
 
     @property
     def gpu_memory_bytes(self) -> int:
@@ -237,9 +346,8 @@ class AiconfiguratorModel:
         except AssertionError as exc:  # e.g. "num_heads 32 should be divisible by tp_size 3"
             raise PredictError(f"aiconfigurator cannot model {c.label()}: {exc}") from None
         except Exception as exc:  # its own errors: no data for an option, an unsupported architecture
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PredictError(
-                f"aiconfigurator cannot model {c.label()} on {self.system}: {first_line}"
+                f"aiconfigurator cannot model {c.label()} on {self.system}: {_first_line(exc)}"
             ) from None
         result = summary.get_result_dict() or {}
         memory = summary.get_memory()
@@ -261,6 +369,11 @@ class AiconfiguratorModel:
             "memory_gib": float(memory["total"]),
             "max_batch_by_kv": int(budget // per_request) if per_request > 0 and budget > 0 else 0,
         }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def package_version() -> str:
@@ -294,7 +407,7 @@ def _usable_model_dir(model_dir: Path) -> tuple[Path, str]:
 
 def hardware_for(system: str, model: AiconfiguratorModel | None, gpu_count: int = 1) -> Hardware:
     """A :class:`Hardware` for one of aiconfigurator's GPU types (memory from its system description)."""
-    name = next((k for k, v in SYSTEMS.items() if v == system), system)  # the first: A100 80GB for a100_sxm
+    name = gpu_model_for(system)  # the first: A100 80GB for a100_sxm
     known = gpus.lookup(name)
     if model is not None:
         memory = model.gpu_memory_bytes
