@@ -113,7 +113,11 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", type=Path, metavar="FILE", help="also write the winner's YAML here")
     add_launch_arguments(parser)
     parser.add_argument(
-        "--price-per-gpu-hour", type=float, metavar="USD", help="for cost per 1M output tokens"
+        "--price-per-gpu-hour",
+        "--price",
+        type=float,
+        metavar="USD",
+        help="price of one GPU-hour: cost per 1M output tokens of the whole node",
     )
     parser.add_argument(
         "--no-prove",
@@ -121,6 +125,31 @@ def tune_parser() -> argparse.ArgumentParser:
         help="skip relaunching vLLM from the exported YAML (the proof and the production check): UNVERIFIED",
     )
     parser.add_argument("--cpu", action="store_true", help="tune the CPU build of vLLM (no NVML)")
+    parser.add_argument(
+        "--gpus",
+        default="all",
+        metavar="LIST",
+        help="the node's GPUs the tune may use: all (default), 0-3, 0,2,4,6. Layouts are ranked by what they "
+        "serve on all of them (replicas x TP; GPUs a layout leaves idle count as lost)",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="most trials at once (default: as many as the free GPUs hold; 1: one after another)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the search would do on this machine (the predicted ranking of layouts, the first "
+        "batches, the budget, the expected wall time serial and parallel) and launch nothing",
+    )
+    parser.add_argument(
+        "--simulate",
+        metavar="MACHINE",
+        help="tune as if on a simulated machine (h100x8, l4x2, ...: scripted NVML; for demos and tests, with "
+        "a stand-in server given by --vllm-cmd); everything it prints says SIMULATED",
+    )
     parser.add_argument(
         "--no-predict",
         action="store_true",
@@ -168,6 +197,7 @@ def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> Tun
         except WorkloadError as exc:
             raise TuneError(str(exc)) from None
     slo = args.slo or (workload.slo if workload is not None and workload.slo else DEFAULT_SLO)
+    nvml = _simulated_nvml(args.simulate) if args.simulate else None
     return TuneConfig(
         model=args.model,
         slo=parse_slo(slo),
@@ -193,7 +223,37 @@ def build_config(args: argparse.Namespace, vllm_args: Sequence[str] = ()) -> Tun
         gpus=not args.cpu,
         predict=not args.no_predict,
         objective=args.objective,
+        gpu_ids=_gpu_ids(args.gpus),
+        parallel=args.parallel,
+        nvml=nvml,
+        simulated=args.simulate,
     )
+
+
+SIMULATED_GPUS = ("h100", "l4", "a100")
+
+
+def _simulated_nvml(machine: str) -> Any:
+    """The scripted NVML of ``h100x8``-style text (a simulation: the tune labels it so everywhere)."""
+    from tuner.telemetry import scripted
+
+    kind, _, count = machine.strip().lower().partition("x")
+    presets = {"h100": scripted.h100_sxm, "l4": scripted.l4, "a100": scripted.a100_80gb}
+    if kind not in presets or not count.isdigit() or not 1 <= int(count) <= 8:
+        raise TuneError(f"--simulate {machine!r}: expected GPUxN with N 1-8, e.g. h100x8, l4x2, a100x4")
+    return presets[kind](int(count))
+
+
+def _gpu_ids(text: str) -> tuple[int, ...] | None:
+    """``--gpus``: None for all; else the indices (checked against what NVML sees when the tune opens it)."""
+    if text.strip() in ("", "all"):
+        return None
+    from tuner.tuning.layout import parse_gpu_list
+
+    try:
+        return parse_gpu_list(text, range(4096))
+    except ValueError as exc:
+        raise TuneError(str(exc)) from None
 
 
 class HeadlessProgress:
@@ -214,13 +274,27 @@ class HeadlessProgress:
             goal = "highest arrival rate" if event.objective == "rate" else "most concurrent users"
             cpus = f"\ninfertop tune: {event.cpu_note}" if event.cpu_note else ""
             predicted = f"\ninfertop tune: {event.prediction}" if event.prediction else ""
+            node = (
+                f"\ninfertop tune: the node: GPUs {','.join(map(str, event.node_gpus))}, up to {event.parallel} "
+                f"trial{'s' if event.parallel != 1 else ''} at once; layouts ranked by what the whole node serves"
+                if event.node_gpus
+                else ""
+            )
+            eta = f"\ninfertop tune: ETA {_minutes(event.eta_s)}" if event.eta_s else ""
             return (
                 f"{event.model} on {event.hardware}; SLO {event.slo}; goal: the {goal} within it; "
                 f"{event.candidates_total} feasible configs, budget {event.launch_budget} launches{resumed}{cpus}"
-                f"{predicted}"
+                f"{predicted}{node}{eta}"
             )
         if isinstance(event, ev.TrialStarted):
-            return f"launch {event.index}: {event.label} ({event.why})"
+            plural = "s" if len(event.gpus) > 1 else ""
+            where = f" on GPU{plural} {','.join(map(str, event.gpus))}" if event.gpus else ""
+            layout = f", {event.layout}" if event.layout and event.gpus else ""
+            return f"launch {event.index}: {event.label}{layout}{where} ({event.why})"
+        if isinstance(event, ev.EtaUpdated):
+            if event.remaining_s is None:
+                return None
+            return f"  ETA {_minutes(event.remaining_s)} ({event.basis})"
         if isinstance(event, ev.ServerReady):
             return f"  ready in {event.startup_s:.0f} s at {event.url}"
         if isinstance(event, ev.PhaseMeasured):
@@ -242,7 +316,14 @@ class HeadlessProgress:
         if isinstance(event, ev.PhaseRepeated):
             return f"  {event.load_label}: {event.why}"
         if isinstance(event, ev.TrialFinished):
-            return f"  {event.status}: {event.reason}{predicted_beside_measured(event)}"
+            node = (
+                f"; the node as {event.layout}: {event.node_capacity:.3g}"
+                if event.node_capacity and event.layout and not event.layout.startswith("1 x")
+                else ""
+            )
+            busy = f" [disturbed: {event.disturbed}]" if event.disturbed else ""
+            who = f" ({event.label})" if event.gpus else ""
+            return f"  {event.status}{who}: {event.reason}{node}{predicted_beside_measured(event)}{busy}"
         if isinstance(event, ev.BestChanged):
             note = f" ({event.note})" if event.note else ""
             return f"  best so far: {event.label}, {event.load_label}, {event.output_tokens_per_s:,.0f} tok/s{note}"
@@ -259,6 +340,9 @@ def run_tune_cli(argv: Sequence[str]) -> int:
     args = tune_parser().parse_args(own)
     try:
         tuner = Tuner(build_config(args, vllm_args), resume=args.resume)
+        if args.dry_run:
+            print(tuner.dry_run().text())
+            return 0
     except (TuneError, SloError, SpaceError, StoreError, ValueError) as exc:
         sys.stderr.write(f"infertop tune: {exc}\n")
         return 2
@@ -292,6 +376,12 @@ def run_tune_cli(argv: Sequence[str]) -> int:
     if result.headline:  # the last line says what the run found, whatever came before
         sys.stderr.write(f"infertop tune: {result.headline}\n")
     return result.exit_code
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def predicted_beside_measured(event: ev.TrialFinished) -> str:

@@ -81,22 +81,27 @@ class PredictedStrategy:
         proposals = [(c, why) for c, why in self.queue if c.key() not in tried]
         argued = self.view.argued_for(incumbent, tried) if incumbent is not None else {}
         seen = set(tried) | {c.key() for c, _ in proposals}
-        ranked: list[Proposal] = []
-        for _ in range(max(1, self.view.parallel)):
-            key = self.ranker.next(seen, prefer=list(argued))
-            if key is None:
-                break
-            seen.add(key)
+        top = self.ranker.next(seen, prefer=list(argued))
+        if top is None:
+            return proposals
+        # The rest of a batch: one per configuration family not yet tried, proposed or running first (one trial
+        # calibrates a whole family), then the next best of any family.
+        busy = {family(self.candidates[k]) for k in tried if k in self.candidates} | {
+            family(c) for c, _ in proposals
+        }
+        measured = {family(self.candidates[k]) for k in self.ranker.measured if k in self.candidates}
+        ranked = [top] + [k for k in self.ranker.contenders(seen | {top}) if k != top]
+        first: list[str] = []
+        later: list[str] = []
+        families = set(busy)
+        for key in ranked[: 4 * max(1, self.view.parallel)]:
+            f = family(self.candidates[key])
+            (first if key == top or (f not in families and f not in measured) else later).append(key)
+            families.add(f)
+        for key in (first + later)[: max(1, self.view.parallel)]:
             why = self.ranker.why(key)
-            ranked.append((self.candidates[key], f"{argued[key]}; {why}" if key in argued else why))
-        # One per family first: a second of a family waits behind the families not yet proposed.
-        families: set[Hashable] = {family(c) for c, _ in proposals}
-        first: list[Proposal] = []
-        later: list[Proposal] = []
-        for proposal in ranked:
-            (later if family(proposal[0]) in families else first).append(proposal)
-            families.add(family(proposal[0]))
-        return proposals + first + later
+            proposals.append((self.candidates[key], f"{argued[key]}; {why}" if key in argued else why))
+        return proposals
 
     def record(self, outcome: Outcome) -> None:
         key = outcome.candidate.key()

@@ -49,6 +49,7 @@ from tuner.tuning.capacity import (
     ties_with,
 )
 from tuner.tuning.conclusion import build_report, export_text, run_headline
+from tuner.tuning.dryrun import DryRun, plan_dry_run
 from tuner.tuning.executor import Done, Executor, Job
 from tuner.tuning.layout import Layout, NodeCapacity, layout_for
 from tuner.tuning.modelshape import Hardware, ModelShape
@@ -118,6 +119,9 @@ class TuneConfig:
     gpu_ids: tuple[int, ...] | None = None
     parallel: int | None = None
     nvml: Any = None  # a pynvml-like module to read the GPUs through (tests: a scripted one); None: pynvml
+    simulated: str | None = (
+        None  # the scripted machine behind ``nvml`` ("h100x8"): every label says SIMULATED
+    )
 
 
 @dataclass
@@ -241,6 +245,8 @@ class Tuner:
             self.config = config = self._for_workload(config, config.workload)
         self.node_info = detect_node(config.gpus, config.env, gpu_ids=config.gpu_ids, nvml=config.nvml)
         self.hardware, self.hardware_label = self.node_info.hardware, self.node_info.label
+        if config.simulated:
+            self.hardware_label = f"SIMULATED {self.hardware_label} (scripted NVML, not this machine)"
         if self.hardware.is_cpu and "VLLM_CPU_KVCACHE_SPACE" not in {**os.environ, **config.env}:
             # Unset, vLLM's CPU build reserves 92 % of the NUMA node's memory for the KV cache and refuses to
             # start when anything else uses it: give it the size the search space assumes instead.
@@ -319,6 +325,16 @@ class Tuner:
         else:
             yield
 
+    def launch_budget(self, feasible: list[Candidate]) -> int:
+        """The most launches: --budget, else a third of the grid. The prefix cache off is one evidence move at
+        most (search.propose_moves), not a second grid: it adds one launch, not a third of the candidates."""
+        core = [c for c in feasible if c.enable_prefix_caching is not False]
+        return self.config.launch_budget or max(3, -(-len(core) // 3)) + (len(core) < len(feasible))
+
+    def dry_run(self) -> DryRun:
+        """What the search would do here, launching nothing (tuner.tuning.dryrun)."""
+        return plan_dry_run(self)
+
     def _meta(self) -> RunMeta:
         cfg = self.config
         return RunMeta(
@@ -339,10 +355,7 @@ class Tuner:
     def _run(self) -> TuneResult:
         started = time.time()
         feasible = self.space.feasible()
-        # A third of the grid; the prefix cache off is one evidence move at most (search.propose_moves), not a
-        # second grid: it adds one launch, not a third of the candidates it doubles.
-        core = [c for c in feasible if c.enable_prefix_caching is not False]
-        budget = self.config.launch_budget or max(3, -(-len(core) // 3)) + (len(core) < len(feasible))
+        budget = self.launch_budget(feasible)
         meta = self._meta()
         if self.config.store_path.exists() and not self.resume:
             raise TuneError(
@@ -366,7 +379,8 @@ class Tuner:
                 self.config.model, self.config.slo.describe(), self.hardware_label, len(feasible), budget,
                 len(outcomes), str(self.config.store_path), self.config.slo.ttft_p95_max_s,
                 self.config.slo.tok_s_per_user_min, self.objective,
-                "; ".join(filter(None, [self.cpu_plan.note, *notes])), self.prediction_note,
+                "; ".join(filter(None, [self.cpu_plan.note, *notes])), self.prediction_note, self.node.gpus,
+                self.parallel, plan_dry_run(self, predict=False).parallel_s if not outcomes else None,
             )
         )  # fmt: skip
         for key, done in outcomes.items():  # what a resumed run already knows, so watchers show it too
