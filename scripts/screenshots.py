@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/screenshots.py            # demo recording + SVG and PNG screenshots
     .venv/bin/python scripts/screenshots.py --tune     # also the tuner screen, on a real run (needs .venv-vllm)
+    .venv/bin/python scripts/screenshots.py --tune-node  # only the tuner on 8 scripted GPUs, trials in parallel
 
 Without a GPU, the demo recording is *synthetic*: the real NVML backend running on the scripted NVML
 (tuner/telemetry/scripted.py, an H100 under a decode-like load), labelled as such in its header and on screen.
@@ -292,6 +293,25 @@ async def tune_screenshots(vllm_python: Path) -> None:
     print(f"tuning run kept in {work}")
 
 
+async def tune_node_screenshots() -> None:
+    """The tuner screen on a SIMULATED node of eight H100s, mid-run with four trials in parallel (one a TP-4
+    server on GPUs 4-7): the real app and screen, fed the events and scripted NVML of the snapshot tests
+    (tests/test_tune_screen.py), on a frozen clock."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import test_tune_screen as scene
+
+    from tui.tune_app import make_tune_app
+    from tuner.telemetry import scripted
+
+    for size, name in (((80, 24), "tune-8xh100-parallel-80x24"), ((200, 60), "tune-8xh100-parallel-200x60")):
+        clock = scripted.ManualClock()
+        app = make_tune_app(scene.FakeTuner([]), autostart=False, clock=clock)
+        async with app.run_test(size=size) as pilot:
+            scene.feed_node(app, clock, scene.node_script())
+            await pilot.pause(0.2)
+            _save(app, name)
+
+
 async def _until(pilot: Pilot[Any], condition: Any, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -308,6 +328,9 @@ def main() -> int:
         "--fleet", action="store_true", help="only the fleet view's and the inference servers' screenshots"
     )
     parser.add_argument("--tune", action="store_true", help="also screenshot a real tuning run (CPU vLLM)")
+    parser.add_argument(
+        "--tune-node", action="store_true", help="only the tuner on a scripted 8-GPU node, trials in parallel"
+    )
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     parser.add_argument(
         "--live", type=Path, metavar="DIR", help="only: the live monitor now, to DIR/monitor.svg"
@@ -323,6 +346,9 @@ def main() -> int:
         asyncio.run(live_screenshot(args.live, args.vllm, args.wait, (120, 36)))
         return 0
     OUT.mkdir(exist_ok=True)
+    if args.tune_node:
+        asyncio.run(tune_node_screenshots())
+        return 0
     if args.fleet:
         asyncio.run(fleet_screenshots())
         asyncio.run(engines_screenshot("monitor-engines-4xh100-110x44", (110, 44)))
@@ -337,6 +363,7 @@ def main() -> int:
     asyncio.run(no_gpu_screenshot("no-gpu", (80, 24)))
     asyncio.run(fleet_screenshots())
     asyncio.run(engines_screenshot("monitor-engines-4xh100-110x44", (110, 44)))
+    asyncio.run(tune_node_screenshots())
     if args.tune:
         asyncio.run(tune_screenshots(args.vllm_python))
     return 0

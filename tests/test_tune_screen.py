@@ -29,11 +29,11 @@ from tui.tune_state import PROOF_KEY, SloLimits, TuneRun, parse_load_label
 from tui.widgets.best_panel import BestPanel
 from tui.widgets.engine_line import EngineLine
 from tui.widgets.event_log import EventLog
-from tui.widgets.gpu_card import GpuCard
 from tui.widgets.host_bar import HostBar
+from tui.widgets.node_strip import NodeStrip
 from tui.widgets.phase_panel import PhasePanel
 from tui.widgets.slo_chart import SloChart, short_load
-from tui.widgets.trial_table import TrialTable
+from tui.widgets.trial_table import COLUMNS, TrialTable
 from tui.widgets.tune_header import TuneHeader
 from tuner.telemetry import scripted
 from tuner.telemetry.model import EngineSample, Snapshot
@@ -41,6 +41,7 @@ from tuner.telemetry.sampler import LiveSource, Sampler
 from tuner.tuning import verdict as tuner_verdict
 from tuner.tuning.events import (
     BestChanged,
+    EtaUpdated,
     Listener,
     PhaseMeasured,
     PhaseProgressed,
@@ -325,20 +326,25 @@ MID_RUN = next(
 
 
 class CandidateSource(LiveSource):
-    """The scripted H100 and host, plus a vLLM /metrics reading of the candidate server."""
+    """The scripted H100s and host, plus a vLLM /metrics reading of each candidate server (at ``urls``)."""
+
+    urls: tuple[str, ...] = (URL,)
 
     def next_snapshot(self) -> Snapshot:
         snap = super().next_snapshot()
-        engine = EngineSample(
-            url=URL,
-            time_s=snap.time_s,
-            requests_running=64.0,
-            requests_waiting=3.0,
-            kv_cache_usage_pct=87.5,
-            generation_tokens_per_s=4012.0,
-            ttft_p95_s=0.48,
+        engines = tuple(
+            EngineSample(
+                url=url,
+                time_s=snap.time_s,
+                requests_running=64.0,
+                requests_waiting=3.0,
+                kv_cache_usage_pct=87.5,
+                generation_tokens_per_s=4012.0,
+                ttft_p95_s=0.48,
+            )
+            for url in self.urls
         )
-        return dataclasses.replace(snap, engines=(engine,))
+        return dataclasses.replace(snap, engines=engines)
 
 
 def make_sampler(clock: scripted.ManualClock, *, gpus: bool = True) -> Sampler:
@@ -441,6 +447,11 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console()
+
+
+def cells(table: TrialTable, key: str) -> dict[str, str]:
+    """A trial's row as column key -> plain text."""
+    return {column: table.get_cell(key, column).plain for _, column, _ in COLUMNS}
 
 
 def line_with(text: str, needle: str) -> str:
@@ -642,9 +653,9 @@ async def test_the_candidates_telemetry_and_the_phase_under_way_are_shown() -> N
         await wait_until_held(pilot, tuner)
         await pilot.pause(0.15)  # past the redraw timer, which paints the latest reading
         screen = app.tune_screen
-        card = screen.query_one(GpuCard)
-        assert card.compact and card.sample is not None
-        assert "62%" in text_of(card)  # the scripted DRAM bandwidth
+        strip = text_of(screen.query_one(NodeStrip))
+        # An older tuner names no GPUs: the one trial running holds them all. The scripted DRAM bandwidth.
+        assert "GPU 0" in strip and "#3 judged" in strip and "BW 62%" in strip
         engine = text_of(screen.query_one(EngineLine))
         assert "running 64" in engine and "waiting 3" in engine and "KV cache 87.5%" in engine
         assert "4,012 tok/s" in engine
@@ -661,9 +672,9 @@ async def test_the_candidates_telemetry_and_the_phase_under_way_are_shown() -> N
         assert "16.1 req/s measuring…" in chart_text
         best = text_of(screen.query_one(BestPanel))
         assert "best so far #1 vLLM defaults" in best and "vLLM's defaults themselves" in best
-        row = screen.query_one(TrialTable).get_row(BIG_BATCH)
-        assert row[3].plain == "15.2 req/s" and row[5].plain == "3,870"  # the best so far, provisional
-        assert row[4].plain == "≈17.9"  # running: the model's prediction, until measured
+        row = cells(screen.query_one(TrialTable), BIG_BATCH)
+        assert row["load"] == "15.2 req/s" and row["tok_s"] == "3,870"  # the best so far, provisional
+        assert row["model"] == "≈17.9"  # running: the model's prediction, until measured
         app.cancel.set()
 
 
@@ -747,8 +758,8 @@ async def test_a_tie_is_said_in_the_best_panel_and_the_log() -> None:
                 assert screen.query_one(EventLog).region.bottom <= 23
             log = screen.query_one(EventLog).plain
             assert f"new best #4 seqs 512: 14.8 req/s, 3,790 tok/s ({note})" in log
-            row = screen.query_one(TrialTable).get_row(seqs)  # from the store's figures: no points
-            assert [cell.plain for cell in (row[3], row[5])] == ["14.8 req/s", "3,790"]
+            row = cells(screen.query_one(TrialTable), seqs)  # from the store's figures: no points
+            assert [row["load"], row["tok_s"]] == ["14.8 req/s", "3,790"]
 
 
 async def test_s_asks_first_then_stops_the_run_and_keeps_the_results_on_screen() -> None:
@@ -825,7 +836,7 @@ async def test_without_gpus_the_telemetry_says_so_and_shows_the_host_instead() -
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_until_held(pilot, tuner)
         screen = app.tune_screen
-        assert not screen.query(GpuCard)
+        assert not screen.query_one(NodeStrip).display
         assert "no GPU telemetry: GPU telemetry disabled" in str(screen.query_one("#no-gpu").render())
         host = screen.query_one(HostBar)
         assert host.has_class("shown") and host.sample is not None
@@ -891,7 +902,7 @@ async def test_at_80x24_every_panel_is_on_screen_with_every_trial_row(verdict: s
             SloChart,
             EngineLine,
             EventLog,
-            GpuCard,
+            NodeStrip,
         ):
             region = screen.query_one(widget).region
             assert region.height > 0 and region.bottom <= 23, widget  # above the footer, nothing scrolled off
@@ -928,11 +939,16 @@ async def test_help_explains_the_columns_and_closes() -> None:
 # --- appearance ---------------------------------------------------------------------------------------------------
 
 
-def feed(app: TuneApp, clock: scripted.ManualClock, events: list[tuple[float, TuneEvent]]) -> None:
+def feed(
+    app: TuneApp,
+    clock: scripted.ManualClock,
+    events: list[tuple[float, TuneEvent]],
+    sampler: Sampler | None = None,
+) -> None:
     """Show ``events`` on the UI thread with the screen's clock moving as scripted, plus the candidate's
-    telemetry: deterministic, unlike the worker's timing."""
+    telemetry (from ``sampler``, else the scripted H100): deterministic, unlike the worker's timing."""
     screen = app.tune_screen
-    sampler = make_sampler(clock)
+    sampler = sampler or make_sampler(clock)
     screen.attach_telemetry(sampler.open(), sampler.history)
     for delay_s, event in events:
         screen.show_event(event)
@@ -979,3 +995,303 @@ def test_the_model_column_shows_the_prediction_then_measured_over_predicted() ->
     )
     state.apply(TrialFinished("n", "defaults", "feasible", "ok"), 3.0)
     assert model_cell(state.trials["n"]).plain == "–"
+
+
+# --- a node of eight GPUs, trials in parallel ----------------------------------------------------------------
+
+NODE = tuple(range(8))
+SEQS_256 = "max-num-seqs=256"
+KV_FP8 = "kv-cache-dtype=fp8"
+TP4 = "max-num-seqs=512;tensor-parallel-size=4"
+MEM95 = "gpu-memory-utilization=0.95"
+SQUEEZED = "host CPU busy: the clients of 7 trials beside it used 14.2 cores"
+
+
+def node_started(eta_s: float | None = 2400.0) -> TuneStarted:
+    return TuneStarted(
+        "meta-llama/Llama-3.1-8B-Instruct",
+        SLO.describe(),
+        "8x NVIDIA H100 80GB HBM3",
+        48,
+        12,
+        0,
+        "/srv/tune/llama8b-node.sqlite",
+        SLO.ttft_p95_max_s,
+        SLO.tok_s_per_user_min,
+        "rate",
+        node_gpus=NODE,
+        parallel=8,
+        eta_s=eta_s,
+    )
+
+
+def _node_trial(key: str, label: str, index: int, gpus: tuple[int, ...], why: str) -> TrialStarted:
+    layout = f"{8 // len(gpus)} x TP {len(gpus)}"
+    return TrialStarted(key, label, {}, index, why, gpus=gpus, layout=layout)
+
+
+def _node_finished(
+    key: str, label: str, gpus: tuple[int, ...], load: Load, tok_s: float, disturbed: str = ""
+) -> TrialFinished:
+    replicas = 8 // len(gpus)
+    return TrialFinished(
+        key,
+        label,
+        "feasible",
+        f"{load.label()}; {tok_s:,.0f} tok/s",
+        load.label(),
+        tok_s,
+        capacity=load.label(),
+        measured=load.value,
+        gpus=gpus,
+        layout=f"{replicas} x TP {len(gpus)}",
+        node_capacity=load.value * replicas,
+        disturbed=disturbed,
+    )
+
+
+def node_script() -> list[tuple[float, TuneEvent]]:
+    """An 8-GPU tune mid-run: two TP-1 trials finished (one disturbed by its neighbours), one failed, and four
+    running at once: a judged phase on GPU 0, a scout on GPU 1, a server starting on GPU 2, a TP-4 server on
+    GPUs 4-7; GPU 3 is idle."""
+    script: list[tuple[float, TuneEvent]] = [
+        (0.0, node_started()),
+        (1.0, _node_trial(DEFAULTS, "vLLM defaults", 1, (0,), "the baseline: vLLM's own defaults")),
+        (0.0, _node_trial(KV_FP8, "fp8 kv", 2, (1,), "predicted 11.9")),
+        (0.0, _node_trial(FP8, "fp8 w, fp8 kv", 3, (2,), "predicted 21.4")),
+        (64.0, TrialFinished(FP8, "fp8 w, fp8 kv", "failed", OOM, gpus=(2,), layout="8 x TP 1")),
+        (48.0, ServerReady(DEFAULTS, "http://127.0.0.1:8101", 112.4, 4242)),
+        (2.0, ServerReady(KV_FP8, "http://127.0.0.1:8102", 114.0, 4243)),
+    ]
+    script += _measured(_point(DEFAULTS, DEFAULTS_CAPACITY, 2337, 0.31, 0.0148))
+    script += _measured(_point(KV_FP8, Load.rate(10.2), 2580, 0.34, 0.0151, disturbed=SQUEEZED))
+    script += [
+        (1.0, _node_finished(DEFAULTS, "vLLM defaults", (0,), DEFAULTS_CAPACITY, 2337.0)),
+        (0.0, BestChanged(DEFAULTS, "vLLM defaults", 2337.0, DEFAULTS_CAPACITY.label())),
+        (1.0, _node_finished(KV_FP8, "fp8 kv", (1,), Load.rate(10.2), 2580.0, disturbed=SQUEEZED)),
+        (0.0, BestChanged(KV_FP8, "fp8 kv", 2580.0, "10.2 req/s")),
+        (0.0, EtaUpdated(1260.0, 6, "predicted: 6 launches x ~3.5 min on 8 slots")),
+        (2.0, _node_trial(BIG_BATCH, BIG_LABEL, 4, (0,), "predicted 17.9")),
+        (0.0, _node_trial(SEQS_256, "seqs 256", 5, (1,), "predicted 13.0")),
+        (0.0, _node_trial(TP4, "TP 4, seqs 512", 6, (4, 5, 6, 7), "predicted 31.0 per server")),
+        (95.0, ServerReady(TP4, "http://127.0.0.1:8106", 95.0, 4301)),
+        (3.0, ServerReady(BIG_BATCH, "http://127.0.0.1:8104", 98.0, 4302)),
+        (1.0, ServerReady(SEQS_256, "http://127.0.0.1:8105", 99.0, 4303)),
+        (0.0, _node_trial(MEM95, "gpu mem 0.95", 7, (2,), "predicted 9.8")),
+    ]
+    script += _measured(_point(TP4, Load.rate(28.0), 7200, 0.29, 0.0141))
+    script += _measured(_point(BIG_BATCH, Load.rate(15.2), 3870, 0.44, 0.0178))
+    script += [
+        (4.0, _phase(SEQS_256, Load.users(32), 30, 2400.0, "scout")),
+        (3.0, _phase(TP4, Load.rate(31.0), 22, 7800.0)),
+        (2.0, _phase(BIG_BATCH, BIG_CAPACITY, 40, 4012.0)),
+    ]
+    return script
+
+
+def node_load(t: float, gpu: int) -> scripted.Load:
+    """What each GPU of the node does: decode under load where a server holds it, idle elsewhere."""
+    if gpu in (2, 3):  # GPU 2's server is still starting, GPU 3 is idle
+        return scripted.decode_load(0.0, 0)  # the idle part of the decode cycle
+    bandwidth = {0: 62.0, 1: 48.0}.get(gpu, 71.0)
+    return scripted.steady_load(dram_bw_util_pct=bandwidth, power_frac=0.55 + bandwidth / 250)(t, gpu)
+
+
+def make_node_sampler(clock: scripted.ManualClock) -> Sampler:
+    """Eight scripted H100s, GPU 3 empty (nothing loaded on it), with the trials' servers' /metrics."""
+    empty = dataclasses.replace(scripted.H100_SXM, vram_used_frac=0.006)
+    specs = [empty if gpu == 3 else scripted.H100_SXM for gpu in NODE]
+    nvml = scripted.ScriptedNvml(specs, clock=clock, load=node_load)
+    source = CandidateSource(
+        scripted.scripted_backend(nvml),
+        config=NO_DISCOVERY,
+        host=FixedHost(),
+        clock=clock,  # type: ignore[arg-type]
+    )
+    source.urls = ("http://127.0.0.1:8104", "http://127.0.0.1:8105", "http://127.0.0.1:8106")
+    return Sampler(source)
+
+
+def feed_node(app: TuneApp, clock: scripted.ManualClock, events: list[tuple[float, TuneEvent]]) -> None:
+    """:func:`feed` on the scripted 8-GPU node."""
+    feed(app, clock, events, sampler=make_node_sampler(clock))
+
+
+def strip_lines(screen: Any) -> list[str]:
+    return text_of(screen.query_one(NodeStrip)).splitlines()
+
+
+def test_interleaved_trials_keep_their_phases_apart() -> None:
+    run = fold(node_script())
+    assert [t.key for t in run.running] == [BIG_BATCH, SEQS_256, TP4, MEM95]
+    assert run.current_key == BIG_BATCH  # the last to begin a phase
+    assert run.measuring_on(BIG_BATCH) == "16.1 req/s" and run.measuring_on(TP4) == "31 req/s"
+    assert run.phase_of(SEQS_256) is not None and run.phase_of(SEQS_256).role == "scout"  # type: ignore[union-attr]
+    assert run.measuring_on(MEM95) is None  # its server is still starting
+    # A result on one trial does not end the phase under way on another.
+    run.apply(_point(TP4, Load.rate(31.0), 7800, 0.33, 0.0146), 0.0)
+    assert run.measuring_on(TP4) is None and run.measuring_on(BIG_BATCH) == "16.1 req/s"
+    assert run.current_key == TP4
+    run.apply(_node_finished(TP4, "TP 4, seqs 512", (4, 5, 6, 7), Load.rate(31.0), 7800.0), 0.0)
+    assert run.current_key == BIG_BATCH  # back to the running trial active last
+    fp8 = run.trials[KV_FP8]
+    assert fp8.node_capacity == pytest.approx(81.6) and fp8.node_load_label == "81.6 req/s"
+    assert fp8.layout == "8 x TP 1" and fp8.disturbed == SQUEEZED
+    tp4 = run.trials[TP4]
+    assert tp4.node_load_label == "62 req/s" and tp4.gpus == (4, 5, 6, 7)
+    best = run.best
+    assert best is not None and best.speedup_basis == "node"
+    assert best.speedup == pytest.approx(81.6 / 73.04) and best.defaults_node_load_label == "73 req/s"
+
+
+def test_the_eta_counts_down_from_the_tuners_estimates() -> None:
+    run = TuneRun()
+    run.apply(node_started(eta_s=1800.0), 100.0)
+    assert run.eta_s(100.0) == pytest.approx(1800.0)
+    assert run.eta_s(700.0) == pytest.approx(1200.0)
+    run.apply(EtaUpdated(840.0, 3, "measured: 3 launches x ~4.7 min on 8 slots"), 700.0)
+    assert run.eta_s(760.0) == pytest.approx(780.0)
+    assert run.eta_s(2000.0) is None  # overdue: the estimate no longer tells
+    run.apply(EtaUpdated(None, 3, "no launch has finished yet"), 800.0)
+    assert run.eta_s(800.0) is None
+    unknown = TuneRun()
+    unknown.apply(node_started(eta_s=None), 0.0)
+    assert unknown.eta_s(0.0) is None
+
+
+async def test_two_trials_in_parallel_then_a_tp4_trial_hold_their_gpus_in_the_strip() -> None:
+    clock = scripted.ManualClock()
+    app = make_tune_app(FakeTuner([]), autostart=False, clock=clock)
+    async with app.run_test(size=(110, 40)) as pilot:
+        screen = app.tune_screen
+        sampler = make_node_sampler(clock)
+        screen.attach_telemetry(sampler.open(), sampler.history)
+        for event in (
+            node_started(),
+            _node_trial(DEFAULTS, "vLLM defaults", 1, (0,), "the baseline"),
+            _node_trial(KV_FP8, "fp8 kv", 2, (1,), "predicted 11.9"),
+            ServerReady(DEFAULTS, "http://127.0.0.1:8101", 100.0, 1),
+            _phase(DEFAULTS, Load.users(4), 10, 380.0, "scout"),
+        ):
+            screen.show_event(event)
+        screen.show_run()
+        await pilot.pause()
+        table = screen.query_one(TrialTable)
+        assert table.statuses == {DEFAULTS: "running", KV_FP8: "running"}  # two running rows
+        assert cells(table, KV_FP8)["gpus"] == "1" and cells(table, KV_FP8)["layout"] == "8 x TP 1"
+        lines = strip_lines(screen)
+        assert len(lines) == 4  # 8 GPUs, two a row at 110 columns
+        assert lines[0].startswith("0 #1 scout") and "1 #2 start" in lines[0]
+        assert all(line.count("idle") == 2 for line in lines[1:])
+        assert "GPU 0-7 · 2 busy · 8 at once" in str(screen.query_one("#telemetry").border_title)
+        assert text_of(screen.query_one(PhasePanel)).startswith("#1 vLLM defaults · GPU 0 · 8 x TP 1")
+        # The first finishes and frees GPU 0; a TP-4 trial takes GPUs 4-7.
+        screen.show_event(_node_finished(DEFAULTS, "vLLM defaults", (0,), DEFAULTS_CAPACITY, 2337.0))
+        screen.show_event(_node_trial(TP4, "TP 4, seqs 512", 3, (4, 5, 6, 7), "predicted 31.0"))
+        await pilot.pause()
+        lines = strip_lines(screen)
+        assert lines[0].startswith("0 idle") and "1 #2 start" in lines[0]
+        assert lines[2].startswith("4 #3 start") and "5 #3 start" in lines[2]
+        assert lines[3].startswith("6 #3 start") and "7 #3 start" in lines[3]
+        assert cells(table, DEFAULTS)["node"] == "73 req/s"
+        assert cells(table, TP4)["gpus"] == "4-7" and cells(table, TP4)["layout"] == "2 x TP 4"
+        phase = text_of(screen.query_one(PhasePanel))
+        assert phase.startswith("#3 TP 4, seqs 512 · GPU 4-7 · 2 x TP 4")  # follows the trial active last
+        assert "starting the vLLM server" in phase
+        # Every trial over: every GPU idle.
+        screen.show_event(TrialFinished(KV_FP8, "fp8 kv", "failed", OOM, gpus=(1,)))
+        screen.show_event(TrialFinished(TP4, "TP 4, seqs 512", "failed", OOM, gpus=(4, 5, 6, 7)))
+        await pilot.pause()
+        assert " ".join(strip_lines(screen)).count("idle") == 8
+
+
+async def test_the_header_shows_the_eta_and_counts_it_down() -> None:
+    clock = scripted.ManualClock()
+    app = make_tune_app(FakeTuner([]), autostart=False, clock=clock)
+    async with app.run_test(size=(110, 34)) as pilot:
+        screen = app.tune_screen
+        header = screen.query_one(TuneHeader)
+        screen.show_event(node_started(eta_s=1800.0))
+        await pilot.pause()
+        assert "ETA 30 min" in text_of(header)
+        clock.advance(600.0)
+        screen.show_run()
+        await pilot.pause()
+        assert "ETA 20 min" in text_of(header)
+        screen.show_event(EtaUpdated(840.0, 3, "measured: 3 launches x ~4.7 min on 8 slots"))
+        await pilot.pause()
+        assert "ETA 14 min" in text_of(header)
+        assert screen.query_one(EventLog).plain.endswith(
+            "time left 14 min 00 s: measured: 3 launches x ~4.7 min on 8 slots"
+        )
+        screen.show_event(EtaUpdated(None, 3, "no launch has finished yet"))
+        await pilot.pause()
+        assert "ETA ?" in text_of(header)
+        screen.show_event(TuneFinished(None, None, 0, 700.0, "interrupted"))
+        await pilot.pause()
+        assert "ETA" not in text_of(header)
+
+
+async def test_selecting_a_trial_shows_it_and_a_disturbed_trial_is_marked() -> None:
+    clock = scripted.ManualClock()
+    app = make_tune_app(FakeTuner([]), autostart=False, clock=clock)
+    async with app.run_test(size=(110, 40)) as pilot:
+        feed_node(app, clock, node_script())
+        await pilot.pause()
+        screen = app.tune_screen
+        table = screen.query_one(TrialTable)
+        assert table.selected_key is None  # following
+        assert text_of(screen.query_one(PhasePanel)).startswith(f"#4 {BIG_LABEL} · GPU 0")
+        row = cells(table, KV_FP8)
+        assert row["status"] == "feasible !" and row["reason"].startswith("disturbed: host CPU busy")
+        table.focus()
+        for _ in range(5):  # up to #2, the disturbed trial
+            await pilot.press("up")
+        await pilot.pause()
+        assert table.selected_key == KV_FP8
+        phase = text_of(screen.query_one(PhasePanel)).splitlines()
+        assert phase[0] == "#2 fp8 kv · GPU 1 · 8 x TP 1 (selected)"
+        assert phase[2].startswith("node 81.6 req/s (8 x TP 1) · ! disturbed: host CPU")
+        chart = screen.query_one(SloChart)
+        assert chart.trial is not None and chart.trial.key == KV_FP8 and chart.measuring is None
+        # Back down to the newest row: the screen follows the trial active last again.
+        for _ in range(5):
+            await pilot.press("down")
+        await pilot.pause()
+        assert table.selected_key is None
+        assert text_of(screen.query_one(PhasePanel)).startswith(f"#4 {BIG_LABEL}")
+        best = text_of(screen.query_one(BestPanel))
+        assert "best so far #2 fp8 kv · 8 x TP 1" in best
+        assert "node 81.6 req/s" in best and "1.12x the defaults' node (73 req/s)" in best
+
+
+async def test_an_8_gpu_node_fits_80x24() -> None:
+    clock = scripted.ManualClock()
+    app = make_tune_app(FakeTuner([]), autostart=False, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        feed_node(app, clock, node_script())
+        await pilot.pause()
+        screen = app.tune_screen
+        for widget in (TuneHeader, TrialTable, PhasePanel, BestPanel, SloChart, NodeStrip, EventLog):
+            region = screen.query_one(widget).region
+            assert region.height > 0 and region.bottom <= 23, widget
+        strip = screen.query_one(NodeStrip)
+        assert strip.region.height == 4  # eight GPUs, two a row, none scrolled away
+        lines = strip_lines(screen)
+        assert lines[0].startswith("0 #4 judged") and "1 #5 scout" in lines[0]
+        assert lines[1].startswith("2 #7 start") and "3 idle" in lines[1]
+        assert lines[2].startswith("4 #6 judged") and lines[3].startswith("6 #6 judged")
+        assert all(len(line) <= strip.content_region.width for line in lines)
+        assert "ETA 18 min" in text_of(screen.query_one(TuneHeader))
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 60)], ids=["80x24", "200x60"])
+def test_node_snapshot(snap_compare: Any, size: tuple[int, int]) -> None:
+    clock = scripted.ManualClock()
+    app = make_tune_app(FakeTuner([]), autostart=False, clock=clock)
+
+    async def run_before(pilot: Any) -> None:
+        feed_node(app, clock, node_script())
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)

@@ -8,12 +8,14 @@ happens exactly when something visible changed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from tuner.tuning.events import (
     BestChanged,
+    EtaUpdated,
     PhaseMeasured,
     PhaseProgressed,
     PhaseRepeated,
@@ -25,6 +27,7 @@ from tuner.tuning.events import (
     TuneStarted,
     VerdictReached,
 )
+from tuner.tuning.points import Load
 
 DEFAULTS_KEY = "vllm-defaults"
 """``Candidate.key()`` of vLLM with no flags: the trial every other one is compared with."""
@@ -49,6 +52,16 @@ VERDICT_STATUSES = {"proven": "proven", "backed_off": "backed off", "not_proven"
 def is_defaults(key: str, label: str) -> bool:
     """Whether a trial is the baseline every other one is compared with."""
     return key == DEFAULTS_KEY or label.startswith(DEFAULTS_LABEL)
+
+
+def gpu_list(gpus: tuple[int, ...]) -> str:
+    """GPUs for people: ``"4-7"`` for a run, ``"0,2"`` otherwise, ``"–"`` for none (the CPU build)."""
+    if not gpus:
+        return "–"
+    ordered = sorted(set(gpus))
+    if len(ordered) > 2 and ordered[-1] - ordered[0] == len(ordered) - 1:
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ",".join(str(g) for g in ordered)
 
 
 _RATE_LABEL = re.compile(r"(\S+) req/s")
@@ -120,6 +133,11 @@ class TrialView:
     log_tail: str = ""
     predicted: float | None = None  # the performance model's capacity (the objective's unit)
     measured: float | None = None  # the capacity measured, same unit, once finished
+    gpus: tuple[int, ...] = ()  # the GPUs its server holds (physical indices); () on the CPU build
+    layout: str = ""  # how the candidate fills the node: "8 x TP 1"
+    node_capacity: float | None = None  # measured x replicas (the objective's unit), once finished
+    node_load_label: str | None = None  # the node's capacity as a load ("129 req/s"), once finished
+    disturbed: str = ""  # why trials beside it disturbed its measurement, "" if they did not
 
     @property
     def vs_prediction(self) -> float | None:
@@ -199,6 +217,11 @@ class BestView:
     defaults_load_label: str | None = None  # the defaults trial's capacity, when it has one
     defaults_load: tuple[str, float] | None = None
     defaults_status: str | None = None  # the defaults trial's status, when it ran
+    layout: str = ""  # how the best fills the node: "8 x TP 1"
+    node_capacity: float | None = None  # its node's capacity (measured x replicas), the objective's unit
+    node_load_label: str | None = None  # the same as a load: "129 req/s"
+    defaults_node_capacity: float | None = None
+    defaults_node_load_label: str | None = None
 
     @property
     def is_defaults(self) -> bool:
@@ -206,8 +229,12 @@ class BestView:
 
     @property
     def speedup_basis(self) -> str | None:
-        """What the ratio over the defaults compares: ``"load"`` (the capacities, both requests/s or both users,
-        as the tuner's headline does), ``"tok/s"`` when the loads are not of one kind, None without a ratio."""
+        """What the ratio over the defaults compares: ``"node"`` (what each one's whole node serves, when both
+        are known: layouts of different TP compare so), ``"load"`` (one server's capacities, both requests/s or
+        both users, as the tuner's headline does), ``"tok/s"`` when the loads are not of one kind, None without
+        a ratio."""
+        if self.node_capacity is not None and self.defaults_node_capacity:
+            return "node"
         if self.load is not None and self.defaults_load is not None:
             (kind, _), (defaults_kind, defaults_value) = self.load, self.defaults_load
             if kind == defaults_kind and defaults_value > 0:
@@ -221,6 +248,8 @@ class BestView:
         """The best's capacity over the defaults' (1.31 = 31 % more requests/s within the SLO), or its tok/s
         over theirs when the capacities cannot be compared (:attr:`speedup_basis`); None without a ratio."""
         basis = self.speedup_basis
+        if basis == "node" and self.node_capacity is not None and self.defaults_node_capacity:
+            return self.node_capacity / self.defaults_node_capacity
         if basis == "load" and self.load is not None and self.defaults_load is not None:
             return self.load[1] / self.defaults_load[1]
         if basis == "tok/s" and self.defaults_tok_s is not None:
@@ -228,8 +257,29 @@ class BestView:
         return None
 
 
+@dataclass(frozen=True)
+class NodeSlot:
+    """One GPU of the node and the trial on it, for the node strip."""
+
+    gpu: int  # physical index
+    key: str | None = None  # the trial whose server holds it; None: idle
+    name: str = ""  # the trial as the strip names it: "#3", "proof"
+    label: str = ""  # the trial's configuration: "fp8 w, fp8 kv"
+    layout: str = ""  # "8 x TP 1"
+    role: str = ""  # "starting", "ready", or the phase's role: "scout", "judged", "proof", "production"
+    load_label: str = ""  # the load under way, "" between phases
+
+    @property
+    def idle(self) -> bool:
+        return self.key is None
+
+
 class TuneRun:
-    """The fold of a run's events. Call :meth:`apply` with each event in order; read the properties."""
+    """The fold of a run's events. Call :meth:`apply` with each event in order; read the properties.
+
+    Several trials may run at once (one per slot of the node), their events interleaved: everything about a
+    trial is kept by its key. ``current_key`` is the running trial that was active last (it started, its
+    server came up, a phase of it began or was judged): what the screen follows unless told otherwise."""
 
     def __init__(self) -> None:
         self.started: TuneStarted | None = None
@@ -237,14 +287,18 @@ class TuneRun:
         self.trials: dict[str, TrialView] = {}
         self.current_key: str | None = None
         self.last_key: str | None = None
-        self.phase: PhaseProgressed | None = None
-        self.phase_measured = False  # the phase above has its PhaseMeasured already
+        self.phases: dict[str, PhaseProgressed] = {}  # the latest progress of each trial's phase under way
+        self.phases_measured: set[str] = set()  # trials whose phase above has its PhaseMeasured already
+        self.repeats: dict[str, PhaseRepeated] = {}  # the last "measured again / further" of a trial's phase
         self.best_event: BestChanged | None = None
         self.finished: TuneFinished | None = None
         self.error: str | None = None  # the tuner raised instead of finishing
         self.limits = SloLimits()
         self.verdict: VerdictReached | None = None
-        self.repeated: PhaseRepeated | None = None  # the last "measured again / further" of the current phase
+        self.eta: EtaUpdated | None = None  # the latest re-estimate, None before the first
+        self.eta_at_s: float | None = None  # screen clock when the ETA above (or TuneStarted's) was given
+        self._activity: dict[str, int] = {}  # key -> when it was last active (a counter)
+        self._events = 0
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -259,15 +313,38 @@ class TuneRun:
 
     @property
     def last(self) -> TrialView | None:
-        """The trial running now, or else the one that ran last."""
+        """The trial running now (the one active last), or else the one that ran last."""
         return self.current or (self.trials.get(self.last_key) if self.last_key else None)
 
     @property
+    def running(self) -> list[TrialView]:
+        """The trials running now, in launch order."""
+        return [t for t in self.trials.values() if t.running]
+
+    @property
+    def phase(self) -> PhaseProgressed | None:
+        """The phase under way on the current trial."""
+        return self.phase_of(self.current_key)
+
+    @property
+    def repeated(self) -> PhaseRepeated | None:
+        """Why the current trial's phase is measured again or further, if it is."""
+        return self.repeats.get(self.current_key) if self.current_key else None
+
+    @property
     def measuring(self) -> str | None:
-        """The load being held right now (its label), until its result arrives."""
-        if self.phase is None or self.phase_measured:
+        """The load being held right now on the current trial (its label), until its result arrives."""
+        return self.measuring_on(self.current_key)
+
+    def phase_of(self, key: str | None) -> PhaseProgressed | None:
+        return self.phases.get(key) if key else None
+
+    def measuring_on(self, key: str | None) -> str | None:
+        """The load being held right now on trial ``key`` (its label), until its result arrives."""
+        phase = self.phase_of(key)
+        if phase is None or phase.key in self.phases_measured:
             return None
-        return self.phase.load_label
+        return phase.load_label
 
     @property
     def launches_used(self) -> int:
@@ -303,12 +380,18 @@ class TuneRun:
             defaults_load_label=defaults_load_label,
             defaults_load=feasible.load_of(defaults_load_label) if feasible else None,
             defaults_status=defaults.status if defaults else None,
+            layout=trial.layout if trial else "",
+            node_capacity=trial.node_capacity if trial else None,
+            node_load_label=trial.node_load_label if trial else None,
+            defaults_node_capacity=feasible.node_capacity if feasible else None,
+            defaults_node_load_label=feasible.node_load_label if feasible else None,
         )
 
-    @property
-    def chart_trial(self) -> TrialView | None:
-        """Whose points the SLO chart shows: the running trial, else the best one, else the latest one
-        that measured something, else the last one."""
+    def chart_trial_for(self, key: str | None) -> TrialView | None:
+        """Whose points the SLO chart shows: trial ``key`` when given (the one selected), else the running
+        trial, else the best one, else the latest one that measured something, else the last one."""
+        if key is not None and key in self.trials:
+            return self.trials[key]
         if self.current is not None:
             return self.current
         if self.best_event is not None and self.best_event.key in self.trials:
@@ -316,16 +399,71 @@ class TuneRun:
         measured = [t for t in self.trials.values() if t.points]
         return measured[-1] if measured else self.last
 
+    @property
+    def chart_trial(self) -> TrialView | None:
+        """:meth:`chart_trial_for` with nothing selected."""
+        return self.chart_trial_for(None)
+
+    def eta_s(self, now_s: float) -> float | None:
+        """Seconds the run is expected to go on from ``now_s``: the latest estimate less the time since it was
+        given. None: unknown, over, or overdue (an estimate that has run out no longer tells anything)."""
+        if not self.active or self.eta_at_s is None:
+            return None
+        if self.eta is not None:
+            remaining = self.eta.remaining_s
+        else:
+            remaining = self.started.eta_s if self.started is not None else None
+        if remaining is None:
+            return None
+        left = remaining - (now_s - self.eta_at_s)
+        return left if left > 0 else None
+
+    @property
+    def node_gpus(self) -> tuple[int, ...]:
+        """The GPUs the tune may use, as TuneStarted told (() on the CPU build, or from an older tuner)."""
+        return self.started.node_gpus if self.started is not None else ()
+
+    def node_slots(self, gpus: tuple[int, ...] = ()) -> tuple[NodeSlot, ...]:
+        """Each of the node's GPUs (``gpus`` when the tuner did not say which: those the sampler sees) and the
+        running trial on it. Without the node's GPUs from the tuner (an older tuner: one trial at a time), a
+        running trial that names no GPUs of its own is taken to hold them all."""
+        node = self.node_gpus or gpus
+        holders: dict[int, TrialView] = {}
+        for running in self.running:
+            for gpu in running.gpus:
+                holders[gpu] = running
+        legacy = None if self.node_gpus else self.current
+        slots = []
+        for gpu in sorted(set(node) | set(holders)):
+            trial = holders.get(gpu)
+            if trial is None and legacy is not None and not legacy.gpus:
+                trial = legacy
+            if trial is None:
+                slots.append(NodeSlot(gpu))
+                continue
+            phase = self.phase_of(trial.key)
+            if trial.server_url is None:
+                role, load = "starting", ""
+            elif phase is None:
+                role, load = "ready", ""
+            else:
+                role = phase.role
+                load = "" if trial.key in self.phases_measured else phase.load_label
+            name = "proof" if trial.is_proof else (f"#{trial.index}" if trial.index is not None else "–")
+            slots.append(NodeSlot(gpu, trial.key, name, trial.label, trial.layout, role, load))
+        return tuple(slots)
+
     # --- folding -----------------------------------------------------------------------------------------
 
     def apply(self, event: TuneEvent, now_s: float) -> None:
         """Take one event; ``now_s`` is the screen's clock when it arrived."""
+        self._events += 1
         on_server = ServerReady | PhaseProgressed | PhaseMeasured | PhaseRepeated
         if isinstance(event, on_server) and event.key == PROOF_KEY:
             self._start_proof(now_s, fresh=isinstance(event, ServerReady))
         if isinstance(event, TuneStarted):
             self.started = event
-            self.started_at_s = now_s
+            self.started_at_s = self.eta_at_s = now_s
             if event.ttft_p95_max_s is not None or event.tok_s_per_user_min is not None:
                 self.limits = SloLimits(event.ttft_p95_max_s, event.tok_s_per_user_min)
             else:  # an older event without the numbers
@@ -338,27 +476,35 @@ class TuneRun:
                 why=event.why,
                 started_at_s=now_s,
                 predicted=event.predicted,
+                gpus=event.gpus,
+                layout=event.layout,
             )
-            self.current_key = self.last_key = event.key
-            self.phase = None
+            self._forget_phase(event.key)
+            self._touch(event.key)
         elif isinstance(event, ServerReady):
             self._update(event.key, server_url=event.url, startup_s=event.startup_s)
+            self._touch(event.key)
         elif isinstance(event, PhaseProgressed):
-            if event.key == self.current_key:
-                if self.phase is None or self.phase.load_label != event.load_label:
-                    self.repeated = None
-                self.phase = event
-                self.phase_measured = False
+            before = self.phases.get(event.key)
+            if before is None or before.load_label != event.load_label or event.key in self.phases_measured:
+                self.repeats.pop(event.key, None)  # a new phase: a "measured again" was about the last one
+                self._touch(event.key)
+            elif before.stage != event.stage:
+                self._touch(event.key)
+            self.phases[event.key] = event
+            self.phases_measured.discard(event.key)
         elif isinstance(event, PhaseRepeated):
-            if event.key == self.current_key:
-                self.repeated = event
+            self.repeats[event.key] = event
+            self._touch(event.key)
         elif isinstance(event, PhaseMeasured):
             trial = self.trials.get(event.key)
             if trial is not None:
                 self._update(event.key, points=(*trial.points, event))
-            if self.phase is not None and self.phase.load_label == event.load_label:
-                self.phase_measured = True
-                self.repeated = None
+            phase = self.phases.get(event.key)
+            if phase is not None and phase.load_label == event.load_label:
+                self.phases_measured.add(event.key)
+                self.repeats.pop(event.key, None)
+            self._touch(event.key)
         elif isinstance(event, TrialFinished):
             self._finish_trial(event)
         elif isinstance(event, BestChanged):
@@ -366,9 +512,32 @@ class TuneRun:
         elif isinstance(event, VerdictReached):
             self.verdict = event
             self._finish_proof(event)
+        elif isinstance(event, EtaUpdated):
+            self.eta = event
+            self.eta_at_s = now_s
         elif isinstance(event, TuneFinished):
             self.finished = event
             self._close_running(event.stopped or "the run ended before this trial did")
+
+    def _touch(self, key: str) -> None:
+        """Trial ``key`` did something: it becomes the current one if it is running."""
+        self._activity[key] = self._events
+        trial = self.trials.get(key)
+        if trial is not None and trial.running:
+            self.current_key = self.last_key = key
+
+    def _forget_phase(self, key: str) -> None:
+        self.phases.pop(key, None)
+        self.phases_measured.discard(key)
+        self.repeats.pop(key, None)
+
+    def _leave(self, key: str) -> None:
+        """Trial ``key`` stopped running: the current trial becomes the running one active last, if any."""
+        self._forget_phase(key)
+        if self.current_key != key:
+            return
+        running = [t.key for t in self.running]
+        self.current_key = max(running, key=lambda k: self._activity.get(k, 0), default=None)
 
     def _start_proof(self, now_s: float, *, fresh: bool) -> None:
         """vLLM relaunched from the exported file: a trial of its own, whether or not a TrialStarted told of it.
@@ -383,9 +552,8 @@ class TuneRun:
         else:
             return
         self.trials[PROOF_KEY] = proof
-        self.current_key = self.last_key = PROOF_KEY
-        self.phase = None
-        self.repeated = None
+        self._forget_phase(PROOF_KEY)
+        self._touch(PROOF_KEY)
 
     def _finish_proof(self, event: VerdictReached) -> None:
         proof = self.trials.get(PROOF_KEY)
@@ -397,13 +565,15 @@ class TuneRun:
             reason=event.headline,
             best_load_label=event.operating_point,
         )
-        if self.current_key == PROOF_KEY:
-            self.current_key = None
-            self.phase = None
+        self._leave(PROOF_KEY)
 
     def _finish_trial(self, event: TrialFinished) -> None:
         # A candidate the search skipped was never started: it gets a row without a launch number.
         trial = self.trials.get(event.key) or TrialView(key=event.key, label=event.label, index=None)
+        kind = self.started.objective if self.started is not None else "rate"
+        node_load = None
+        if event.node_capacity is not None and event.node_capacity > 0 and math.isfinite(event.node_capacity):
+            node_load = Load(kind, event.node_capacity) if kind == "users" else Load.rate(event.node_capacity)
         self.trials[event.key] = dataclasses.replace(
             trial,
             status=event.status,
@@ -414,10 +584,13 @@ class TuneRun:
             log_tail=event.log_tail,
             predicted=event.predicted if event.predicted is not None else trial.predicted,
             measured=event.measured,
+            gpus=event.gpus or trial.gpus,
+            layout=event.layout or trial.layout,
+            node_capacity=event.node_capacity,
+            node_load_label=node_load.label() if node_load is not None else None,
+            disturbed=event.disturbed,
         )
-        if event.key == self.current_key:
-            self.current_key = None
-            self.phase = None
+        self._leave(event.key)
         self.last_key = event.key
 
     def _update(self, key: str, **changes: Any) -> None:
@@ -436,4 +609,6 @@ class TuneRun:
             if trial.running:
                 self._update(key, status="interrupted", reason=reason)
         self.current_key = None
-        self.phase = None
+        self.phases.clear()
+        self.phases_measured.clear()
+        self.repeats.clear()

@@ -1,7 +1,9 @@
-"""Watch a tuning run: the trials so far, the phase under way, the best result, and the candidate's telemetry.
+"""Watch a tuning run: the trials so far, the phase under way, the best result, and the node's GPUs.
 
 The screen folds the tuner's events (:mod:`tuner.tuning.events`, arriving as :class:`TuneEventReceived`) into a
-:class:`~tui.tune_state.TuneRun` and shows it; it never drives the search. Telemetry of the candidate server
+:class:`~tui.tune_state.TuneRun` and shows it; it never drives the search. Several trials may run at once, one
+per slot of the node: the trial table has a row for each, the node strip shows which holds which GPU, and the
+"current trial" panel and the chart follow the trial active last, or the one selected in the table. Telemetry
 arrives as the monitor's :class:`SnapshotTaken`, repainted at most every ``redraw_interval_s`` like the
 monitor. Times on screen come from the injected ``clock``, so tests and screenshots freeze them.
 """
@@ -14,21 +16,21 @@ from collections.abc import Callable
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import DataTable, Footer, Static
 
 from tui.messages import SnapshotTaken
 from tui.tune_messages import TelemetryAttached, TuneEventReceived, TuneRunEnded
-from tui.tune_state import TuneRun
+from tui.tune_state import TrialView, TuneRun, gpu_list
 from tui.widgets.best_panel import BestPanel
 from tui.widgets.engine_line import EngineLine
 from tui.widgets.event_log import EventLog, describe, describe_error
-from tui.widgets.gpu_card import CARD_SERIES, GpuCard
 from tui.widgets.host_bar import HostBar
+from tui.widgets.node_strip import NodeStrip
 from tui.widgets.phase_panel import PhasePanel
 from tui.widgets.slo_chart import SloChart
 from tui.widgets.trial_table import TrialTable
 from tui.widgets.tune_header import TuneHeader
-from tuner.telemetry.model import EngineSample, GpuState, Snapshot, SystemInfo
+from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
 from tuner.telemetry.sampler import History
 from tuner.tuning.events import PhaseProgressed, TrialFinished, TuneEvent
 
@@ -67,7 +69,8 @@ class TuneScreen(Screen[None]):
     TuneScreen #no-gpu.shown { display: block; }
     TuneScreen HostBar { display: none; background: transparent; }
     TuneScreen HostBar.shown { display: block; }
-    TuneScreen #gpus { height: auto; }
+    TuneScreen NodeStrip { display: none; }
+    TuneScreen NodeStrip.shown { display: block; }
     TuneScreen #log {
         height: 1fr;
         min-height: 3;
@@ -75,7 +78,13 @@ class TuneScreen(Screen[None]):
         border-title-color: $text;
         border-title-style: bold;
     }
+    TuneScreen.node #telemetry { max-height: 12; }  /* a line per GPU of eight, on a wide screen */
     TuneScreen.short #telemetry { max-height: 5; }
+    /* A node of several GPUs on a short terminal: its grid (four rows for eight GPUs) takes the telemetry's
+       place whole, under a top border only, and so does the log; the candidate server's line gives way. */
+    TuneScreen.short.node #telemetry { border: none; border-top: round $primary 60%; max-height: 5; }
+    TuneScreen.short.node EngineLine { display: none; }
+    TuneScreen.short.node #log { border: none; border-top: round $primary 60%; min-height: 2; }
     /* A short terminal once the run is over: the verdict and the files need the room. The chart gives way
        (the trial table keeps the winner's numbers), and so does the telemetry, whose readings stopped with
        the tuner. */
@@ -95,7 +104,7 @@ class TuneScreen(Screen[None]):
         self.ended = False  # the tuner's run() returned or raised
         self.info: SystemInfo | None = None
         self.history: History | None = None
-        self.cards: dict[int, GpuCard] = {}
+        self.gpus: tuple[int, ...] = ()  # the GPUs the sampler reads
         self.last_snapshot: Snapshot | None = None
         self._pending: Snapshot | None = None
         self._progress_pending = False
@@ -113,7 +122,7 @@ class TuneScreen(Screen[None]):
             yield EngineLine(id="engine")
             yield Static(id="no-gpu")
             yield HostBar(id="host")
-            yield Vertical(id="gpus")
+            yield NodeStrip(id="node")
         yield EventLog(id="log")
         yield Footer()
 
@@ -181,6 +190,19 @@ class TuneScreen(Screen[None]):
             return "stopping"
         return "running" if run.started is not None else "waiting"
 
+    @property
+    def shown_trial(self) -> TrialView | None:
+        """The trial the "current trial" panel and the chart show: the one selected in the trial table, else
+        the running trial active last, else the last one."""
+        selected = self.query_one(TrialTable).selected_key
+        if selected is not None and selected in self.run.trials:
+            return self.run.trials[selected]
+        return self.run.last
+
+    def on_data_table_row_highlighted(self, message: DataTable.RowHighlighted) -> None:
+        # The cursor moved (the operator, or the table following a new row): show the trial it picked.
+        self.show_run()
+
     def show_run(self) -> None:
         """Push the run's state into the widgets (reactives repaint only what changed)."""
         run = self.run
@@ -192,12 +214,16 @@ class TuneScreen(Screen[None]):
         header.state = self.state
         header.verdict = run.finished.verdict if run.finished else None
         header.exit_code = run.finished.exit_code if run.finished else None
-        self._show_clock()
         self.query_one(TrialTable).show(run.trials.values())
+        selected = self.query_one(TrialTable).selected_key
+        shown = self.shown_trial
+        key = shown.key if shown is not None else None
+        self._show_clock()
         phase = self.query_one(PhasePanel)
-        phase.trial = run.last
-        phase.phase = run.phase
-        phase.repeated = run.repeated
+        phase.trial = shown
+        phase.selected = selected is not None and shown is not None and selected == shown.key
+        phase.phase = run.phase_of(key) if shown is not None and shown.running else None
+        phase.repeated = run.repeats.get(key) if key is not None else None
         phase.finished = run.finished
         phase.error = run.error
         self.query_one("#now").border_title = "current trial" if run.active else "result"
@@ -210,16 +236,44 @@ class TuneScreen(Screen[None]):
             self.app.refresh_bindings()  # "Stop run" shows only while there is a run to stop
         chart = self.query_one(SloChart)
         chart.limits = run.limits
-        chart.trial = run.chart_trial
-        chart.measuring = run.measuring if run.chart_trial is run.current else None
+        chart.trial = run.chart_trial_for(selected if selected in run.trials else None)
+        chart.measuring = run.measuring_on(chart.trial.key) if chart.trial is not None else None
+        self._show_node()
+
+    def _show_node(self) -> None:
+        """Who holds each of the node's GPUs; the strip is shown once there are GPUs to show."""
+        run = self.run
+        strip = self.query_one(NodeStrip)
+        strip.slots = run.node_slots(self.gpus)
+        has_node = bool(strip.slots) and (self.info is None or self.info.state is GpuState.OK)
+        strip.set_class(has_node, "shown")
+        self.set_class(has_node and len(strip.slots) > 1, "node")
+        telemetry = self.query_one("#telemetry")
+        if has_node:
+            busy = sum(1 for slot in strip.slots if not slot.idle)
+            parallel = run.started.parallel if run.started is not None else 1
+            slots = f" · {parallel} at once" if parallel > 1 else ""
+            telemetry.border_title = (
+                f"node · GPU {gpu_list(tuple(s.gpu for s in strip.slots))} · {busy} busy{slots}"
+            )
+        else:
+            telemetry.border_title = "candidate telemetry"
 
     def _show_clock(self) -> None:
         elapsed = self.elapsed_s
-        self.query_one(TuneHeader).elapsed_s = None if elapsed is None else int(elapsed)
-        current = self.run.current
+        header = self.query_one(TuneHeader)
+        header.elapsed_s = None if elapsed is None else int(elapsed)
+        eta = self.run.eta_s(self.clock())
+        header.eta_s = None if eta is None else int(eta)
+        shown = self.shown_trial
         waiting = None
-        if current is not None and current.server_url is None and current.started_at_s is not None:
-            waiting = int(self.clock() - current.started_at_s)
+        if (
+            shown is not None
+            and shown.running
+            and shown.server_url is None
+            and shown.started_at_s is not None
+        ):
+            waiting = int(self.clock() - shown.started_at_s)
         self.query_one(PhasePanel).waiting_s = waiting
 
     # --- telemetry -----------------------------------------------------------------------------------
@@ -228,23 +282,18 @@ class TuneScreen(Screen[None]):
         self.attach_telemetry(message.info, message.history)
 
     def attach_telemetry(self, info: SystemInfo, history: History) -> None:
-        """The sampler's machine and history: a compact row per GPU, or a line saying why there is none."""
+        """The sampler's machine and history: the node's GPUs, or a line saying why there are none."""
         self.info = info
         self.history = history
-        container = self.query_one("#gpus", Vertical)
-        container.remove_children()
-        self.cards = {g.index: GpuCard(g, id=f"tune-gpu-{g.index}") for g in info.gpus}
-        for card in self.cards.values():
-            card.compact = True
-        if self.cards:
-            container.mount_all(self.cards.values())
         no_gpu = info.state is not GpuState.OK or not info.gpus
+        self.gpus = () if no_gpu else tuple(g.index for g in info.gpus)
         self.query_one("#no-gpu", Static).update(
             f"no GPU telemetry: {info.message or 'no GPU'}" if no_gpu else ""
         )
         self.query_one("#no-gpu").set_class(no_gpu, "shown")
         # Without GPUs (the CPU build of vLLM) the host's CPU is what runs the model: show it instead.
         self.query_one(HostBar).set_class(no_gpu, "shown")
+        self._show_node()
 
     def on_snapshot_taken(self, message: SnapshotTaken) -> None:
         if self.last_snapshot is None:
@@ -264,34 +313,33 @@ class TuneScreen(Screen[None]):
         """Show one reading of the machine and of the candidate server."""
         self.last_snapshot = snap
         history = self.history
-        for sample in snap.gpus:
-            card = self.cards.get(sample.index)
-            if card is not None and history is not None:
-                card.show(
-                    sample,
-                    {
-                        name: history.gpu_series(sample.index, name, card.history_needed)
-                        for name in CARD_SERIES
-                    },
-                )
+        strip = self.query_one(NodeStrip)
+        if history is not None:
+            strip.show(snap.gpus, {s.index: self._bandwidth_series(history, s) for s in snap.gpus})
         if snap.host is not None and history is not None:
             self.query_one(HostBar).show(snap.host, history.host_cpu_series())
         engine = self._candidate_engine(snap.engines)
         gen = history.engine_series(engine.url, "generation_tokens_per_s") if engine and history else []
         line = self.query_one(EngineLine)
-        current = self.run.current
-        if current is None:
+        shown = self.shown_trial
+        if shown is None or not shown.running:
             line.note = "no candidate server running"
-        elif current.server_url is None:
+        elif shown.server_url is None:
             line.note = "the candidate server is starting"
         else:
-            line.note = f"no /metrics reading from {current.server_url} yet"
+            line.note = f"no /metrics reading from {shown.server_url} yet"
         line.show(engine, gen)
 
+    @staticmethod
+    def _bandwidth_series(history: History, sample: GpuSample) -> list[float | None]:
+        """A GPU's recent DRAM bandwidth, or its memory duty cycle where there is no bandwidth counter."""
+        name = "dram_bw_util_pct" if sample.dram_bw_util_pct is not None else "mem_busy_pct"
+        return history.gpu_series(sample.index, name, 4 * 30)
+
     def _candidate_engine(self, engines: tuple[EngineSample, ...]) -> EngineSample | None:
-        """The running candidate's server among those the sampler reads (it may also see other servers)."""
-        trial = self.run.current
-        if trial is None or trial.server_url is None:
+        """The shown trial's server among those the sampler reads (it may also see other servers)."""
+        trial = self.shown_trial
+        if trial is None or not trial.running or trial.server_url is None:
             return None
         url = trial.server_url.rstrip("/")
         for engine in engines:

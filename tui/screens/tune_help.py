@@ -12,12 +12,17 @@ HELP = """\
 | `s` | stop the tuning run (asks first): the server is stopped, finished trials are kept, the app stays open |
 | `q` | quit (asks first while a run is active, then stops it) |
 | `?` | this help (`esc` closes it) |
-| `↑` `↓` `←` `→` | move through the trial table (`→` reaches the reason column) |
+| `↑` `↓` `←` `→` | move through the trial table (`→` reaches the reason column); a row above the newest: \
+that trial in the panels below; the newest row: follow the trial active last |
 
 ## The trial table
 One row per launched configuration. **status**: `running`, `feasible` (some load met the SLO),
 `infeasible` (launched, but no load met the SLO), `failed` (the server did not start, crashed, or refused
 every request: the reason says why), `interrupted` (stopped by you or the budget), `skipped` (not launched).
+**GPUs**: the GPUs its server held (`4-7`); **layout**: how the configuration fills the node (`8 x TP 1`:
+eight servers of one GPU; `2 x TP 4 (…idle)` counts GPUs left idle as lost); **node**: the capacity of the
+whole node so filled (one server's capacity times its replicas), what the search ranks by. A `!` after the
+status: trials running beside it disturbed its measurement (host CPU busy, throttling); the reason says how.
 The numbers are from the trial's capacity: the highest **load** that met the SLO — requests/s arriving at
 random (Poisson, the default objective) or concurrent users (`--objective users`) — with the **out tok/s**
 of the whole server there; dimmed while the trial runs. The **proof** row is vLLM relaunched from the
@@ -40,9 +45,18 @@ must reach past it. `✓` the whole interval met the SLO, `×` it failed, `?` at
 straddled a limit after measuring more, which counts as not passing. On a narrow screen `12.5/s` is
 12.5 requests/s and `64u` 64 users.
 
+## The node
+Trials run at once on the node's GPUs, one per slot. The node panel has a line (a cell, on a narrow screen)
+per GPU: the trial holding it (`#3`, in that trial's colour) and what it does (`start`: its server is
+starting, `scout`, `judged`, `proof`, `prod`: the production check), or `idle`; then the GPU's readings:
+**BW** DRAM bandwidth in % of peak (GPM; `busy` is the memory duty cycle where there is no GPM), power against
+its limit, VRAM. **ETA** in the header: the tuner's estimate of the time left, counted down; `?` until it can
+tell (or once it has run out).
+
 ## Current trial
-The load under way: its role (`scout`, `judged`, `proof`, `production`), how many requests are done, and
-the server's output tok/s. `measure again`: the host was busy with other work, so the phase is measured
+The trial active last (or the one selected in the table), its GPUs and layout. The load under way: its role
+(`scout`, `judged`, `proof`, `production`), how many requests are done, and the server's output tok/s.
+`measure again`: the host was busy with other work, so the phase is measured
 again; `measure further`: an interval straddled a limit, so more requests are measured. The log says why.
 
 ## Best so far

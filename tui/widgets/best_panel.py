@@ -12,13 +12,16 @@ from tui.tune_state import BestView
 
 
 def comparison(best: BestView) -> Text:
-    """``"1.76x the defaults (9.13 req/s)"``: the capacities compared, as the tuner's headline does; or
-    ``"1.31x the defaults' tok/s (2,980)"`` when the loads are not of one kind; or why there is no ratio."""
+    """``"1.76x the defaults (9.13 req/s)"``: the capacities compared, as the tuner's headline does (the
+    nodes', ``"1.76x the defaults' node (73 req/s)"``, when both are known); or ``"1.31x the defaults' tok/s
+    (2,980)"`` when the loads are not of one kind; or why there is no ratio."""
     if best.is_defaults:
         return Text("vLLM's defaults themselves", style="dim")
     speedup = best.speedup
     if speedup is not None:
-        if best.speedup_basis == "load":
+        if best.speedup_basis == "node":
+            versus = f" the defaults' node ({best.defaults_node_load_label})"
+        elif best.speedup_basis == "load":
             versus = f" the defaults ({best.defaults_load_label})"
         else:
             versus = f" the defaults' tok/s ({fmt.number(best.defaults_tok_s)})"
@@ -60,14 +63,26 @@ class BestPanel(Widget):
         if best.index is not None:
             title.append(f"#{best.index} ", style="bold")
         title.append(best.label, style="bold")
+        if best.layout:
+            title.append(f" · {best.layout}", style="dim")
         width = max(20, self.size.width)
         result = Text()
         # The longest wording that fits: "2.4 req/s within the SLO · 1,234 tok/s" down to "2.4 req/s · 1,234 tok/s".
-        for within in (" within the SLO · ", " in the SLO · ", " · "):
+        wordings = [(within, True) for within in (" within the SLO · ", " in the SLO · ", " · ")]
+        if best.node_load_label:  # the node's capacity says more than one server's tok/s
+            wordings.append((" · ", False))
+        for within, with_tok_s in wordings:
             result = Text()
             result.append(best.load_label, style="bold green")
             result.append(within, style="dim")
-            result.append(fmt.tokens_per_s(best.output_tokens_per_s), style="bold")
+            if best.node_load_label and best.node_load_label != best.load_label:
+                result.append("node ", style="dim")
+                result.append(best.node_load_label, style="bold green")
+                result.append(" · ", style="dim")
+            if with_tok_s:
+                result.append(fmt.tokens_per_s(best.output_tokens_per_s), style="bold")
+            else:
+                result.right_crop(3)  # the last " · "
             if result.cell_len <= width:
                 break
         ratio = comparison(best)

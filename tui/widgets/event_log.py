@@ -11,9 +11,10 @@ from textual.widget import Widget
 
 from tui import format as fmt
 from tui import tune_format as tfmt
-from tui.tune_state import PROOF_KEY, user_tok_s
+from tui.tune_state import PROOF_KEY, gpu_list, user_tok_s
 from tuner.tuning.events import (
     BestChanged,
+    EtaUpdated,
     PhaseMeasured,
     PhaseRepeated,
     ServerReady,
@@ -38,15 +39,23 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
 
     if isinstance(event, TuneStarted):
         resumed = f", {event.resumed_trials} trials resumed" if event.resumed_trials else ""
+        node = ""
+        if event.node_gpus:
+            node = f" on GPU {gpu_list(event.node_gpus)}"
+            node += f", {event.parallel} at once" if event.parallel > 1 else ""
         line = Text(
-            f"tuning {event.model}: {event.candidates_total} candidates, "
+            f"tuning {event.model}{node}: {event.candidates_total} candidates, "
             f"up to {event.launch_budget} launches{resumed}; trials stored in {event.store_path}"
         )
         if event.prediction:
             line.append(f"; {event.prediction}", style="dim")
         return line
     if isinstance(event, TrialStarted):
-        return Text.assemble((f"#{event.index} launching ", "bold"), event.label, (f" ({event.why})", "dim"))
+        where = f" on GPU {gpu_list(event.gpus)}" if event.gpus else ""
+        layout = f", {event.layout}" if event.layout else ""
+        return Text.assemble(
+            (f"#{event.index} launching ", "bold"), event.label, (f"{where}{layout} ({event.why})", "dim")
+        )
     if isinstance(event, ServerReady):
         pid = f", pid {event.pid}" if event.pid is not None else ""
         return Text(
@@ -84,7 +93,12 @@ def describe(event: TuneEvent, index: dict[str, int]) -> Text | None:
                 f" ({ratio:.2f}x the model's {event.predicted:.3g})",
                 style="dim" if 0.85 <= ratio <= 1.15 else "yellow",
             )
+        if event.disturbed:
+            line.append(f" ! disturbed: {event.disturbed}", style="yellow")
         return line
+    if isinstance(event, EtaUpdated):
+        left = "?" if event.remaining_s is None else tfmt.duration(event.remaining_s)
+        return Text(f"time left {left}: {event.basis}", style="dim")
     if isinstance(event, BestChanged):
         return Text.assemble(
             ("new best ", "bold green"),

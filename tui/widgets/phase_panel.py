@@ -13,7 +13,7 @@ from textual.widget import Widget
 
 from tui import format as fmt
 from tui import tune_format as tfmt
-from tui.tune_state import TrialView
+from tui.tune_state import TrialView, gpu_list
 from tuner.tuning.events import PhaseProgressed, PhaseRepeated, TuneFinished
 
 # What the tuner wrote, by its key in TuneFinished.outputs; an unknown key is shown as it is.
@@ -44,7 +44,11 @@ class PhasePanel(Widget):
     """
 
     trial: reactive[TrialView | None] = reactive(None, layout=True)
-    """The trial running now (or the last one, between trials)."""
+    """The trial shown: the one the operator selected, else the running one active last (or the last one,
+    between trials)."""
+
+    selected: reactive[bool] = reactive(False)
+    """The trial shown is the one the operator selected (not followed): a finished one shows its result."""
 
     phase: reactive[PhaseProgressed | None] = reactive(None)
     """Latest progress of the phase under way on that trial."""
@@ -74,7 +78,10 @@ class PhasePanel(Widget):
         if not trial.running:
             status = Text(trial.status, style=tfmt.STATUS_STYLES.get(trial.status, ""))
             lines.append(Text.assemble(status, ": ", trial.reason or "done"))
-            lines.append(Text("choosing the next candidate…", style="dim"))
+            if self.selected or trial.node_load_label or trial.disturbed:
+                lines.append(self._result(trial))
+            else:
+                lines.append(Text("choosing the next candidate…", style="dim"))
         elif trial.server_url is None:
             waited = "" if self.waiting_s is None else f" {tfmt.duration(self.waiting_s)}"
             lines.append(Text(f"starting the vLLM server…{waited}", style="yellow"))
@@ -89,7 +96,25 @@ class PhasePanel(Widget):
         if trial.index is not None:
             line.append(f"#{trial.index} ", style="bold")
         line.append(trial.label, style="bold")
+        if trial.gpus or trial.layout:
+            where = f"GPU {gpu_list(trial.gpus)}" if trial.gpus else ""
+            line.append(" · " + " · ".join(w for w in (where, trial.layout) if w), style="dim")
+        if self.selected:
+            line.append(" (selected)", style="dim")
         return line
+
+    def _result(self, trial: TrialView) -> Text:
+        """A finished trial's node: ``node 129 req/s (8 x TP 1)``, and whether neighbours disturbed it."""
+        line = Text()
+        if trial.node_load_label:
+            line.append("node ", style="dim")
+            line.append(trial.node_load_label, style="bold green" if trial.status == "feasible" else "bold")
+            if trial.layout:
+                line.append(f" ({trial.layout})", style="dim")
+        if trial.disturbed:
+            line.append(" · " if line else "")
+            line.append(f"! disturbed: {trial.disturbed}", style="yellow")
+        return line or Text("no node capacity", style="dim")
 
     def _phase_lines(self, width: int) -> list[Text]:
         p = self.phase

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from rich.console import RenderableType
@@ -28,8 +29,23 @@ def spread(left: Text, right: Text, width: int) -> Text:
     return line
 
 
+def eta_text(seconds: float | None) -> str:
+    """The time a run still needs, as coarse as an estimate is: ``"14 min"``, ``"1 h 05 min"``, ``"<1 min"``;
+    ``"?"`` when unknown."""
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return "<1 min"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 class TuneHeader(Widget):
-    """Two lines: model, hardware, launches and elapsed time; then the SLO."""
+    """Two lines: model, launches, elapsed time, the time left and the run's state; then the SLO and the
+    hardware (with how many trials run at once)."""
 
     DEFAULT_CSS = """
     TuneHeader {
@@ -50,6 +66,9 @@ class TuneHeader(Widget):
 
     elapsed_s: reactive[int | None] = reactive(None)
     """Whole seconds since the run started (whole, so the header repaints once a second at most)."""
+
+    eta_s: reactive[int | None] = reactive(None)
+    """Whole seconds the run is expected to go on (the tuner's latest estimate, counted down); None: unknown."""
 
     state: reactive[str] = reactive("waiting")
     """"waiting", "running", "stopping", "finished", "stopped" or "crashed"."""
@@ -73,6 +92,9 @@ class TuneHeader(Widget):
         progress.append(f"{self.launches_used}/{ev.launch_budget}", style="bold")
         progress.append("  elapsed ", style="dim")
         progress.append(tfmt.duration(self.elapsed_s), style="bold")
+        if self.state in ("running", "stopping"):
+            progress.append("  ETA ", style="dim")
+            progress.append(eta_text(self.eta_s), style="bold" if self.eta_s is not None else "dim")
         progress.append("  ")
         progress.append(*self._state_badge())
         # What gives way when the line is short: the model's organisation, then the app's name.
@@ -85,7 +107,7 @@ class TuneHeader(Widget):
         text = ev.slo
         resumed = f" · resumed {ev.resumed_trials} trials" if ev.resumed_trials else ""
         # ... and on the second: the per-user floor restated as TPOT, then "NVIDIA", then the hardware.
-        hardware = ev.hardware
+        hardware = ev.hardware + (f" · {ev.parallel} at once" if ev.parallel > 1 else "")
         if 4 + len(text) + len(resumed) + 2 + len(hardware) > width:
             text = _TPOT_ALIAS.sub("", text)
         if 4 + len(text) + len(resumed) + 2 + len(hardware) > width:
