@@ -11,11 +11,18 @@ request, the telemetry of every replica's GPUs.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Sequence
 
 from tuner.loadgen.steady import steady_stats, steady_window
-from tuner.measure import Bound, Disturbance, Evidence, MeasuredPhase, TokenCheck
+from tuner.measure import (
+    OTHER_LOAD_MAX_CORES,
+    STEAL_MAX_PCT,
+    Bound,
+    Disturbance,
+    Evidence,
+    MeasuredPhase,
+    TokenCheck,
+)
 from tuner.tuning.points import Load
 
 __all__ = ["merge_measured", "split_load"]
@@ -34,18 +41,11 @@ def split_load(load: Load, replicas: int) -> list[Load | None]:
     ]
 
 
-def split_count(total: int, shares: Sequence[float]) -> list[int]:
-    """``total`` requests split in proportion to ``shares`` (at least one each where the share is positive)."""
-    weight = sum(shares) or 1.0
-    counts = [max(1, round(total * s / weight)) if s > 0 else 0 for s in shares]
-    return counts
-
-
 def merge_measured(phases: Sequence[MeasuredPhase], *, confidence: float, seed: int) -> MeasuredPhase:
     """The node's phase from its replicas' phases that ran at the same time."""
     if len(phases) == 1:
         return phases[0]
-    from tuner.loadgen.merge import merge_phase_results  # noqa: PLC0415 (TEMP until the loadgen lands)
+    from tuner.loadgen.merge import merge_phase_results
 
     merged = merge_phase_results([p.load for p in phases])
     window = steady_window(merged.requests)
@@ -57,7 +57,7 @@ def merge_measured(phases: Sequence[MeasuredPhase], *, confidence: float, seed: 
         tokens=_merge_tokens([p.tokens for p in phases]),
         window=window,
         steady=steady,
-        disturbance=_merge_disturbance([p.disturbance for p in phases]),
+        disturbance=_merge_disturbance(phases),
     )
 
 
@@ -131,15 +131,24 @@ def _merge_tokens(checks: Sequence[TokenCheck]) -> TokenCheck:
     )
 
 
-def _merge_disturbance(items: Sequence[Disturbance | None]) -> Disturbance | None:
-    known = [d for d in items if d is not None]
-    if not known:
+def _merge_disturbance(phases: Sequence[MeasuredPhase]) -> Disturbance | None:
+    """The node's disturbance: each replica's phase counted its sibling replicas' servers as other work on the
+    host; they are the node under test, so their CPU is taken back out before judging."""
+    servers = [(p.evidence.server_cpu_pct or 0.0) / 100.0 for p in phases]
+    judged: list[Disturbance] = []
+    for i, p in enumerate(phases):
+        d = p.disturbance
+        if d is None:
+            continue
+        siblings = sum(servers) - servers[i]
+        other = None if d.other_load_cores is None else round(max(0.0, d.other_load_cores - siblings), 3)
+        why = []
+        if other is not None and other > OTHER_LOAD_MAX_CORES:
+            why.append(f"other processes used {other:.2f} cores")
+        if d.steal_pct is not None and d.steal_pct > STEAL_MAX_PCT:
+            why.append(f"CPU steal {d.steal_pct:.0f} %")
+        why += [part for part in d.why.split("; ") if part.startswith("the client started")]
+        judged.append(Disturbance(other, d.steal_pct, bool(why), "; ".join(why)))
+    if not judged:
         return None
-    disturbed = next((d for d in known if d.disturbed), None)
-    if disturbed is not None:
-        return disturbed
-    return dataclasses.replace(
-        known[0],
-        other_load_cores=_max([d.other_load_cores for d in known]),
-        steal_pct=_max([d.steal_pct for d in known]),
-    )
+    return next((d for d in judged if d.disturbed), judged[0])
