@@ -295,7 +295,9 @@ def run_tuner(world: World, grid: list[str], budget: int, *, predict: bool) -> O
                 tuner.predictions = dict(land.predictions)
                 tuner.prediction_note = "SIMULATION"
 
-        def simulated_trial(store: Any, candidate: Candidate, why: str, incumbent: Any) -> TrialOutcome:
+        def simulated_trial(
+            store: Any, candidate: Candidate, why: str, incumbent: Any, placement: Any = None
+        ) -> TrialOutcome:
             key = candidate.key()
             feasibility = land.space.check(candidate)
             if not feasibility.ok:  # as the real trial: judged without a launch

@@ -29,9 +29,9 @@ from tuner.loadgen import (
     run_ladder,
     run_phase,
 )
-from tuner.loadgen.rawhttp import _RawConnection, _RawPool
-from tuner.loadgen.stream import _Stream
-from tuner.loadgen.transport import _Target
+from tuner.loadgen.control import Target
+from tuner.loadgen.rawhttp import RawPool, _RawConnection
+from tuner.loadgen.stream import Stream
 
 StartEmitter = Callable[..., EmitterProcess]
 
@@ -194,11 +194,11 @@ class _FakeTransport:
         return self.closed or self.aborted
 
 
-async def _parse_http(response: bytes, piece_len: int) -> tuple[_Stream, _RawPool]:
-    pool = _RawPool(_Target.parse("http://127.0.0.1:1"), Timeouts(), {})
+async def _parse_http(response: bytes, piece_len: int) -> tuple[Stream, RawPool]:
+    pool = RawPool(Target.parse("http://127.0.0.1:1"), Timeouts(), {})
     conn = _RawConnection(pool)
     conn.transport = _FakeTransport()  # type: ignore[assignment]
-    stream = _Stream(time.perf_counter())
+    stream = Stream(time.perf_counter())
     conn.send(stream, b"")
     for at in range(0, len(response), piece_len):
         conn.data_received(response[at : at + piece_len])
@@ -235,14 +235,14 @@ async def test_content_length_body_and_newer_vllm_chunk_shape() -> None:
 
 async def test_continuous_usage_chunks_still_count_as_text() -> None:
     text_with_usage = TEXT[:-1] + b',"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
-    stream = _Stream(time.perf_counter())
+    stream = Stream(time.perf_counter())
     assert stream.feed(_sse(text_with_usage, text_with_usage, USAGE, b"[DONE]"), time.perf_counter())
     stream.finish(time.perf_counter())
     assert stream.error is None and len(stream.chunk_times) == 2 and stream.output_tokens == 2
 
 
 async def test_error_object_in_the_stream_is_a_server_error() -> None:
-    stream = _Stream(time.perf_counter())
+    stream = Stream(time.perf_counter())
     error = b'{"error":{"message":"engine dead","type":"InternalServerError","code":500}}'
     assert not stream.feed(_sse(TEXT, error), time.perf_counter())
     assert stream.error_kind == "server_error"

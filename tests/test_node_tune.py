@@ -97,7 +97,8 @@ def model(tmp_path: Path) -> Path:
 def _args(model: Path, tmp_path: Path, *more: str) -> list[str]:
     return [
         str(model), "--simulate", "h100x8", "--headless",
-        "--vllm-cmd", f"{sys.executable} {FAKE} serve", "--store", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "out"), *QUICK, *more,
+        "--vllm-cmd", f"{sys.executable} {FAKE} serve", "--store", str(tmp_path / "s.sqlite"),
+        "--out", str(tmp_path / "out"), *QUICK, *more,
     ]  # fmt: skip
 
 

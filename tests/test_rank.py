@@ -74,3 +74,41 @@ def test_the_evidence_breaks_what_the_model_cannot_tell_apart_and_nothing_more()
     assert ranker.next(prefer=["a/3"]) == "a/1"  # 40 % below: the model's ranking stands
     ranker.record("a/1", 10.0)
     assert ranker.next(prefer=["a/2"]) == "a/2"  # still a contender: 9.6 x 1.0 x (1 + 2 x 0.05 + ...) > 10.2
+
+
+def test_a_family_member_keeps_its_own_error_however_many_trials_its_family_has() -> None:
+    """What the model does not see (batched tokens, memory fraction, load) moves each member off its family's
+    mean: the family's trials pin the mean, not the member, so a member just below the incumbent stays open."""
+    predicted = {**{f"a/{i}": 10.0 for i in range(6)}, "a/6": 9.2, "a/7": 9.2}
+    measured = {f"a/{i}": 10.0 for i in range(6)}
+    new = Ranker(predicted, family=family, measured=dict(measured))
+    old = Ranker(predicted, family=family, config_error=0.0, measured=dict(measured))
+    # six equal trials shrink the prior, not down to the floor
+    assert new.calibration("a/6")[1] > 1.2 * new.floor_error
+    assert old.calibration("a/6")[1] == pytest.approx(old.floor_error)  # the old rule: down to the floor
+    assert new.next() == "a/6"  # 8 % below the incumbent's prediction: it could still win
+    assert old.next() is None  # the old rule stopped here: 9.2 x (1 + 2 x 0.05) < 10.2
+
+
+def test_the_spread_seen_within_families_widens_the_error() -> None:
+    predicted = {f"a/{i}": 10.0 for i in range(6)}
+    calm = Ranker(predicted, family=family, measured={"a/0": 10.0, "a/1": 10.1, "a/2": 9.9})
+    wild = Ranker(predicted, family=family, measured={"a/0": 13.0, "a/1": 7.0, "a/2": 10.0})
+    assert calm.within_family_error() < calm.config_error < wild.within_family_error()
+    assert wild.calibration("a/3")[1] > calm.calibration("a/3")[1]
+
+
+def test_a_batch_takes_one_per_unexplored_family_first_then_the_best_and_skips_running_ones() -> None:
+    predicted = {"a/1": 14.0, "a/2": 13.5, "b/1": 10.0, "b/2": 9.0, "c/1": 8.0, "d/1": 0.0}
+    ranker = Ranker(predicted, family=family)
+    assert ranker.next_batch(k=4) == ["a/1", "b/1", "c/1", "a/2"]
+    assert ranker.next_batch(k=2) == ["a/1", "b/1"]
+    # a running trial is not offered again, and its family counts as explored
+    assert ranker.next_batch(running={"a/1"}, k=3) == ["b/1", "c/1", "a/2"]
+    assert ranker.next_batch(tried={"a/1", "b/1", "c/1"}, running={"a/2"}, k=8) == ["b/2"]
+    assert "d/1" not in ranker.next_batch(k=8)  # predicted not to fit: never
+    assert ranker.next_batch(k=0) == []
+    assert ranker.next_batch(tried=set(predicted), k=8) == []
+    done = Ranker({"a/1": 10.0, "x/1": 3.0}, family=family)
+    done.record("a/1", 10.0)  # x/1 could reach 3 x (1 + 2 x 0.25) = 4.5 at best
+    assert done.next_batch(k=8) == [] and done.next() is None

@@ -113,8 +113,7 @@ def test_a_capacity_the_relaunch_does_not_deliver_is_only_proven_after_backing_o
     verdict, _ = _verdict(tmp_path, lambda who, load, role: ("pass", 840.0 if role == "proof" else 750.0))
     assert verdict.status == "backed_off" and verdict.exit_code == EXIT_OK  # type: ignore[attr-defined]
     assert (
-        "the capacity 4 req/s did not hold on the relaunch (delivered 0.84x the arrivals"
-        in verdict.headline  # type: ignore[attr-defined]
+        "the capacity 4 req/s did not hold on the relaunch (delivered 0.84x the arrivals" in verdict.headline  # type: ignore[attr-defined]
     )
 
 
@@ -123,7 +122,7 @@ def test_a_relaunch_whose_window_reads_higher_than_the_trials_is_still_proven(tm
     # arrival rate with the SLO met. Throughput at a fixed arrival rate is the offered load, not a property of
     # the server: the proof compares it with what was offered (here 4 req/s x 250 tokens), and nothing backed off.
     ranked = [_contender("winner", 4.0, tok_s=790.0), _contender("runner-up", 3.0)]
-    verdict, runner = _verdict(
+    verdict, _ = _verdict(
         tmp_path, lambda who, load, role: ("pass", 995.0 if role == "proof" else 750.0), ranked=ranked
     )
     assert verdict.status == "proven", verdict.headline  # type: ignore[attr-defined]
@@ -142,7 +141,9 @@ def test_a_node_of_replicas_is_proven_at_the_nodes_load(tmp_path: Path) -> None:
         (Load.rate(16.0), "proof"),
         (Load.rate(12.0), "production"),
     ]
-    assert "on 4 replicas" in verdict.headline and "4 x 4 req/s predicted from one replica" in verdict.headline  # type: ignore[attr-defined]
+    assert (
+        "on 4 replicas" in verdict.headline and "4 x 4 req/s predicted from one replica" in verdict.headline
+    )  # type: ignore[attr-defined]
     attempt = verdict.attempts[0].to_dict()  # type: ignore[attr-defined]
     assert attempt["replicas"] == 4 and attempt["predicted_node_tokens_per_s"] == 4000.0
     assert attempt["measured_node_tokens_per_s"] == 4000.0

@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import psutil
 
-from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult, run_phase
+from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, PhaseWindow, SteadyStats, steady_stats, steady_window
+from tuner.loadgen.workers import run_phase_workers
 from tuner.telemetry.model import GpuInfo, GpuSample, Snapshot
 from tuner.telemetry.sampler import Sampler
 from tuner.telemetry.vllm_metrics import MetricsText, fetch_metrics
@@ -431,20 +432,26 @@ async def measure_phase(
     cancel: CancelToken | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     fail_fast: FailFast | None = None,
+    workers: int = 1,
+    client_cpus: Collection[int] | None = None,
 ) -> MeasuredPhase:
     """Warm up, then run ``spec`` while recording telemetry; return the phase with its evidence and bound, its
     steady window's figures with their intervals (:mod:`tuner.loadgen.steady`) and whether other work on the
     host disturbed it.
 
     ``sampler`` is a started :class:`Sampler` (GPU, host and this server's /metrics); its snapshots inside the
-    measured window are the evidence. ``server_pid`` lets the server's CPU use be measured.
+    measured window are the evidence. ``server_pid`` lets the server's CPU use be measured. ``workers`` > 1
+    runs the load from that many processes (pinned to ``client_cpus`` when given), merged into one phase
+    (:func:`tuner.loadgen.workers.run_phase_workers`); 1 runs it in this process.
     """
     base_url = base_url.rstrip("/")
     if spec.warmup_requests > 0:
         warm = dataclasses.replace(
             spec, num_requests=spec.warmup_requests, warmup_requests=0, duration_s=None
         )
-        warm_result = await run_phase(base_url, warm, model=model, on_progress=on_progress, cancel=cancel)
+        warm_result = await run_phase_workers(
+            base_url, warm, workers, cpus=client_cpus, model=model, on_progress=on_progress, cancel=cancel
+        )
         model = warm_result.model
     spec = dataclasses.replace(spec, warmup_requests=0)
 
@@ -466,9 +473,11 @@ async def measure_phase(
         server_cpu.start()
         host_cpu.start()
         try:
-            result = await run_phase(
+            result = await run_phase_workers(
                 base_url,
                 spec,
+                workers,
+                cpus=client_cpus,
                 model=model,
                 ttft_max_s=ttft_max_s,
                 tpot_max_s=tpot_max_s,

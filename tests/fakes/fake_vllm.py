@@ -87,7 +87,9 @@ class Engine:
                     self.finished += 1
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, engine: Engine, model: str) -> None:
+async def _handle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, engine: Engine, model: str
+) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -98,7 +100,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, en
             if path == "/health":
                 _send(writer, 200, b"")
             elif path == "/v1/models":
-                _send(writer, 200, json.dumps({"object": "list", "data": [{"id": model, "max_model_len": 4096}]}).encode())
+                _send(
+                    writer,
+                    200,
+                    json.dumps({"object": "list", "data": [{"id": model, "max_model_len": 4096}]}).encode(),
+                )
             elif path == "/metrics":
                 page = (
                     f"vllm:num_requests_running {len(engine.running)}\n"
@@ -127,7 +133,9 @@ def _send(writer: asyncio.StreamWriter, status: int, body: bytes, kind: str = "a
     )
 
 
-async def _complete(writer: asyncio.StreamWriter, engine: Engine, model: str, request: dict[str, Any]) -> None:
+async def _complete(
+    writer: asyncio.StreamWriter, engine: Engine, model: str, request: dict[str, Any]
+) -> None:
     tokens = max(1, int(request.get("max_tokens") or 16))
     prompt = request.get("prompt") or []
     prompt_len = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
@@ -144,7 +152,11 @@ async def _complete(writer: asyncio.StreamWriter, engine: Engine, model: str, re
         left = await queue.get()
         finish = "length" if left <= 0 else None
         choice = {"index": 0, "text": " x", "logprobs": None, "finish_reason": finish, "stop_reason": None}
-        chunk(json.dumps({"id": "c", "object": "text_completion", "model": model, "choices": [choice], "usage": None}))
+        chunk(
+            json.dumps(
+                {"id": "c", "object": "text_completion", "model": model, "choices": [choice], "usage": None}
+            )
+        )
         await writer.drain()
         if left <= 0:
             break
@@ -158,9 +170,7 @@ async def _main(args: argparse.Namespace) -> None:
     tp = args.tensor_parallel_size or 1
     speed = tp**0.5 * (1.6 if args.quantization == "fp8" else 1.0)
     engine = Engine(args.max_num_seqs or 16, STEP_S / speed)
-    server = await asyncio.start_server(
-        lambda r, w: _handle(r, w, engine, args.model), args.host, args.port
-    )
+    server = await asyncio.start_server(lambda r, w: _handle(r, w, engine, args.model), args.host, args.port)
     await asyncio.sleep(float(os.environ.get("FAKE_VLLM_STARTUP_S", "0.3")))
     print(f"INFO: Uvicorn running on http://{args.host}:{args.port}", flush=True)
     async with server:

@@ -15,17 +15,23 @@ accepting connections stops early (``PhaseResult.aborted``) with what it measure
 phase at any time through ``cancel`` (anything with ``is_set()``, e.g. a ``threading.Event`` set from another
 thread); in-flight requests are then recorded as ``cancelled`` and left out of the statistics.
 
-The package, one concept per module: :mod:`~tuner.loadgen.spec` (what to send),
-:mod:`~tuner.loadgen.stats` (what came back, and its statistics), :mod:`~tuner.loadgen.stream` (one
-response's SSE parsing and timing), :mod:`~tuner.loadgen.transport` (the target URL, the httpx client,
-``/v1/models``), :mod:`~tuner.loadgen.rawhttp` (the raw asyncio HTTP/1.1 client on the hot path, with the
-measurements behind it) and :mod:`~tuner.loadgen.runner` (a phase, a ladder of phases).
+The package, one concept per module, each importing only those listed before it (an import-linter layers
+contract in pyproject.toml keeps it so): :mod:`~tuner.loadgen.control` (where a server is, its model, JSON
+calls, its errors in one line), :mod:`~tuner.loadgen.stats` (what came back, and its statistics),
+:mod:`~tuner.loadgen.trace`, :mod:`~tuner.loadgen.dataset`, :mod:`~tuner.loadgen.vocab` and
+:mod:`~tuner.loadgen.workload` (the traffic's shape), :mod:`~tuner.loadgen.spec` (what to send),
+:mod:`~tuner.loadgen.stream` (one response's SSE parsing and timing), :mod:`~tuner.loadgen.transport` (what a
+transport does, the httpx one) and :mod:`~tuner.loadgen.rawhttp` (the raw asyncio HTTP/1.1 client on the hot
+path, with the measurements behind it), :mod:`~tuner.loadgen.runner` (a phase, a ladder of phases),
+:mod:`~tuner.loadgen.merge` (phases run side by side, as one), :mod:`~tuner.loadgen.steady` (the steady window
+and its intervals) and :mod:`~tuner.loadgen.workers` (a phase from several processes, or several replicas).
 """
 
+from tuner.loadgen.control import LoadgenError, discover_model
 from tuner.loadgen.runner import CancelToken, FailFast, PhaseProgress, PhaseResult, run_ladder, run_phase
 from tuner.loadgen.spec import LoadMode, LoadSpec, RequestSpec, Timeouts, make_requests
 from tuner.loadgen.stats import ErrorCount, PhaseStats, RequestResult, compute_stats, percentile
-from tuner.loadgen.transport import LoadgenError, Transport, discover_model
+from tuner.loadgen.transport import Transport
 
 __all__ = [
     "CancelToken",

@@ -42,6 +42,8 @@ from typing import Any
 
 import httpx
 
+from tuner.loadgen.control import AskError, LoadgenError, Target, get_json, pick_model
+
 # The server helpers (tuner.loadgen.transport, .vocab) are imported where they are used: transport imports
 # spec, which imports this module through workload.
 
@@ -360,20 +362,18 @@ def tokenize_dataset(
     Raises:
         DatasetError: the server cannot be reached or refuses a text; one line naming the entry.
     """
-    from tuner.loadgen.transport import LoadgenError, _Target
-    from tuner.loadgen.vocab import _AskError, _get_json, _pick_model
 
     jobs = _jobs(dataset)
     if not jobs:
         return dataset
     try:
-        target = _Target.parse(base_url)
+        target = Target.parse(base_url)
     except LoadgenError as exc:
         raise DatasetError(str(exc)) from None
     with httpx.Client(base_url=target.base_url, timeout=timeout_s) as client:
         try:
-            served, _root = _pick_model(_get_json(client, "/v1/models"), model)
-        except _AskError as exc:
+            served, _root = pick_model(get_json(client, "/v1/models"), model)
+        except AskError as exc:
             raise DatasetError(f"cannot tokenise {dataset.source}: {exc}") from None
         ids = _tokenize_all(client, served, jobs, dataset.source)
     return _with_ids(dataset, ids)
@@ -455,7 +455,6 @@ def _with_ids(dataset: Dataset, ids: dict[tuple[str, bool], tuple[int, ...]]) ->
 def _tokenize_all(
     client: httpx.Client, model: str | None, jobs: dict[tuple[str, bool], str], source: str
 ) -> dict[tuple[str, bool], tuple[int, ...]]:
-    from tuner.loadgen.vocab import _AskError
 
     pool = ThreadPoolExecutor(max_workers=_TOKENIZE_WORKERS)
     futures: dict[tuple[str, bool], Future[tuple[int, ...]]] = {
@@ -466,7 +465,7 @@ def _tokenize_all(
         for job, future in futures.items():
             try:
                 ids[job] = future.result()
-            except _AskError as exc:
+            except AskError as exc:
                 raise DatasetError(f"cannot tokenise {source}: {jobs[job]}: {exc}") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure, texts not yet sent never are
@@ -476,29 +475,26 @@ def _tokenize_all(
 def _tokenize(
     client: httpx.Client, model: str | None, text: str, add_special_tokens: bool
 ) -> tuple[int, ...]:
-    from tuner.loadgen.vocab import _AskError, _get_json
 
     body: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special_tokens}
     if model:
         body["model"] = model
-    answer = _get_json(client, "/tokenize", body)
+    answer = get_json(client, "/tokenize", body)
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
-        raise _AskError("the server's /tokenize answered no token ids")
+        raise AskError("the server's /tokenize answered no token ids")
     return tuple(tokens)
 
 
 def served_max_model_len(base_url: str, model: str | None = None, *, timeout_s: float = 10.0) -> int | None:
     """The context the server serves ``model`` with (vLLM lists ``max_model_len`` at ``/v1/models``), or None."""
-    from tuner.loadgen.transport import LoadgenError, _Target
-    from tuner.loadgen.vocab import _AskError, _get_json, _pick_model
 
     try:
-        target = _Target.parse(base_url)
+        target = Target.parse(base_url)
         with httpx.Client(base_url=target.base_url, timeout=timeout_s) as client:
-            listed = _get_json(client, "/v1/models")
-            served, _root = _pick_model(listed, model)
-    except (LoadgenError, _AskError):
+            listed = get_json(client, "/v1/models")
+            served, _root = pick_model(listed, model)
+    except (LoadgenError, AskError):
         return None
     for entry in listed.get("data") or ():
         if isinstance(entry, dict) and entry.get("id") == served:

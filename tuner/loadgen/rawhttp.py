@@ -25,7 +25,8 @@ anything unusual (errors, garbage) go through ``json.loads``. One timestamp is t
 that arrive together share it (their true arrival). "Flat out" piles chunks up between reads (13 per read for
 the raw client), so it is an upper bound; the paced runs read ~1 chunk per read, as against a real server.
 The paced top is the emitter's limit (its core saturates), not the client's (82 % busy). More processes on
-the same core gain nothing; on a many-core GPU host they could multiply the rate, not needed so far. httpx
+the same core gain nothing; on a many-core GPU host :mod:`tuner.loadgen.workers` runs a phase from several, each
+on cores of its own (BENCHMARKS.md §11). httpx
 stays for control calls (``/v1/models``) and as ``transport="httpx"`` for comparison, without its default
 100-connection limit.
 """
@@ -38,9 +39,9 @@ import ssl
 import time
 from collections.abc import Mapping
 
+from tuner.loadgen.control import Target, clip, error_message
 from tuner.loadgen.spec import Timeouts
-from tuner.loadgen.stream import _clip, _Stream
-from tuner.loadgen.transport import _error_message, _Target
+from tuner.loadgen.stream import Stream
 
 _HEAD, _BODY, _TRAILERS = 0, 1, 2
 
@@ -48,10 +49,10 @@ _HEAD, _BODY, _TRAILERS = 0, 1, 2
 class _RawConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection that carries one streaming response at a time."""
 
-    def __init__(self, pool: _RawPool) -> None:
+    def __init__(self, pool: RawPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.stream: _Stream | None = None
+        self.stream: Stream | None = None
         self.closed = False
         self._reset()
 
@@ -82,7 +83,7 @@ class _RawConnection(asyncio.Protocol):
         how = "reset" if isinstance(exc, ConnectionResetError) else "closed"
         stream.fail("connection_closed", f"connection {how} by the server")
 
-    def send(self, stream: _Stream, request: bytes) -> None:
+    def send(self, stream: Stream, request: bytes) -> None:
         assert self.transport is not None
         if self.closed or self.transport.is_closing():  # closed by the server a moment ago
             stream.fail("connection_closed", "connection closed by the server")
@@ -125,12 +126,12 @@ class _RawConnection(asyncio.Protocol):
         else:
             self._deliver(stream, data, now_s)
 
-    def _parse_head(self, stream: _Stream, head: bytes) -> bool:
+    def _parse_head(self, stream: Stream, head: bytes) -> bool:
         lines = head.decode("latin-1").split("\r\n")
         try:
             self.status = int(lines[0].split(" ", 2)[1])
         except (IndexError, ValueError):
-            return stream.fail("malformed_stream", f"not an HTTP status line: {_clip(lines[0])}")
+            return stream.fail("malformed_stream", f"not an HTTP status line: {clip(lines[0])}")
         version = lines[0][:8]
         self.keep_alive = version == "HTTP/1.1"
         for line in lines[1:]:
@@ -153,7 +154,7 @@ class _RawConnection(asyncio.Protocol):
             return False
         return True
 
-    def _chunked_body(self, stream: _Stream, data: bytes, now_s: float) -> None:
+    def _chunked_body(self, stream: Stream, data: bytes, now_s: float) -> None:
         pos, size = 0, len(data)
         pieces: list[bytes] = []
         while pos < size:
@@ -197,16 +198,16 @@ class _RawConnection(asyncio.Protocol):
         if pieces:
             self._deliver(stream, pieces[0] if len(pieces) == 1 else b"".join(pieces), now_s)
 
-    def _deliver(self, stream: _Stream, payload: bytes, now_s: float) -> bool:
+    def _deliver(self, stream: Stream, payload: bytes, now_s: float) -> bool:
         if self.error_body is not None:
             if len(self.error_body) < 8192:
                 self.error_body += payload
             return True
         return stream.feed(payload, now_s)
 
-    def _body_ended(self, stream: _Stream, now_s: float) -> None:
+    def _body_ended(self, stream: Stream, now_s: float) -> None:
         if self.error_body is not None:
-            stream.fail("http_error", f"HTTP {self.status}: {_error_message(bytes(self.error_body))}")
+            stream.fail("http_error", f"HTTP {self.status}: {error_message(bytes(self.error_body))}")
             return
         stream.finish(now_s)
         self.stream = None
@@ -216,10 +217,10 @@ class _RawConnection(asyncio.Protocol):
             self.transport.close()
 
 
-class _RawPool:
+class RawPool:
     """Keep-alive connections to one server; opens a new one whenever none is idle (never caps)."""
 
-    def __init__(self, target: _Target, timeouts: Timeouts, headers: Mapping[str, str]) -> None:
+    def __init__(self, target: Target, timeouts: Timeouts, headers: Mapping[str, str]) -> None:
         self.target = target
         self.timeouts = timeouts
         self.idle: list[_RawConnection] = []
@@ -250,7 +251,7 @@ class _RawPool:
         self.all.add(conn)
         return conn, False
 
-    async def stream(self, stream: _Stream, body: bytes) -> None:
+    async def stream(self, stream: Stream, body: bytes) -> None:
         request = self.request_head + b"%d\r\n\r\n%s" % (len(body), body)
         for attempt in (1, 2):
             try:

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from tuner.loadgen.rawhttp import _RawPool
+from tuner.loadgen.control import Target, discover_model
+from tuner.loadgen.rawhttp import RawPool
 from tuner.loadgen.spec import (
     Conversation,
     LoadMode,
@@ -27,9 +28,9 @@ from tuner.loadgen.spec import (
     stand_in_answer,
 )
 from tuner.loadgen.stats import PhaseStats, RequestResult, compute_stats, percentile
-from tuner.loadgen.stream import _Stream
+from tuner.loadgen.stream import Stream
 from tuner.loadgen.trace import trace_prompts
-from tuner.loadgen.transport import Transport, _Client, _HttpxClient, _Target, discover_model
+from tuner.loadgen.transport import Client, HttpxClient, Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +55,33 @@ class PhaseResult:
     # Open loop: how late the client started each scheduled arrival (seconds after its planned time, in arrival
     # order; its own event loop was busy). Empty for a closed loop. Late arrivals lower the rate offered.
     arrivals_late_s: tuple[float, ...] = ()
+    # CPU seconds the load generator spent in worker processes (tuner.loadgen.workers); 0 when it ran in the
+    # caller's process, whose own CPU time then holds it.
+    worker_cpu_s: float = 0.0
 
     @property
     def client_late_p99_s(self) -> float | None:
         """p99 of how late the client started its arrivals; None for a closed loop."""
         return percentile(sorted(self.arrivals_late_s), 99) if self.arrivals_late_s else None
+
+    @property
+    def offered_rate_per_s(self) -> float | None:
+        """Requests issued per second, from the first to the last issued (any outcome): the load the client
+        offered, to hold against ``spec.request_rate_per_s``. None with fewer than two requests."""
+        if len(self.requests) < 2:
+            return None
+        starts = [r.start_s for r in self.requests]
+        span_s = max(starts) - min(starts)
+        return (len(starts) - 1) / span_s if span_s > 0 else None
+
+    @property
+    def offered_share(self) -> float | None:
+        """Open loop: the rate offered over the rate asked (1.0 = on schedule; a Poisson phase of n requests
+        strays by about 1/sqrt(n) by chance). None for a closed loop or too few requests."""
+        offered, asked = self.offered_rate_per_s, self.spec.request_rate_per_s
+        if offered is None or not asked or self.spec.mode is not LoadMode.RATE:
+            return None
+        return offered / asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +122,17 @@ class _Phase:
 
     def __init__(
         self,
-        client: _Client,
+        client: Client,
         model: str,
         spec: LoadSpec,
         timeouts: Timeouts,
         on_progress: Callable[[PhaseProgress], None] | None,
         cancel: CancelToken | None,
         fail_fast: FailFast | None = None,
+        measure_gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
+        self.measure_gate = measure_gate
         self.spec = spec
         self.timeouts = timeouts
         self.on_progress = on_progress
@@ -124,7 +149,7 @@ class _Phase:
         self.late_first_tokens = (
             0  # finished requests of the measured stage whose TTFT broke fail_fast's limit
         )
-        self.in_flight: set[_Stream] = set()
+        self.in_flight: set[Stream] = set()
         self.connect_failures_in_row = 0
         body: dict[str, Any] = {
             "model": model,
@@ -181,7 +206,7 @@ class _Phase:
             request.max_tokens,
             self.body_tail_ids if want_ids else self.body_tail,
         )
-        stream = _Stream(time.perf_counter(), want_ids=want_ids)
+        stream = Stream(time.perf_counter(), want_ids=want_ids)
         self.in_flight.add(stream)
         try:
             await self.client.stream(stream, body)
@@ -310,8 +335,16 @@ class _Phase:
     async def _open_loop(
         self, requests: Iterator[RequestSpec], rate_per_s: float, cap: int | None, deadline_s: float
     ) -> None:
-        rng = random.Random(f"{self.spec.seed}:arrivals")
+        share = self.spec.arrival_share
+        rng = random.Random(f"{share.seed if share else self.spec.seed}:arrivals")
         gate = asyncio.Semaphore(cap) if cap else None
+
+        def gaps(per_arrival: float = 1.0) -> Iterator[float]:
+            """Gaps between this phase's arrivals (at the rate over ``per_arrival``); a share's are the whole
+            phase's, dealt (spec.ArrivalShare)."""
+            if share is None:
+                return (rng.expovariate(rate_per_s / per_arrival) for _ in itertools.count())
+            return share.deal(rng.expovariate(share.rate_per_s / per_arrival) for _ in itertools.count())
 
         async def gated(request: RequestSpec) -> None:
             if gate is None:
@@ -338,18 +371,16 @@ class _Phase:
             )
         elif workload is not None and workload.sessions is not None:
             # Conversations start at the rate over the mean turns each, so that requests arrive at about the rate.
-            session_rate = rate_per_s / max(1.0, workload.sessions.turns.mean)
+            session_gaps = gaps(max(1.0, workload.sessions.turns.mean))
             arrivals = (
-                (
-                    rng.expovariate(session_rate),
-                    functools.partial(self._conversation, conversation, deadline_s, gate),
-                )
-                for conversation in make_conversations(self.spec)
+                (gap_s, functools.partial(self._conversation, conversation, deadline_s, gate))
+                for gap_s, conversation in zip(session_gaps, make_conversations(self.spec), strict=False)
             )
             stop = self.no_more  # a conversation phase's last request issued: no new conversation either
         else:
             arrivals = (
-                (rng.expovariate(rate_per_s), functools.partial(gated, request)) for request in requests
+                (gap_s, functools.partial(gated, request))
+                for gap_s, request in zip(gaps(), requests, strict=False)
             )
         await self._schedule(arrivals, deadline_s, stop)
 
@@ -392,6 +423,11 @@ class _Phase:
                 warm = _take(make_requests(spec, warmup=True), spec.warmup_requests)
                 await self._closed_loop(warm, min(spec.warmup_requests, spec.concurrency or 64), math.inf)
             warmup_s = time.perf_counter() - warmup_start_s
+            if self.measure_gate is not None:
+                await self.measure_gate()
+                if self.cancel is not None and self.cancel.is_set() and not self.cancelled:
+                    self.cancelled = True  # cancelled at the gate: issue nothing (the watchdog would be late)
+                    self.stopping.set()
 
             self._reset_stage("measure", spec.num_requests)
             started_at_s = time.time()
@@ -437,25 +473,28 @@ async def run_phase(
     cancel: CancelToken | None = None,
     transport: Transport = "raw",
     fail_fast: FailFast | None = None,
+    measure_gate: Callable[[], Awaitable[None]] | None = None,
 ) -> PhaseResult:
     """Run one phase of load against ``base_url`` (e.g. ``http://127.0.0.1:8000``) and measure it.
 
     ``fail_fast`` ends the phase as soon as its TTFT p95 is certain to break a limit (``failed_early`` says so).
+    ``measure_gate`` is awaited between the warm-up and the measured window: phases run side by side (worker
+    processes, :mod:`tuner.loadgen.workers`) wait there for each other, so that their windows open together.
 
     ``model`` defaults to the first one at ``/v1/models``. ``ttft_max_s``/``tpot_max_s`` are the SLOs for
     goodput. ``on_progress`` is called on this event loop (keep it cheap). Setting ``cancel`` stops the phase
     within ~0.1 s and returns what was measured. Raises :class:`LoadgenError` only when the phase cannot
     start; failures of individual requests are in the result.
     """
-    target = _Target.parse(base_url)
+    target = Target.parse(base_url)
     timeouts = timeouts or Timeouts()
     if model is None:
         model = await discover_model(target.base_url, api_key=api_key, timeout_s=timeouts.connect_s)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    client: _Client = (
-        _RawPool(target, timeouts, headers) if transport == "raw" else _HttpxClient(target, timeouts, headers)
+    client: Client = (
+        RawPool(target, timeouts, headers) if transport == "raw" else HttpxClient(target, timeouts, headers)
     )
-    phase = _Phase(client, model, spec, timeouts, on_progress, cancel, fail_fast)
+    phase = _Phase(client, model, spec, timeouts, on_progress, cancel, fail_fast, measure_gate)
     try:
         results, wall_s, started_at_s, ended_at_s, warmup_s = await phase.run()
     finally:

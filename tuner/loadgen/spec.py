@@ -21,6 +21,42 @@ class LoadMode(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ArrivalShare:
+    """One share of an open loop's arrivals, for phases run side by side (:mod:`tuner.loadgen.workers`).
+
+    Every share draws the whole phase's Poisson arrivals at ``rate_per_s`` from ``seed`` alike, and each arrival
+    is dealt to one share at random, as a random router would: this share takes those whose draw falls in
+    ``[low, high)``. Each share alone is a Poisson stream at ``rate_per_s * (high - low)``; the shares together
+    are exactly the phase one process would have sent with ``seed`` (same arrival times), however many there
+    are, and they all end together: shares with a fixed count each would leave the phase's tail at a fraction
+    of the rate while the last of them finishes.
+    """
+
+    seed: int
+    rate_per_s: float
+    low: float
+    high: float
+
+    def _router(self) -> random.Random:
+        return random.Random(f"{self.seed}:router")
+
+    def deal(self, gaps: Iterator[float]) -> Iterator[float]:
+        """This share's gaps from the whole phase's: those of the arrivals dealt elsewhere are added on."""
+        router = self._router()
+        pending_s = 0.0
+        for gap_s in gaps:
+            pending_s += gap_s
+            if self.low <= router.random() < self.high:
+                yield pending_s
+                pending_s = 0.0
+
+    def count(self, arrivals: int) -> int:
+        """How many of the phase's first ``arrivals`` arrivals are dealt to this share."""
+        router = self._router()
+        return sum(1 for _ in range(arrivals) if self.low <= router.random() < self.high)
+
+
+@dataclass(frozen=True, slots=True)
 class LoadSpec:
     """One phase of load. Give ``num_requests`` or ``duration_s`` (both: whichever ends first).
 
@@ -45,6 +81,8 @@ class LoadSpec:
     seed: int = 0
     extra_body: Mapping[str, Any] = field(default_factory=dict, hash=False)
     workload: Workload | None = field(default=None, hash=False)
+    # Open loop run side by side: this phase's share of the arrivals (request_rate_per_s is then its share's rate).
+    arrival_share: ArrivalShare | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +106,9 @@ class LoadSpec:
             problems.append("len_range_ratio must be in [0, 1)")
         if self.vocab_size < 10:
             problems.append("vocab_size must be >= 10")
+        share = self.arrival_share
+        if share is not None and (self.mode is not LoadMode.RATE or not 0.0 <= share.low < share.high <= 1.0):
+            problems.append("an arrival share is an open loop's, with 0 <= low < high <= 1")
         if {"prompt", "max_tokens", "stream"} & set(self.extra_body):
             problems.append("extra_body must not set prompt, max_tokens or stream (the load generator does)")
         if problems:

@@ -8,11 +8,12 @@ import json
 import time
 from collections.abc import Callable
 
+from tuner.loadgen.control import clip
 from tuner.loadgen.spec import RequestSpec
 from tuner.loadgen.stats import RequestResult
 
 
-class _Stream:
+class Stream:
     """The state of one request in flight, fed with decoded response body bytes by a transport.
 
     Hot path: a chunk that looks like vLLM's (``data: {...``, a non-empty ``"choices":[{``, no usage object)
@@ -92,7 +93,7 @@ class _Stream:
         if not colon or name != b"data":
             if colon and name in (b"event", b"id", b"retry"):
                 return True
-            return self.fail("malformed_stream", f"not an SSE line: {_clip(line)}")
+            return self.fail("malformed_stream", f"not an SSE line: {clip(line)}")
         if value.startswith(b" "):
             value = value[1:]
         if value == b"[DONE]":
@@ -101,13 +102,13 @@ class _Stream:
         try:
             obj = json.loads(value)
         except ValueError:
-            return self.fail("malformed_stream", f"data line is not JSON: {_clip(value)}")
+            return self.fail("malformed_stream", f"data line is not JSON: {clip(value)}")
         if not isinstance(obj, dict):
-            return self.fail("malformed_stream", f"data line is not a JSON object: {_clip(value)}")
+            return self.fail("malformed_stream", f"data line is not a JSON object: {clip(value)}")
         error = obj.get("error") or (obj if obj.get("object") == "error" else None)
         if error:
             message = error.get("message") if isinstance(error, dict) else error
-            return self.fail("server_error", f"server error in the stream: {_clip(str(message))}")
+            return self.fail("server_error", f"server error in the stream: {clip(str(message))}")
         choices, usage = obj.get("choices"), obj.get("usage")
         if choices:
             self.chunk_times.append(now_s)
@@ -120,7 +121,7 @@ class _Stream:
             self.output_tokens = usage.get("completion_tokens")
             self.prompt_tokens = usage.get("prompt_tokens")
         elif choices is None:
-            return self.fail("malformed_stream", f"data line has neither choices nor usage: {_clip(value)}")
+            return self.fail("malformed_stream", f"data line has neither choices nor usage: {clip(value)}")
         return True
 
     def finish(self, now_s: float) -> None:
@@ -176,9 +177,3 @@ class _Stream:
             error_kind=self.error_kind,
             error=self.error,
         )
-
-
-def _clip(data: bytes | str, limit: int = 80) -> str:
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

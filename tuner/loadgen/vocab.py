@@ -18,8 +18,7 @@ from typing import Any
 
 import httpx
 
-from tuner.loadgen.stream import _clip
-from tuner.loadgen.transport import LoadgenError, _error_message, _Target
+from tuner.loadgen.control import AskError, LoadgenError, Target, get_json, pick_model
 
 # Text for /tokenize: many scripts, digits, code and punctuation, so that even a large vocabulary answers with
 # some high ids (merged words, CJK, emoji sit far up the table). Under 512 bytes, so that a byte-level
@@ -56,24 +55,20 @@ def vocab_size_from_server(
     raises on network, HTTP or JSON errors.
     """
     try:
-        target = _Target.parse(base_url)
+        target = Target.parse(base_url)
     except LoadgenError as exc:
         return None, str(exc)
     try:
         with httpx.Client(base_url=target.base_url, timeout=timeout_s) as client:
-            listed = _get_json(client, "/v1/models")
-            name, root = _pick_model(listed, model)
+            listed = get_json(client, "/v1/models")
+            name, root = pick_model(listed, model)
             if root is not None and Path(root).is_dir():
                 size, source = _vocab_size_in_dir(Path(root))
                 if size is not None:
                     return size, source
             return _tokenize_bound(client, name or model)
-    except _AskError as exc:
+    except AskError as exc:
         return None, str(exc)
-
-
-class _AskError(Exception):
-    """A server call that gave no usable answer; the message is one line for people."""
 
 
 def _vocab_size_in_dir(directory: Path) -> tuple[int | None, str]:
@@ -132,46 +127,14 @@ def _tokenizer_size(path: Path) -> int | None:
     return max(ids) + 1 if ids else None
 
 
-def _get_json(client: httpx.Client, path: str, body: dict[str, Any] | None = None) -> Any:
-    """GET (or POST ``body`` to) ``path``; the decoded JSON, or :class:`_AskError` with why not."""
-    where = str(client.base_url).rstrip("/") + path
-    try:
-        reply = client.get(path) if body is None else client.post(path, json=body)
-    except httpx.ConnectError:
-        raise _AskError(f"cannot reach {str(client.base_url).rstrip('/')}: is the server running?") from None
-    except httpx.TimeoutException:
-        raise _AskError(f"{where} did not answer in time") from None
-    except httpx.HTTPError as exc:
-        raise _AskError(f"{where}: {_clip(str(exc)) or type(exc).__name__}") from None
-    if reply.status_code != 200:
-        raise _AskError(f"{where} answered HTTP {reply.status_code}: {_error_message(reply.content)}")
-    try:
-        return reply.json()
-    except ValueError:
-        raise _AskError(f"{where} did not answer JSON") from None
-
-
-def _pick_model(listed: Any, model: str | None) -> tuple[str | None, str | None]:
-    """The served name and ``root`` of ``model`` (or of the first model) in a ``/v1/models`` answer."""
-    data = listed.get("data") if isinstance(listed, dict) else None
-    entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if data else []
-    if not entries:
-        raise _AskError("the server lists no model at /v1/models")
-    chosen = next((m for m in entries if m["id"] == model), None) if model else entries[0]
-    if chosen is None:
-        raise _AskError(f"the server does not serve {model!r} (it lists {entries[0]['id']!r})")
-    root = chosen.get("root")
-    return chosen["id"], root if isinstance(root, str) and root else None
-
-
 def _tokenize_bound(client: httpx.Client, model: str | None) -> tuple[int, str]:
     """Largest id of the sample text's tokens, plus one, from vLLM's ``POST /tokenize``."""
     body: dict[str, Any] = {"prompt": _SAMPLE_TEXT}
     if model:
         body["model"] = model
-    answer = _get_json(client, "/tokenize", body)
+    answer = get_json(client, "/tokenize", body)
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     ids = [t for t in tokens if isinstance(t, int) and not isinstance(t, bool)] if tokens else []
     if not ids:
-        raise _AskError("the server's /tokenize answered no token ids")
+        raise AskError("the server's /tokenize answered no token ids")
     return max(ids) + 1, "the server's /tokenize"

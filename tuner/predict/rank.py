@@ -8,16 +8,24 @@ still beat the incumbent by the resolution; when there are none, the search stop
 budget. Of the contenders, one per family not yet tried goes first (one trial calibrates a whole family, and an
 untried family may be off by the model's whole error), then the highest calibrated prediction.
 
-The model's error starts at ``prior_error`` (aiconfigurator: 4-18 % on a real H100, REFERENCE.md) and is then
-the spread of the log ratios seen, never below ``floor_error`` (what measurement noise and the dimensions the
-model does not see leave).
+The model's error starts at ``prior_error`` (aiconfigurator: 4-18 % on a real H100, REFERENCE.md). A family's
+trials pin down its mean, not each member: what the model does not see (batched tokens, memory fraction, an error
+that grows with the load) moves one configuration away from its family's mean however many trials the family
+has. So an untried member's error is the spread of configurations around their family's mean, ``config_error``
+before trials show it (a prior worth ``config_prior_weight`` trials, then the spread seen within families), plus
+the uncertainty of the family's mean; never below ``floor_error`` (measurement noise). ``config_error`` 0 gives
+the rule before issue 16 (the spread of all log ratios over the square root of the family's trials, plus the
+floor), which stopped while untried configurations of the incumbent's family could still win.
+
+:meth:`Ranker.next_batch` hands a parallel executor several contenders at once: one per family with neither a
+trial nor a running one first, then the best calibrated predictions.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 
 Family = Callable[[str], Hashable]
@@ -33,6 +41,8 @@ class Ranker:
     family: Family = lambda key: None
     prior_error: float = 0.25  # relative, one standard deviation, before any trial
     floor_error: float = 0.05
+    config_error: float = 0.10  # one configuration around its family's mean, before trials show the spread
+    config_prior_weight: float = 3.0  # how many trials' worth of spread config_error counts for
     z: float = 2.0  # one-sided 97.7 %: an untried family is given up only when it is far below
     resolution: float = 0.02  # a contender must promise this much more than the incumbent
     explore_families: bool = True  # one trial in each family that could win before a second in any
@@ -55,6 +65,11 @@ class Ranker:
         own = [k for k in self.measured if self.family(k) == self.family(key)]
         ratios = self._log_ratios(own)
         pooled = self._log_ratios(list(self.measured))
+        if ratios and self.config_error > 0:
+            within = self.within_family_error()
+            # This member's own departure from the family (does not shrink) and the family mean's uncertainty.
+            error = within * math.sqrt(1 + 1 / len(ratios))
+            return math.exp(statistics.fmean(ratios)), max(self.floor_error, error)
         if ratios:
             spread = statistics.pstdev(pooled) if len(pooled) >= 2 else self.prior_error / 2
             return math.exp(statistics.fmean(ratios)), max(
@@ -65,6 +80,19 @@ class Ranker:
             spread = statistics.pstdev(pooled) if len(pooled) >= 2 else 0.0
             return math.exp(statistics.fmean(pooled)), max(self.prior_error, spread)
         return 1.0, self.prior_error
+
+    def within_family_error(self) -> float:
+        """How far one configuration strays from its family's mean (log ratio, one standard deviation):
+        ``config_error`` as a prior worth ``config_prior_weight`` trials, pooled with the spread measured
+        within the families that have two or more trials."""
+        groups: dict[Hashable, list[float]] = {}
+        for k in self.measured:
+            for r in self._log_ratios([k]):
+                groups.setdefault(self.family(k), []).append(r)
+        squares = sum(sum((r - statistics.fmean(rs)) ** 2 for r in rs) for rs in groups.values())
+        dof = sum(len(rs) - 1 for rs in groups.values())
+        prior = self.config_prior_weight
+        return math.sqrt((prior * self.config_error**2 + squares) / (prior + dof))
 
     def expected(self, key: str) -> float:
         ratio, _ = self.calibration(key)
@@ -81,7 +109,7 @@ class Ranker:
         key = max(self.measured, key=lambda k: self.measured[k])
         return key, self.measured[key]
 
-    def contenders(self, tried: set[str] | None = None) -> list[str]:
+    def contenders(self, tried: Collection[str] | None = None) -> list[str]:
         """Untried candidates that could still beat the incumbent, best calibrated prediction first."""
         tried = set(self.measured) | set(tried or ())
         best = self.incumbent()
@@ -90,7 +118,7 @@ class Ranker:
         contenders = [k for k in open_keys if self.optimistic(k) > bar]
         return sorted(contenders, key=lambda k: (-self.expected(k), -self.optimistic(k)))
 
-    def next(self, tried: set[str] | None = None, prefer: list[str] | None = None) -> str | None:
+    def next(self, tried: Collection[str] | None = None, prefer: list[str] | None = None) -> str | None:
         """The candidate to launch next, or None when no untried one could beat the incumbent.
 
         ``prefer``: candidates the last trial's evidence argues for (a full KV cache asks for an FP8 one, a
@@ -114,6 +142,28 @@ class Ranker:
             if key in contenders and self.expected(key) >= floor:
                 return key
         return top
+
+    def next_batch(
+        self, tried: Collection[str] | None = None, running: Collection[str] = (), k: int = 1
+    ) -> list[str]:
+        """Up to ``k`` candidates to launch side by side, best first, for a parallel executor: one per family
+        that has neither a trial nor one running (best calibrated prediction first), then the other contenders
+        by calibrated prediction. ``running``: launched, not yet measured (not offered again; their families
+        count as explored). Empty when no untried candidate could beat the incumbent: the running trials'
+        results may reopen the search."""
+        busy = set(tried or ()) | set(running)
+        contenders = self.contenders(busy)
+        batch: list[str] = []
+        if self.explore_families:
+            explored = {self.family(key) for key in [*self.measured, *running]}
+            for key in contenders:
+                fam = self.family(key)
+                if fam not in explored:
+                    explored.add(fam)
+                    batch.append(key)
+        chosen = set(batch)
+        batch += [key for key in contenders if key not in chosen]
+        return batch[: max(0, k)]
 
     def why(self, key: str) -> str:
         """One line for the event log: what is predicted and how sure."""

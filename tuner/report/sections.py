@@ -506,7 +506,9 @@ def _attempt(run: Run, a: Attempt) -> list[Block]:
             if a.replicas > 1
             else "the capacity found in the search"
         )
-        delivered = f", delivered {fmt_times(a.proof_ratio)} the arrivals" if a.proof_ratio is not None else ""
+        delivered = (
+            f", delivered {fmt_times(a.proof_ratio)} the arrivals" if a.proof_ratio is not None else ""
+        )
         items.append(
             (
                 f"Proof at {_load(p)} ({what}): ",
