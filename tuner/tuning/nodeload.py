@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
+from tuner.loadgen.merge import merge_phase_results
 from tuner.loadgen.steady import steady_stats, steady_window
 from tuner.measure import (
     OTHER_LOAD_MAX_CORES,
@@ -45,8 +46,6 @@ def merge_measured(phases: Sequence[MeasuredPhase], *, confidence: float, seed: 
     """The node's phase from its replicas' phases that ran at the same time."""
     if len(phases) == 1:
         return phases[0]
-    from tuner.loadgen.merge import merge_phase_results
-
     merged = merge_phase_results([p.load for p in phases])
     window = steady_window(merged.requests)
     steady = steady_stats([window], confidence=confidence, seed=seed)
