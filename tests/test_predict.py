@@ -10,6 +10,7 @@ import pytest
 
 from tuner.predict import aic
 from tuner.predict.base import Estimate, PredictError, Prediction, Workload, ladder
+from tuner.predict.roofline import decode_ceiling_tokens_per_s
 from tuner.serving.tinymodel import LLAMA_3_1_8B, write_tiny_model
 from tuner.tuning.modelshape import ModelShape
 from tuner.tuning.slo import Slo
@@ -102,9 +103,13 @@ def test_coverage_limits_are_one_line_errors(model_8b: Path, tmp_path: Path) -> 
     shape = ModelShape.from_dir(model_8b)
     with pytest.raises(PredictError, match="no measured vLLM data for l4"):
         aic.AiconfiguratorModel(model_8b, shape, "l4", "SILICON")
-    with pytest.raises(PredictError, match="cannot run its EMPIRICAL mode for l4") as empirical:
-        aic.AiconfiguratorModel(model_8b, shape, "l4")  # its own mode: EMPIRICAL, which 0.12 cannot run there
-    assert "\n" not in str(empirical.value) and "/" not in str(empirical.value)  # no paths, no traceback
+    with pytest.raises(PredictError, match="neither for b60 nor for a GPU of its architecture") as no_ref:
+        aic.AiconfiguratorModel(model_8b, shape, "b60")  # a system description, no data, no sibling with data
+    assert "\n" not in str(no_ref.value) and "/" not in str(no_ref.value)  # no paths, no traceback
+    a30 = aic.AiconfiguratorModel(model_8b, shape, "a30")  # Ampere: no FP8, and A100 SXM has no FP8 data
+    with pytest.raises(PredictError, match="on a30: no FP8 compute") as fp8:
+        a30.predict(FP8, aic.hardware_for("a30", a30), WORKLOAD)
+    assert "\n" not in str(fp8.value)
     h100 = aic.AiconfiguratorModel(model_8b, shape, "h100_sxm")
     with pytest.raises(PredictError, match="cannot model") as info:
         h100.predict(Candidate(tensor_parallel_size=3), aic.hardware_for("h100_sxm", h100, 3), WORKLOAD)
@@ -117,6 +122,88 @@ def test_coverage_limits_are_one_line_errors(model_8b: Path, tmp_path: Path) -> 
         aic.AiconfiguratorModel(phi, shape, "h100_sxm").predict(
             Candidate(), aic.hardware_for("h100_sxm", None), WORKLOAD
         )
+
+
+@needs_aic
+def test_empirical_on_the_reference_itself_gives_back_its_measured_figures(
+    model_8b: Path, h100: aic.AiconfiguratorModel
+) -> None:
+    """SOL(h100) x SILICON(h100) / SOL(h100) = SILICON(h100), figure by figure and batch by batch: the transfer
+    adds nothing of its own on the GPU it borrows from."""
+    check = aic.AiconfiguratorModel(model_8b, h100.shape, "h100_sxm", "EMPIRICAL", reference="h100_sxm")
+    assert check.reference == "h100_sxm" and "EMPIRICAL" in check.source
+    hardware = aic.hardware_for("h100_sxm", h100)
+    for candidate in (Candidate(), FP8):
+        silicon, empirical = (
+            h100.predict(candidate, hardware, WORKLOAD),
+            check.predict(candidate, hardware, WORKLOAD),
+        )
+        assert empirical.max_concurrency == silicon.max_concurrency and len(empirical.curve) > 10
+        for s, e in zip(silicon.curve, empirical.curve, strict=True):
+            assert e.concurrency == s.concurrency
+            assert e.ttft_s == pytest.approx(s.ttft_s, rel=1e-6)
+            assert e.tpot_s == pytest.approx(s.tpot_s, rel=1e-6)
+            assert e.output_tokens_per_s == pytest.approx(s.output_tokens_per_s, rel=1e-6)
+            assert e.memory_gib_per_gpu == s.memory_gib_per_gpu
+
+
+@needs_aic
+def test_l4_batch_one_is_below_its_bandwidth_ceiling_and_not_far_below(model_8b: Path) -> None:
+    """Decoding one request of an 8B in bf16 reads ~16 GB a token: on an L4's 300 GB/s at most ~18.6 tok/s
+    (the roofline). L4's speed of light x L40S's measured efficiency must stay under that ceiling (pure speed of
+    light, 19.7 tok/s, does not) and above half of it (a real H100 reached 73 % of its ceiling, REFERENCE.md)."""
+    shape = ModelShape.from_dir(model_8b)
+    l4 = aic.AiconfiguratorModel(model_8b, shape, "l4")
+    assert l4.mode == "EMPIRICAL" and l4.reference == "l40s" and l4.gpu_memory_bytes == 24 * 2**30
+    assert "EMPIRICAL" in l4.kind and "L40S's measured efficiency" in l4.kind
+    hardware = aic.hardware_for("l4", l4)
+    prediction = l4.predict(Candidate(), hardware, WORKLOAD)
+    assert (
+        prediction.fits and "EMPIRICAL: l4's speed of light x L40S's measured efficiency" in prediction.source
+    )
+    assert "no L4 data" in prediction.source
+    one = prediction.at(1)
+    ceiling = decode_ceiling_tokens_per_s(Candidate(), shape, hardware, WORKLOAD, 1)
+    assert one is not None and ceiling is not None and ceiling == pytest.approx(18.6, rel=0.02)
+    assert 0.5 * ceiling < one.output_tokens_per_s < ceiling
+    assert 0.5 * ceiling < 1 / one.tpot_s < ceiling  # per-user speed too, not only the throughput
+    # 24 GiB less ~16 GiB of weights: a few dozen requests of 768 tokens in bf16 KV, not hundreds.
+    assert prediction.max_concurrency is not None and 10 < prediction.max_concurrency < 60
+
+
+@needs_aic
+def test_h100_pcie_is_slower_than_sxm_by_about_the_bandwidth_ratio(
+    model_8b: Path, h100: aic.AiconfiguratorModel
+) -> None:
+    """Batch-1 decoding is memory-bound: both GPUs are Hopper with the same kernels (the transfer gives them the
+    same efficiency), so TPOT should scale with bandwidth, 3.35 / 2.0 TB/s = 1.675. The band, 1.5-1.8, leaves
+    room for the parts that do not scale with bandwidth (launch overheads, the PCIe card's lower clocks); a
+    transfer that borrowed SXM's figures unscaled would give 1.0, PCIe's pure speed of light against SXM's
+    measured figures 1.22."""
+    pcie = aic.AiconfiguratorModel(model_8b, h100.shape, "h100_pcie")
+    assert pcie.reference == "h100_sxm" and "no H100 PCIe data" in pcie.source
+    for candidate in (Candidate(), FP8):
+        sxm_one = h100.predict(candidate, aic.hardware_for("h100_sxm", h100), WORKLOAD).at(1)
+        pcie_one = pcie.predict(candidate, aic.hardware_for("h100_pcie", pcie), WORKLOAD).at(1)
+        assert sxm_one is not None and pcie_one is not None
+        assert 1.5 < pcie_one.tpot_s / sxm_one.tpot_s < 1.8
+        assert 1.5 < sxm_one.output_tokens_per_s / pcie_one.output_tokens_per_s < 1.8
+        assert pcie_one.ttft_s > sxm_one.ttft_s  # prefill: less compute on the PCIe card (756 vs 989 TFLOPS)
+
+
+def test_the_transfer_scales_each_figure_and_caps_tokens_by_littles_law() -> None:
+    """The arithmetic on its own: each figure x measured / speed of light; tokens/s no more than b requests of
+    that TTFT and TPOT complete."""
+    target = {"ttft": 100.0, "tpot": 40.0, "tokens/s": 50.0, "memory": 12.0}
+    measured = {"ttft": 30.0, "tpot": 12.0, "tokens/s": 70.0}
+    ideal = {"ttft": 20.0, "tpot": 10.0, "tokens/s": 100.0}
+    out = aic.transfer(target, measured, ideal, batch=2, output_len=11)
+    assert out["ttft"] == pytest.approx(150.0) and out["tpot"] == pytest.approx(48.0)
+    assert out["memory"] == 12.0  # the target's own
+    # 50 x 0.7 = 35 tok/s from the steps, but 2 requests of 150 + 10 x 48 ms complete only 31.7 tok/s.
+    assert out["tokens/s"] == pytest.approx(2 * 10 * 1000 / (150 + 48 * 10))
+    slow = aic.transfer({**target, "tokens/s": 20.0}, measured, ideal, batch=2, output_len=11)
+    assert slow["tokens/s"] == pytest.approx(14.0)  # under the cap: the steps' own figure, scaled
 
 
 @needs_aic

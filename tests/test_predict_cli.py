@@ -60,11 +60,10 @@ def test_json_names_the_best_layout_per_gpu_and_its_node_figures(
     )
     assert figures["power_source"] == "board power (not measured)" and figures["power_w"] == 700
     assert h100["candidates_fitting"] == h100["candidates_predicted"] > 50
-    # L4: asked in aiconfigurator's EMPIRICAL mode, which 0.12 cannot run without L4 data: the roofline, said so.
-    assert l4["system"] == "l4" and "cannot run its EMPIRICAL mode for l4" in l4["note"]
-    assert l4["figures"] == "roofline ceiling, not a prediction"
-    assert l4["best"]["server"]["source"].startswith("roofline ceiling, not a prediction")
-    assert all(e["server"]["source"].startswith("roofline ceiling") for e in l4["layouts"])
+    # L4: no L4 data, so L4's speed of light x L40S's measured efficiency, EMPIRICAL, said so.
+    assert l4["system"] == "l4" and "not checked against a real L4" in l4["note"]
+    assert l4["figures"] == "aiconfigurator EMPIRICAL (speed of light x L40S's measured efficiency)"
+    assert l4["best"]["server"]["ttft_s"] > 0 and l4["best"]["node"]["node_capacity"] > 0
 
 
 @needs_aic
@@ -86,29 +85,47 @@ def test_eight_gpus_rank_the_node_not_one_server(model_8b: Path, capsys: pytest.
     assert "board power (not measured)" in out
 
 
+@needs_aic
 @pytest.mark.usefixtures("small_space")
 def test_empirical_rows_say_empirical_in_the_table_and_the_json(
-    model_8b: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    model_8b: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """aiconfigurator 0.12 runs EMPIRICAL only on a GPU it has data for: H100 SXM's EMPIRICAL view stands in
-    for an L4 row the mode could predict, to check that every label it reaches says so."""
-    if not aic.available():
-        pytest.skip(aic.INSTALL_HINT)
-    real = aic.model_for
-    monkeypatch.setattr(
-        aic, "model_for", lambda name: ("h100_sxm", "EMPIRICAL") if name == "l4" else real(name)
-    )
-    assert main(["predict", str(model_8b), "--gpu", "l4", "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)["gpus"][0]
-    assert row["figures"].startswith("aiconfigurator EMPIRICAL (speed-of-light x empirical factors")
-    assert "EMPIRICAL" in row["source"] and "EMPIRICAL" in row["best"]["server"]["source"]
-    assert "EMPIRICAL" in row["best"]["prediction"]["source"]
-    assert all("EMPIRICAL" in e["server"]["source"] for e in row["layouts"])
-    assert main(["predict", str(model_8b), "--gpu", "l4"]) == 0
+    """L4 and H100 PCIe have no measured data: their rows are predicted (not the roofline) and every place a row's
+    figures appear says EMPIRICAL and whose measurements they borrow; H100 SXM's row stays SILICON."""
+    gpus = "h100,l4,h100_pcie"
+    assert main(["predict", str(model_8b), "--gpu", gpus, "--gpus", "8", "--json"]) == 0
+    h100, l4, pcie = json.loads(capsys.readouterr().out)["gpus"]
+    assert h100["figures"] == "aiconfigurator SILICON" and "EMPIRICAL" not in h100["source"]
+    for row, reference in ((l4, "L40S"), (pcie, "H100 SXM")):
+        assert (
+            row["figures"] == f"aiconfigurator EMPIRICAL (speed of light x {reference}'s measured efficiency)"
+        )
+        assert (
+            f"EMPIRICAL: {row['system']}'s speed of light x {reference}'s measured efficiency"
+            in row["source"]
+        )
+        assert f"transferred from {reference}'s measurements" in row["note"]
+        assert (
+            "EMPIRICAL" in row["best"]["server"]["source"]
+            and "EMPIRICAL" in row["best"]["prediction"]["source"]
+        )
+        assert all("EMPIRICAL" in e["server"]["source"] for e in row["layouts"])
+    # A PCIe H100 serves less than an SXM one (2.0 vs 3.35 TB/s, no NVLink), an L4 far less (300 GB/s, 24 GiB).
+    capacity = {r["gpu"]: r["best"]["node"]["node_capacity"] for r in (h100, l4, pcie)}
+    assert capacity["h100"] > capacity["h100_pcie"] > 5 * capacity["l4"]
+    assert main(["predict", str(model_8b), "--gpu", gpus, "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    table_row = next(line for line in out.splitlines() if line.startswith("l4 "))
-    assert table_row.endswith("aic EMPIRICAL")
-    assert "l4: aiconfigurator EMPIRICAL (speed-of-light x empirical factors" in out
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("8x ")}
+    assert rows["h100"].endswith("aic SILICON")
+    assert rows["l4"].endswith("aic EMPIRICAL") and rows["h100_pcie"].endswith("aic EMPIRICAL")
+    assert "roofline" not in rows["l4"] and "CEILING" not in out
+    header = next(line for line in out.splitlines() if line.startswith("GPU "))
+    assert rows["h100_pcie"].index("8 x TP") == header.index("best layout")  # the long name keeps the columns
+    assert (
+        f"  l4: aiconfigurator {aic.package_version()}, l4, EMPIRICAL: l4's speed of light x L40S's measured"
+        in out
+    )
+    assert "  l4: EMPIRICAL: an estimate transferred from L40S's measurements to the L4" in out
 
 
 @pytest.mark.usefixtures("small_space")

@@ -1,5 +1,6 @@
 """A node's layouts ranked by what the whole node serves: replicas x TP, idle GPUs lost, per GPU over every GPU,
-cost for the whole node, the EMPIRICAL mode's labels, and the roofline when aiconfigurator cannot predict."""
+cost for the whole node, the EMPIRICAL figures' labels (L4, H100 PCIe, A30: speed of light x a sibling GPU's
+measured efficiency), in predict and tune --dry-run, and the roofline when aiconfigurator cannot predict."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 from tuner.predict import aic, node
 from tuner.predict.base import PredictError, Workload
 from tuner.serving.tinymodel import LLAMA_3_1_8B, write_tiny_model
-from tuner.tuning.modelshape import ModelShape, weight_bytes
+from tuner.tuning.dryrun import plan_dry_run
+from tuner.tuning.modelshape import Hardware, ModelShape, weight_bytes
 from tuner.tuning.slo import parse_slo
-from tuner.tuning.space import Candidate
+from tuner.tuning.space import Candidate, SearchSpace, default_space
+from tuner.tuning.tune import TuneConfig, Tuner
 
 needs_aic = pytest.mark.skipif(not aic.available(), reason=aic.INSTALL_HINT)
 WORKLOAD = Workload(512, 256)
@@ -103,20 +106,75 @@ def test_without_aiconfigurator_it_ranks_by_the_roofline_and_says_so(
     assert best.point.output_tokens_per_s == pytest.approx(256 * 3350e9 / per_step_bytes, rel=1e-6)
 
 
-def test_l4_is_asked_in_the_empirical_mode_and_falls_back_to_the_roofline_in_one_line(
-    model_8b: Path, shape: ModelShape
-) -> None:
+def test_l4_is_asked_in_the_empirical_mode(model_8b: Path, shape: ModelShape) -> None:
     assert aic.model_for("l4") == ("l4", "EMPIRICAL")
     assert aic.model_for("NVIDIA L4") == ("l4", "EMPIRICAL")
     assert aic.model_for("NVIDIA H100 PCIe") == ("h100_pcie", "EMPIRICAL")
     assert aic.model_for("a30") == ("a30", "EMPIRICAL")
+    # Each borrows the measured efficiency of a GPU of its own architecture that aiconfigurator has data for.
+    for system, reference in aic.EMPIRICAL_REFERENCES.items():
+        assert reference in aic.SYSTEMS.values() and system not in aic.SYSTEMS.values()
+        assert (
+            aic.hardware_for(system, None).compute_capability[0]
+            == aic.hardware_for(reference, None).compute_capability[0]
+        )
+
+
+@needs_aic
+def test_an_l4_node_is_predicted_empirically_and_every_label_says_so(
+    model_8b: Path, shape: ModelShape
+) -> None:
+    """Not the roofline: L4's speed of light x L40S's measured efficiency, labelled EMPIRICAL in the ranking's
+    kind, its source, every prediction's source, and a note on how far it goes."""
     ranking = node.rank_layouts(model_8b, shape, "l4", 1, WORKLOAD, SLO, values=SMALL)
-    assert ranking.gpu == "L4" and ranking.system == "l4" and ranking.is_ceiling
-    if aic.available():
-        assert "cannot run its EMPIRICAL mode for l4" in ranking.note and "\n" not in ranking.note
+    assert ranking.gpu == "L4" and ranking.system == "l4" and not ranking.is_ceiling
+    assert ranking.kind == "aiconfigurator EMPIRICAL (speed of light x L40S's measured efficiency)"
+    assert "EMPIRICAL: l4's speed of light x L40S's measured efficiency" in ranking.source
+    assert (
+        "transferred from L40S's measurements" in ranking.note
+        and "not checked against a real L4" in ranking.note
+    )
+    assert "\n" not in ranking.note and ranking.error == ""
+    assert ranking.layouts and all("EMPIRICAL" in e.prediction.source for e in ranking.layouts)
     best = ranking.best
     assert best is not None and best.candidate.quantization == "fp8"  # L4 has FP8 tensor cores (8.9)
     assert best.figures.power_w == 72 and best.figures.tokens_per_s_per_kw is not None
+    assert best.point.ttft_s > 0  # a prediction has a TTFT; the roofline has none
+    # Under the bandwidth ceiling the roofline would have ranked it by, for the same configuration and load.
+    ceiling = node.roofline_prediction(best.candidate, shape, aic.hardware_for("l4", None), WORKLOAD)
+    bound = ceiling.at(best.point.concurrency)
+    assert bound is not None and best.point.output_tokens_per_s < bound.output_tokens_per_s
+
+
+def test_without_aiconfigurator_l4_falls_back_to_the_roofline_in_one_line(
+    model_8b: Path, shape: ModelShape, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aic, "available", lambda: False)
+    ranking = node.rank_layouts(model_8b, shape, "l4", 1, WORKLOAD, SLO, values=SMALL)
+    assert ranking.is_ceiling and "infertop[predict]" in ranking.note and "\n" not in ranking.note
+    best = ranking.best
+    assert best is not None and best.prediction.source.startswith("roofline ceiling, not a prediction")
+
+
+@needs_aic
+def test_tune_dry_run_on_an_l4_ranks_by_the_empirical_estimate_and_says_so(tmp_path: Path) -> None:
+    """`infertop tune --dry-run` asks aic.AiconfiguratorModel(model, shape, "l4") through Tuner._predict."""
+    model = write_tiny_model(tmp_path / "llama-8b", **LLAMA_3_1_8B)
+    config = TuneConfig(
+        model=str(model), slo=SLO, store_path=tmp_path / "t.sqlite", out_dir=tmp_path / "out", gpus=False,
+        prove=False,
+    )  # fmt: skip
+    tuner = Tuner(config)
+    l4 = Hardware("NVIDIA L4", 1, 24 * 2**30, (8, 9))  # the GPU CI does not have
+    tuner.hardware = l4
+    space = default_space(tuner.shape, l4, {"max_model_len": 4096})
+    tuner.space = SearchSpace(tuner.shape, l4, {**space.values, **SMALL}, {"max_model_len": 4096})
+    plan = plan_dry_run(tuner)
+    assert plan.source.startswith("ranked by aiconfigurator")
+    assert "l4, EMPIRICAL: l4's speed of light x L40S's measured efficiency" in plan.source
+    assert "no L4 data" in plan.source and "roofline" not in plan.source
+    assert plan.ranking and plan.ranking[0][3] == "requests/s" and plan.ranking[0][2]
+    assert "EMPIRICAL" in plan.text()
 
 
 @needs_aic

@@ -4,9 +4,10 @@ For each GPU type, a node of ``--gpus N`` such GPUs is laid out every way the tu
 configuration with tensor parallelism TP fills it as N // TP replicas; idle GPUs count as lost) and the layouts
 are ranked by what the whole node serves under the SLO (:mod:`tuner.predict.node`). The best is shown with the
 node's requests/s and tokens/s, per GPU, per kW of board power and, given a price per GPU-hour, per million
-output tokens. The figures are NVIDIA aiconfigurator's (the ``predict`` extra; its EMPIRICAL mode where it has no
-measured data for the GPU), or the memory-bandwidth roofline's ceiling where it cannot model the GPU, and every
-row says which. A performance model's figures, not measurements: ``infertop tune`` on the machine measures.
+output tokens. The figures are NVIDIA aiconfigurator's (the ``predict`` extra): SILICON from timings measured on
+the GPU, or EMPIRICAL where it has none (the GPU's speed of light x the measured efficiency of a GPU of the same
+architecture); else the memory-bandwidth roofline's ceiling. Every row says which. A performance model's figures,
+not measurements: ``infertop tune`` on the machine measures.
 """
 
 from __future__ import annotations
@@ -210,28 +211,30 @@ def _table(args: argparse.Namespace, rows: list[GpuRow], slo: Slo) -> str:
     workload = f"{args.input_len} in / {args.output_len} out"
     node = f"a node of {args.gpus} GPUs" if args.gpus > 1 else "one GPU"
     bests = [r.ranking.best for r in rows if r.ranking.best is not None]
+    labels = {row.name: f"{args.gpus}x {row.name}" if args.gpus > 1 else row.name for row in rows}
+    gpu_width = max([10, *map(len, labels.values())])
     width = max([len("configuration")] + [len(b.label()) for b in bests])
     layout_width = max([len("best layout")] + [len(b.layout.label()) for b in bests])
     lines = [
         f"Predicted (a performance model, not a measurement) for {args.model}, {workload}, SLO {slo.describe()}, "
         f"{node} per GPU type:",
         "",
-        f"{'GPU':<10} {'best layout':<{layout_width}} {'configuration':<{width}} {'node req/s':>10} "
+        f"{'GPU':<{gpu_width}} {'best layout':<{layout_width}} {'configuration':<{width}} {'node req/s':>10} "
         f"{'node tok/s':>10} {'tok/s/GPU':>9} {'tok/s/kW†':>9} {'$/1M out':>8}  figures",
     ]
     notes: list[str] = []
     for row in rows:
         r = row.ranking
-        gpu = f"{args.gpus}x {row.name}" if args.gpus > 1 else row.name
+        gpu = labels[row.name]
         best = r.best
         if best is None:
-            lines.append(f"{gpu:<10} {r.error}  ({_kind_short(r)})")
+            lines.append(f"{gpu:<{gpu_width}} {r.error}  ({_kind_short(r)})")
             notes += _notes(row)
             continue
         f = best.figures
         per_kw = "" if f.tokens_per_s_per_kw is None else f"{f.tokens_per_s_per_kw:,.0f}"
         lines.append(
-            f"{gpu:<10} {best.layout.label():<{layout_width}} {best.label():<{width}} {f.capacity:>10.2f} "
+            f"{gpu:<{gpu_width}} {best.layout.label():<{layout_width}} {best.label():<{width}} {f.capacity:>10.2f} "
             f"{f.output_tokens_per_s or 0:>10,.0f} {f.per_gpu or 0:>9,.0f} {per_kw:>9} "
             f"{_money(f.cost_per_million_tokens):>8}  {_kind_short(r)}" + (" *" if row.calibration else "")
         )
@@ -251,7 +254,8 @@ def _table(args: argparse.Namespace, rows: list[GpuRow], slo: Slo) -> str:
 def _notes(row: GpuRow) -> list[str]:
     """What stands under the table for one GPU type: where its figures come from and how it was ranked."""
     r = row.ranking
-    source = r.source if r.source.startswith(r.kind) else f"{r.kind}: {r.source}"
+    says_kind = r.source.startswith(r.kind) or "EMPIRICAL" in r.source
+    source = r.source if says_kind else f"{r.kind}: {r.source}"
     notes = [f"  {row.name}: {source}"]
     if r.note:
         notes.append(f"  {row.name}: {r.note}")

@@ -6,11 +6,19 @@ batch of concurrent requests, tensor parallelism and FP8 weights / KV cache it e
 tokens/s and memory per GPU. Checked against a real H100 (REFERENCE.md): within 4-18 %.
 
 Database modes: ``SILICON`` (the default) interpolates the measured timings. For GPUs it has a system description
-of but no measurements (L4, H100 PCIe, A30, A100 PCIe) the model is asked in its ``EMPIRICAL`` mode (each
-operation's speed-of-light time divided by an empirical utilisation) and every source string says so. In
-aiconfigurator 0.12 that mode still takes its utilisations from the GPU's own measured data, so for those GPUs it
-cannot run: :class:`AiconfiguratorModel` says so in one line (checked with one estimate when it is built) and the
-caller falls back to the bandwidth roofline (:mod:`tuner.predict.node`).
+of but no measurements (L4, H100 PCIe, A30, A100 PCIe) the figures are EMPIRICAL, and every source string says so:
+aiconfigurator's own ``EMPIRICAL`` mode takes its utilisations from the GPU's own measured data (0.12 cannot run
+it without), so this module makes the estimate that mode means from what 0.12 has. For each figure (TTFT, TPOT,
+output tokens/s) at each batch::
+
+    empirical(target) = SOL(target) x SILICON(reference) / SOL(reference)
+
+``SOL`` being aiconfigurator's speed-of-light mode (it runs from the system description alone) and the reference
+a GPU of the same architecture that has measured data (:data:`EMPIRICAL_REFERENCES`: L4 <- L40S, H100 PCIe <- H100
+SXM, A30 and A100 PCIe <- A100 SXM): the target's roofline times how far the reference's measured kernels fall
+short of its own. Tokens/s is then capped as aiconfigurator caps it (Little's law on the estimated TTFT and TPOT);
+memory, OOM and the KV cache come from the target's own run (its memory). On the reference itself it gives back
+its SILICON figures; on another GPU it is an estimate transferred across GPUs, checked against no real L4.
 
 This module calls its SDK in-process, the same steps as ``aiconfigurator cli estimate --estimate-mode agg``
 (bit-identical figures), with the database loaded once per GPU type (~2 s) and ~1 ms per estimate after that.
@@ -26,6 +34,7 @@ import json
 import logging
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +98,10 @@ _COMPUTE_CAPABILITY = {
     "a30": (8, 0),
     "a100_pcie": (8, 0),
 }
-# Whose vLLM data version keys an EMPIRICAL view of a system without data of its own.
-_REFERENCE_SYSTEM = "h100_sxm"
+# For a system without measured data: the system of the same architecture whose measured efficiency its
+# speed-of-light figures are scaled by (Ada 8.9, Hopper 9.0, Ampere 8.0).
+EMPIRICAL_REFERENCES = {"l4": "l40s", "h100_pcie": "h100_sxm", "a30": "a100_sxm", "a100_pcie": "a100_sxm"}
+SOL = "SOL"  # aiconfigurator's speed-of-light mode: the system description alone
 # Dense architectures aiconfigurator does not list that have Llama's exact layer shapes.
 _AS_LLAMA = frozenset({"MistralForCausalLM"})
 
@@ -157,7 +168,7 @@ class _Sdk:
         self.resolve_context_fmha_by_data = models.resolve_context_fmha_by_data
         self.get_latest_database_version = database.get_latest_database_version
         self.get_database_view = database.get_database_view
-        self.databases: dict[tuple[str, str], tuple[str, Any]] = {}
+        self.databases: dict[tuple[str, str, str], tuple[str, Any]] = {}
 
     @classmethod
     def get(cls) -> _Sdk:
@@ -168,20 +179,21 @@ class _Sdk:
                 cls._loaded = cls()
             return cls._loaded
 
-    def database(self, system: str, mode: str = SILICON) -> tuple[str, Any]:
-        """(vLLM data version, database view in ``mode``) for ``system``, loaded once per pair."""
+    def database(self, system: str, mode: str = SILICON, versioned_as: str | None = None) -> tuple[str, Any]:
+        """(vLLM data version, database view in ``mode``) for ``system``, loaded once per combination.
+        ``versioned_as``: the system whose vLLM data version keys the view (for one without data of its own)."""
+        key = (system, mode, versioned_as or system)
         with self._lock:
-            if (system, mode) not in self.databases:
-                self.databases[system, mode] = self._load(system, mode)
-            return self.databases[system, mode]
+            if key not in self.databases:
+                self.databases[key] = self._load(system, mode, versioned_as or system)
+            return self.databases[key]
 
-    def _load(self, system: str, mode: str) -> tuple[str, Any]:
-        version = self.get_latest_database_version(system=system, backend="vllm")
+    def _load(self, system: str, mode: str, versioned_as: str) -> tuple[str, Any]:
+        version = self.get_latest_database_version(system=versioned_as, backend="vllm")
         if version is None and mode == SILICON:
             raise PredictError(f"aiconfigurator {self.version} has no measured vLLM data for {system}")
         if version is None:
-            # No data of its own: the EMPIRICAL view is keyed by the vLLM data version the measured GPUs have.
-            version = self.get_latest_database_version(system=_REFERENCE_SYSTEM, backend="vllm")
+            raise PredictError(f"aiconfigurator {self.version} has no vLLM data version for {system}")
         try:
             view = self.get_database_view(
                 system,
@@ -207,13 +219,23 @@ class AiconfiguratorModel:
     """
 
     def __init__(
-        self, model_dir: str | Path, shape: ModelShape, system: str, mode: str | None = None
+        self,
+        model_dir: str | Path,
+        shape: ModelShape,
+        system: str,
+        mode: str | None = None,
+        *,
+        reference: str | None = None,
     ) -> None:
         """``mode``: the database mode, ``SILICON`` or ``EMPIRICAL``; None: the system's own (:func:`mode_for`).
+        ``reference`` (EMPIRICAL only): the system with measured data whose efficiency scales this system's
+        speed of light; by default the one :data:`EMPIRICAL_REFERENCES` names for a system without data, none
+        for a system with data (aiconfigurator's own EMPIRICAL mode runs there). ``reference=system`` gives back
+        its SILICON figures (a check).
 
         Raises:
-            PredictError: no model installed, no data for ``system`` in ``mode``, or (EMPIRICAL) a mode this
-                version cannot run for the system (one line).
+            PredictError: no model installed, no data for ``system`` in ``mode`` nor a reference for it, or a
+                mode this version cannot run for the system (one line).
         """
         self._sdk = _Sdk.get()
         self.shape = shape
@@ -221,16 +243,38 @@ class AiconfiguratorModel:
         self.mode = mode or mode_for(system)
         if self.mode not in MODE_LABELS:
             raise PredictError(f"unknown aiconfigurator database mode {self.mode!r}")
-        self.data_version, self._db = self._sdk.database(system, self.mode)
+        if self.mode == EMPIRICAL and reference is None and system not in SYSTEMS.values():
+            reference = EMPIRICAL_REFERENCES.get(system)
+            if reference is None:
+                raise PredictError(
+                    f"aiconfigurator {self._sdk.version} has measured data neither for {system} nor for a GPU "
+                    "of its architecture"
+                )
+        if reference is not None and self.mode != EMPIRICAL:
+            raise PredictError(f"a reference GPU is for the EMPIRICAL mode, not {self.mode}")
+        self.reference = reference
         self._model_dir, self._note = _usable_model_dir(Path(model_dir))
-        if self.mode == SILICON:
-            described = f"vLLM data {self.data_version}"
-        elif system in SYSTEMS.values():
-            described = (
-                f"EMPIRICAL: speed-of-light x empirical factors from its vLLM data {self.data_version}"
-            )
+        self._reference_dbs: tuple[Any, Any] | None = None
+        # aiconfigurator's answers by what reaches it: candidates that differ only in max-num-seqs (or share a
+        # reference run) ask the same question many times over.
+        self._runs: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any], bool]] = {}
+        if reference is None:
+            self.data_version, self._db = self._sdk.database(system, self.mode)
+            if self.mode == SILICON:
+                described = f"vLLM data {self.data_version}"
+            else:
+                described = (
+                    f"EMPIRICAL: speed-of-light x empirical factors from its vLLM data {self.data_version}"
+                )
         else:
-            described = "EMPIRICAL: speed-of-light x empirical factors, no measured data"
+            self.data_version, measured = self._sdk.database(reference, SILICON)
+            _, self._db = self._sdk.database(system, SOL, versioned_as=reference)
+            self._reference_dbs = (measured, self._sdk.database(reference, SOL)[1])
+            whose = "its own" if reference == system else f"no {gpu_model_for(system)} data"
+            described = (
+                f"EMPIRICAL: {system}'s speed of light x {gpu_model_for(reference)}'s measured efficiency "
+                f"({reference} vLLM data {self.data_version}; {whose})"
+            )
         self.source = f"aiconfigurator {self._sdk.version}, {system}, {described}{self._note}"
         if self.mode != SILICON:
             self._probe()
@@ -238,7 +282,9 @@ class AiconfiguratorModel:
     @property
     def kind(self) -> str:
         """What kind of figures these are: ``"aiconfigurator SILICON"`` or ``"aiconfigurator EMPIRICAL (...)"``."""
-        if self.mode == EMPIRICAL and self.system in SYSTEMS.values():
+        if self.reference is not None:
+            return f"aiconfigurator EMPIRICAL (speed of light x {gpu_model_for(self.reference)}'s measured efficiency)"
+        if self.mode == EMPIRICAL:
             return "aiconfigurator EMPIRICAL (speed-of-light x empirical factors from measured data)"
         return f"aiconfigurator {MODE_LABELS[self.mode]}"
 
@@ -247,12 +293,7 @@ class AiconfiguratorModel:
         try:
             self._estimate(Candidate(gpu_memory_utilization=0.9), Workload(128, 16), 1)
         except PredictError as exc:
-            why = str(exc)
-            if "no own-shape" in why or "perf data directory not found" in why:
-                why = "in this version it takes its empirical factors from measured data, and has none for "
-                why += self.system
-            else:
-                why = why.rsplit(f" on {self.system}: ", 1)[-1]
+            why = str(exc).rsplit(f" on {self.system}: ", 1)[-1]
             raise PredictError(
                 f"aiconfigurator {self._sdk.version} cannot run its {self.mode} mode for {self.system}: {why}"
             ) from None
@@ -297,10 +338,58 @@ class AiconfiguratorModel:
         return Prediction(self.source, workload, True, tuple(curve), reason, limit, extra)
 
     def _estimate(self, c: Candidate, workload: Workload, batch: int) -> dict[str, Any]:
+        figures, memory, oom = self._run(self._db, self.system, c, workload, batch)
+        if self._reference_dbs is not None:
+            figures = self._transferred(figures, c, workload, batch)
+        capacity_gib = self.gpu_memory_bytes / GiB
+        fraction = c.gpu_memory_utilization or 0.92
+        kv_gib = float(memory.get("kvcache", 0.0))
+        non_kv = float(memory["total"]) - kv_gib
+        budget = capacity_gib * fraction * 0.98 - non_kv  # aiconfigurator's own KV-budget rule
+        per_request = kv_gib / batch if batch else 0.0
+        return {
+            "estimate": Estimate(
+                concurrency=batch,
+                ttft_s=float(figures["ttft"]) / 1000.0,
+                tpot_s=float(figures["tpot"]) / 1000.0,
+                output_tokens_per_s=float(figures["tokens/s"]),
+                memory_gib_per_gpu=float(figures["memory"]),
+            ),
+            "oom": oom,
+            "memory_gib": float(memory["total"]),
+            "max_batch_by_kv": int(budget // per_request) if per_request > 0 and budget > 0 else 0,
+        }
+
+    def _transferred(
+        self, target: dict[str, Any], c: Candidate, workload: Workload, batch: int
+    ) -> dict[str, Any]:
+        """The target's speed-of-light figures scaled by the reference's measured/speed-of-light ratio."""
+        assert self._reference_dbs is not None and self.reference is not None
+        measured_db, speed_of_light_db = self._reference_dbs
+        try:
+            measured = self._run(measured_db, self.reference, c, workload, batch)[0]
+            speed_of_light = self._run(speed_of_light_db, self.reference, c, workload, batch)[0]
+        except PredictError as exc:
+            why = str(exc).rsplit(f" on {self.reference}: ", 1)[-1]
+            raise PredictError(
+                f"aiconfigurator cannot model {c.label()} on {self.system}: {gpu_model_for(self.reference)}, "
+                f"whose measured efficiency it borrows, cannot: {why}"
+            ) from None
+        return transfer(target, measured, speed_of_light, batch, workload.output_len)
+
+    def _run(
+        self, db: Any, system: str, c: Candidate, workload: Workload, batch: int
+    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """aiconfigurator's figures (its result dict: ms, tokens/s, GiB), memory (GiB) and whether it runs out
+        of memory, for one database; asked once per question."""
         sdk = self._sdk
         tp = c.tensor_parallel_size or 1
         gemm = "fp8" if c.fp8_weights else "bfloat16"
         kv = "fp8" if c.fp8_kv_cache else "bfloat16"
+        ctx_tokens = min(workload.input_len, c.max_num_batched_tokens or workload.input_len)
+        key = (id(db), tp, gemm, kv, workload, batch, ctx_tokens, c.gpu_memory_utilization)
+        if key in self._runs:
+            return self._runs[key]
         try:
             config = sdk.build_model_config(
                 tp,
@@ -319,7 +408,7 @@ class AiconfiguratorModel:
             )
             sdk.apply_nextn(config, 0)
             path = str(self._model_dir)
-            sdk.resolve_context_fmha_by_data(config, path, self._db, "vllm", is_context_role=True)
+            sdk.resolve_context_fmha_by_data(config, path, db, "vllm", is_context_role=True)
             runtime = sdk.RuntimeConfig(
                 isl=workload.input_len,
                 osl=workload.output_len,
@@ -334,9 +423,9 @@ class AiconfiguratorModel:
             # A fresh backend each time: its result cache is keyed without the model, TP or quantization.
             summary = sdk.get_backend("vllm").run_agg(
                 model,
-                self._db,
+                db,
                 runtime,
-                ctx_tokens=min(workload.input_len, c.max_num_batched_tokens or workload.input_len),
+                ctx_tokens=ctx_tokens,
                 max_seq_len=None,
                 free_gpu_memory_fraction=c.gpu_memory_utilization,
                 decode_tokens_per_iteration=1.0,
@@ -346,29 +435,41 @@ class AiconfiguratorModel:
         except AssertionError as exc:  # e.g. "num_heads 32 should be divisible by tp_size 3"
             raise PredictError(f"aiconfigurator cannot model {c.label()}: {exc}") from None
         except Exception as exc:  # its own errors: no data for an option, an unsupported architecture
-            raise PredictError(
-                f"aiconfigurator cannot model {c.label()} on {self.system}: {_first_line(exc)}"
-            ) from None
-        result = summary.get_result_dict() or {}
-        memory = summary.get_memory()
-        capacity_gib = self.gpu_memory_bytes / GiB
-        fraction = c.gpu_memory_utilization or 0.92
-        kv_gib = float(memory.get("kvcache", 0.0))
-        non_kv = float(memory["total"]) - kv_gib
-        budget = capacity_gib * fraction * 0.98 - non_kv  # aiconfigurator's own KV-budget rule
-        per_request = kv_gib / batch if batch else 0.0
-        return {
-            "estimate": Estimate(
-                concurrency=batch,
-                ttft_s=float(result["ttft"]) / 1000.0,
-                tpot_s=float(result["tpot"]) / 1000.0,
-                output_tokens_per_s=float(result["tokens/s"]),
-                memory_gib_per_gpu=float(result["memory"]),
-            ),
-            "oom": bool(summary.check_oom()),
-            "memory_gib": float(memory["total"]),
-            "max_batch_by_kv": int(budget // per_request) if per_request > 0 and budget > 0 else 0,
-        }
+            why = _first_line(exc)
+            if "fp8_tc_flops" in why:
+                why = "no FP8 compute (aiconfigurator's description of this GPU lists none)"
+            raise PredictError(f"aiconfigurator cannot model {c.label()} on {system}: {why}") from None
+        answer = (
+            dict(summary.get_result_dict() or {}),
+            dict(summary.get_memory()),
+            bool(summary.check_oom()),
+        )
+        self._runs[key] = answer
+        return answer
+
+
+def transfer(
+    target: Mapping[str, Any],
+    measured: Mapping[str, Any],
+    speed_of_light: Mapping[str, Any],
+    batch: int,
+    output_len: int,
+) -> dict[str, Any]:
+    """The EMPIRICAL estimate from aiconfigurator's result dicts: each of the target's speed-of-light TTFT, TPOT
+    and tokens/s times the reference's measured/speed-of-light ratio of the same figure, then tokens/s capped at
+    what ``batch`` requests of that TTFT and TPOT can complete (Little's law), as aiconfigurator caps its own.
+    On the reference itself (target = speed_of_light) it gives back the measured figures."""
+
+    def scaled(key: str) -> float:
+        ideal = float(speed_of_light[key])
+        return float(target[key]) * (float(measured[key]) / ideal if ideal > 0 else 1.0)
+
+    ttft_ms, tpot_ms, tokens_per_s = scaled("ttft"), scaled("tpot"), scaled("tokens/s")
+    decode_steps = max(output_len - 1, 0)
+    latency_ms = ttft_ms + tpot_ms * decode_steps
+    if decode_steps and latency_ms > 0:
+        tokens_per_s = min(tokens_per_s, batch * decode_steps * 1000.0 / latency_ms)
+    return {**target, "ttft": ttft_ms, "tpot": tpot_ms, "tokens/s": tokens_per_s}
 
 
 def _first_line(exc: BaseException) -> str:

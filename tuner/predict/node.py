@@ -8,8 +8,9 @@ capacity, so eight TP-1 servers beat one TP-8 server when they serve more togeth
 Where the figures come from, said in :attr:`NodeRanking.kind` and every prediction's ``source``:
 
 - ``"aiconfigurator SILICON"``: NVIDIA aiconfigurator from timings measured on that GPU;
-- ``"aiconfigurator EMPIRICAL (...)"``: aiconfigurator's speed-of-light x empirical factors, for a GPU it has
-  no measured data for (L4, H100 PCIe, A30: :mod:`tuner.predict.aic`);
+- ``"aiconfigurator EMPIRICAL (...)"``: for a GPU it has no measured data for (L4, H100 PCIe, A30, A100 PCIe),
+  aiconfigurator's speed of light for that GPU times the measured efficiency of a GPU of the same architecture
+  (:mod:`tuner.predict.aic`); an estimate transferred across GPUs, and :attr:`NodeRanking.note` says so;
 - ``"roofline ceiling, not a prediction"``: the memory-bandwidth ceiling of decoding
   (:mod:`tuner.predict.roofline`) where aiconfigurator is not installed or cannot model the GPU; it has no TTFT
   and no compute limit, so it ranks by what the node could at most serve, and :attr:`NodeRanking.note` says why.
@@ -87,7 +88,7 @@ class NodeRanking:
     predicted: int = 0  # candidates the model could predict
     fitting: int = 0  # ... of which fit in memory
     skipped: tuple[str, ...] = ()  # why others could not be predicted (distinct reasons)
-    note: str = ""  # why these are not aiconfigurator's figures (the roofline fallback), else ""
+    note: str = ""  # why the roofline stands in, or how far EMPIRICAL figures go; else ""
     error: str = ""  # why nothing could be ranked, else ""
 
     @property
@@ -217,16 +218,24 @@ def rank_layouts(
 def _aiconfigurator(
     model_dir: Path, shape: ModelShape, found: tuple[str, str] | None
 ) -> tuple[aic.AiconfiguratorModel | None, str]:
-    """aiconfigurator's model for the GPU, or None and the one line that says why the roofline is used."""
+    """aiconfigurator's model for the GPU and, for EMPIRICAL figures, how far they go; or None and the one line
+    that says why the roofline is used."""
     if found is None:
         return None, "aiconfigurator has no system description of this GPU"
     if not aic.available():
         return None, f"no performance model installed ({aic.INSTALL_HINT})"
     system, mode = found
     try:
-        return aic.AiconfiguratorModel(model_dir, shape, system, mode), ""
+        model = aic.AiconfiguratorModel(model_dir, shape, system, mode)
     except PredictError as exc:
         return None, str(exc)
+    if model.reference is None or model.reference == system:
+        return model, ""
+    gpu, reference = aic.gpu_model_for(system), aic.gpu_model_for(model.reference)
+    return model, (
+        f"EMPIRICAL: an estimate transferred from {reference}'s measurements to the {gpu} (the same "
+        f"architecture), not checked against a real {gpu}"
+    )
 
 
 def _hardware(
