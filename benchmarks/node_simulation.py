@@ -1,6 +1,7 @@
 """SIMULATION: ranking layouts on a whole node, in a harder world than the model's own, serial against parallel.
 
     .venv/bin/python benchmarks/node_simulation.py [--seeds 20] [--json FILE] [--only SUBSTRING]
+        [--strategies "SUBSTRING;SUBSTRING"] [--ms-per-minute N]
 
 No GPU is used and no server is launched: this is a simulation. It complements real runs and never replaces
 them; every figure it prints is SIMULATED.
@@ -45,7 +46,16 @@ budget of a third of the grid, the tuner's default):
 - serial, by node: ranking layouts with today's Ranker (a per-configuration error that does not shrink);
 - parallel, by node (old rule) and parallel, by node: Ranker.next_batch (one per unexplored family first, then
   the best contenders) filling the free GPUs, pack_batch deciding what starts.
-- grid, parallel: every candidate, packed on the node (the truth, at its cost).
+- grid, parallel: every candidate, packed on the node (the truth, at its cost);
+- tuner (serial) and tuner (parallel): the real Tuner (tuner/tuning/tune.py ``_search``: PredictedStrategy,
+  the Executor's thread per trial on a placement from a Node of 8 GPUs, the best proposal waiting for its GPUs;
+  its tie rule and its separating load), ``--parallel`` 1 or 8, its trials answered by this world. A trial thread
+  sleeps its start-up and measuring time (a failed launch 50-100 % of its start-up) on a virtual clock that moves
+  only when the search loop waits and every started trial sleeps (``--ms-per-minute N``: real sleeps of N ms per
+  simulated minute instead, wall = real time of the search / the scale); the proof (``prove=False`` in the Tuner)
+  is added as one more start-up and measurement of the pick, alone. A trial's capacity is the measured one held
+  and 10 % above it failing, with the evidence this world shows at its best load (KV cache full, a full batch,
+  which limit broke), as search_simulation.py builds it.
 Scored by the TRUE node capacity of the pick against the best true node capacity of the grid (a configuration
 whose launch fails is worth 0). Goals (issue 16): >= 95 % of the best in >= 90 % of the seeds; simulated wall
 time to PROVEN for 8B on 8x H100 at most a quarter of today's serial search. Prints Markdown.
@@ -54,6 +64,7 @@ time to PROVEN for 8B on 8x H100 at most a quarter of today's serial search. Pri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import math
@@ -62,8 +73,10 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,14 +88,20 @@ from tuner.predict.base import Estimate, PredictError, Prediction, Workload, lad
 from tuner.predict.rank import Ranker
 from tuner.predict.roofline import decode_ceiling_tokens_per_s
 from tuner.serving.tinymodel import LLAMA_3_1_8B, write_tiny_model
+from tuner.tuning import tune as tune_module
+from tuner.tuning.capacity import Capacity, summarise
+from tuner.tuning.executor import Done, Job
+from tuner.tuning.executor import Executor as TrialExecutor
 from tuner.tuning.layout import layout_for
 from tuner.tuning.modelshape import Hardware, ModelShape
-from tuner.tuning.placement import pack_batch
+from tuner.tuning.placement import Node, Placement, pack_batch
+from tuner.tuning.points import RATE, Load, Point, empty_steady
 from tuner.tuning.slo import Slo, parse_slo
 from tuner.tuning.space import Candidate, SearchSpace, default_space, estimate_memory, resolve
+from tuner.tuning.store import TrialStatus
+from tuner.tuning.tune import TrialOutcome, TuneConfig, Tuner
 
-# search_simulation.py's shapes and workload, restated: importing it would import the whole Tuner (tune.py), which
-# this simulation does not use.
+# search_simulation.py's shapes and workload, restated.
 WORKLOAD = Workload(512, 256)
 LLAMA_70B = {
     **LLAMA_3_1_8B,
@@ -116,6 +135,7 @@ EXTRA_OVERHEAD_GIB = (0.5, 3.0)  # per GPU, per family: what the memory estimate
 FAIL_RANDOM, FAIL_HIGH_MEMORY, FAIL_LARGE_TP = 0.03, 0.07, 0.02
 MEASURE_S = (180.0, 300.0)
 NODE_GPUS = 8
+MS_PER_MINUTE = 0.0  # the tuner's trials: 0 on the virtual clock, else real ms slept per simulated minute
 
 # The roofline model of an L4 (REFERENCE.md: 300 GB/s, 242 TFLOPS FP8 dense; bf16 half that; PCIe, no NVLink).
 L4_BF16_FLOPS, L4_FP8_FLOPS, L4_MFU = 121e12, 242e12, 0.5
@@ -209,6 +229,7 @@ class Landscape:
     predictions: dict[str, Prediction] = field(default_factory=dict)
     candidates: dict[str, Candidate] = field(default_factory=dict)
     defaults: str = ""
+    folder: Path = Path()  # the model directory (a tiny model or a config.json): the Tuner is built on it
 
     def replicas(self, key: str) -> int:
         return layout_for(self.candidates[key].tensor_parallel_size, NODE_GPUS).replicas
@@ -242,7 +263,7 @@ def build(scenario: Scenario, work: Path) -> Landscape:
         "tensor_parallel_size": scenario.tensor_parallel,
     }
     space = SearchSpace(shape, hardware, values)
-    land = Landscape(scenario, space, parse_slo(scenario.slo))
+    land = Landscape(scenario, space, parse_slo(scenario.slo), folder=folder)
     defaults = space.baseline()
     if not space.check(defaults).ok:  # as the tuner: vLLM's defaults at the smallest TP that fits
         for tp in sorted(scenario.tensor_parallel):
@@ -276,6 +297,9 @@ class World:
     families: dict[tuple[Any, ...], tuple[float, float, float, float]] = field(default_factory=dict)
     truth: dict[str, float] = field(default_factory=dict)
     failing: dict[str, bool] = field(default_factory=dict)
+    # What a trial's capacity search would show at its best load (the tuner's evidence): the KV cache full, a
+    # full batch, which limit failed above it, the requests in flight there.
+    evidence: dict[str, tuple[bool, bool, bool, bool, int]] = field(default_factory=dict)
 
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random("/".join(map(str, (self.land.scenario.name, self.seed, *parts))))
@@ -313,6 +337,7 @@ class World:
         budget = r.max_num_batched_tokens or 2048
         tpot_stall = 1 + 0.03 * max(0.0, math.log2(budget / 2048))
         best, last = 0.0, None
+        at, broke = 0, ""  # the concurrency of the best passing point; the limit the next one broke
         for e in _truncated(prediction.curve, limit):
             load = slope * max(0.0, math.log2(e.concurrency / 16))
             speed = math.exp(bias + load + config_error) / tpot_stall
@@ -325,10 +350,18 @@ class World:
                 e.output_tokens_per_s * speed,
             )
             if true.meets(land.slo):
-                best = max(best, true.output_tokens_per_s)
+                if true.output_tokens_per_s > best:
+                    best, at, broke = true.output_tokens_per_s, e.concurrency, ""
             elif last is not None and last.meets(land.slo):
-                best = max(best, _crossing(last, true, land.slo))  # a capacity is a rate, not a ladder step
+                crossing = _crossing(last, true, land.slo)  # a capacity is a rate, not a ladder step
+                ttft = land.slo.ttft_p95_max_s
+                if crossing >= best:
+                    best, at = crossing, last.concurrency
+                    broke = "ttft" if ttft is not None and true.ttft_s > ttft else "tpot"
             last = true
+        at_limit = at >= limit and not broke
+        kv_limited = at_limit and limit < (r.max_num_seqs or 10**6)
+        self.evidence[key] = (kv_limited, at_limit and not kv_limited, broke == "ttft", broke == "tpot", at)
         self.failing[key], self.truth[key] = False, best / WORKLOAD.output_len
 
     def server(self, key: str) -> float:
@@ -503,6 +536,204 @@ def run_grid(world: World, grid: list[str], budget: int) -> Outcome:
     return ex.outcome(chosen)
 
 
+class VirtualClock:
+    """Simulated time for the real executor's threads: a trial thread sleeps its simulated duration here, and the
+    clock moves to the next trial's end only when the search loop waits and every started trial is asleep, so the
+    schedule is the real executor's and the times do not depend on how busy this machine is."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._cond = threading.Condition()
+        self._starting = 0  # trials submitted that have not reached their sleep yet
+        self._sleepers: list[tuple[float, int, threading.Event]] = []
+        self._order = 0
+
+    def starting(self, n: int) -> None:
+        with self._cond:
+            self._starting += n
+            self._cond.notify_all()
+
+    def sleep(self, seconds: float) -> None:
+        wake = threading.Event()
+        with self._cond:
+            self._order += 1
+            heapq.heappush(self._sleepers, (self.now + seconds, self._order, wake))
+            self._starting -= 1
+            self._cond.notify_all()
+        wake.wait()
+
+    def advance(self) -> None:
+        """Wake the trial that ends first (once every started trial sleeps)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._starting <= 0)
+            if self._sleepers:
+                end, _, wake = heapq.heappop(self._sleepers)
+                self.now = end
+                wake.set()
+
+
+def _virtual_executor(clock: VirtualClock) -> type[TrialExecutor[TrialOutcome]]:
+    class VirtualExecutor(TrialExecutor[TrialOutcome]):
+        """The real executor (threads, placements on the Node), waiting on the virtual clock."""
+
+        def submit(self, job: Job) -> Placement | None:
+            clock.starting(1)
+            placement = super().submit(job)
+            if placement is None:
+                clock.starting(-1)
+            return placement
+
+        def wait(self, timeout_s: float | None = None) -> Done[TrialOutcome] | None:
+            if self._running and self._done.empty():
+                clock.advance()
+            return super().wait(timeout_s)
+
+    return VirtualExecutor
+
+
+@contextmanager
+def _executor_on(clock: VirtualClock | None) -> Iterator[None]:
+    """The Tuner's executor, on the virtual clock (None: real time, unchanged)."""
+    if clock is None:
+        yield
+        return
+    real = tune_module.Executor
+    tune_module.Executor = _virtual_executor(clock)  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        tune_module.Executor = real  # type: ignore[misc]
+
+
+def _trial_capacity(world: World, key: str, measured: float) -> Capacity:
+    """What the tuner's capacity search would have found, as search_simulation.py has it: the measured capacity
+    held and 10 % above it failing, with the evidence the world shows at its best load (KV cache, queue, bound)
+    and the limit that broke above it."""
+    kv_full, batch_full, ttft, _tpot, at = world.evidence[key]
+    lo = measured
+    evidence = {
+        "kv_cache_usage_pct_max": 95.0 if kv_full else 50.0,
+        "requests_waiting_mean": 2.0 if batch_full else 0.0,
+        "requests_running_mean": float(max(1, at)),
+    }
+    bound = "gpu_compute" if world.land.candidates[key].fp8_weights else "gpu_memory_bandwidth"
+    phase = {"evidence": evidence, "bound": {"kind": bound}}
+    reason = (
+        "TTFT p95 above the limit"
+        if ttft
+        else "queue building (requests waiting)"
+        if batch_full or kv_full
+        else "per-user speed below the floor (TPOT p95)"
+    )
+
+    def held(rate: float) -> Any:
+        return dataclasses.replace(
+            empty_steady(), output_tokens_per_s=rate * WORKLOAD.output_len, requests_per_s=rate
+        )
+
+    points = [
+        Point(Load.rate(lo), "judged", "pass", held(lo), phases=(phase,)),
+        Point(Load.rate(lo * 1.1), "judged", "fail", held(lo * 1.1), (reason,), phases=(phase,)),
+    ]
+    return summarise(RATE, points)
+
+
+def run_tuner(
+    world: World, grid: list[str], budget: int, *, parallel: bool, ms_per_minute: float = 0.0
+) -> Outcome:
+    """The real Tuner (tuner/tuning/tune.py: PredictedStrategy, Executor, Node), its trials answered by the world:
+    a trial takes its start-up and measuring time (a failed launch part of its start-up), on the virtual clock
+    (``ms_per_minute`` 0) or sleeping that many real milliseconds per simulated minute."""
+    land = world.land
+    mode = "parallel" if parallel else "serial"
+    clock = VirtualClock() if ms_per_minute <= 0 else None
+    lock = threading.Lock()
+    gpu_s = [0.0]
+    failed = [0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tuner = Tuner(
+            TuneConfig(
+                model=str(land.folder), slo=land.slo, store_path=Path(tmp) / "t.sqlite", out_dir=Path(tmp) / "out",
+                gpus=False, prove=False, launch_budget=budget, parallel=NODE_GPUS if parallel else 1,
+                input_len=WORKLOAD.input_len, output_len=WORKLOAD.output_len,
+            )
+        )  # fmt: skip
+        tuner.hardware, tuner.space = land.space.hardware, land.space  # the simulated node
+        tuner.node = Node(tuple(range(NODE_GPUS)))  # placements without NVML
+        tuner.parallel = NODE_GPUS if parallel else 1
+
+        def simulated_predict(feasible: list[Candidate]) -> None:  # the landscape's predictions, made once
+            tuner.predictions = dict(land.predictions)
+            tuner.prediction_note = "SIMULATION"
+
+        def simulated_trial(
+            store: Any, candidate: Candidate, why: str, incumbent: Any, placement: Placement | None = None
+        ) -> TrialOutcome:
+            key = candidate.key()
+            feasibility = land.space.check(candidate)
+            if not feasibility.ok or key not in land.candidates:  # as the real trial: judged without a launch
+                reason = "not launched: " + ("; ".join(feasibility.reasons) or "not predicted")
+                store.record_result(candidate, TrialStatus.INFEASIBLE, reason)
+                if placement is not None and clock is not None:
+                    clock.starting(-1)
+                return TrialOutcome(candidate, TrialStatus.INFEASIBLE, reason)
+            with lock:
+                tuner.launches += 1
+            store.record_start(candidate)
+            rng = world._rng("tuner", mode, key)
+            startup = rng.uniform(*land.scenario.startup_s)
+            fails = world.fails(key)
+            took = startup * rng.uniform(0.5, 1.0) if fails else startup + rng.uniform(*MEASURE_S)
+            with lock:
+                gpu_s[0] += took * land.tp(key)
+                failed[0] += fails
+            if clock is not None:
+                clock.sleep(took)
+            else:
+                time.sleep(took / 60 * ms_per_minute / 1000)
+            if fails:
+                outcome = TrialOutcome(candidate, TrialStatus.FAILED, "the server did not start (simulated)")
+            else:
+                measured = world.server(key) * math.exp(rng.gauss(0.0, MEASUREMENT_NOISE))
+                capacity = _trial_capacity(world, key, measured)
+                load = tuner._separating_load(candidate, capacity, incumbent)
+                if load is not None:  # as the real trial: one more point, at the load a tied incumbent failed
+                    passed = measured >= load.value
+                    point = Point(
+                        load, "judged", "pass" if passed else "fail",
+                        dataclasses.replace(empty_steady(), requests_per_s=load.value),
+                        () if passed else ("TTFT p95 above the limit",),
+                    )  # fmt: skip
+                    capacity = capacity.with_point(point)
+                outcome = TrialOutcome(candidate, TrialStatus.FEASIBLE, "simulated", capacity)
+            store.record_result(candidate, outcome.status, outcome.reason)
+            return outcome
+
+        real_search = tuner._search
+        search_s = [0.0]
+
+        def timed_search(*args: Any) -> str | None:
+            t0 = time.monotonic()
+            try:
+                return real_search(*args)
+            finally:
+                search_s[0] = time.monotonic() - t0
+
+        tuner._predict = simulated_predict  # type: ignore[method-assign]
+        tuner._trial = simulated_trial  # type: ignore[method-assign]
+        tuner._search = timed_search  # type: ignore[method-assign]
+        with _executor_on(clock):
+            result = tuner.run()
+        chosen = result.winner.key() if result.winner is not None else None
+        wall = clock.now if clock is not None else search_s[0] / (ms_per_minute / 1000) * 60
+        if chosen is not None:  # the proof: the pick's whole layout, alone on the node
+            rng = world._rng("tuner-proof", mode)
+            took = rng.uniform(*land.scenario.startup_s) + rng.uniform(*MEASURE_S)
+            wall += took
+            gpu_s[0] += took * NODE_GPUS
+        return Outcome(tuner.launches, failed[0], wall, gpu_s[0], chosen)
+
+
 STRATEGIES: dict[str, Callable[[World, list[str], int], Outcome]] = {
     "serial, per server (today)": lambda w, g, b: run_serial(w, g, b, node=False, old_rule=True),
     "serial, by node (old rule)": lambda w, g, b: run_serial(w, g, b, node=True, old_rule=True),
@@ -510,6 +741,8 @@ STRATEGIES: dict[str, Callable[[World, list[str], int], Outcome]] = {
     "parallel, by node (old rule)": lambda w, g, b: run_parallel(w, g, b, old_rule=True),
     "parallel, by node": lambda w, g, b: run_parallel(w, g, b, old_rule=False),
     "grid, parallel": run_grid,
+    "tuner (serial)": lambda w, g, b: run_tuner(w, g, b, parallel=False, ms_per_minute=MS_PER_MINUTE),
+    "tuner (parallel)": lambda w, g, b: run_tuner(w, g, b, parallel=True, ms_per_minute=MS_PER_MINUTE),
 }
 TODAY = "serial, per server (today)"
 
@@ -519,7 +752,20 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", default="", help="run the scenarios whose name contains this")
+    parser.add_argument(
+        "--strategies", default="", help="run the strategies whose name contains one of these (;)"
+    )
+    parser.add_argument(
+        "--ms-per-minute", type=float, default=0.0,
+        help="the tuner's trials sleep this many real ms per simulated minute (0: a virtual clock, the default)",
+    )  # fmt: skip
     args = parser.parse_args()
+    global MS_PER_MINUTE
+    MS_PER_MINUTE = args.ms_per_minute
+    wanted = [w.strip() for w in args.strategies.split(";") if w.strip()]
+    strategies = {
+        name: run for name, run in STRATEGIES.items() if not wanted or any(w in name for w in wanted)
+    }
     if not aic.available():
         print(f"node_simulation: {aic.INSTALL_HINT}", file=sys.stderr)
         return 2
@@ -543,15 +789,15 @@ def main() -> int:
             land = build(scenario, Path(tmp))
             grid = [k for k in land.candidates if land.predictions[k].fits and k != land.defaults]
             budget = max(3, -(-len(grid) // 3))
-            runs: dict[str, list[tuple[Outcome, float]]] = {name: [] for name in STRATEGIES}
+            runs: dict[str, list[tuple[Outcome, float]]] = {name: [] for name in strategies}
             for seed in range(args.seeds):
                 world = World(land, seed)
                 best = max(world.node(k) for k in [land.defaults, *grid])
-                for name, strategy in STRATEGIES.items():
+                for name, strategy in strategies.items():
                     outcome = strategy(world, grid, budget)
                     got = world.node(outcome.chosen) if outcome.chosen is not None else 0.0
                     runs[name].append((outcome, got / best if best else 0.0))
-            today = statistics.median(o.wall_s for o, _ in runs[TODAY])
+            today = statistics.median(o.wall_s for o, _ in runs[TODAY]) if TODAY in runs else math.nan
             for name, results in runs.items():
                 outs = [o for o, _ in results]
                 shares = [s for _, s in results]

@@ -112,3 +112,24 @@ def test_a_batch_takes_one_per_unexplored_family_first_then_the_best_and_skips_r
     done = Ranker({"a/1": 10.0, "x/1": 3.0}, family=family)
     done.record("a/1", 10.0)  # x/1 could reach 3 x (1 + 2 x 0.25) = 4.5 at best
     assert done.next_batch(k=8) == [] and done.next() is None
+
+
+def test_calibrations_are_cached_per_family_and_follow_every_new_trial() -> None:
+    """A search asks for every candidate's calibration after each trial: computed once per family, and never
+    stale, whether a trial is recorded or given at construction."""
+    calls: list[str] = []
+
+    def counted(key: str) -> str:
+        calls.append(key)
+        return family(key)
+
+    ranker = Ranker(PREDICTED, family=counted, measured={"fp8/a": 7.0})
+    assert ranker.calibration("fp8/b")[0] == pytest.approx(0.5)
+    assert ranker.calibration("fp8/c") == ranker.calibration("fp8/b")
+    before = len(calls)
+    ranker.contenders()
+    ranker.contenders()
+    assert len(calls) - before <= len(PREDICTED)  # each key's family looked up once, not per call
+    ranker.record("fp8/b", 13.0)
+    ratio, _ = ranker.calibration("fp8/c")
+    assert ratio == pytest.approx(math.exp((math.log(0.5) + math.log(1.0)) / 2))

@@ -47,10 +47,21 @@ class Ranker:
     resolution: float = 0.02  # a contender must promise this much more than the incumbent
     explore_families: bool = True  # one trial in each family that could win before a second in any
     measured: dict[str, float] = field(default_factory=dict)  # key -> measured capacity (0: failed)
+    # Calibrations per family, valid while the trials are the same (a search asks for every candidate's often).
+    _cache: dict[Hashable, tuple[float, float]] = field(default_factory=dict, init=False, repr=False)
+    _cache_for: tuple[int, int] = field(default=(-1, -1), init=False, repr=False)
+    _version: int = field(default=0, init=False, repr=False)
+    _families: dict[str, Hashable] = field(default_factory=dict, init=False, repr=False)
 
     def record(self, key: str, capacity: float) -> None:
         """A trial's measured capacity (0 for a launch that failed or held no load)."""
         self.measured[key] = capacity
+        self._version += 1
+
+    def _family_of(self, key: str) -> Hashable:
+        if key not in self._families:
+            self._families[key] = self.family(key)
+        return self._families[key]
 
     def _log_ratios(self, keys: list[str]) -> list[float]:
         return [
@@ -62,7 +73,17 @@ class Ranker:
     def calibration(self, key: str) -> tuple[float, float]:
         """(measured / predicted to expect for ``key``, its relative error): from the key's family when it
         has trials, else from every trial, else (1, prior error)."""
-        own = [k for k in self.measured if self.family(k) == self.family(key)]
+        stamp = (self._version, len(self.measured))
+        if stamp != self._cache_for:
+            self._cache.clear()
+            self._cache_for = stamp
+        fam = self._family_of(key)
+        if fam not in self._cache:
+            self._cache[fam] = self._calibrate(fam)
+        return self._cache[fam]
+
+    def _calibrate(self, fam: Hashable) -> tuple[float, float]:
+        own = [k for k in self.measured if self._family_of(k) == fam]
         ratios = self._log_ratios(own)
         pooled = self._log_ratios(list(self.measured))
         if ratios and self.config_error > 0:
@@ -71,13 +92,13 @@ class Ranker:
             error = within * math.sqrt(1 + 1 / len(ratios))
             return math.exp(statistics.fmean(ratios)), max(self.floor_error, error)
         if ratios:
-            spread = statistics.pstdev(pooled) if len(pooled) >= 2 else self.prior_error / 2
+            spread = _pstdev(pooled) if len(pooled) >= 2 else self.prior_error / 2
             return math.exp(statistics.fmean(ratios)), max(
                 self.floor_error, spread / math.sqrt(len(ratios)) + self.floor_error
             )
         if pooled:
             # Another family's trials say something about the model's bias, not much about this family's.
-            spread = statistics.pstdev(pooled) if len(pooled) >= 2 else 0.0
+            spread = _pstdev(pooled) if len(pooled) >= 2 else 0.0
             return math.exp(statistics.fmean(pooled)), max(self.prior_error, spread)
         return 1.0, self.prior_error
 
@@ -88,7 +109,7 @@ class Ranker:
         groups: dict[Hashable, list[float]] = {}
         for k in self.measured:
             for r in self._log_ratios([k]):
-                groups.setdefault(self.family(k), []).append(r)
+                groups.setdefault(self._family_of(k), []).append(r)
         squares = sum(sum((r - statistics.fmean(rs)) ** 2 for r in rs) for rs in groups.values())
         dof = sum(len(rs) - 1 for rs in groups.values())
         prior = self.config_prior_weight
@@ -129,8 +150,8 @@ class Ranker:
         contenders = self.contenders(tried)
         if not contenders:
             return None
-        measured_families = {self.family(k) for k in self.measured}
-        unexplored = [k for k in contenders if self.family(k) not in measured_families]
+        measured_families = {self._family_of(k) for k in self.measured}
+        unexplored = [k for k in contenders if self._family_of(k) not in measured_families]
         if self.explore_families and unexplored:
             # A family without a trial of its own could be off by the model's whole error: one trial there
             # calibrates all its members, so each plausible family is tried once before any is exploited.
@@ -155,9 +176,9 @@ class Ranker:
         contenders = self.contenders(busy)
         batch: list[str] = []
         if self.explore_families:
-            explored = {self.family(key) for key in [*self.measured, *running]}
+            explored = {self._family_of(key) for key in [*self.measured, *running]}
             for key in contenders:
-                fam = self.family(key)
+                fam = self._family_of(key)
                 if fam not in explored:
                     explored.add(fam)
                     batch.append(key)
@@ -173,3 +194,9 @@ class Ranker:
             f"predicted {self.predicted.get(key, 0.0):.3g}{calibrated}: expect {self.expected(key):.3g} "
             f"± {100 * error:.0f} %"
         )
+
+
+def _pstdev(values: list[float]) -> float:
+    """The population standard deviation, in floats (statistics.pstdev's exact arithmetic is slow)."""
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))

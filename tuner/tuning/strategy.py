@@ -3,7 +3,9 @@
 * :class:`PredictedStrategy` (a performance model covers the GPU): vLLM's defaults first (the reference every
   result is compared with), then the best calibrated predictions of *node* capacity that could still beat the
   incumbent (:class:`tuner.predict.rank.Ranker`), one per configuration family not yet tried first, so that trials
-  side by side explore rather than repeat one another; it has nothing more to propose when no untried
+  side by side explore rather than repeat one another (a family with a trial still running counts as tried);
+  while trials still run, GPUs the contenders leave idle measure the incumbent's neighbours in what the model does
+  not see (batched tokens, memory fraction); it has nothing more to propose when nothing runs and no untried
   configuration could win given the model's error so far.
 * :class:`EvidenceStrategy`: from vLLM's defaults, every move the incumbent's evidence argues for
   (:func:`tuner.tuning.search.propose_moves`: a full KV cache asks for an FP8 one, a queue for a larger batch ...).
@@ -53,11 +55,14 @@ class Strategy(Protocol):
 
 
 DEFAULTS_WHY = "vLLM's defaults: the configuration to beat"
+HIDDEN = ("max_num_batched_tokens", "gpu_memory_utilization")  # what a performance model does not see
+HIDDEN_WHY = "GPUs otherwise idle: the best's neighbour in what the model does not see"
 
 
 def family(candidate: Candidate) -> Hashable:
-    """Configurations a performance model tends to get wrong together: weights and KV-cache precision, and TP."""
-    return (candidate.quantization, candidate.kv_cache_dtype, candidate.tensor_parallel_size)
+    """Configurations a performance model tends to get wrong together: weights and KV-cache precision, and TP
+    (vLLM's default, unset, is one GPU: the defaults calibrate the one-GPU family they belong to)."""
+    return (candidate.quantization, candidate.kv_cache_dtype, candidate.tensor_parallel_size or 1)
 
 
 class PredictedStrategy:
@@ -82,26 +87,55 @@ class PredictedStrategy:
         argued = self.view.argued_for(incumbent, tried) if incumbent is not None else {}
         seen = set(tried) | {c.key() for c, _ in proposals}
         top = self.ranker.next(seen, prefer=list(argued))
+        pending = {k for k in tried if k in self.candidates and k not in self.ranker.measured}  # running
+        # While trials still run, GPUs the contenders leave idle measure the incumbent's neighbours in what the
+        # model does not see; when nothing runs and nothing could win, the search ends as before.
+        hidden = self.hidden_neighbours(incumbent, seen) if pending and incumbent is not None else []
         if top is None:
-            return proposals
-        # The rest of a batch: one per configuration family not yet tried, proposed or running first (one trial
-        # calibrates a whole family), then the next best of any family.
-        busy = {family(self.candidates[k]) for k in tried if k in self.candidates} | {
-            family(c) for c, _ in proposals
-        }
-        measured = {family(self.candidates[k]) for k in self.ranker.measured if k in self.candidates}
-        ranked = [top] + [k for k in self.ranker.contenders(seen | {top}) if k != top]
+            return proposals + [
+                (self.candidates[k], HIDDEN_WHY) for k in hidden[: max(1, self.view.parallel)]
+            ]
+        # One per configuration family not yet tried, proposed or running first (one trial calibrates a whole
+        # family), however far down the ranking it is, then the next best of any family. The ranker's top goes
+        # first unless its family is already being explored by a trial still running: the tuner starts the
+        # first proposal whose GPUs are free, and trials side by side should explore, not repeat one another.
+        families = {family(self.candidates[k]) for k in tried if k in self.candidates}
+        families |= {family(c) for c, _ in proposals}
+        top_family = family(self.candidates[top])
+        busy = {family(self.candidates[k]) for k in pending} | {family(c) for c, _ in proposals}
+        running = top_family in busy
+        families.add(top_family)
         first: list[str] = []
         later: list[str] = []
-        families = set(busy)
-        for key in ranked[: 4 * max(1, self.view.parallel)]:
+        for key in self.ranker.contenders(seen | {top}):
             f = family(self.candidates[key])
-            (first if key == top or (f not in families and f not in measured) else later).append(key)
-            families.add(f)
-        for key in (first + later)[: max(1, self.view.parallel)]:
+            if f in families:
+                later.append(key)
+            else:
+                first.append(key)
+                families.add(f)
+        ordered = [*first, top, *later] if running else [top, *first, *later]
+        for key in ordered[: max(1, self.view.parallel)]:
             why = self.ranker.why(key)
             proposals.append((self.candidates[key], f"{argued[key]}; {why}" if key in argued else why))
+        chosen = set(ordered)
+        spare = max(0, self.view.parallel - len(ordered))
+        proposals += [(self.candidates[k], HIDDEN_WHY) for k in hidden if k not in chosen][:spare]
         return proposals
+
+    def hidden_neighbours(self, incumbent: Outcome, seen: set[str]) -> list[str]:
+        """The incumbent's untried neighbours in what the model does not see (HIDDEN: the prefill budget, the
+        memory fraction), its other settings kept, best calibrated prediction first."""
+        base = incumbent.candidate
+        if base.key() not in self.candidates:
+            return []
+        keys: list[str] = []
+        for name in HIDDEN:
+            for value in self.view.space.values.get(name, ()):
+                key = base.with_values(**{name: value}).key()
+                if key in self.candidates and key not in seen and self.ranker.predicted.get(key, 0) > 0:
+                    keys.append(key)
+        return sorted(dict.fromkeys(keys), key=lambda k: -self.ranker.expected(k))
 
     def record(self, outcome: Outcome) -> None:
         key = outcome.candidate.key()
