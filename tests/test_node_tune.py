@@ -109,7 +109,7 @@ def test_a_node_tune_runs_trials_side_by_side_on_disjoint_gpus_and_proves_every_
     ledger = tmp_path / "ledger.jsonl"
     log = tmp_path / "tune.log"
     # One candidate dies at start-up as vLLM does when CUDA runs out of memory.
-    crash = "--max-num-seqs 8 --max-num-batched-tokens 8192 --max-model-len 4096 --tensor-parallel-size 2"
+    crash = "--max-num-seqs 16 --max-num-batched-tokens 8192 --max-model-len 4096 --tensor-parallel-size 4"
     env = {"FAKE_VLLM_LEDGER": str(ledger), "FAKE_VLLM_FAIL_IF": crash}
     args = _args(model, tmp_path, "--budget", "5", "--objective", "users")
     with _tune(args, env, log) as proc:
@@ -128,7 +128,7 @@ def test_a_node_tune_runs_trials_side_by_side_on_disjoint_gpus_and_proves_every_
     assert all(s[1] for s in servers), "a server was started without its CUDA_VISIBLE_DEVICES"
     # The crashing candidate failed on its own GPUs and the search went on; its GPUs were used again later.
     crashed = [s for s in trials if crash in s[4]]
-    assert crashed and "failed (seqs 8, batch 8192, len 4096, tp 2): vLLM failed to start" in text
+    assert crashed and "failed (seqs 16, batch 8192, len 4096, tp 4): vLLM failed to start" in text
     later = [s for s in servers if s[2] > crashed[0][3] and s[1] & crashed[0][1]]
     assert later, "the GPUs of the trial that crashed were never used again"
     # The node proof: every replica of the winning layout started from the exported file, all live at once.
@@ -146,6 +146,21 @@ def test_a_node_tune_runs_trials_side_by_side_on_disjoint_gpus_and_proves_every_
     assert script.count("vllm serve --config best-replica-") == replicas and "CUDA_VISIBLE_DEVICES=" in script
     assert "port: 8001" in (out / "best-replica-1.yaml").read_text()
     assert "SIMULATED 8x NVIDIA H100" in text and "the node: GPUs 0,1,2,3,4,5,6,7" in text
+    # Then one --data-parallel-size server on all the replicas' GPUs, at the loads they held: the export follows it.
+    dp = report["verdict"]["dp"]
+    [dp_server] = [s for s in proof if "best-dp.yaml" in s[4]]
+    assert (
+        dp["replicas"] == replicas
+        and dp["points"]
+        and dp_server[1] == frozenset().union(*(s[1] for s in first))
+    )
+    best = (out / "best.yaml").read_text()
+    if dp["held"]:
+        assert report["verdict"]["export_as"] == "data_parallel" and f"data-parallel-size: {replicas}" in best
+        assert "exported as one server with --data-parallel-size" in text
+    else:
+        assert report["verdict"]["export_as"] == "independent" and "data-parallel-size" not in best
+        assert f"exported as {replicas} independent servers" in text
 
 
 @needs_model

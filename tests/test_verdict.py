@@ -83,16 +83,28 @@ def _verdict(
     decide: Decide,
     broken: frozenset[str] = frozenset(),
     ranked: list[Contender] | None = None,
+    dp: bool = False,
 ) -> tuple[object, ScriptedRunner]:
     runner = ScriptedRunner(decide, broken)
     ranked = ranked or [_contender("winner", 4.0), _contender("runner-up", 3.0)]
+
+    def write_dp_yaml(contender: Contender, status: str) -> Path:
+        path = tmp_path / "best-dp.yaml"
+        path.write_text(f"data-parallel\n# {status}\n")
+        return path
 
     def write_yaml(contender: Contender, status: str) -> Path:
         path = tmp_path / "best.yaml"
         path.write_text(f"{contender.label}\n# {status}\n")
         return path
 
-    verdict = reach_verdict(runner, ranked, write_yaml, VerdictPlan())  # type: ignore[arg-type]
+    verdict = reach_verdict(
+        runner,
+        ranked,
+        write_yaml,
+        VerdictPlan(),
+        write_dp_yaml=write_dp_yaml if dp else None,  # type: ignore[arg-type]
+    )
     return verdict, runner
 
 
@@ -177,3 +189,29 @@ def test_nothing_holding_is_not_proven_with_exit_code_3(tmp_path: Path) -> None:
     assert "winner" in verdict.headline and "runner-up" in verdict.headline  # type: ignore[attr-defined]
     # each one: the proof, then the check at 75 %, backed off twice
     assert len([1 for who, _, role in runner.held if who == "winner" and role == "production"]) == 3
+
+
+def test_one_data_parallel_server_is_exported_only_where_it_holds_as_the_replicas_did(tmp_path: Path) -> None:
+    node = [_contender("winner", 4.0, replicas=4)]
+
+    def decide(dp_fails: bool) -> Decide:
+        def at(who: str, load: Load, role: str) -> tuple[str, float]:
+            if who == "data-parallel" and dp_fails and load.value > 13:
+                return "fail", load.value * TOKENS_PER_REQUEST * 0.7
+            return "pass", load.value * TOKENS_PER_REQUEST
+
+        return at
+
+    held, runner = _verdict(tmp_path, decide(dp_fails=False), ranked=node, dp=True)
+    # The replicas held 16 req/s (proof) and 12 req/s (production); the one server is held at both.
+    assert [(who, load) for who, load, _ in runner.held] == [
+        ("winner", Load.rate(16.0)), ("winner", Load.rate(12.0)),
+        ("data-parallel", Load.rate(16.0)), ("data-parallel", Load.rate(12.0)),
+    ]  # fmt: skip
+    assert held.export_as == "data_parallel" and held.status == "proven"  # type: ignore[attr-defined]
+    assert "exported as one server with --data-parallel-size 4" in held.headline  # type: ignore[attr-defined]
+    lost, _ = _verdict(tmp_path, decide(dp_fails=True), ranked=node, dp=True)
+    assert lost.export_as == "independent" and lost.status == "proven"  # type: ignore[attr-defined]
+    assert "exported as 4 independent servers (serve-node.sh)" in lost.headline  # type: ignore[attr-defined]
+    assert "did not hold 16 req/s" in lost.headline  # type: ignore[attr-defined]
+    assert lost.to_dict()["dp"]["held"] is False  # type: ignore[attr-defined]

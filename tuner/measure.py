@@ -155,20 +155,22 @@ def _max(values: Sequence[float | None]) -> float | None:
 
 
 def summarise_snapshots(
-    snaps: Sequence[Snapshot], gpu_indices: Collection[int] | None = None
+    snaps: Sequence[Snapshot], gpu_indices: Collection[int] | None = None, engine_url: str | None = None
 ) -> dict[str, Any]:
     """GPU, host and engine telemetry over a window: means per GPU averaged, power and energy summed over GPUs.
 
     ``gpu_indices`` keeps only those GPUs (the server's: NVML reports every GPU of the machine, and a
     one-GPU server on an 8-GPU box would otherwise read at an eighth of its bandwidth, with seven idle GPUs'
-    power in its joules per token). None: every GPU.
+    power in its joules per token). None: every GPU. ``engine_url`` keeps only that server's /metrics (trials
+    side by side are all scraped by one sampler). None: every server.
     """
     keep = (lambda g: True) if gpu_indices is None else (lambda g: g.index in gpu_indices)
     ticks = [(s.time_s, [g for g in s.gpus if keep(g)]) for s in snaps]
     ticks = [(t, gpus) for t, gpus in ticks if gpus]
     gpu_rows = [g for _, gpus in ticks for g in gpus if g.error is None]
     per_tick_power = [sum(g.power_w for g in gpus if g.power_w is not None) for _, gpus in ticks]
-    engines = [e for s in snaps for e in s.engines if e.error is None]
+    mine = (lambda e: True) if engine_url is None else (lambda e: e.url.rstrip("/") == engine_url.rstrip("/"))
+    engines = [e for s in snaps for e in s.engines if e.error is None and mine(e)]
     vram = [g.vram_used_bytes for g in gpu_rows if g.vram_used_bytes is not None]
     window_s = snaps[-1].time_s - snaps[0].time_s if len(snaps) >= 2 else 0.0
     return {
@@ -446,8 +448,10 @@ async def measure_phase(
     """
     base_url = base_url.rstrip("/")
     if spec.warmup_requests > 0:
+        # Its own prompts (another seed): warm-up prompts equal to the measured ones would be answered from the
+        # prefix cache in the measured window.
         warm = dataclasses.replace(
-            spec, num_requests=spec.warmup_requests, warmup_requests=0, duration_s=None
+            spec, num_requests=spec.warmup_requests, warmup_requests=0, duration_s=None, seed=spec.seed + 7919
         )
         warm_result = await run_phase_workers(
             base_url, warm, workers, cpus=client_cpus, model=model, on_progress=on_progress, cancel=cancel
@@ -490,12 +494,14 @@ async def measure_phase(
                 sampler.remove_listener(collect)
         client_pct, server_pct = client_cpu.stop_pct(), server_cpu.stop_pct()
         host = host_cpu.stop()
+        if result.worker_cpu_s and host[0] > 0:  # the load generator's worker processes are the client too
+            client_pct = (client_pct or 0.0) + 100.0 * result.worker_cpu_s / host[0]
         after = await _settled_scrape(http, base_url)
 
     with lock:
         inside = [s for s in window if result.started_at_s <= s.time_s <= result.ended_at_s]
     gpu_indices, attribution = _attribute_gpus(inside, server_pid, sampler)
-    summary = summarise_snapshots(inside, gpu_indices)
+    summary = summarise_snapshots(inside, gpu_indices, base_url)
     evidence = Evidence(
         **summary,
         client_cpu_pct=client_pct,

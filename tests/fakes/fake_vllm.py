@@ -45,6 +45,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--quantization")
+    p.add_argument("--data-parallel-size", type=int)
     args, _ = p.parse_known_args(argv)
     if args.config:  # the exported YAML: its keys are the flags
         for line in Path(args.config).read_text().splitlines():
@@ -52,7 +53,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
             if sep and not line.startswith("#"):
                 name = key.strip().replace("-", "_")
                 value = value.strip().strip('"')
-                if name in ("max_num_seqs", "tensor_parallel_size") and getattr(args, name) is None:
+                if (
+                    name in ("max_num_seqs", "tensor_parallel_size", "data_parallel_size")
+                    and getattr(args, name) is None
+                ):
                     setattr(args, name, int(value))
                 elif name == "quantization" and args.quantization is None:
                     args.quantization = value
@@ -63,9 +67,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 class Engine:
-    def __init__(self, max_seqs: int, step_s: float) -> None:
+    def __init__(self, max_seqs: int, step_s: float, ranks: int = 1) -> None:
         self.max_seqs = max_seqs
         self.step_s = step_s
+        self.ranks = ranks  # data-parallel ranks step side by side: each carries its share of the requests
         self.running: list[dict[str, Any]] = []
         self.waiting: list[dict[str, Any]] = []
         self.generated = 0
@@ -77,7 +82,10 @@ class Engine:
             while self.waiting and len(self.running) < self.max_seqs:
                 self.running.append(self.waiting.pop(0))
             n = len(self.running)
-            await asyncio.sleep(self.step_s + STEP_PER_SEQ_S * n * self.step_s / STEP_S if n else 0.002)
+            per_rank = n / self.ranks
+            await asyncio.sleep(
+                self.step_s + STEP_PER_SEQ_S * per_rank * self.step_s / STEP_S if n else 0.002
+            )
             for request in list(self.running):
                 request["left"] -= 1
                 self.generated += 1
@@ -168,8 +176,12 @@ async def _complete(
 
 async def _main(args: argparse.Namespace) -> None:
     tp = args.tensor_parallel_size or 1
+    dp = args.data_parallel_size or 1
     speed = tp**0.5 * (1.6 if args.quantization == "fp8" else 1.0)
-    engine = Engine(args.max_num_seqs or 16, STEP_S / speed)
+    # Data parallelism: dp engines behind one API server, as one engine dp times as wide; the API server's cost
+    # per step (FAKE_VLLM_DP_SLOWDOWN, a factor on each step) is what can make it lose to independent servers.
+    slowdown = float(os.environ.get("FAKE_VLLM_DP_SLOWDOWN", "1.0")) if dp > 1 else 1.0
+    engine = Engine((args.max_num_seqs or 16) * dp, STEP_S / speed * slowdown, dp)
     server = await asyncio.start_server(lambda r, w: _handle(r, w, engine, args.model), args.host, args.port)
     await asyncio.sleep(float(os.environ.get("FAKE_VLLM_STARTUP_S", "0.3")))
     print(f"INFO: Uvicorn running on http://{args.host}:{args.port}", flush=True)

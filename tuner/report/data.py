@@ -323,6 +323,8 @@ class Trial:
     capacity: Capacity | None
     predicted: float | None = None  # the performance model's capacity (the objective's unit)
     pct_of_ceiling: float | None = None  # best load's tok/s over the memory-bandwidth decode ceiling, %
+    replicas: int = 1  # servers of this configuration the node holds: its capacity is one replica's
+    layout: str | None = None  # "8 x TP 1"
 
     @property
     def points(self) -> tuple[Point, ...]:
@@ -355,6 +357,8 @@ class Trial:
             capacity=capacity,
             predicted=as_number(data.get("predicted")),
             pct_of_ceiling=as_number(as_mapping(data.get("roofline")).get("pct_of_ceiling")),
+            replicas=max(1, int(as_number(as_mapping(data.get("layout")).get("replicas")) or 1)),
+            layout=as_text(as_mapping(data.get("layout")).get("label")),
         )
 
 
@@ -503,15 +507,19 @@ def _slo(data: Any) -> Slo | None:
         return None
 
 
-def clear_win(a: Capacity | None, b: Capacity | None, resolution: float) -> bool:
-    """``a`` held a load ``b`` did not (or within ``resolution`` above the most ``b`` held, when ``b`` never
-    failed): a difference beyond the measurements' uncertainty, as ``tuner.tuning.capacity.beats`` rules."""
+def clear_win(
+    a: Capacity | None, b: Capacity | None, resolution: float, a_replicas: int = 1, b_replicas: int = 1
+) -> bool:
+    """``a``'s node held a load ``b``'s did not (or within ``resolution`` above the most ``b`` held, when ``b``
+    never failed): a difference beyond the measurements' uncertainty, as ``tuner.tuning.capacity.beats`` rules.
+    Each capacity is one replica's; its node holds ``*_replicas`` of them."""
     if a is None or a.lo is None:
         return False
     if b is None or b.lo is None:
         return True
-    upper = b.hi if b.hi is not None else b.lo * (1 + resolution)
-    return a.lo >= upper and a.lo > b.lo
+    a_lo, b_lo = a.lo * a_replicas, b.lo * b_replicas
+    upper = (b.hi if b.hi is not None else b.lo * (1 + resolution)) * b_replicas
+    return a_lo >= upper and a_lo > b_lo
 
 
 # --- the headline --------------------------------------------------------------------------------------
@@ -538,19 +546,25 @@ def run_headline(run: Run) -> Headline:
     wc, dc = (w.capacity if w else None), (d.capacity if d else None)
     wl = wc.best.load if wc and wc.best else None
     dl = dc.best.load if dc and dc.best else None
-    ratio = wl.value / dl.value if wl and dl and wl.kind == dl.kind else None
+    wr, dr = (w.replicas if w else 1), (d.replicas if d else 1)
+    # Nodes against nodes: one replica's capacity times the replicas each layout holds.
+    ratio = wl.value * wr / (dl.value * dr) if wl and dl and wl.kind == dl.kind else None
     attempt = run.verdict.chosen_attempt if run.verdict else None
     at = attempt.held if attempt else None
     on_op = at is not None
     if at is None:
         at = w.best_point if w else None
     tok_s = at.tok_s if at else None
+    if not on_op and tok_s is not None:
+        tok_s *= (
+            wr  # the search measured one replica; the node runs them all (the proof measures them together)
+        )
     text = as_text(run.raw.get("headline")) or (run.verdict.headline if run.verdict else None)
     return Headline(
         text=text,
         winner_label=w.label if w else None,
         capacity_ratio=ratio,
-        clear_win=clear_win(wc, dc, run.resolution) if w is not d else False,
+        clear_win=clear_win(wc, dc, run.resolution, wr, dr) if w is not d else False,
         figures_at=at,
         figures_at_operating_point=on_op,
         output_tokens_per_s=tok_s,

@@ -263,7 +263,19 @@ def _summary_lines(run: Run, head: Headline) -> list[tuple[Inline, ...]]:
         else:
             lines.append(("Exported: ", bold(w.label), *where, ", with no proven operating point."))
         kind = _LOAD_MODELS.get(run.objective or "", (NA, NA))[0]
-        lines.append(("Capacity found in the search: ", bold(_bracket(w.capacity)), f" ({kind})."))
+        if w.replicas > 1 and w.capacity is not None and w.capacity.lo is not None:
+            node = w.capacity.lo * w.replicas
+            lines.append(
+                (
+                    "Capacity found in the search: one replica ",
+                    bold(_bracket(w.capacity)),
+                    f" ({kind}); "
+                    f"the node as {w.layout or f'{w.replicas} replicas'}: {fmt_bare(node)} "
+                    f"(one replica's x {w.replicas}: a prediction until the node proof).",
+                )
+            )
+        else:
+            lines.append(("Capacity found in the search: ", bold(_bracket(w.capacity)), f" ({kind})."))
     lines.append(_against_defaults(run, head))
     lines.extend((bold("Tie:"), f" {tie}.") for tie in run.ties)
     lines.extend(_cost_and_energy(run, head))
@@ -488,7 +500,30 @@ def _verdict(run: Run) -> list[Block]:
         role = "the winner" if i == 0 else "the runner-up"
         blocks.append(Heading(3, f"Relaunch {i + 1}: {attempt.label} ({role})"))
         blocks.extend(_attempt(run, attempt))
+    blocks.extend(_node_export(run))
     return blocks
+
+
+def _node_export(run: Run) -> list[Block]:
+    """How a layout of several replicas is exported, decided by measurement: one --data-parallel-size server
+    where it held the node's loads as the independent servers did, else one server per replica."""
+    raw = run.raw.get("verdict")
+    dp = raw.get("dp") if isinstance(raw, dict) else None
+    if not isinstance(dp, dict):
+        return []
+    replicas = dp.get("replicas")
+    what = str(dp.get("describe") or "")
+    if dp.get("held") is True:
+        text = (
+            f"Exported as one server with --data-parallel-size {replicas} (best.yaml): {what}. "
+            "serve-node.sh and best-replica-N.yaml start the same layout as independent servers."
+        )
+    else:
+        text = (
+            f"Exported as {replicas} independent servers (serve-node.sh, best-replica-N.yaml; best.yaml is one "
+            f"replica's configuration): {what}."
+        )
+    return [Heading(3, "How the node is served"), Para((text,))]
 
 
 def _attempt(run: Run, a: Attempt) -> list[Block]:

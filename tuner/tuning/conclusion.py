@@ -59,17 +59,24 @@ def export_text(
     status_line: str,
     *,
     replica: tuple[int, tuple[int, ...], int] | None = None,
+    data_parallel: int | None = None,
 ) -> str:
     """The exported file, its header opening with ``status_line`` (the verdict, or that it is pending).
 
     ``replica`` (its number, GPUs and port) writes one replica's file of a layout of several: its port in the
-    file, its GPUs in the header (vLLM's config cannot set CUDA_VISIBLE_DEVICES)."""
+    file, its GPUs in the header (vLLM's config cannot set CUDA_VISIBLE_DEVICES). ``data_parallel`` writes the
+    layout as one server whose replicas are data-parallel ranks."""
     cfg = tuner.config
     best = contender.capacity.best
     assert best is not None
     load_model = LOAD_MODELS.get(tuner.objective, CLOSED_LOOP)
     node = []
-    if contender.replicas > 1:
+    if data_parallel:
+        node.append(
+            f"Layout: one server, --data-parallel-size {data_parallel} x TP "
+            f"{contender.candidate.tensor_parallel_size or 1}, on all the node's GPUs ({tuner.hardware_label})"
+        )
+    elif contender.replicas > 1:
         node.append(
             f"Layout: {contender.replicas} replicas of this configuration on {tuner.hardware_label}; "
             "start them all with serve-node.sh (one server per replica, each on its own GPUs and port)"
@@ -82,13 +89,21 @@ def export_text(
     return to_vllm_yaml(
         cfg.model,
         contender.candidate,
-        extra={"port": replica[2]} if replica is not None else None,
+        extra=(
+            {"port": replica[2]}
+            if replica is not None
+            else {"data-parallel-size": data_parallel}
+            if data_parallel
+            else None
+        ),
         comment_lines=[
             status_line,
             *node,
             f"SLO: {cfg.slo.describe()} (judged at {cfg.slo.judged_at} with {cfg.confidence:.0%} intervals)",
-            f"Measured on {tuner.hardware_label}: capacity {contender.capacity.describe()} of {load_model}, "
-            f"{best.output_tokens_per_s:,.0f} output tok/s ({cfg.input_len} in / {cfg.output_len} out tokens"
+            f"Measured on {tuner.hardware_label}: {'one replica: ' if contender.replicas > 1 else ''}capacity "
+            f"{contender.capacity.describe()} of {load_model}, "
+            f"{best.output_tokens_per_s:,.0f} output tok/s{' per replica' if contender.replicas > 1 else ''} "
+            f"({cfg.input_len} in / {cfg.output_len} out tokens"
             + (" on average" if cfg.workload else "")
             + ")",
             *([f"Workload: {cfg.workload.describe()}"] if cfg.workload else []),
@@ -127,6 +142,8 @@ def build_report(
                 "predicted": tuner.predicted_capacity(o.candidate),
                 "prediction": _prediction_summary(tuner, o.candidate),
                 "roofline": _roofline(tuner, o),
+                "layout": tuner.layout(o.candidate).to_dict(),
+                "node_capacity": tuner.capacity_of(o).lo if o.feasible and o.capacity else None,
             }
         )
     rank_keys = [o.candidate.key() for o in ranked]

@@ -161,7 +161,7 @@ def _batches(
         batch: list[str] = []
         taken = []
         for i, (candidate, _why) in enumerate(proposals):
-            if launches >= budget:
+            if launches >= budget or len(batch) >= tuner.parallel:
                 break
             tp = candidate.tensor_parallel_size or 1
             placement = node.take(tp)

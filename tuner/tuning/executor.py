@@ -104,7 +104,8 @@ class Executor(Generic[R]):
 
     def wait(self, timeout_s: float | None = None) -> Done[R] | None:
         """The next trial to end (None: none running, or none ended within ``timeout_s``). A Ctrl-C while waiting
-        sets the cancel event, waits for every running trial to stop, and is raised again."""
+        sets the cancel event and is raised again at once (the second Ctrl-C aborts: a server still starting is
+        not waited for; every server is stopped on the way out by the launcher's exit handlers and watchdog)."""
         if not self._running and self._done.empty():
             return None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -119,7 +120,6 @@ class Executor(Generic[R]):
                     return done
         except KeyboardInterrupt:
             self.cancel.set()
-            self.drain()
             raise
 
     def _finish(self, done: Done[R]) -> None:

@@ -132,7 +132,11 @@ class Node:
     def _placement(self, gpus: tuple[int, ...]) -> Placement:
         """Cores for a placement: the GPUs' local cores, this placement's share of them (the node's GPUs that
         share those cores share them evenly); the load generator gets a third (at least one), the server the
-        rest. Fewer than two cores to share: nothing pinned."""
+        rest. Fewer than two cores to share: nothing pinned. An operator's own split (``cpu_plan``) holds for
+        every trial as it is."""
+        if self.cpu_plan is not None:
+            plan = self.cpu_plan
+            return Placement(gpus, plan.server, plan.client, plan.note)
         local = frozenset().union(*(self.local_cpus.get(g, self.cores) for g in gpus))
         if not local:
             return Placement(gpus, note="cores not pinned: the host's cores are unknown")

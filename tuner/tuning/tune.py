@@ -263,9 +263,9 @@ class Tuner:
             raise TuneError(str(exc)) from None
         node = self.node_info.node
         if node.is_cpu or config.pin_cpus != "auto":
-            node.cpu_plan = self.cpu_plan  # one slot, split as planned (or as the operator asked)
-            if not node.is_cpu:
-                node.cores = frozenset()  # the operator's split holds for every trial: no per-GPU cores
+            # The CPU build's one slot, split as planned; on GPUs, the operator's own split (or "off") holds for
+            # every trial instead of the cores near each trial's GPUs.
+            node.cpu_plan = self.cpu_plan
         self.node = node
         if config.parallel is not None and config.parallel < 1:
             raise TuneError(f"--parallel must be at least 1, got {config.parallel}")
@@ -307,8 +307,20 @@ class Tuner:
             startup_timeout_s=cfg.startup_timeout_s, log_dir=cfg.out_dir / "logs", sampler=self.sampler,
             cpu_plan=self.cpu_plan, cpu_build=self.hardware.is_cpu, emit=self._emit, cancelled=self._cancel.is_set,
             hooks=ServerHooks(self._server_started, self._server_stopped), placement=placement,
-            engines=self.engines,
+            engines=self.engines, workers=self._client_workers(placement),
         )  # fmt: skip
+
+    def _client_workers(self, placement: Placement | None) -> int:
+        """Load-generator processes per phase. A trial's: one per core of its client's share (at most 4), so a
+        small model on a fast GPU is not measured at one Python process's pace. The node proof's: half the
+        host's cores over the replicas (at most 4 each). One (in this process) on the CPU build and small hosts."""
+        if self.hardware.is_cpu:
+            return 1
+        if placement is not None:
+            return max(1, min(4, len(placement.client_cpus or ())))
+        cores = len(self.node.cores) or (os.cpu_count() or 1)
+        replicas = max(1, self.hardware.gpu_count)
+        return max(1, min(4, cores // 2 // replicas))
 
     def run(self, listener: ev.Listener | None = None, cancel: threading.Event | None = None) -> TuneResult:
         self._listener = listener or (lambda e: None)
@@ -519,6 +531,9 @@ class Tuner:
         strategy: Strategy = (
             PredictedStrategy(self, outcomes, defaults) if predicted else EvidenceStrategy(self, defaults)
         )
+        if not predicted:  # a resumed run's trials: the evidence walks on from them (the defaults' last)
+            for o in sorted(outcomes.values(), key=lambda o: o.candidate.key() == defaults.key()):
+                strategy.record(o)
         executor: Executor[TrialOutcome] = Executor(self.node, self._run_job, self._cancel, self.parallel)
         self._jobs: dict[str, tuple[Candidate, TrialOutcome | None]] = {}
         self._submitted = self.launches
@@ -526,13 +541,13 @@ class Tuner:
         incumbent = self._incumbent(outcomes.values())
         while True:
             if self._cancel.is_set():
-                executor.drain()
+                self._keep_drained(executor.drain(), outcomes, strategy)
                 return "interrupted"
             self._fill(strategy, executor, store, outcomes, tried, incumbent, budget)
             done = executor.wait()
             if done is None:
                 break
-            outcome = self._collect(done, executor)
+            outcome = self._collect(done, executor, outcomes, strategy)
             if outcome is None:
                 continue  # interrupted: the loop's first check returns
             outcomes[outcome.candidate.key()] = outcome
@@ -541,16 +556,35 @@ class Tuner:
             self._eta(strategy, executor, budget)
         return None
 
-    def _collect(self, done: Done[TrialOutcome], executor: Executor[TrialOutcome]) -> TrialOutcome | None:
-        """A finished job's outcome; a trial whose code raised stops the search (the others are stopped first)."""
+    def _collect(
+        self,
+        done: Done[TrialOutcome],
+        executor: Executor[TrialOutcome],
+        outcomes: dict[str, TrialOutcome],
+        strategy: Strategy,
+    ) -> TrialOutcome | None:
+        """A finished job's outcome; a trial whose code raised stops the search (the others are stopped first,
+        and what they finished is kept)."""
         self._jobs.pop(done.job.key, None)
         self._trial_s.append(done.wall_s)
         if done.error is not None:
+            asked = self._cancel.is_set()  # the operator's own stop must survive this one
             self._cancel.set()  # the others stop within seconds; their trials are kept as interrupted
-            executor.drain()
-            self._cancel.clear()
+            self._keep_drained(executor.drain(), outcomes, strategy)
+            if not asked:
+                self._cancel.clear()
             raise done.error
         return done.result
+
+    def _keep_drained(
+        self, drained: list[Done[TrialOutcome]], outcomes: dict[str, TrialOutcome], strategy: Strategy
+    ) -> None:
+        """Trials that ended while the others were being stopped: what they finished is part of this run."""
+        for done in drained:
+            self._jobs.pop(done.job.key, None)
+            if done.result is not None and done.error is None:
+                outcomes[done.result.candidate.key()] = done.result
+                strategy.record(done.result)
 
     def _run_job(self, job: Job, placement: Placement) -> TrialOutcome | None:
         """One trial on its placement, on the executor's thread."""
@@ -734,8 +768,11 @@ class Tuner:
         with self._emit_lock, contextlib.suppress(Exception):  # a broken listener must not end the run
             self._listener(event)
 
-    def next_moves(self, base: TrialOutcome, tried: set[str]) -> list[tuple[Candidate, str]]:
-        """Every untried move the evidence of ``base`` argues for, best first."""
+    def next_moves(
+        self, base: TrialOutcome, tried: set[str], *, record: bool = True
+    ) -> list[tuple[Candidate, str]]:
+        """Every untried move the evidence of ``base`` argues for, best first (``record``: remember which values
+        each move changed, so a refusal of one is not tried again; False only counts them)."""
         # Step from the values the server really ran with (None = vLLM's default, e.g. 128 sequences on CPU).
         current = dataclasses.asdict(resolve(base.candidate, self.hardware, self.shape))
         signals = signals_from(base.capacity, base.candidate.max_num_seqs)
@@ -748,7 +785,8 @@ class Tuner:
                 continue  # vLLM refused this value outright on this machine: no other combination will start
             candidate = base.candidate.with_values(**move.values)
             if candidate.key() not in tried and all(candidate.key() != c.key() for c, _ in moves):
-                self._moves[candidate.key()] = dict(move.values)
+                if record:
+                    self._moves[candidate.key()] = dict(move.values)
                 moves.append((candidate, move.why))
         return moves
 
@@ -819,7 +857,8 @@ class Tuner:
         )
         startup_s: float | None = None
         try:
-            with runner.serve(key, candidate.vllm_args(), key) as session:
+            # Its own log: trials side by side must not share (and truncate, and misread) one file.
+            with runner.serve(key, candidate.vllm_args(), f"{index:03d}-{key[:50]}") as session:
                 startup_s = session.startup_s
                 capacity = find_capacity(session.measure, plan, self._cancel.is_set)
                 load = self._separating_load(candidate, capacity, incumbent)
@@ -922,9 +961,18 @@ class Tuner:
         """Where each replica of the contender's layout runs for the proof: the whole node, one block each."""
         return _took_all(self.node, contender.candidate.tensor_parallel_size or 1, contender.replicas)
 
+    def _write_dp(self, contender: Contender, status_line: str, out: Path) -> Path:
+        """The layout as one server with --data-parallel-size (its replicas as data-parallel ranks)."""
+        path = out / "best-dp.yaml"
+        path.write_text(export_text(self, contender, status_line, data_parallel=contender.replicas))
+        return path
+
     def _write_replicas(self, contender: Contender, status_line: str, out: Path) -> dict[str, str]:
         """For a layout of several replicas: one file per replica (its port; its GPUs in the header) and the
-        script that starts them all. One replica: nothing more than best.yaml."""
+        script that starts them all. One replica: nothing more than best.yaml. Files an earlier contender left
+        (the winner, before the runner-up was proven) go first: none may start a configuration not exported."""
+        for stale in [*out.glob("best-replica-*.yaml"), out / "serve-node.sh"]:
+            stale.unlink(missing_ok=True)
         if contender.replicas <= 1:
             return {}
         written: dict[str, str] = {}
@@ -967,7 +1015,9 @@ class Tuner:
         outputs: dict[str, str] = {}
         contenders = [self.contender(o) for o in ranked]
         defaults_outcome = outcomes.get(defaults.key())
-        defaults_capacity = defaults_outcome.capacity if defaults_outcome else None
+        defaults_capacity = (
+            self.capacity_of(defaults_outcome) if defaults_outcome and defaults_outcome.capacity else None
+        )
         yaml_path = out / "best.yaml"
         verdict: Verdict | None = None
         if contenders:
@@ -986,6 +1036,7 @@ class Tuner:
                     defaults_capacity=defaults_capacity,
                     first_launch=self.launches + 1,
                     placements_for=self.proof_placements,
+                    write_dp_yaml=lambda contender, status: self._write_dp(contender, status, out),
                 )
             elif not self.config.prove:
                 verdict = unverified(contenders[0])
@@ -994,6 +1045,13 @@ class Tuner:
                 verdict.headline if verdict else "NOT PROVEN: the run was interrupted before the proof"
             )
             write_yaml(chosen, status_line)
+            dp_path = out / "best-dp.yaml"
+            if verdict is not None and verdict.export_as == "data_parallel":
+                # One server serves the node as well as the replicas did: the simpler thing to run is exported.
+                yaml_path.write_text(export_text(self, chosen, status_line, data_parallel=chosen.replicas))
+                dp_path.unlink(missing_ok=True)
+            else:
+                dp_path.unlink(missing_ok=True)  # measured and not exported: the report says why
             outputs["yaml"] = str(yaml_path)
         headline, exit_code = run_headline(self, verdict, contenders, stopped, error, outcomes)
         report = build_report(

@@ -32,7 +32,7 @@ from typing import Any
 
 from tuner.serving.launcher import LaunchError
 from tuner.tuning import events as ev
-from tuner.tuning.capacity import Capacity
+from tuner.tuning.capacity import Bracket, Capacity
 from tuner.tuning.placement import Placement
 from tuner.tuning.points import Load, Point
 from tuner.tuning.runner import AllRequestsFailed, TrialRunner
@@ -109,12 +109,54 @@ class Attempt:
 
 
 @dataclass
+class DpCheck:
+    """One vLLM server with ``--data-parallel-size`` on all the layout's GPUs, held at the loads the independent
+    replicas held: exported instead of them only where it holds as they did (vLLM's API server balances the
+    ranks and can become the bottleneck: vLLM issues #30655, #30084)."""
+
+    yaml: str
+    replicas: int
+    error: str | None = None
+    points: list[Point] = field(default_factory=list)
+
+    @property
+    def held(self) -> bool:
+        return self.error is None and bool(self.points) and all(p.passed for p in self.points)
+
+    def describe(self) -> str:
+        if self.error:
+            return f"one --data-parallel-size {self.replicas} server did not start ({self.error})"
+        failed = next((p for p in self.points if not p.passed), None)
+        if failed is not None:
+            held = f"one --data-parallel-size {self.replicas} server did not hold {failed.load.label()}"
+            return f"{held} ({failed.why()})"
+        loads = " and ".join(p.load.label() for p in self.points)
+        return f"one --data-parallel-size {self.replicas} server held {loads} as the independent servers did"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "yaml": self.yaml,
+            "replicas": self.replicas,
+            "error": self.error,
+            "held": self.held,
+            "describe": self.describe(),
+            "points": [p.to_dict() for p in self.points],
+        }
+
+
+@dataclass
 class Verdict:
     status: str  # "proven" | "backed_off" | "not_proven" | "unverified"
     headline: str
     chosen: Contender | None  # the configuration the exported file holds
     operating_point: Point | None  # the production check that held
     attempts: list[Attempt] = field(default_factory=list)
+    dp: DpCheck | None = None  # the data-parallel server measured against the independent replicas
+
+    @property
+    def export_as(self) -> str:
+        """How the node is exported: "data_parallel" (one server) or "independent" (one per replica)."""
+        return "data_parallel" if self.dp is not None and self.dp.held else "independent"
 
     @property
     def exit_code(self) -> int:
@@ -136,6 +178,8 @@ class Verdict:
             "operating_point_figures": _figures(op) if op else None,
             "exit_code": self.exit_code,
             "attempts": [a.to_dict() for a in self.attempts],
+            "dp": self.dp.to_dict() if self.dp else None,
+            "export_as": self.export_as,
         }
 
 
@@ -151,9 +195,10 @@ def reach_verdict(
     write_yaml: WriteYaml,
     plan: VerdictPlan,
     *,
-    defaults_capacity: Capacity | None = None,
+    defaults_capacity: Bracket | None = None,
     first_launch: int = 1,
     placements_for: PlacementsFor | None = None,
+    write_dp_yaml: WriteYaml | None = None,
 ) -> Verdict:
     """Relaunch the best contender from its exported file and check it; the runner-up if it does not hold."""
     attempts: list[Attempt] = []
@@ -171,13 +216,21 @@ def reach_verdict(
             first_try = attempt is attempts[0]
             clean = attempt.proof_ok and held is attempt.checks[0] and first_try
             status = "proven" if clean else "backed_off"
-            return Verdict(
-                status,
-                _headline(status, contender, attempt, attempts, defaults_capacity),
-                contender,
-                held,
-                attempts,
-            )
+            dp = None
+            if write_dp_yaml is not None and contender.replicas > 1 and not runner.cancelled():
+                loads = [p.load for p in (attempt.proof if attempt.proof_ok else None, held) if p is not None]
+                dp_path = write_dp_yaml(
+                    contender, "NOT YET PROVEN: infertop is checking this one-server layout"
+                )
+                dp = _dp_check(runner, contender, dp_path, placements, loads, first_launch + len(attempts))
+            headline = _headline(status, contender, attempt, attempts, defaults_capacity)
+            if dp is not None:
+                headline += (
+                    f"; exported as one server with --data-parallel-size {contender.replicas}: {dp.describe()}"
+                    if dp.held
+                    else f"; exported as {contender.replicas} independent servers (serve-node.sh): {dp.describe()}"
+                )
+            return Verdict(status, headline, contender, held, attempts, dp)
     chosen = ranked[0] if ranked else None
     headline = _not_proven(attempts, interrupted=runner.cancelled())
     return Verdict("not_proven", headline, chosen, None, attempts)
@@ -240,6 +293,49 @@ def _attempt(
     return attempt
 
 
+def _dp_check(
+    runner: TrialRunner,
+    contender: Contender,
+    path: Path,
+    placements: Sequence[Placement],
+    loads: Sequence[Load],
+    launch: int,
+) -> DpCheck:
+    """One server with --data-parallel-size on every GPU the replicas held, at the loads they held."""
+    check = DpCheck(str(path), contender.replicas)
+    gpus = tuple(g for p in placements for g in p.gpus)
+    union = [p.server_cpus for p in placements if p.server_cpus]
+    clients = [p.client_cpus for p in placements if p.client_cpus]
+    whole = Placement(
+        gpus,
+        frozenset().union(*union) if union else None,
+        frozenset().union(*clients) if clients else None,
+        "every replica's GPUs and cores",
+    )
+    runner.emit(
+        ev.TrialStarted(
+            PROOF_KEY, f"data-parallel check: {contender.label} as one server from {path.name}",
+            {"config": str(path)}, launch,
+            f"one --data-parallel-size {contender.replicas} server against {contender.replicas} independent ones",
+            gpus=gpus,
+        )
+    )  # fmt: skip
+    try:
+        with runner.serve_node(
+            PROOF_KEY, ("--config", str(path)), f"proof-dp-{path.stem}", [whole]
+        ) as session:
+            for load in loads:
+                point = session.measure(load, "proof")
+                check.points.append(point)
+                if not point.passed or runner.cancelled():
+                    break
+    except LaunchError as error:
+        check.error = error.summary
+    except AllRequestsFailed as error:
+        check.error = f"every request failed: {error}"
+    return check
+
+
 def _times(load: Load, factor: int) -> Load:
     """``load`` for ``factor`` servers side by side."""
     if factor == 1:
@@ -296,18 +392,22 @@ def describe_point(p: Point) -> str:
     return ", ".join(parts)
 
 
-def _speedup(contender: Contender, defaults: Capacity | None) -> str:
+def _speedup(contender: Contender, defaults: Bracket | None) -> str:
+    """How the contender's node compares with vLLM's defaults' node (both: one server's capacity x replicas)."""
     best = contender.capacity.best
     if (
         defaults is None
-        or defaults.best is None
         or best is None
-        or defaults is contender.capacity  # the defaults themselves
+        or not defaults.lo
+        or getattr(defaults, "server", None) is contender.capacity
     ):
         return ""
-    if defaults.best.load.kind != best.load.kind or defaults.best.load.value <= 0:
-        return ""
-    return f"; {best.load.value / defaults.best.load.value:.2f}x vLLM's defaults"
+    node = best.load.value * contender.replicas
+    if abs(node - defaults.lo) < 1e-9 * node:
+        return ""  # the defaults themselves
+    return f"; {node / defaults.lo:.2f}x vLLM's defaults" + (
+        " (both nodes)" if contender.replicas > 1 else ""
+    )
 
 
 def _headline(
@@ -315,7 +415,7 @@ def _headline(
     contender: Contender,
     attempt: Attempt,
     attempts: Sequence[Attempt],
-    defaults: Capacity | None,
+    defaults: Bracket | None,
 ) -> str:
     held = attempt.held
     assert held is not None
