@@ -235,3 +235,41 @@ def test_the_node_hands_out_disjoint_aligned_blocks_and_takes_them_back() -> Non
     assert pack_batch([8, 1, 1], free=4, node_gpus=8) == []
     assert pack_batch([2, 4, 1, 2], free=4, node_gpus=8) == [0, 2]
     assert pack_batch([1, 1], free=0, node_gpus=0) == [] and pack_batch([1, 1], free=1, node_gpus=0) == [0]
+
+
+def test_a_trial_records_how_long_its_gpus_were_slowed_and_is_flagged_beyond_a_tenth() -> None:
+    """Trials side by side share the node's power and cooling: each keeps the share of its GPUs' readings that a
+    throttle reason slowed (idle and application clocks are not slowing), and over 10 % it is flagged."""
+    from tuner.measure import summarise_snapshots
+    from tuner.telemetry.model import GpuSample, Snapshot
+    from tuner.tuning.capacity import summarise
+    from tuner.tuning.points import RATE, Load, Point, empty_steady
+    from tuner.tuning.space import Candidate
+    from tuner.tuning.store import TrialStatus
+    from tuner.tuning.tune import TrialOutcome
+
+    def reading(t: float, gpu: int, reasons: tuple[str, ...]) -> GpuSample:
+        return GpuSample(index=gpu, time_s=t, clock_event_reasons=reasons)
+
+    snaps = [
+        Snapshot(
+            time_s=float(t),
+            host=None,
+            gpus=(
+                reading(t, 0, ("sw_power_cap",) if t < 3 else ()),
+                reading(t, 1, ("gpu_idle",)),  # GPU 1 is another trial's
+            ),
+        )
+        for t in range(10)
+    ]
+    mine = summarise_snapshots(snaps, {0})
+    assert mine["throttled_pct"] == pytest.approx(30.0) and mine["throttle_reasons"] == ("sw_power_cap",)
+    assert summarise_snapshots(snaps, {1})["throttled_pct"] == 0.0
+
+    def outcome(share: float) -> TrialOutcome:
+        evidence = {"throttled_pct": share, "throttle_reasons": ["sw_power_cap"]}
+        point = Point(Load.rate(2.0), "judged", "pass", empty_steady(), phases=({"evidence": evidence},))
+        return TrialOutcome(Candidate(), TrialStatus.FEASIBLE, "ok", summarise(RATE, [point]))
+
+    assert outcome(30.0).disturbed == "its GPUs slowed 30 % of a window (sw_power_cap)"
+    assert outcome(5.0).disturbed == ""

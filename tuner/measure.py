@@ -25,7 +25,7 @@ import psutil
 from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, PhaseWindow, SteadyStats, steady_stats, steady_window
 from tuner.loadgen.workers import run_phase_workers
-from tuner.telemetry.model import GpuInfo, GpuSample, Snapshot
+from tuner.telemetry.model import BENIGN_CLOCK_EVENTS, GpuInfo, GpuSample, Snapshot
 from tuner.telemetry.sampler import Sampler
 from tuner.telemetry.vllm_metrics import MetricsText, fetch_metrics
 
@@ -92,6 +92,8 @@ class Evidence:
     prefix_cache_queries: float | None = None
     gpu_indices: tuple[int, ...] | None = None  # the GPUs the GPU figures cover (None: every GPU)
     gpu_attribution: str = ""  # how they were chosen, for people
+    throttled_pct: float | None = None  # % of the server's GPU readings slowed by a throttle reason
+    throttle_reasons: tuple[str, ...] = ()  # which (power cap, thermal, HW slowdown ...)
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,16 @@ def summarise_snapshots(
     engines = [e for s in snaps for e in s.engines if e.error is None and mine(e)]
     vram = [g.vram_used_bytes for g in gpu_rows if g.vram_used_bytes is not None]
     window_s = snaps[-1].time_s - snaps[0].time_s if len(snaps) >= 2 else 0.0
+    with_reasons = [g for g in gpu_rows if g.clock_event_reasons is not None]
+    throttled = [g for g in with_reasons if g.throttled]
+    reasons = sorted(
+        {r for g in throttled for r in g.clock_event_reasons or () if r not in BENIGN_CLOCK_EVENTS}
+    )
     return {
+        # Readings of the server's GPUs that were slowed (power cap, thermal, HW slowdown ...), and by what: trials
+        # side by side share the node's power and cooling.
+        "throttled_pct": 100.0 * len(throttled) / len(with_reasons) if with_reasons else None,
+        "throttle_reasons": tuple(reasons),
         "gpu_samples": len(gpu_rows),
         "dram_bw_util_pct_mean": _mean([g.dram_bw_util_pct for g in gpu_rows]),
         "sm_active_pct_mean": _mean([g.sm_active_pct for g in gpu_rows]),

@@ -105,6 +105,8 @@ def _merge_evidence(items: Sequence[Evidence]) -> Evidence:
         prefix_cache_queries=_sum([e.prefix_cache_queries for e in items]),
         gpu_indices=tuple(indices) if indices and all(e.gpu_indices for e in items) else None,
         gpu_attribution=f"the {len(items)} replicas' GPUs" if indices else "",
+        throttled_pct=_max([e.throttled_pct for e in items]),
+        throttle_reasons=tuple(sorted({r for e in items for r in e.throttle_reasons})),
     )
 
 

@@ -75,6 +75,11 @@ OBJECTIVES = {"rate": RATE, "throughput": RATE, "users": USERS}
 throughput a server gives within the SLO) or "users"."""
 
 
+THROTTLED_PCT_DISTURBS = 10.0
+"""A trial whose GPUs were slowed (power cap, thermal, HW slowdown) in more than this share of a kept window's
+readings is flagged as disturbed: its capacity is what a throttled GPU held."""
+
+
 class TuneError(RuntimeError):
     """The run cannot start or go on (model, hardware, store, a workload the server refuses). One line."""
 
@@ -137,9 +142,17 @@ class TrialOutcome:
 
     @property
     def disturbed(self) -> str:
-        """Why other work on the host (trials beside it, other processes) disturbed a kept point, "" if none."""
+        """Why other work on the node (trials beside it, other processes) disturbed a kept point, "" if none: the
+        host's CPU busy, or its GPUs slowed (trials side by side share the node's power and cooling)."""
         points = self.capacity.points if self.capacity else ()
-        return next((p.disturbed for p in points if p.disturbed), "")
+        host = next((p.disturbed for p in points if p.disturbed), "")
+        worst = max(points, key=lambda p: p.evidence.get("throttled_pct") or 0.0, default=None)
+        share = worst.evidence.get("throttled_pct") if worst is not None else None
+        if share is not None and share > THROTTLED_PCT_DISTURBS:
+            reasons = ", ".join(worst.evidence.get("throttle_reasons") or ()) if worst else ""
+            gpus = f"its GPUs slowed {share:.0f} % of a window ({reasons or 'throttled'})"
+            return f"{host}; {gpus}" if host else gpus
+        return host
 
     @property
     def feasible(self) -> bool:
