@@ -5,26 +5,52 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from tuner.predict.base import Workload
+from tuner.predict.base import Prediction, Workload
 from tuner.predict.roofline import decode_ceiling_tokens_per_s
+from tuner.serving.affinity import CpuPlan
 from tuner.tuning.capacity import ties_with
+from tuner.tuning.config import TuneConfig
 from tuner.tuning.export import to_vllm_yaml
+from tuner.tuning.layout import Layout, NodeCapacity
+from tuner.tuning.modelshape import Hardware, ModelShape
+from tuner.tuning.outcome import TrialOutcome
 from tuner.tuning.points import RATE, USERS
+from tuner.tuning.space import Candidate, SearchSpace
 from tuner.tuning.store import TrialStatus
 from tuner.tuning.verdict import EXIT_INTERRUPTED, EXIT_NO_CONFIG, Contender, Verdict
 
-if TYPE_CHECKING:
-    from tuner.tuning.space import Candidate
-    from tuner.tuning.tune import TrialOutcome, Tuner
+
+class RunView(Protocol):
+    """What the end of a run reads of the tuner (tuner.tuning.tune.Tuner)."""
+
+    config: TuneConfig
+    objective: str
+    hardware: Hardware
+    hardware_label: str
+    cpu_plan: CpuPlan
+    launches: int
+    note: str | None
+    prediction_note: str
+    predictions: dict[str, Prediction]
+    shape: ModelShape
+    space: SearchSpace
+    vocab_size: int
+
+    def capacity_of(self, outcome: TrialOutcome) -> NodeCapacity: ...
+    def distance(self, outcome: TrialOutcome) -> int: ...
+    def label(self, candidate: Candidate) -> str: ...
+    def layout(self, candidate: Candidate) -> Layout: ...
+    def predicted_capacity(self, candidate: Candidate) -> float | None: ...
+
 
 LOAD_MODELS = {RATE: "Poisson arrivals (open loop)"}
 CLOSED_LOOP = "concurrent users (closed loop)"
 
 
 def run_headline(
-    tuner: Tuner,
+    tuner: RunView,
     verdict: Verdict | None,
     contenders: list[Contender],
     stopped: str | None,
@@ -54,7 +80,7 @@ def run_headline(
 
 
 def export_text(
-    tuner: Tuner,
+    tuner: RunView,
     contender: Contender,
     status_line: str,
     *,
@@ -112,7 +138,7 @@ def export_text(
 
 
 def build_report(
-    tuner: Tuner,
+    tuner: RunView,
     outcomes: Mapping[str, TrialOutcome],
     ranked: list[TrialOutcome],
     defaults: Candidate,
@@ -200,7 +226,7 @@ def build_report(
     }
 
 
-def _prediction_summary(tuner: Tuner, candidate: Candidate) -> dict[str, Any] | None:
+def _prediction_summary(tuner: RunView, candidate: Candidate) -> dict[str, Any] | None:
     """The model's figures at its predicted capacity for ``candidate`` (None: not predicted)."""
     prediction = tuner.predictions.get(candidate.key())
     if prediction is None:
@@ -217,7 +243,7 @@ def _prediction_summary(tuner: Tuner, candidate: Candidate) -> dict[str, Any] | 
     }
 
 
-def _roofline(tuner: Tuner, o: TrialOutcome) -> dict[str, Any] | None:
+def _roofline(tuner: RunView, o: TrialOutcome) -> dict[str, Any] | None:
     """The trial's best load against the decode ceiling of the GPU's memory bandwidth at the same number of
     requests in flight (REFERENCE.md's roofline; None on the CPU build or an unknown GPU)."""
     best = o.capacity.best if o.feasible and o.capacity else None

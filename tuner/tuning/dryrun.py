@@ -12,23 +12,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tuner.predict.base import Workload
 from tuner.predict.roofline import decode_ceiling_tokens_per_s
-from tuner.tuning.modelshape import weight_bytes
+from tuner.tuning.config import TuneConfig
+from tuner.tuning.layout import Layout
+from tuner.tuning.modelshape import Hardware, ModelShape, weight_bytes
 from tuner.tuning.placement import Node
 from tuner.tuning.space import Candidate, estimate_max_concurrency
-from tuner.tuning.strategy import PredictedStrategy
-
-if TYPE_CHECKING:
-    from tuner.tuning.tune import Tuner
+from tuner.tuning.strategy import PredictedStrategy, SearchView
 
 GiB = 2**30
 MEASURE_S = 180.0  # one trial's capacity search: scouting and 5-8 judged loads of 10-30 s (BENCHMARKS §6)
 CPU_STARTUP_S = (
     90.0  # the CPU build on the 2-core machine: 66 s eager, ~105 s with compilation (REFERENCE.md)
 )
+
+
+class PlanView(SearchView, Protocol):
+    """What the dry run reads of the tuner (tuner.tuning.tune.Tuner)."""
+
+    config: TuneConfig
+    objective: str
+    hardware: Hardware
+    hardware_label: str
+    shape: ModelShape
+    node: Node
+    prediction_note: str
+
+    def launch_budget(self, feasible: list[Candidate]) -> int: ...
+    def predict_candidates(self, feasible: list[Candidate]) -> bool: ...
+    def predicted_capacity(self, candidate: Candidate) -> float | None: ...
+    def label(self, candidate: Candidate) -> str: ...
+    def layout(self, candidate: Candidate) -> Layout: ...
 
 
 @dataclass
@@ -76,12 +93,12 @@ class DryRun:
         return "\n".join(lines)
 
 
-def plan_dry_run(tuner: Tuner, *, predict: bool = True) -> DryRun:
+def plan_dry_run(tuner: PlanView, *, predict: bool = True) -> DryRun:
     """The dry run's plan; ``predict`` False skips the performance model (a quick estimate for the ETA)."""
     feasible = tuner.space.feasible()
     budget = tuner.launch_budget(feasible)
-    if predict and not tuner.predictions:
-        tuner._predict(feasible)
+    if predict:
+        tuner.predict_candidates(feasible)
     unit = "requests/s" if tuner.objective == "rate" else "concurrent users"
     predicted = any(tuner.predicted_capacity(c) for c in feasible)
     ranking: list[tuple[str, str, float | None, str]] = []
@@ -123,7 +140,7 @@ def plan_dry_run(tuner: Tuner, *, predict: bool = True) -> DryRun:
     )
 
 
-def _roofline_node(tuner: Tuner, candidate: Candidate) -> float | None:
+def _roofline_node(tuner: PlanView, candidate: Candidate) -> float | None:
     """The node's decode ceiling (output tokens/s) for a candidate: one server's at the requests its KV cache
     admits, times the replicas. None on the CPU build."""
     if tuner.hardware.is_cpu:
@@ -139,7 +156,7 @@ def _roofline_node(tuner: Tuner, candidate: Candidate) -> float | None:
 
 
 def _batches(
-    tuner: Tuner, feasible: list[Candidate], budget: int, predicted: bool
+    tuner: PlanView, feasible: list[Candidate], budget: int, predicted: bool
 ) -> tuple[list[list[str]], int]:
     """The first batches the search would start (assuming each trial measures what the model predicts), and the
     launches it would make in all."""
@@ -185,7 +202,7 @@ def _batches(
     return batches, launches
 
 
-def _startup_s(tuner: Tuner) -> float:
+def _startup_s(tuner: PlanView) -> float:
     """One server's start-up: the CPU build's as measured here; on a GPU 60 s plus ~5 s per GiB of weights
     (an 8B model: ~2.5 min, REFERENCE.md's 110-160 s on an H100)."""
     if tuner.hardware.is_cpu:
@@ -193,7 +210,7 @@ def _startup_s(tuner: Tuner) -> float:
     return 60.0 + 5.0 * weight_bytes(tuner.shape) / GiB
 
 
-def _packed_s(tuner: Tuner, batches: list[list[str]], launches: int, trial_s: float) -> float:
+def _packed_s(tuner: PlanView, batches: list[list[str]], launches: int, trial_s: float) -> float:
     """Side by side: each batch takes one trial's time; launches beyond the replayed batches go as many at a
     time as the node's slots allow."""
     replayed = sum(len(b) for b in batches)

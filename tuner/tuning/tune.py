@@ -20,12 +20,11 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuner.loadgen.dataset import DatasetError, check_ids, tokenize_dataset_locally
-from tuner.loadgen.steady import DEFAULT_CONFIDENCE, min_requests_for
 from tuner.loadgen.vocab import vocab_size_from_dir
 from tuner.loadgen.workload import DATASET_OUTPUT_LEN, Workload, WorkloadError, fit_to_context, with_tokens
 from tuner.predict import aic
@@ -49,22 +48,22 @@ from tuner.tuning.capacity import (
     ties_with,
 )
 from tuner.tuning.conclusion import build_report, export_text, run_headline
+from tuner.tuning.config import TuneConfig
 from tuner.tuning.dryrun import DryRun, plan_dry_run
 from tuner.tuning.executor import Done, Executor, Job
 from tuner.tuning.layout import Layout, NodeCapacity, layout_for
 from tuner.tuning.modelshape import Hardware, ModelShape
+from tuner.tuning.outcome import TrialOutcome
 from tuner.tuning.placement import Node, Placement, gpus_local_cpus
 from tuner.tuning.points import RATE, USERS, Load
 from tuner.tuning.runner import AllRequestsFailed, EngineUrls, MeasurePlan, ServerHooks, TrialRunner
 from tuner.tuning.search import propose_moves, signals_from
-from tuner.tuning.slo import Slo
 from tuner.tuning.space import Candidate, SearchSpace, default_space, resolve
 from tuner.tuning.store import BestPoint, RunMeta, TrialRecord, TrialStatus, TrialStore
 from tuner.tuning.strategy import EvidenceStrategy, PredictedStrategy, Strategy
 from tuner.tuning.verdict import (
     Contender,
     Verdict,
-    VerdictPlan,
     reach_verdict,
     unverified,
 )
@@ -75,88 +74,8 @@ OBJECTIVES = {"rate": RATE, "throughput": RATE, "users": USERS}
 throughput a server gives within the SLO) or "users"."""
 
 
-THROTTLED_PCT_DISTURBS = 10.0
-"""A trial whose GPUs were slowed (power cap, thermal, HW slowdown) in more than this share of a kept window's
-readings is flagged as disturbed: its capacity is what a throttled GPU held."""
-
-
 class TuneError(RuntimeError):
     """The run cannot start or go on (model, hardware, store, a workload the server refuses). One line."""
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    model: str  # a local model directory (its config.json sizes the search)
-    slo: Slo
-    command: tuple[str, ...] = ("vllm", "serve")
-    fixed_args: tuple[str, ...] = ()  # passed to every launch (e.g. --load-format dummy)
-    env: Mapping[str, str] = field(default_factory=dict)
-    pins: Mapping[str, Any] = field(default_factory=dict)
-    values: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # replace a dimension's ladder
-    input_len: int = 512
-    output_len: int = 256
-    vocab_size: int | None = None  # prompt token ids are drawn below this; None: the model directory's
-    objective: str = "rate"
-    min_phase_s: float = 10.0  # a phase lasts at least this long: sub-second phases measure start-up noise
-    min_requests: int = round(1.25 * min_requests_for(95))  # 59 in the steady window, room for the ramp
-    max_requests: int = 240  # per point; a point still uncertain after this many counts as not passing
-    production_s: float = 30.0
-    confidence: float = DEFAULT_CONFIDENCE
-    resolution: float = 0.10  # the capacity search narrows its bracket to this
-    max_concurrency: int = 512
-    launch_budget: int | None = (
-        None  # default: a third of the feasible grid, at least 3 (+1: prefix cache off)
-    )
-    store_path: Path = Path("infertop-tune.sqlite")
-    out_dir: Path = Path("infertop-tune")
-    startup_timeout_s: float = 900.0
-    prove: bool = True  # relaunch from the exported YAML: proof and production check
-    price_per_gpu_hour: float | None = None
-    gpus: bool = True  # read NVML (False: tune the CPU build)
-    pin_cpus: str = "auto"  # "auto", "off" or "SERVER:CLIENT" cpu lists (tuner.serving.affinity)
-    predict: bool = True  # rank candidates by a performance model where one covers the GPU (tuner.predict)
-    # The traffic to tune for (tuner.loadgen.workload): its lengths and shared prefixes replace input_len and
-    # output_len in every phase; their means size predictions, and its longest sequence max-model-len.
-    workload: Workload | None = None
-    verdict: VerdictPlan = field(default_factory=VerdictPlan)
-    # The node: the GPUs the tune may use (physical indices; None: every GPU NVML sees) and how many trials may
-    # run at once (None: as many as the free GPUs hold; 1: one after another).
-    gpu_ids: tuple[int, ...] | None = None
-    parallel: int | None = None
-    nvml: Any = None  # a pynvml-like module to read the GPUs through (tests: a scripted one); None: pynvml
-    simulated: str | None = (
-        None  # the scripted machine behind ``nvml`` ("h100x8"): every label says SIMULATED
-    )
-
-
-@dataclass
-class TrialOutcome:
-    candidate: Candidate
-    status: TrialStatus
-    reason: str
-    capacity: Capacity | None = None
-    log_tail: str = ""
-    startup_s: float | None = None
-    failure_kind: str | None = None  # launcher.FailureKind value when the server did not start
-    gpus: tuple[int, ...] = ()  # the GPUs its server held
-
-    @property
-    def disturbed(self) -> str:
-        """Why other work on the node (trials beside it, other processes) disturbed a kept point, "" if none: the
-        host's CPU busy, or its GPUs slowed (trials side by side share the node's power and cooling)."""
-        points = self.capacity.points if self.capacity else ()
-        host = next((p.disturbed for p in points if p.disturbed), "")
-        worst = max(points, key=lambda p: p.evidence.get("throttled_pct") or 0.0, default=None)
-        share = worst.evidence.get("throttled_pct") if worst is not None else None
-        if share is not None and share > THROTTLED_PCT_DISTURBS:
-            reasons = ", ".join(worst.evidence.get("throttle_reasons") or ()) if worst else ""
-            gpus = f"its GPUs slowed {share:.0f} % of a window ({reasons or 'throttled'})"
-            return f"{host}; {gpus}" if host else gpus
-        return host
-
-    @property
-    def feasible(self) -> bool:
-        return self.status is TrialStatus.FEASIBLE and self.capacity is not None and self.capacity.feasible
 
 
 @dataclass
@@ -389,7 +308,7 @@ class Tuner:
         store = self._store = TrialStore.open(self.config.store_path, run_meta=meta)
         notes = [*self._stop_leftovers(store), self.workload_note]
         outcomes: dict[str, TrialOutcome] = {
-            r.key: _outcome_from_record(r)
+            r.key: TrialOutcome.from_record(r)
             for r in store.trials()
             if r.status in (TrialStatus.FEASIBLE, TrialStatus.INFEASIBLE, TrialStatus.FAILED)
         }
@@ -525,6 +444,12 @@ class Tuner:
                     candidate.key(), model.predict(candidate, self.hardware, workload)
                 )
         self.prediction_note = f"ranked by {model.source} ({len(self.predictions)} candidates predicted)"
+
+    def predict_candidates(self, feasible: list[Candidate]) -> bool:
+        """Predict the candidates once (the dry run and the run share them); whether any was predicted."""
+        if not self.predictions and not self.prediction_note:
+            self._predict(feasible)
+        return bool(self.predictions)
 
     def predicted_capacity(self, candidate: Candidate) -> float | None:
         prediction = self.predictions.get(candidate.key())
@@ -1099,15 +1024,3 @@ def _took_all(node: Node, tp: int, replicas: int) -> list[Placement]:
 
 def _died(capacity: Capacity) -> bool:
     return any(p.aborted and p.aborted != "interrupted" for p in capacity.points)
-
-
-def _outcome_from_record(record: TrialRecord) -> TrialOutcome:
-    capacity = Capacity.from_dict(record.capacity) if record.capacity else None
-    return TrialOutcome(
-        record.candidate,
-        record.status,
-        record.reason or "",
-        capacity,
-        record.log_tail or "",
-        record.startup_s,
-    )
