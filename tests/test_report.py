@@ -514,6 +514,8 @@ def test_the_first_line_is_the_verdict_then_what_was_exported(report: dict[str, 
     assert f"**Tie:** {report['ties'][0]}." in opening  # the two FP8 configurations
     assert f"${2.0 * 1e6 / (6190 * 3600):.3f}" in opening and "at 24.1 req/s (the operating point)" in opening
     assert "J/token" in opening
+    # Per GPU over the node's GPUs, per kW of the GPUs' measured power (520 W in the scripted evidence).
+    assert "**6,190 per GPU** over its 1 GPU (idle ones count); **11,904 per kW**" in opening
     assert "vllm serve --config" in opening and "--kv-cache-dtype fp8" in opening
     assert "NOT PROVEN" not in md and "n/a" not in opening  # every opening figure is known
 

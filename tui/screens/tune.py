@@ -78,7 +78,7 @@ class TuneScreen(Screen[None]):
         border-title-color: $text;
         border-title-style: bold;
     }
-    TuneScreen.node #telemetry { max-height: 12; }  /* a line per GPU of eight, on a wide screen */
+    TuneScreen.node #telemetry { max-height: 13; }  /* the server's line and a line per GPU of eight, wide */
     TuneScreen.short #telemetry { max-height: 5; }
     /* A node of several GPUs on a short terminal: its grid (four rows for eight GPUs) takes the telemetry's
        place whole, under a top border only, and so does the log; the candidate server's line gives way. */

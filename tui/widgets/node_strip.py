@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rich.console import RenderableType
 from rich.text import Text
+from textual.geometry import Size
 from textual.reactive import reactive
 from textual.widget import Widget
 
@@ -98,7 +99,16 @@ class NodeStrip(Widget):
     @property
     def columns(self) -> int:
         """GPUs a row: one on a wide screen, else two (when there are two or more)."""
-        return 1 if self.size.width >= WIDE_W or len(self.slots) < 2 else 2
+        return self._columns_at(self.size.width)
+
+    def _columns_at(self, width: int) -> int:
+        return 1 if width >= WIDE_W or len(self.slots) < 2 else 2
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        """As many rows as the GPUs take at the width it is given (its own size is not known yet while the
+        layout asks): eight lines on a wide screen, four rows of two on a narrow one."""
+        columns = self._columns_at(width)
+        return -(-len(self.slots) // columns) if self.slots else 0
 
     def render(self) -> RenderableType:
         if not self.slots:

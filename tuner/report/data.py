@@ -538,6 +538,20 @@ class Headline:
     output_tokens_per_s: float | None
     cost_per_million_output_tokens_usd: float | None
     joules_per_output_token: float | None
+    power_w: float | None = (
+        None  # the node's GPUs at that load, measured (the trial's replica times replicas)
+    )
+    gpus: int = 0  # the node's GPUs: per-GPU figures count idle ones too
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float | None:
+        return self.output_tokens_per_s / self.gpus if self.output_tokens_per_s and self.gpus else None
+
+    @property
+    def tokens_per_s_per_kw(self) -> float | None:
+        if not self.output_tokens_per_s or not self.power_w:
+            return None
+        return self.output_tokens_per_s / (self.power_w / 1000.0)
 
 
 def run_headline(run: Run) -> Headline:
@@ -555,10 +569,11 @@ def run_headline(run: Run) -> Headline:
     if at is None:
         at = w.best_point if w else None
     tok_s = at.tok_s if at else None
+    power = as_number(at.evidence.get("power_w_mean")) if at else None
     if not on_op and tok_s is not None:
-        tok_s *= (
-            wr  # the search measured one replica; the node runs them all (the proof measures them together)
-        )
+        # The search measured one replica; the node runs them all (the proof measures them together).
+        tok_s *= wr
+        power = power * wr if power is not None else None
     text = as_text(run.raw.get("headline")) or (run.verdict.headline if run.verdict else None)
     return Headline(
         text=text,
@@ -572,6 +587,8 @@ def run_headline(run: Run) -> Headline:
             run.price_per_gpu_hour, run.gpus, tok_s
         ),
         joules_per_output_token=at.joules_per_token if at else None,
+        power_w=power,
+        gpus=run.gpus,
     )
 
 

@@ -338,7 +338,26 @@ def _cost_and_energy(run: Run, head: Headline) -> list[tuple[Inline, ...]]:
         )
     else:
         energy = ("GPU energy per output token: n/a (no GPU power readings for those phases).",)
-    return [cost, energy]
+    lines = [cost, energy]
+    if head.tokens_per_s_per_gpu is not None:
+        per_kw = head.tokens_per_s_per_kw
+        lines.append(
+            (
+                f"The node {where}: {fmt_bare(head.output_tokens_per_s)} output tok/s, ",
+                bold(f"{fmt_bare(head.tokens_per_s_per_gpu)} per GPU"),
+                f" over its {run.gpus} GPU{'s' if run.gpus != 1 else ''} (idle ones count)",
+                *(
+                    (
+                        "; ",
+                        bold(f"{fmt_bare(per_kw)} per kW"),
+                        f" of the GPUs' measured power ({fmt_bare(head.power_w)} W).",
+                    )
+                    if per_kw is not None
+                    else ("; per kW: n/a (no GPU power readings).",)
+                ),
+            )
+        )
+    return lines
 
 
 def _commands(run: Run) -> str:
