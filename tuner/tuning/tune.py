@@ -33,8 +33,6 @@ from tuner.predict.base import Workload as TokenCounts
 from tuner.serving.affinity import pin_process, plan_cpus
 from tuner.serving.launcher import LaunchError, python_of
 from tuner.serving.leftovers import create_time_of, stop_leftover
-from tuner.telemetry import gpus as gpu_table
-from tuner.telemetry.model import GpuState
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
 from tuner.tuning import events as ev
@@ -52,9 +50,11 @@ from tuner.tuning.config import TuneConfig
 from tuner.tuning.dryrun import DryRun, plan_dry_run
 from tuner.tuning.executor import Done, Executor, Job
 from tuner.tuning.layout import Layout, NodeCapacity, layout_for
-from tuner.tuning.modelshape import Hardware, ModelShape
+from tuner.tuning.machine import detect_node
+from tuner.tuning.modelshape import ModelShape, SpaceError
+from tuner.tuning.nodeexport import every_replica, write_data_parallel, write_replicas
 from tuner.tuning.outcome import TrialOutcome
-from tuner.tuning.placement import Node, Placement, gpus_local_cpus
+from tuner.tuning.placement import Placement
 from tuner.tuning.points import RATE, USERS, Load
 from tuner.tuning.runner import AllRequestsFailed, EngineUrls, MeasurePlan, ServerHooks, TrialRunner
 from tuner.tuning.search import propose_moves, signals_from
@@ -92,65 +92,6 @@ class TuneResult:
     exit_code: int = 0
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    """What the tune runs on: the hardware it sizes candidates for, and the GPUs and cores it hands out."""
-
-    hardware: Hardware
-    label: str
-    node: Node
-    board_power_w: float | None  # one GPU's default power limit (NVML) or datasheet TDP; None: unknown
-
-
-def detect_node(
-    use_gpus: bool,
-    env: Mapping[str, str],
-    *,
-    gpu_ids: tuple[int, ...] | None = None,
-    nvml: Any = None,
-    cpu_plan: Any = None,
-) -> NodeInfo:
-    """The GPUs NVML sees (those of ``gpu_ids`` only, when given), or the CPU build of vLLM sized by
-    VLLM_CPU_KVCACHE_SPACE (GiB).
-
-    Raises:
-        TuneError: ``gpu_ids`` names a GPU that is not there, or mixes GPU types.
-    """
-    if use_gpus:
-        backend = NvmlBackend(nvml=nvml) if nvml is not None else NvmlBackend()
-        info = backend.open()
-        backend.close()
-        if info.state is GpuState.OK and info.gpus:
-            visible = {g.index: g for g in info.gpus}
-            chosen = sorted(visible) if gpu_ids is None else list(gpu_ids)
-            missing = [i for i in chosen if i not in visible]
-            if missing:
-                have = ",".join(map(str, sorted(visible)))
-                raise TuneError(f"--gpus: GPU {missing[0]} is not visible here (visible: {have})")
-            picked = [visible[i] for i in chosen]
-            names = {g.name for g in picked}
-            if len(names) > 1:
-                raise TuneError(
-                    f"--gpus: the GPUs differ ({', '.join(sorted(names))}): tune one GPU type at a time"
-                )
-            hw = Hardware.from_gpus(picked)
-            cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
-            node = Node(tuple(chosen), cores, gpus_local_cpus(picked, cores))
-            known = gpu_table.lookup(hw.gpu_name)
-            power = picked[0].power_limit_default_w or (known.tdp_w if known else None)
-            which = "" if gpu_ids is None else f" (GPUs {','.join(map(str, chosen))})"
-            return NodeInfo(hw, f"{hw.gpu_count}x {hw.gpu_name}{which}", node, power)
-    kv_gib = float(env.get("VLLM_CPU_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
-    hw = Hardware.cpu(int(kv_gib * GiB))
-    return NodeInfo(hw, f"CPU (vLLM CPU build, {kv_gib:g} GiB KV cache)", Node((), cpu_plan=cpu_plan), None)
-
-
-def detect_hardware(use_gpus: bool, env: Mapping[str, str]) -> tuple[Hardware, str]:
-    """The GPUs NVML sees, or the CPU build of vLLM sized by VLLM_CPU_KVCACHE_SPACE (GiB)."""
-    info = detect_node(use_gpus, env)
-    return info.hardware, info.label
-
-
 class Tuner:
     """Runs one tuning run. ``sampler`` (GPU, host and the candidate's /metrics) is there from construction."""
 
@@ -175,7 +116,10 @@ class Tuner:
             )
         if config.workload is not None:
             self.config = config = self._for_workload(config, config.workload)
-        self.node_info = detect_node(config.gpus, config.env, gpu_ids=config.gpu_ids, nvml=config.nvml)
+        try:
+            self.node_info = detect_node(config.gpus, config.env, gpu_ids=config.gpu_ids, nvml=config.nvml)
+        except SpaceError as exc:
+            raise TuneError(str(exc)) from None
         self.hardware, self.hardware_label = self.node_info.hardware, self.node_info.label
         if config.simulated:
             self.hardware_label = f"SIMULATED {self.hardware_label} (scripted NVML, not this machine)"
@@ -897,45 +841,13 @@ class Tuner:
 
     def proof_placements(self, contender: Contender) -> list[Placement]:
         """Where each replica of the contender's layout runs for the proof: the whole node, one block each."""
-        return _took_all(self.node, contender.candidate.tensor_parallel_size or 1, contender.replicas)
+        return every_replica(self.node, contender.candidate.tensor_parallel_size or 1, contender.replicas)
 
     def _write_dp(self, contender: Contender, status_line: str, out: Path) -> Path:
-        """The layout as one server with --data-parallel-size (its replicas as data-parallel ranks)."""
-        path = out / "best-dp.yaml"
-        path.write_text(export_text(self, contender, status_line, data_parallel=contender.replicas))
-        return path
+        return write_data_parallel(self, contender, status_line, out)
 
     def _write_replicas(self, contender: Contender, status_line: str, out: Path) -> dict[str, str]:
-        """For a layout of several replicas: one file per replica (its port; its GPUs in the header) and the
-        script that starts them all. One replica: nothing more than best.yaml. Files an earlier contender left
-        (the winner, before the runner-up was proven) go first: none may start a configuration not exported."""
-        for stale in [*out.glob("best-replica-*.yaml"), out / "serve-node.sh"]:
-            stale.unlink(missing_ok=True)
-        if contender.replicas <= 1:
-            return {}
-        written: dict[str, str] = {}
-        lines = [
-            "#!/bin/sh",
-            f"# {status_line}",
-            "# One vLLM server per replica, each on its own GPUs and port.",
-        ]
-        tp = contender.candidate.tensor_parallel_size or 1
-        for i, placement in enumerate(self.proof_placements(contender)):
-            port = 8000 + i
-            path = out / f"best-replica-{i}.yaml"
-            path.write_text(export_text(self, contender, status_line, replica=(i, placement.gpus, port)))
-            written[f"replica_{i}"] = str(path)
-            devices = ",".join(map(str, placement.gpus))
-            lines.append(
-                f"CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES={devices} vllm serve --config {path.name} &"
-                f"  # TP {tp}, port {port}"
-            )
-        lines.append("wait")
-        script = out / "serve-node.sh"
-        script.write_text("\n".join(lines) + "\n")
-        script.chmod(0o755)
-        written["serve_node"] = str(script)
-        return written
+        return write_replicas(self, contender, status_line, out, self.proof_placements(contender))
 
     def _finish(
         self,
@@ -1007,19 +919,6 @@ class Tuner:
                 )
             )  # fmt: skip
         return report, verdict
-
-
-def _took_all(node: Node, tp: int, replicas: int) -> list[Placement]:
-    """Every replica's placement on an idle node (the proof runs alone)."""
-    taken: list[Placement] = []
-    for _ in range(replicas):
-        placement = node.take(tp)
-        if placement is None:
-            break
-        taken.append(placement)
-    for placement in taken:
-        node.release(placement)  # handed back at once: the proof is the node's only user
-    return taken
 
 
 def _died(capacity: Capacity) -> bool:
