@@ -50,7 +50,11 @@ def _config(tmp_path: Path, model: Path, vllm_python: Path) -> TuneConfig:
         # is a move the evidence proposes whenever the per-user speed had room, so a third launch always follows
         # (fewer sequences is proposed only when the SLO held far fewer users than vLLM's 128: on a fast day the
         # defaults held 73, and the search ended after two launches).
-        values={"quantization": (None, "fp8"), "max_num_seqs": (4, 8), "max_num_batched_tokens": (2048, 4096)},
+        values={
+            "quantization": (None, "fp8"),
+            "max_num_seqs": (4, 8),
+            "max_num_batched_tokens": (2048, 4096),
+        },
         input_len=32,
         output_len=16,
         min_phase_s=1.0,
