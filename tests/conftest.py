@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer, api_server_command
 from tuner.serving.tinymodel import write_tiny_model
@@ -30,6 +31,16 @@ VLLM_TEST_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 # Flags every test server shares: random weights (no files), no torch.compile (a faster start).
 VLLM_TEST_ARGS = ("--load-format", "dummy", "--enforce-eager", "--max-model-len", "512")
 VLLM_STARTUP_TIMEOUT_S = 300.0
+
+# Property-based fuzzing of the readers of foreign data runs in CI on a bounded budget of examples, with no
+# per-example deadline (this machine is noisy): HYPOTHESIS_PROFILE=deep runs many more on a developer's machine.
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile(
+    "deep", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _running_under_ci() -> bool:
