@@ -59,9 +59,7 @@ class PrivateFile:
             raise OutputError(f"cannot write {self.path}: {error.strerror or error}") from None
         os.fchmod(fd, PRIVATE_MODE)
         self.tmp = Path(tmp)
-        self.file: IO[Any] = os.fdopen(
-            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
-        )
+        self.file: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
         self.done = False
 
     def commit(self) -> Path:
