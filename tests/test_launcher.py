@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import textwrap
 import time
@@ -144,6 +145,10 @@ FAKE_SERVER = textwrap.dedent(
     if mode == "crash":
         print("Segmentation fault", flush=True)
         sys.exit(3)
+    if mode == "leaky-crash":  # vLLM logs its non-default arguments, an --api-key among them
+        print("INFO non-default args: {'api_key': 'sk-test-0123456789SECRET', 'port': 8000}", flush=True)
+        print("Segmentation fault", flush=True)
+        sys.exit(3)
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -247,6 +252,20 @@ def test_exit_without_a_known_cause_reports_exit_code_and_last_line(
     assert caught.value.kind is FailureKind.EXITED
     assert caught.value.exit_code == 3
     assert "Segmentation fault" in caught.value.summary
+
+
+def test_what_infertop_shows_of_the_server_log_is_masked_and_the_log_is_private(
+    fake_server: Callable[..., VllmServer],
+) -> None:
+    lines: list[str] = []
+    server = fake_server("leaky-crash", on_log_line=lines.append)
+    with pytest.raises(LaunchError) as caught:
+        server.start()
+    secret = "sk-test-0123456789SECRET"
+    assert "'api_key': '***'" in caught.value.log_tail
+    assert secret not in caught.value.summary + caught.value.log_tail + server.log_tail() + "\n".join(lines)
+    assert any("api_key" in line for line in lines)
+    assert server.log_path is not None and stat.S_IMODE(server.log_path.stat().st_mode) == 0o600
 
 
 def test_missing_model_directory_fails_before_launching(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.redact import MASK, is_secret_name, redact_argv, redact_command, redact_url
+from tuner.redact import MASK, is_secret_name, redact_argv, redact_command, redact_text, redact_url
 
 SECRET = "sk-live-0123456789abcdef"
 
@@ -68,3 +68,11 @@ def test_joined_command_line() -> None:
     assert redact_command(f"vllm serve m --api-key {SECRET} --port 8000") == (
         f"vllm serve m --api-key {MASK} --port 8000"
     )
+
+
+def test_named_values_in_free_text() -> None:
+    line = f"INFO non-default args: {{'model': 'm', 'api_key': '{SECRET}', 'max_num_batched_tokens': 8192}}"
+    out = redact_text(line)
+    assert SECRET not in out and "'api_key': '***'" in out and "'max_num_batched_tokens': 8192" in out
+    assert redact_text("password=hunter2 port=80") == "password=*** port=80"
+    assert redact_text("'api_key': None") == "'api_key': None"

@@ -14,6 +14,7 @@ What is masked (the value only; the flag's name stays, so the command line still
   not secrets and stay;
 - ``KEY=VALUE`` environment-style arguments (an upper-case name), whatever the name;
 - the user and password of any URL (``scheme://user:pass@host``), and URL query values with secret names;
+- named values in free text (``'api_key': 'sk-…'``, as vLLM logs its arguments; ``password=…``);
 - ``Authorization:``/``Bearer`` header values, and tokens with well-known prefixes (``sk-``, ``hf_``,
   ``ghp_``, ``xoxb-``…) wherever they stand.
 """
@@ -35,6 +36,12 @@ _HEADER = re.compile(
 )
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 # Prefixes of tokens that announce themselves: OpenAI, Hugging Face, GitHub, Slack, AWS access keys, JWTs.
+# A named value in free text: ``'api_key': 'sk-…'`` (vLLM logs its non-default arguments as a dict),
+# ``"token": "…"``, ``password=…``. Masked when the name says secret (``max_num_batched_tokens`` does not).
+_NAMED_VALUE = re.compile(
+    r"""(?P<q>['"]?)(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P=q)(?P<sep>\s*[:=]\s*)"""
+    r"""(?P<vq>['"]?)(?P<value>[^'"\s,}\])]+)(?P=vq)"""
+)
 _KNOWN_TOKEN = re.compile(
     r"\b(?:sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,}|gh[pousr]_[A-Za-z0-9]{8,}|github_pat_[A-Za-z0-9_]{8,}"
     r"|xox[abprs]-[A-Za-z0-9-]{8,}|AKIA[0-9A-Z]{16}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)"
@@ -57,7 +64,15 @@ def redact_text(text: str) -> str:
     if header:
         return header.group(1) + MASK
     text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
+    text = _NAMED_VALUE.sub(_mask_named_value, text)
     return _KNOWN_TOKEN.sub(MASK, text)
+
+
+def _mask_named_value(match: re.Match[str]) -> str:
+    if not is_secret_name(match.group("name")) or match.group("value") in ("None", "null"):
+        return match.group(0)
+    quote, value_quote = match.group("q"), match.group("vq")
+    return f"{quote}{match.group('name')}{quote}{match.group('sep')}{value_quote}{MASK}{value_quote}"
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:

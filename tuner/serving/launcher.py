@@ -40,9 +40,11 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import BinaryIO
 
 import psutil
 
+from tuner.redact import redact_text
 from tuner.serving import reaper
 from tuner.serving.affinity import spawn_affinity
 from tuner.serving.launchlog import FailureKind, classify_log, is_fatal, strip_log_prefix
@@ -321,7 +323,7 @@ class VllmServer:
                 self.spec.log_path or Path(tempfile.mkdtemp(prefix="infertop-vllm-")) / "server.log"
             )
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_file = open(self._log_path, "wb")  # noqa: SIM115 (closed below, once the child holds it)
+            log_file = _open_private_log(self._log_path)
         except OSError as error:
             raise LaunchError(
                 FailureKind.CANNOT_START, f"vLLM not started: cannot write its log file: {error}"
@@ -384,7 +386,7 @@ class VllmServer:
             self._remember_children()
             if self._on_log_line is not None:
                 for line in new_lines:
-                    self._on_log_line(line)
+                    self._on_log_line(redact_text(line))
             if failure_seen_at is None and any(is_fatal(line) for line in new_lines):
                 failure_seen_at = time.monotonic()
             if exit_code is not None:
@@ -407,7 +409,7 @@ class VllmServer:
 
     def _failure(self, exit_code: int | None, fallback: FailureKind) -> LaunchError:
         assert self._log_path is not None
-        log_text = self._log_path.read_text(encoding="utf-8", errors="replace")
+        log_text = redact_text_lines(self._log_path.read_text(encoding="utf-8", errors="replace"))
         tail = _last_lines(log_text, _LOG_TAIL_LINES)
         found = classify_log(log_text)
         if fallback is FailureKind.TIMEOUT:
@@ -580,7 +582,20 @@ def _tail(path: Path, n_lines: int) -> str:
             text = file.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return _last_lines(text, n_lines)
+    return redact_text_lines(_last_lines(text, n_lines))
+
+
+def redact_text_lines(text: str) -> str:
+    """vLLM logs its non-default arguments, an ``--api-key`` among them: what infertop shows is masked."""
+    return "\n".join(redact_text(line) for line in text.split("\n"))
+
+
+def _open_private_log(path: Path) -> BinaryIO:
+    """The server's log, readable by its owner only (it may hold what vLLM prints of its arguments); a
+    symlink planted at its name is refused rather than followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _last_lines(text: str, n_lines: int) -> str:
