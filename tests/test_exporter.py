@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter, dashboard_json, parse_listen
+from tuner.telemetry.httpmessage import is_loopback
 from tuner.telemetry.model import EngineSample, Snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,10 +163,27 @@ def test_when_the_driver_goes_away_every_gpu_stays_a_series_at_0() -> None:
         ("0.0.0.0:9400", ("0.0.0.0", 9400)),
         ("[::1]:9401", ("::1", 9401)),
         ("10.0.0.5", ("10.0.0.5", 9400)),
+        ("9401", ("127.0.0.1", 9401)),  # a port alone: this machine only, like the default
+        ("[::ffff:127.0.0.1]:9401", ("::ffff:127.0.0.1", 9401)),
+        ("::ffff:127.0.0.1", ("::ffff:127.0.0.1", 9400)),  # no port: cannot be read as ADDRESS:PORT
+        ("::1", ("::1", 9400)),
     ],
 )
 def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
     assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("localhost", True),
+        ("::ffff:127.0.0.1", True), ("[::ffff:127.0.0.2]", True),
+        ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("::ffff:10.0.0.5", False),
+        ("gpu-node-01", False), ("127.0.0.1.example.org", False),
+    ],
+)  # fmt: skip
+def test_which_addresses_are_this_machine_only(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
 
 
 @pytest.mark.parametrize("text", ["host:port", "1.2.3.4:99999", "::1:9400", "[::1"])

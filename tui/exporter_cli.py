@@ -7,26 +7,70 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 DEMO_MACHINES = ("h100x8", "h100x4", "h100x1", "l4x2")
+WEB_CONFIG_HELP = """\
+--web-config FILE locks the exporter the way Prometheus exporters are locked: the format of Prometheus'
+exporter-toolkit (node_exporter's --web.config.file), file names relative to the file's folder:
+
+  tls_server_config:
+    cert_file: server.pem
+    key_file: server-key.pem
+    client_auth_type: RequireAndVerifyClientCert   # mTLS; or VerifyClientCertIfGiven, NoClientCert (default)
+    client_ca_file: clients-ca.pem                 # the CA that signs the clients' certificates
+    client_allowed_sans: [prometheus.example.org]  # optional: a client certificate must name one of them
+    min_version: TLS12                             # TLS10 .. TLS13 (max_version likewise)
+  http_server_config:
+    headers: {X-Content-Type-Options: nosniff}
+  basic_auth_users:
+    prometheus: $2b$12$...                         # a bcrypt hash: infertop exporter --hash-password
+
+Unknown fields are errors. Not supported, and refused: RequestClientCert and RequireAnyClientCert, inline cert
+and key, cipher_suites, curve_preferences, rate_limit. The file is read at start.
+
+Always, with or without it: only /metrics, /snapshot.json and / are served (404 elsewhere); a client has 10 s
+to send its request and 10 s to take the answer; at most 64 requests are answered at once and 512 connections
+held (one more closes the longest idle). On a loopback address, only requests for localhost or a loopback
+address are answered (a browser's page cannot reach it by a rebound DNS name). Credentials in --vllm URLs,
+command lines and the users owning processes are never published."""
 
 
 def exporter_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infertop exporter",
         description=(
-            "Serve this machine's GPU, host and inference-server readings at /metrics for Prometheus "
+            "Serve this machine's GPU, host and inference-server readings at /metrics for Prometheus\n"
             "(OpenMetrics or text, as the scraper asks). A scrape never calls NVML: it formats the latest reading."
         ),
+        epilog=WEB_CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--listen",
         default="127.0.0.1:9400",
         metavar="ADDR:PORT",
-        help="where to serve (default 127.0.0.1:9400, this machine only; 0.0.0.0:9400 for a fleet's Prometheus)",
+        help="where to serve (default 127.0.0.1:9400, this machine only; a port alone is on 127.0.0.1; "
+        "0.0.0.0:9400 for a fleet's Prometheus, with --web-config)",
     )
     parser.add_argument(
-        "--interval", type=float, default=1.0, metavar="S", help="seconds between readings (default 1)"
+        "--web-config",
+        type=Path,
+        metavar="FILE",
+        help="TLS, client certificates and basic-auth users, in exporter-toolkit's format (below)",
+    )
+    parser.add_argument(
+        "--hash-password",
+        action="store_true",
+        help="read a password (from the terminal, or one line of stdin) and print its bcrypt hash for "
+        "basic_auth_users, then exit",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between readings (default 1; from 0.01 to 60)",
     )
     parser.add_argument(
         "--vllm", action="append", metavar="URL", help="an inference server to watch besides those discovered"
@@ -65,7 +109,12 @@ def simulated_backend(machine: str):  # type: ignore[no-untyped-def]
 
 def run_exporter_cli(argv: Sequence[str]) -> int:
     args = exporter_parser().parse_args(argv)
-    from tuner.telemetry.exporter import Exporter, alert_rules, dashboard_json, is_loopback, parse_listen
+    if args.hash_password:
+        return _hash_password()
+    from tuner.settings import Settings, SettingsError
+    from tuner.telemetry.exporter import Exporter, alert_rules, dashboard_json, parse_listen
+    from tuner.telemetry.httpmessage import is_loopback
+    from tuner.telemetry.webconfig import WebConfig, WebConfigError, load_web_config
 
     if args.grafana_dashboard:
         sys.stdout.write(dashboard_json())
@@ -77,8 +126,16 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
         host, port = parse_listen(args.listen)
     except ValueError as exc:
         return _fail(str(exc))
-    if not args.interval or args.interval <= 0:
-        return _fail("--interval must be greater than 0")
+    try:  # the monitor's and record's bounds (NaN, infinity and a spinning core refused alike)
+        Settings(interval_s=args.interval).validate()
+    except SettingsError as exc:
+        return _fail(f"--interval: {exc}")
+    web_config = WebConfig()
+    if args.web_config is not None:
+        try:
+            web_config = load_web_config(args.web_config)
+        except WebConfigError as exc:
+            return _fail(f"--web-config {exc}")
     from tuner import __version__
     from tuner.telemetry.host import HostReader
     from tuner.telemetry.nvml import NvmlBackend
@@ -94,8 +151,21 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
     reader = HostReader(hostname=args.hostname) if args.hostname else None
     source = LiveSource(backend, config=config, vllm_urls=args.vllm or (), host=reader)
     exporter = Exporter(
-        Sampler(source, history_len=8), host=host, port=port, version=__version__, interval_s=args.interval
+        Sampler(source, history_len=8),
+        host=host,
+        port=port,
+        version=__version__,
+        interval_s=args.interval,
+        web_config=web_config,
     )
+    stop = threading.Event()
+
+    def _interrupt(signum: int, frame: object) -> None:
+        stop.set()
+
+    # Before starting: a SIGTERM during start-up stops it as cleanly as one later.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         info = exporter.start()
     except OSError as exc:
@@ -106,22 +176,46 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
         what += f", SIMULATED {args.simulate}"
     print(f"infertop exporter: serving {exporter.url} ({what}); Ctrl-C stops", file=sys.stderr)
     if not is_loopback(host):
-        print(
-            "infertop exporter: ! listening beyond this machine, without authentication: anyone who reaches "
-            f"{host}:{exporter.port} reads GPU, process and server names",
-            file=sys.stderr,
-        )
-    stop = threading.Event()
-
-    def _interrupt(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+        if not web_config.authenticates:
+            print(
+                "infertop exporter: ! listening beyond this machine, without authentication: anyone who reaches "
+                f"{host}:{exporter.port} reads GPU, process and server names (--web-config locks it)",
+                file=sys.stderr,
+            )
+        elif web_config.users and web_config.tls is None:
+            print(
+                "infertop exporter: ! basic auth without TLS: passwords cross the network in clear "
+                "(add tls_server_config to --web-config)",
+                file=sys.stderr,
+            )
     try:
         stop.wait()
     finally:
         exporter.stop()
+    return 0
+
+
+def _hash_password() -> int:
+    """A bcrypt hash for basic_auth_users, of a password typed (twice) or given as one line of stdin."""
+    import getpass
+
+    import bcrypt
+
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("password: ")
+            if getpass.getpass("again: ") != password:
+                return _fail("the passwords differ")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    except (EOFError, KeyboardInterrupt):
+        return _fail("no password given")
+    encoded = password.encode()
+    if not encoded:
+        return _fail("an empty password")
+    if len(encoded) > 72:
+        return _fail("bcrypt reads at most 72 bytes of a password")
+    print(bcrypt.hashpw(encoded, bcrypt.gensalt(rounds=12)).decode())
     return 0
 
 

@@ -9,13 +9,21 @@ Names follow Prometheus' conventions: base units (bytes, seconds, joules, hertz,
 ``_ratio``. GPM figures (real DRAM bandwidth, SM activity) and the duty cycles NVML also offers have different
 names, so a dashboard can never show one as the other. A metric the GPU, driver or server does not report is left
 out of the scrape, never exported as 0.
+
+Nothing secret leaves on the wire: an inference server's URL is exported without its user and password
+(``tuner.redact``), and neither ``/metrics`` nor ``/snapshot.json`` carries a process's command line or the
+user that owns it (a process is its pid and name). Who may read the exporter at all is ``--web-config``'s
+business (TLS, client certificates, basic auth: ``tuner.telemetry.webconfig``), and how a peer is kept from
+holding it, ``tuner.telemetry.webserver``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
+import ipaddress
 import json
-import socket
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from tuner.redact import redact_text, redact_url
 from tuner.telemetry.energy import EnginePower, SnapshotWindow
 from tuner.telemetry.model import (
     EngineSample,
@@ -35,6 +44,8 @@ from tuner.telemetry.model import (
     SystemInfo,
     to_jsonable,
 )
+from tuner.telemetry.webconfig import WebConfig
+from tuner.telemetry.webserver import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, WORKERS, WebServer
 
 if TYPE_CHECKING:
     from tuner.telemetry.sampler import Sampler
@@ -381,7 +392,7 @@ class SnapshotCollector(Collector):
         power = {e.url: self.power(e.url) for e in snap.engines if not e.error}
 
         def key(e: EngineSample) -> list[str]:
-            return [e.url, e.engine or "unknown", e.model_name or ""]
+            return [redact_url(e.url), e.engine or "unknown", e.model_name or ""]
 
         up = GaugeMetricFamily(
             f"{PREFIX}_engine_up",
@@ -402,7 +413,7 @@ class SnapshotCollector(Collector):
             gpus = ",".join(map(str, p.gpu_indices)) if p is not None and p.attributed else ""
             about.add_metric(key(e), {"gpus": gpus})
             if e.error:
-                error.add_metric(key(e), {"error": e.error})
+                error.add_metric(key(e), {"error": redact_text(e.error)})
         for family in (up, about, error):
             if family.samples:
                 yield family
@@ -471,9 +482,13 @@ def make_registry(collector: SnapshotCollector, *, process_metrics: bool = True)
 
 
 def parse_listen(text: str, default_port: int = 9400) -> tuple[str, int]:
-    """'127.0.0.1:9400', ':9400', '[::1]:9400' or a bare host -> (host, port). Raises ValueError in words."""
+    """'127.0.0.1:9400', ':9400', '9400' (this machine only), '[::1]:9400', '::1' or a bare host -> (host, port).
+    Raises ValueError in words."""
+    text = text.strip()
     host, port_text = text, ""
-    if text.startswith("["):
+    if text.isdigit():  # a port alone: on the loopback address, like the default
+        host, port_text = "", text
+    elif text.startswith("["):
         end = text.find("]")
         if end < 0:
             raise ValueError(f"--listen {text!r}: an IPv6 address needs its closing ']'")
@@ -483,7 +498,7 @@ def parse_listen(text: str, default_port: int = 9400) -> tuple[str, int]:
         port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-    elif ":" in text:
+    elif ":" in text and not _bare_ipv6(text):
         raise ValueError(f"--listen {text!r}: write an IPv6 address as [ADDRESS]:PORT")
     host = host or "127.0.0.1"
     if not port_text:
@@ -491,6 +506,21 @@ def parse_listen(text: str, default_port: int = 9400) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ValueError(f"--listen {text!r}: the port must be a number from 0 (any free one) to 65535")
     return host, int(port_text)
+
+
+def _bare_ipv6(text: str) -> bool:
+    """An IPv6 address written without brackets and without a port, where it cannot be read as ADDRESS:PORT
+    ('::ffff:127.0.0.1', '::1', 'fe80::1'; not '::1:9400', which is both)."""
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    address, _, last = text.rpartition(":")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return True
+    return not last.isdigit()
 
 
 def dashboard_json() -> str:
@@ -507,13 +537,14 @@ def alert_rules() -> str:
     return files("tuner.telemetry").joinpath("prometheus/infertop-alerts.yml").read_text()
 
 
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 class Exporter:
     """The sampler, the collector and the HTTP server together: ``start`` opens the machine and serves
-    ``/metrics``; ``stop`` ends both. Raises OSError from ``start`` when the address cannot be bound."""
+    ``/metrics``, ``/snapshot.json`` and an index at ``/`` (404 elsewhere); ``stop`` ends both. Raises OSError
+    from ``start`` when the address cannot be bound, ValueError from here for an interval that is not a
+    positive number of seconds.
+
+    ``web_config`` locks it (TLS, client certificates, basic auth); ``request_timeout_s``, ``workers`` and
+    ``max_connections`` bound what a peer can hold (:mod:`tuner.telemetry.webserver`)."""
 
     def __init__(
         self,
@@ -524,40 +555,62 @@ class Exporter:
         version: str = "",
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        web_config: WebConfig | None = None,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        workers: int = WORKERS,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"the sampling interval must be a positive number of seconds, not {interval_s}")
         self.sampler = sampler
         self.host, self.port = host, port
+        self.version = version
+        self.web_config = web_config or WebConfig()
+        self.request_timeout_s = request_timeout_s
+        self.workers = workers
+        self.max_connections = max_connections
         self.collector = SnapshotCollector(
             lambda: sampler.latest,
             lambda: sampler.info,
             version=version,
+            # Finite whatever the interval: a sampler that died turns every GPU down within it.
             stale_after_s=max(STALE_AFTER_S, 3 * interval_s),
             clock=clock,
         )
         self.registry = make_registry(self.collector)
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self.server: WebServer | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        scheme = "https" if self.web_config.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/metrics"
 
     def snapshot_json(self) -> bytes:
         """The latest reading and the machine, as the remote view reads them (``/snapshot.json``): the same
-        readings as ``/metrics``, lossless and about 30 times cheaper to parse. Command lines stay out (they can
-        hold secrets); process names stay in, as on ``/metrics``."""
+        readings as ``/metrics``, lossless and about 30 times cheaper to parse. What can be secret stays out:
+        command lines and the users owning processes (process names and pids stay, as on ``/metrics``), and
+        the credentials of inference-server URLs."""
         snap = self.sampler.latest
         if snap is not None:
             gpus = tuple(
                 dataclasses.replace(
-                    g, processes=tuple(dataclasses.replace(p, command=None) for p in g.processes or ())
+                    g,
+                    processes=tuple(
+                        dataclasses.replace(p, command=None, user=None) for p in g.processes or ()
+                    ),
                 )
                 if g.processes
                 else g
                 for g in snap.gpus
             )
-            snap = dataclasses.replace(snap, gpus=gpus, extra={})
+            engines = tuple(
+                dataclasses.replace(
+                    e, url=redact_url(e.url), error=redact_text(e.error) if e.error is not None else None
+                )
+                for e in snap.engines
+            )
+            snap = dataclasses.replace(snap, gpus=gpus, engines=engines, extra={})
         body = {
             "format": SNAPSHOT_FORMAT,
             "info": to_jsonable(self.sampler.info),
@@ -567,39 +620,57 @@ class Exporter:
         }
         return json.dumps(body, separators=(",", ":")).encode()
 
+    def index_html(self) -> bytes:
+        """``/``: what this is and where the readings are."""
+        version = html.escape(self.version or "")
+        return (
+            '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>infertop exporter</title></head>\n'
+            f"<body><h1>infertop exporter {version}</h1>\n<ul>\n"
+            '<li><a href="metrics">/metrics</a>: GPU, host and inference-server readings for Prometheus</li>\n'
+            '<li><a href="snapshot.json">/snapshot.json</a>: the same readings for infertop --host</li>\n'
+            "</ul></body></html>\n"
+        ).encode()
+
     def _app(self) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
         from prometheus_client import make_wsgi_app
 
         metrics = make_wsgi_app(self.registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if environ.get("PATH_INFO") == "/snapshot.json":
-                body = self.snapshot_json()
-                start_response(
-                    "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            path = environ.get("PATH_INFO")
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            if path == "/snapshot.json":
+                body, kind = self.snapshot_json(), "application/json"
+                status = "200 OK"
+            elif path == "/":
+                body, kind = self.index_html(), "text/html; charset=utf-8"
+                status = "200 OK"
+            else:
+                body, kind = (
+                    b"404 Not Found: this exporter serves /metrics and /snapshot.json\n",
+                    "text/plain",
                 )
-                return [body]
-            return metrics(environ, start_response)
+                status = "404 Not Found"
+            start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
+            return [body]
 
         return app
 
     def start(self, *, sampling: bool = True) -> SystemInfo:
         """Open the machine and serve. ``sampling=False`` leaves the ticks to the caller (tests)."""
-        from wsgiref.simple_server import make_server
-
-        from prometheus_client.exposition import ThreadingWSGIServer, WSGIRequestHandler
-
-        class _Server(ThreadingWSGIServer):
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-        class _Quiet(WSGIRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # a scrape is not news
-                pass
-
         # The address first (a port in use fails before anything starts), then the machine, then serving: the
         # first scrape never sees an unopened machine.
-        self._server = make_server(self.host, self.port, self._app(), _Server, handler_class=_Quiet)
-        self.port = self._server.server_port  # port 0: the one the system chose
+        self.server = WebServer(
+            self.host,
+            self.port,
+            self._app(),
+            web_config=self.web_config,
+            request_timeout_s=self.request_timeout_s,
+            workers=self.workers,
+            max_connections=self.max_connections,
+        )
+        self.port = self.server.port  # port 0: the one the system chose
         try:
             info = self.sampler.open()
             self.sampler.add_listener(self.collector.take)
@@ -608,16 +679,11 @@ class Exporter:
         except BaseException:
             self.stop()
             raise
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="infertop-exporter", daemon=True
-        )
-        self._thread.start()
+        self.server.start()
         return info
 
     def stop(self) -> None:
-        if self._server is not None:
-            if self._thread is not None:
-                self._server.shutdown()  # waits for serve_forever: only once it runs
-            self._server.server_close()
-            self._server = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         self.sampler.stop()
