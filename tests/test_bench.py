@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -217,3 +218,27 @@ def test_every_phase_sends_its_own_prompts_so_the_prefix_cache_cannot_answer_one
         ]
         for a, b in itertools.combinations(firsts, 2):
             assert a.isdisjoint(b)
+
+
+def test_the_results_file_keeps_a_file_that_appeared_since_the_check_then_replaces_only_its_own(
+    tmp_path: Path,
+) -> None:
+    from tuner.bench import BenchReport, ResultsFile
+    from tuner.outputs import OutputError
+
+    path = tmp_path / "bench.json"
+    path.write_text("written by someone after the CLI checked")
+    report = BenchReport(endpoint="http://127.0.0.1:8000", model=None, system=None)
+    with pytest.raises(OutputError, match="exists"):
+        ResultsFile(path).save(report)
+    assert path.read_text() == "written by someone after the CLI checked"
+    path.unlink()
+    results = ResultsFile(path)
+    results.save(report)  # after the first phase
+    report.error = "phase 2 stopped"
+    results.save(report)  # after the second: its own file, replaced
+    assert json.loads(path.read_text())["error"] == "phase 2 stopped"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    report.error = None
+    ResultsFile(path, force=True).save(report)  # --force: whatever is there
+    assert json.loads(path.read_text())["error"] is None

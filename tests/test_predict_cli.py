@@ -10,6 +10,7 @@ import pytest
 
 from tui.cli import main
 from tuner.predict import aic, node
+from tuner.predict.base import PredictError, Prediction
 from tuner.serving.tinymodel import LLAMA_3_1_8B, write_tiny_model
 from tuner.tuning.modelshape import Hardware, ModelShape
 from tuner.tuning.space import SearchSpace
@@ -218,3 +219,46 @@ def test_a_calibration_file_that_is_not_a_report_is_one_line(
     assert main(["predict", str(model_8b), "--calibrate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not an infertop tune report.json" in err and err.count("\n") == 1
+
+
+# --- when there is no best layout: what happened, not "fits in memory" where nothing said so ---------------
+
+
+@pytest.mark.usefixtures("small_space")
+def test_nothing_predicted_says_so_and_why(
+    model_8b: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(candidate: Any, shape: Any, hardware: Any, workload: Any) -> Prediction:
+        raise PredictError("no datasheet bandwidth for H100 SXM: no roofline")
+
+    monkeypatch.setattr(aic, "available", lambda: False)
+    monkeypatch.setattr(node, "roofline_prediction", never)
+    assert main(["predict", str(model_8b), "--gpu", "h100"]) == 1
+    out = capsys.readouterr().out
+    assert "h100       nothing could be predicted: no datasheet bandwidth for H100 SXM: no roofline" in out
+    assert main(["predict", str(model_8b), "--gpu", "h100", "--json"]) == 1
+    [row] = json.loads(capsys.readouterr().out)["gpus"]
+    assert row["error"] == "nothing could be predicted: no datasheet bandwidth for H100 SXM: no roofline"
+
+
+@pytest.mark.usefixtures("small_space")
+def test_candidates_that_could_not_be_predicted_are_not_counted_as_not_fitting(
+    model_8b: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 16-bit candidates are predicted not to fit; the FP8 ones, which would, cannot be predicted at all."""
+
+    def half(candidate: Any, shape: Any, hardware: Any, workload: Any) -> Prediction:
+        if candidate.quantization == "fp8":
+            raise PredictError("the roofline has no FP8 figures for this GPU")
+        return Prediction("roofline", workload, fits=False, reason="no request fits in the KV cache")
+
+    monkeypatch.setattr(aic, "available", lambda: False)
+    monkeypatch.setattr(node, "roofline_prediction", half)
+    assert main(["predict", str(model_8b), "--gpu", "h100", "--json"]) == 1
+    [row] = json.loads(capsys.readouterr().out)["gpus"]
+    predicted = row["candidates_predicted"]
+    assert predicted > 0 and row["candidates_fitting"] == 0
+    assert row["error"] == (
+        f"none of the {predicted} configurations predicted fits in memory; the others could not be predicted: "
+        "the roofline has no FP8 figures for this GPU"
+    )

@@ -14,7 +14,9 @@ import dataclasses
 import html.parser
 import json
 import math
+import os
 import re
+import stat
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -906,6 +908,26 @@ def test_errors_are_one_line(report: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "future.json").write_text(json.dumps({"format": "infertop-tune-report", "version": 9}))
     with pytest.raises(ReportError, match="version 9; this infertop reads 1 and 2"):
         read_report(tmp_path / "future.json")
+
+
+def test_every_file_is_private_and_a_planted_symlink_is_replaced_not_followed(
+    report: dict[str, Any], tmp_path: Path
+) -> None:
+    """The report carries the server's command line and log tail: 0600. Writing it again over the run's own
+    files is the point (``infertop report``, ``--resume``), but never through a link someone left there."""
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").symlink_to(victim)
+    (out / f".report.json.{os.getpid()}.tmp").symlink_to(victim)  # the predictable name it once wrote through
+    files = write_report(report, out)
+    again = write_report(report, out)
+    assert again["json"].read_text() == files["json"].read_text()
+    written = [files["json"], files["markdown"], files["html"], *files["plots"]]
+    assert {p.name: stat.S_IMODE(p.lstat().st_mode) for p in written} == {p.name: 0o600 for p in written}
+    assert victim.read_text() == "someone else's file" and not files["markdown"].is_symlink()
+    assert not [p for p in out.iterdir() if p.name.endswith((".part", ".tmp")) and not p.is_symlink()]
 
 
 def test_markdown_escapes_table_text(report: dict[str, Any], tmp_path: Path) -> None:

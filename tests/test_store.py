@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -215,3 +216,16 @@ def test_files_that_are_not_stores(tmp_path: Path) -> None:
         TrialStore.open(foreign, run_meta=META)
     with pytest.raises(StoreError, match="no such trial store"):
         load_run(tmp_path / "missing.db")
+
+
+def test_a_new_store_and_its_journal_are_private_and_a_resumed_one_keeps_its_mode(tmp_path: Path) -> None:
+    """Trials hold vLLM's log tails (its command line, what it printed): nobody else's to read."""
+    path = tmp_path / "run.db"
+    with TrialStore.open(path, run_meta=META) as store:
+        store.record_result(B, "failed", "engine died", log_tail="...OOM\n")
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("run.db")]
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    path.chmod(0o640)  # the operator's own choice for an existing run
+    with TrialStore.open(path, run_meta=META) as store:
+        assert [t.key for t in store.trials()] == [B.key()]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -11,12 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
+from tui.launch_args import (
+    add_launch_arguments,
+    positive_seconds,
+    print_to_stdout,
+    stop_on_signals,
+    vllm_command,
+)
 from tuner.bench import BenchPlan, run_bench
 from tuner.loadgen import LoadSpec, PhaseProgress
 from tuner.loadgen.workload import PRESETS as WORKLOADS
-from tuner.loadgen.workload import WorkloadError, parse_workload
+from tuner.loadgen.workload import Workload, WorkloadError, parse_workload
 from tuner.measure import MeasuredPhase
+from tuner.outputs import OutputError, check_new
 from tuner.serving.launcher import ServerSpec
 
 
@@ -57,7 +65,9 @@ def bench_parser() -> argparse.ArgumentParser:
         help="request rates per second instead, e.g. 2,8 (Poisson, or a trace's own gaps)",
     )
     parser.add_argument("--num-requests", type=int, metavar="N", help="per phase (default 8 per stream)")
-    parser.add_argument("--duration", type=float, metavar="S", help="per phase, instead of a request count")
+    parser.add_argument(
+        "--duration", type=positive_seconds, metavar="S", help="per phase, instead of a request count"
+    )
     parser.add_argument("--warmup", type=int, metavar="N", help="warm-up requests per phase (not counted)")
     parser.add_argument(
         "--vocab-size",
@@ -67,11 +77,15 @@ def bench_parser() -> argparse.ArgumentParser:
         "else asked of the server, else 1000)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ttft-max", type=float, metavar="S", help="SLO for goodput: TTFT limit")
-    parser.add_argument("--tpot-max", type=float, metavar="S", help="SLO for goodput: TPOT limit")
+    parser.add_argument("--ttft-max", type=positive_seconds, metavar="S", help="SLO for goodput: TTFT limit")
+    parser.add_argument("--tpot-max", type=positive_seconds, metavar="S", help="SLO for goodput: TPOT limit")
     parser.add_argument(
-        "--out", type=Path, metavar="FILE", help="results file (default infertop-bench-<time>.json)"
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="results file, written 0600 (default infertop-bench-<time>.json); an existing one is kept",
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--no-gpu", action="store_true", help="do not read GPU telemetry")
     parser.add_argument("vllm_args", nargs="*", help="after --: extra arguments for vLLM (with --launch)")
@@ -83,7 +97,7 @@ def _numbers(text: str, kind: type) -> tuple[Any, ...]:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise SystemExit(f"infertop bench: not a list of numbers: {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise SystemExit(f"infertop bench: expected positive numbers, got {text!r}")
     return values
 
@@ -227,10 +241,15 @@ def run_bench_cli(argv: Sequence[str]) -> int:
     if workload is not None:
         _status(f"workload {workload.describe()}")
     out = args.out or Path(time.strftime("infertop-bench-%Y%m%d-%H%M%S.json"))
+    try:
+        check_new(out, force=args.force)  # before anything is launched or measured: a refusal costs nothing
+    except OutputError as exc:
+        _status(str(exc))
+        return 2
     progress = ProgressLine()
     cancel = threading.Event()
 
-    stop_on_ctrl_c(cancel, "infertop bench: stopping (Ctrl-C again to abort at once)")
+    stop_on_signals(cancel, "infertop bench: stopping; what was measured so far is written")
     report = run_bench(
         args.endpoint,
         plan,
@@ -241,40 +260,45 @@ def run_bench_cli(argv: Sequence[str]) -> int:
         on_phase_done=progress.done,
         on_status=_status,
         cancel=cancel,
+        force=args.force,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print_to_stdout(json.dumps(report.to_dict(), indent=1))
     elif report.phases:
-        print(table(report.phases))
-        for p in report.phases:
-            if p.tokens.mismatch:
-                print(f"! c={p.load.spec.concurrency}: {p.tokens.note}")
-            if p.disturbance is not None and p.disturbance.disturbed:
-                spec = p.load.spec
-                what = f"c={spec.concurrency}" if spec.concurrency else f"{spec.request_rate_per_s:g} req/s"
-                print(f"! {what}: disturbed: {p.disturbance.why}")
-            hits, queries = p.evidence.prefix_cache_hits, p.evidence.prefix_cache_queries
-            shared = workload is not None and (workload.prefix is not None or workload.sessions is not None)
-            if p.load.stand_in_answers:
-                print(
-                    f"! c={p.load.spec.concurrency}: this vLLM did not return {p.load.stand_in_answers} answers as "
-                    "token ids (return_token_ids): their history was stand-in ids of the same length, which its "
-                    "prefix cache cannot reuse"
-                )
-            if (
-                hits is not None and queries and shared
-            ):  # the workload's shared prefixes: expected, and a finding
-                print(
-                    f"  c={p.load.spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from "
-                    "vLLM's prefix cache"
-                )
-            elif hits and queries and hits / queries > PREFIX_HIT_WARN:
-                print(
-                    f"! c={p.load.spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from vLLM's "
-                    "prefix cache (another client repeating prompts?): the figures are optimistic"
-                )
+        print_to_stdout(_findings(report.phases, workload))
     sys.stderr.write(f"infertop bench: results in {out}\n")
     if report.error:
         sys.stderr.write(f"infertop bench: {report.error}\n")
         return 130 if report.interrupted else 1
     return 130 if report.interrupted else 0
+
+
+def _findings(phases: Sequence[MeasuredPhase], workload: Workload | None) -> str:
+    """The table, then a line for each phase whose figures need a word: a token mismatch, a disturbed host,
+    stand-in answers, the prefix cache."""
+    lines = [table(phases)]
+    shared = workload is not None and (workload.prefix is not None or workload.sessions is not None)
+    for p in phases:
+        spec = p.load.spec
+        if p.tokens.mismatch:
+            lines.append(f"! c={spec.concurrency}: {p.tokens.note}")
+        if p.disturbance is not None and p.disturbance.disturbed:
+            what = f"c={spec.concurrency}" if spec.concurrency else f"{spec.request_rate_per_s:g} req/s"
+            lines.append(f"! {what}: disturbed: {p.disturbance.why}")
+        hits, queries = p.evidence.prefix_cache_hits, p.evidence.prefix_cache_queries
+        if p.load.stand_in_answers:
+            lines.append(
+                f"! c={spec.concurrency}: this vLLM did not return {p.load.stand_in_answers} answers as "
+                "token ids (return_token_ids): their history was stand-in ids of the same length, which its "
+                "prefix cache cannot reuse"
+            )
+        if hits is not None and queries and shared:  # the workload's shared prefixes: expected, and a finding
+            lines.append(
+                f"  c={spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from vLLM's prefix cache"
+            )
+        elif hits and queries and hits / queries > PREFIX_HIT_WARN:
+            lines.append(
+                f"! c={spec.concurrency}: {hits / queries:.0%} of the prompt tokens came from vLLM's "
+                "prefix cache (another client repeating prompts?): the figures are optimistic"
+            )
+    return "\n".join(lines)

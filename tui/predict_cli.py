@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tui.launch_args import print_to_stdout
 from tuner.predict import aic
 from tuner.predict.base import PredictError, Workload
 from tuner.predict.node import NodeRanking, rank_layouts
@@ -140,9 +141,9 @@ def run_predict_cli(argv: Sequence[str]) -> int:
         print(f"infertop predict: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(_to_json(args, rows, slo), indent=2))
+        print_to_stdout(json.dumps(_to_json(args, rows, slo), indent=2))
     else:
-        print(_table(args, rows, slo))
+        print_to_stdout(_table(args, rows, slo))
     return 0 if any(r.ranking.best is not None for r in rows) else 1
 
 
@@ -196,6 +197,23 @@ def _gpu_names(spec: str) -> list[str]:
     return found
 
 
+def why_no_best(ranking: NodeRanking) -> str:
+    """Why a GPU type has no best layout, as it happened: "fits in memory" only where predictions said so.
+
+    A candidate the model could not predict says nothing about memory: where none was predicted at all, or
+    those that were did not fit while the others could not be predicted, the line says so with the model's own
+    reason."""
+    reason = ranking.skipped[0] if ranking.skipped else "no candidate to predict"
+    if ranking.predicted == 0:
+        return f"nothing could be predicted: {reason}"
+    if ranking.fitting == 0 and ranking.skipped:
+        return (
+            f"none of the {ranking.predicted} configurations predicted fits in memory; the others could not be "
+            f"predicted: {reason}"
+        )
+    return ranking.error or "no configuration meets the SLO"
+
+
 def _kind_short(ranking: NodeRanking) -> str:
     """The table's last column: where the row's figures come from."""
     if ranking.is_ceiling:
@@ -228,7 +246,7 @@ def _table(args: argparse.Namespace, rows: list[GpuRow], slo: Slo) -> str:
         gpu = labels[row.name]
         best = r.best
         if best is None:
-            lines.append(f"{gpu:<{gpu_width}} {r.error}  ({_kind_short(r)})")
+            lines.append(f"{gpu:<{gpu_width}} {why_no_best(r)}  ({_kind_short(r)})")
             notes += _notes(row)
             continue
         f = best.figures
@@ -312,7 +330,7 @@ def _row_json(row: GpuRow, slo: Slo) -> dict[str, Any]:
         "figures": r.kind,
         "source": r.source,
         "note": r.note or None,
-        "error": r.error or None,
+        "error": why_no_best(r) if best is None else None,
         "candidates_predicted": r.predicted,
         "candidates_fitting": r.fitting,
         "not_predicted": list(r.skipped),

@@ -3,16 +3,20 @@
 The tuner is anything shaped like :class:`TunerLike` (``tuner.tuning.tune`` provides the real one; tests a fake).
 Its events and its sampler's snapshots are forwarded to the screen as messages; the UI thread owns every
 widget. Stopping (``s``, or ``q`` while a run is active) sets the ``cancel`` event the tuner watches: it stops
-the vLLM server and keeps the trials it finished.
+the vLLM server and keeps the trials it finished. SIGTERM (or a SIGINT sent from outside: in the TUI Ctrl-C is a
+key) does the same as a confirmed ``q``: the tuner stops its server and writes its report, then the app leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from types import FrameType
+from typing import Any, Protocol
 
 from textual.app import App
 from textual.binding import Binding
@@ -28,6 +32,8 @@ from tui.tune_messages import TelemetryAttached, TuneEventReceived, TuneRunEnded
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.sampler import Sampler
 from tuner.tuning.events import Listener, TuneEvent
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers
 
 STOP_QUESTION = "Stop the tuning run? The server is stopped, finished trials are kept."
 
@@ -79,11 +85,44 @@ class TuneApp(App[None]):
         self._sampler: Sampler | None = None
         self._telemetry_announced = False
         self._exit_when_stopped = False
+        self._signals_caught: dict[signal.Signals, SignalHandler | None] = {}  # -> the handler it had before
 
     async def on_mount(self) -> None:
         await self.push_screen(self.tune_screen)
+        self._catch_stop_signals()
         if self.autostart:
             self.start_run()
+
+    def _catch_stop_signals(self) -> None:
+        """Without this a SIGTERM kills the process at once: no report, and the terminal left in raw mode."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            before = signal.getsignal(signum)
+            try:
+                loop.add_signal_handler(signum, self._stop_signal_received)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+                continue
+            self._signals_caught[signum] = before
+
+    def _release_stop_signals(self) -> None:
+        """The handlers the process had before the app, back in place."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: its handlers went with it
+            loop = asyncio.get_running_loop()
+            for signum in self._signals_caught:
+                loop.remove_signal_handler(signum)
+        for signum, before in self._signals_caught.items():
+            if before is not None:  # None: set from outside Python, nothing to restore
+                signal.signal(signum, before)
+        self._signals_caught.clear()
+
+    def _stop_signal_received(self) -> None:
+        """Asked to stop from outside: as a confirmed ``q``, and a second time leave at once (as a second ``q``)."""
+        if self.run_active and not self.cancel.is_set():
+            self._exit_when_stopped = True
+            self.stop_run()
+            return
+        self.cancel.set()
+        self.exit()
 
     def start_run(self) -> None:
         """Run the tuner in a thread worker (``autostart`` does this on mount)."""
@@ -157,6 +196,7 @@ class TuneApp(App[None]):
         # However the app ends, the tuner must not run on unwatched (it stops its vLLM server).
         self.cancel.set()
         self._stop_listening()
+        self._release_stop_signals()
 
     # --- actions -------------------------------------------------------------------------------------
 

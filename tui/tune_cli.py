@@ -10,9 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tui.launch_args import add_launch_arguments, stop_on_ctrl_c, vllm_command
+from tui.launch_args import (
+    add_launch_arguments,
+    positive_seconds,
+    print_to_stdout,
+    stop_on_signals,
+    vllm_command,
+)
 from tuner.loadgen.workload import PRESETS as WORKLOADS
 from tuner.loadgen.workload import WorkloadError, parse_workload
+from tuner.outputs import OutputError, check_new, write_private
+from tuner.report.write import ReportError
 from tuner.tuning import events as ev
 from tuner.tuning.slo import PRESETS, SloError, parse_slo
 from tuner.tuning.space import SpaceError, parse_pins
@@ -25,10 +33,10 @@ EXIT_CODES = """exit codes:
   0  a configuration was proven: vLLM relaunched from the exported file held the SLO at the exported operating
      point (PROVEN, or PROVEN AFTER BACKING OFF to a lower load or to the runner-up); or --no-prove (UNVERIFIED)
   1  no configuration met the SLO, or the server refused every request (the last line says why)
-  2  bad input: model directory, SLO, values, store
+  2  bad input: model directory, SLO, values, store; an --out or --export an earlier run wrote (see --force)
   3  NOT PROVEN: the winner (and the runner-up) did not hold the SLO on a relaunch from the exported file;
      best.yaml is written with NOT PROVEN in its header
-  130 interrupted (Ctrl-C or s): finished trials are kept, --resume carries on
+  130 interrupted (Ctrl-C, SIGTERM or s): finished trials and the report are kept, --resume carries on
 """
 
 
@@ -75,7 +83,11 @@ def tune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-concurrency", type=int, default=512, metavar="N", help="most users tried")
     parser.add_argument(
-        "--phase-seconds", type=float, default=10.0, metavar="S", help="least time per measured load (10)"
+        "--phase-seconds",
+        type=positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="least time per measured load (10)",
     )
     parser.add_argument(
         "--max-requests",
@@ -86,7 +98,7 @@ def tune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--production-seconds",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="least time for the production check",
@@ -109,13 +121,26 @@ def tune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--store", type=Path, default=Path("infertop-tune.sqlite"), help="trial database")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --store")
-    parser.add_argument("--out", type=Path, default=Path("infertop-tune"), help="report and logs directory")
-    parser.add_argument("--export", type=Path, metavar="FILE", help="also write the winner's YAML here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("infertop-tune"),
+        help="report and logs directory (one holding an earlier run's files: --resume or --force)",
+    )
+    parser.add_argument(
+        "--export",
+        type=Path,
+        metavar="FILE",
+        help="also write the winner's YAML here (an existing file is kept)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out directory and --export file"
+    )
     add_launch_arguments(parser)
     parser.add_argument(
         "--price-per-gpu-hour",
         "--price",
-        type=float,
+        type=positive_price,
         metavar="USD",
         help="price of one GPU-hour: cost per 1M output tokens of the whole node",
     )
@@ -163,6 +188,34 @@ def tune_parser() -> argparse.ArgumentParser:
         (parser.epilog or "") + "\nArguments after -- are passed to every vLLM launch.\n\n" + EXIT_CODES
     )
     return parser
+
+
+def positive_price(text: str) -> float:
+    """--price: a finite price above zero (NaN or infinity would turn every cost into nonsense)."""
+    try:
+        return positive_seconds(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a price in USD above 0, got {text!r}") from None
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything is launched or measured, outputs that would replace an earlier run's: an --out
+    directory holding files (its logs would be truncated, its report replaced) and an existing --export file,
+    unless --force. --resume carries on in its own run directory.
+
+    Raises:
+        OutputError: one line for the user.
+    """
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is not a directory")
+    if not args.resume and not args.force and out.is_dir() and any(out.iterdir()):
+        raise OutputError(
+            f"--out {out} holds an earlier run's files: --resume carries that run on, --force replaces them, "
+            "or give another --out"
+        )
+    if args.export is not None:
+        check_new(args.export, force=args.force)
 
 
 def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -339,11 +392,13 @@ def run_tune_cli(argv: Sequence[str]) -> int:
     own, vllm_args = split_vllm_args(argv)
     args = tune_parser().parse_args(own)
     try:
+        if not args.dry_run:
+            check_outputs(args)
         tuner = Tuner(build_config(args, vllm_args), resume=args.resume)
         if args.dry_run:
-            print(tuner.dry_run().text())
+            print_to_stdout(tuner.dry_run().text())
             return 0
-    except (TuneError, SloError, SpaceError, StoreError, ValueError) as exc:
+    except (TuneError, SloError, SpaceError, StoreError, OutputError, ValueError) as exc:
         sys.stderr.write(f"infertop tune: {exc}\n")
         return 2
     headless = args.headless or args.json or not sys.stdout.isatty()
@@ -356,26 +411,39 @@ def run_tune_cli(argv: Sequence[str]) -> int:
     else:
         cancel = threading.Event()
 
-        stop_on_ctrl_c(
-            cancel, "infertop tune: stopping after this phase; the server is stopped, trials are kept"
+        stop_on_signals(
+            cancel,
+            "infertop tune: stopping after this phase; the server is stopped, trials and the report kept",
         )
         try:
             result = tuner.run(HeadlessProgress(), cancel)
-        except (TuneError, StoreError) as exc:
+        except (TuneError, StoreError, OutputError, ReportError) as exc:
             sys.stderr.write(f"infertop tune: {exc}\n")
             return 2
     if result is None:
         return 130
-    if args.export and "yaml" in result.outputs:
-        args.export.write_text(Path(result.outputs["yaml"]).read_text())
-        result.outputs["export"] = str(args.export)
+    export_failed = args.export is not None and not _export(args, result.outputs)
     if args.json:
-        print(json.dumps(result.report, indent=1, default=str))
+        print_to_stdout(json.dumps(result.report, indent=1, default=str))
     for name, path in result.outputs.items():
         sys.stderr.write(f"infertop tune: {name}: {path}\n")
     if result.headline:  # the last line says what the run found, whatever came before
         sys.stderr.write(f"infertop tune: {result.headline}\n")
-    return result.exit_code
+    return 2 if export_failed else result.exit_code
+
+
+def _export(args: argparse.Namespace, outputs: dict[str, str]) -> bool:
+    """Copy the exported YAML to --export (0600, kept if it appeared since the check unless --force); False,
+    and one line, when it cannot be written. Nothing to copy (no configuration) is not a failure."""
+    if "yaml" not in outputs:
+        return True
+    try:
+        write_private(args.export, Path(outputs["yaml"]).read_text(encoding="utf-8"), force=args.force)
+    except (OutputError, OSError) as exc:
+        sys.stderr.write(f"infertop tune: --export: {exc}\n")
+        return False
+    outputs["export"] = str(args.export)
+    return True
 
 
 def _minutes(seconds: float | None) -> str:

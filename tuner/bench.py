@@ -1,13 +1,13 @@
 """`infertop bench`: measure a vLLM server (running, or launched for the purpose) over one or more phases.
 
-Each phase's results are written to the results file as soon as the phase ends, so an interrupt, a crash of the
-server or of the client never loses finished phases.
+Each phase's results are written to the results file as soon as the phase ends, so an interrupt (Ctrl-C or
+SIGTERM, which set ``cancel``), a crash of the server or of the client never loses finished phases. The file is
+private and written whole (:mod:`tuner.outputs`), and never replaces one that was there before the bench.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import threading
@@ -21,6 +21,7 @@ from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
 from tuner.loadgen.vocab import vocab_size_from_dir, vocab_size_from_server
 from tuner.loadgen.workload import Workload, WorkloadError, for_server
 from tuner.measure import MeasuredPhase, measure_phase
+from tuner.outputs import OutputError, write_private
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
 from tuner.telemetry.nvml import NvmlBackend
@@ -124,10 +125,27 @@ class BenchReport:
             "phases": [p.to_dict() for p in self.phases],
         }
 
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)  # atomic: a crash mid-write leaves the previous version
+
+@dataclass
+class ResultsFile:
+    """Where a bench's results go, written whole and private (0600) after every phase.
+
+    The first write may not replace a file that is there (unless ``force``): the CLI refused an existing one
+    before measuring, and this holds even for one created since. Later writes replace the bench's own file.
+    """
+
+    path: Path
+    force: bool = False
+    written: bool = False
+
+    def save(self, report: BenchReport) -> None:
+        """Write ``report``; :class:`~tuner.outputs.OutputError` (one line) when it cannot be."""
+        text = json.dumps(report.to_dict(), indent=1)
+        try:
+            write_private(self.path, text, force=self.force or self.written)
+        except OSError as error:  # a write that failed midway (disk full): the partial file was discarded
+            raise OutputError(f"cannot write {self.path}: {error.strerror or error}") from None
+        self.written = True
 
 
 ProgressFn = Callable[[int, int, LoadSpec, PhaseProgress], None]
@@ -171,10 +189,15 @@ def run_bench(
     on_phase_done: PhaseDoneFn | None = None,
     on_status: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
+    force: bool = False,
 ) -> BenchReport:
-    """Measure ``endpoint``, or launch ``launch`` first (and always stop it). Never leaves a server running."""
+    """Measure ``endpoint``, or launch ``launch`` first (and always stop it). Never leaves a server running.
+
+    Results go to ``results_path`` after every phase and once more at the end, however the bench ends; a file
+    already there is replaced only with ``force``."""
     cancel = cancel or threading.Event()
     status = on_status or (lambda _msg: None)
+    results = ResultsFile(results_path, force=force)
     server: VllmServer | None = None
     report = BenchReport(endpoint=endpoint or "", model=plan.model, system=None)
     try:
@@ -217,7 +240,7 @@ def run_bench(
         try:
             asyncio.run(
                 _run_phases(
-                    endpoint, plan, report, results_path, sampler, server, on_progress, on_phase_done, cancel
+                    endpoint, plan, report, results, sampler, server, on_progress, on_phase_done, cancel
                 )
             )
         finally:
@@ -235,8 +258,11 @@ def run_bench(
             status("stopping vLLM")
             server.stop()
         report.interrupted = report.interrupted or cancel.is_set()
-        with contextlib.suppress(OSError):
-            report.save(results_path)
+        try:
+            results.save(report)
+        except OutputError as exc:
+            status(str(exc))
+            report.error = report.error or str(exc)
     return report
 
 
@@ -244,7 +270,7 @@ async def _run_phases(
     endpoint: str,
     plan: BenchPlan,
     report: BenchReport,
-    results_path: Path,
+    results: ResultsFile,
     sampler: Sampler,
     server: VllmServer | None,
     on_progress: ProgressFn | None,
@@ -275,7 +301,11 @@ async def _run_phases(
         model = phase.load.model
         report.model = model
         report.phases.append(phase)
-        report.save(results_path)
+        try:
+            results.save(report)
+        except OutputError as exc:
+            report.error = f"{exc}: stopped after phase {i + 1}"  # measuring on would keep nothing
+            break
         if on_phase_done is not None:
             on_phase_done(i, phase)
         if phase.load.aborted:

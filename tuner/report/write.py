@@ -10,6 +10,10 @@ at which load, with the figures and their 90 % intervals. Its sections are built
 :mod:`tuner.report.data` and the plots from :mod:`tuner.report.plots`. The dict may be incomplete (an
 interrupted run, a failed trial, fields that are None, a version-1 report of an older infertop); every missing
 figure reads "n/a", never zero.
+
+Every file is written private (0600) and whole through :mod:`tuner.outputs`: the report carries the server's
+command line and log tail. The directory is the run's own, so writing a report again replaces the one there
+(``infertop report``, ``--resume``); a symlink planted under one of its names is replaced, never followed.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
+from tuner.outputs import OutputError, write_private
 from tuner.report import svgplot
 from tuner.report.data import (
     Run,
@@ -84,21 +88,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``text`` whole and private over this report's earlier file of that name (see the module's rules)."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
+        write_private(path, text, force=True)
+    except OutputError as error:
+        raise ReportError(str(error)) from None
+    except OSError as error:  # a write that failed midway (disk full): the partial file was discarded
         raise ReportError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> ReportFiles:
     """Write ``report.json``, ``report.md``, ``report.html`` and the SVG plots into ``out_dir`` (created).
 
-    Files are replaced atomically, so writing again (``infertop report``) is safe. Plots are written only
-    when some trial has a measured point.
+    Files are written 0600 and replaced whole, so writing again (``infertop report``) is safe. Plots are written
+    only when some trial has a measured point.
 
     Raises:
         ReportError: the directory or a file cannot be written.

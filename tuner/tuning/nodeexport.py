@@ -1,16 +1,25 @@
 """The node's layout as files an operator runs: one YAML per replica and the script that starts them, or one
-server with ``--data-parallel-size`` where that measured as well (tuner.tuning.verdict decides which)."""
+server with ``--data-parallel-size`` where that measured as well (tuner.tuning.verdict decides which).
+
+Every file is written private and whole (:mod:`tuner.outputs`) into the run's own directory, where replacing the
+run's earlier files is the point (``force``); a symlink planted under one of their names is replaced, never
+followed. The script is its owner's to run (0700), nobody else's."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from tuner.outputs import open_private, write_private
 from tuner.tuning.conclusion import RunView, export_text
 from tuner.tuning.placement import Node, Placement
 from tuner.tuning.verdict import Contender
 
-__all__ = ["every_replica", "write_data_parallel", "write_replicas"]
+__all__ = ["SCRIPT_MODE", "every_replica", "write_data_parallel", "write_replicas"]
+
+SCRIPT_MODE = 0o700
+"""serve-node.sh: its owner runs it; like the YAMLs beside it, nobody else reads it."""
 
 
 def every_replica(node: Node, tp: int, replicas: int) -> list[Placement]:
@@ -29,7 +38,8 @@ def every_replica(node: Node, tp: int, replicas: int) -> list[Placement]:
 def write_data_parallel(view: RunView, contender: Contender, status_line: str, out: Path) -> Path:
     """The layout as one server with --data-parallel-size (its replicas as data-parallel ranks)."""
     path = out / "best-dp.yaml"
-    path.write_text(export_text(view, contender, status_line, data_parallel=contender.replicas))
+    text = export_text(view, contender, status_line, data_parallel=contender.replicas)
+    write_private(path, text, force=True)
     return path
 
 
@@ -49,7 +59,8 @@ def write_replicas(
     for i, placement in enumerate(placements):
         port = 8000 + i
         path = out / f"best-replica-{i}.yaml"
-        path.write_text(export_text(view, contender, status_line, replica=(i, placement.gpus, port)))
+        text = export_text(view, contender, status_line, replica=(i, placement.gpus, port))
+        write_private(path, text, force=True)
         written[f"replica_{i}"] = str(path)
         devices = ",".join(map(str, placement.gpus))
         lines.append(
@@ -58,7 +69,8 @@ def write_replicas(
         )
     lines.append("wait")
     script = out / "serve-node.sh"
-    script.write_text("\n".join(lines) + "\n")
-    script.chmod(0o755)
+    with open_private(script, force=True) as f:
+        f.write("\n".join(lines) + "\n")
+        os.fchmod(f.fileno(), SCRIPT_MODE)  # the file being written: a chmod by name would follow a symlink
     written["serve_node"] = str(script)
     return written

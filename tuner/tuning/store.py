@@ -7,7 +7,8 @@ trials with a result, and a trial a crash left ``running`` becomes ``interrupted
 Reopening it for anything else is refused: results measured under other conditions must not mix.
 
 One process writes a file at a time (an advisory lock on the file says so); within it, one lock serialises
-calls from any thread.
+calls from any thread. A new file is created 0600 (SQLite gives its journal the same mode): trials hold vLLM's
+log tails, which are nobody else's to read.
 """
 
 from __future__ import annotations
@@ -268,6 +269,7 @@ class TrialStore:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create {path.parent}: {error.strerror}") from None
+        _create_private(path)
         conn = _connect(path)
         lock_fd = _lock(path, conn)
         store = cls(path, conn, lock_fd, clock)
@@ -494,6 +496,18 @@ def _check_same_run(path: Path, stored: RunMeta, meta: RunMeta) -> None:
 
 def _describe(value: Mapping[str, Any]) -> str:
     return str(value.get("name") or value.get("gpu_name") or _json(value))[:80]
+
+
+def _create_private(path: Path) -> None:
+    """Create the file 0600 before SQLite opens it (SQLite would create it 0644 under the usual umask); an
+    existing file, a resumed run's, is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as error:
+        raise StoreError(f"cannot create {path}: {error.strerror}") from None
+    os.close(fd)
 
 
 def _lock(path: Path, conn: sqlite3.Connection) -> int | None:

@@ -27,6 +27,7 @@ from typing import Any
 from tuner.loadgen.dataset import DatasetError, check_ids, tokenize_dataset_locally
 from tuner.loadgen.vocab import vocab_size_from_dir
 from tuner.loadgen.workload import DATASET_OUTPUT_LEN, Workload, WorkloadError, fit_to_context, with_tokens
+from tuner.outputs import write_private
 from tuner.predict import aic
 from tuner.predict.base import PredictError, Prediction
 from tuner.predict.base import Workload as TokenCounts
@@ -240,15 +241,24 @@ class Tuner:
             },
         )
 
+    def _make_run_dir(self) -> None:
+        """The run's directory (logs, report, exported files), private when this run creates it: vLLM's logs and
+        the report carry its command line and what it printed, which are nobody else's to read."""
+        out = self.config.out_dir
+        try:
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TuneError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+
     def _run(self) -> TuneResult:
         started = time.time()
+        self._make_run_dir()
         feasible = self.space.feasible()
         budget = self.launch_budget(feasible)
         meta = self._meta()
-        if self.config.store_path.exists() and not self.resume:
-            raise TuneError(
-                f"{self.config.store_path} exists: pass --resume to continue that run, or another --store"
-            )
+        store_path = self.config.store_path
+        if (store_path.exists() or store_path.is_symlink()) and not self.resume:  # a link is never followed
+            raise TuneError(f"{store_path} exists: pass --resume to continue that run, or another --store")
         store = self._store = TrialStore.open(self.config.store_path, run_meta=meta)
         notes = [*self._stop_leftovers(store), self.workload_note]
         outcomes: dict[str, TrialOutcome] = {
@@ -861,7 +871,6 @@ class Tuner:
         from tuner.report.write import write_report
 
         out = self.config.out_dir
-        out.mkdir(parents=True, exist_ok=True)
         outputs: dict[str, str] = {}
         contenders = [self.contender(o) for o in ranked]
         defaults_outcome = outcomes.get(defaults.key())
@@ -873,7 +882,7 @@ class Tuner:
         if contenders:
 
             def write_yaml(contender: Contender, status_line: str) -> Path:
-                yaml_path.write_text(export_text(self, contender, status_line))
+                write_private(yaml_path, export_text(self, contender, status_line), force=True)
                 outputs.update(self._write_replicas(contender, status_line, out))
                 return yaml_path
 
@@ -898,7 +907,8 @@ class Tuner:
             dp_path = out / "best-dp.yaml"
             if verdict is not None and verdict.export_as == "data_parallel":
                 # One server serves the node as well as the replicas did: the simpler thing to run is exported.
-                yaml_path.write_text(export_text(self, chosen, status_line, data_parallel=chosen.replicas))
+                text = export_text(self, chosen, status_line, data_parallel=chosen.replicas)
+                write_private(yaml_path, text, force=True)
                 dp_path.unlink(missing_ok=True)
             else:
                 dp_path.unlink(missing_ok=True)  # measured and not exported: the report says why
