@@ -198,19 +198,7 @@ def _gpu_names(spec: str) -> list[str]:
 
 
 def why_no_best(ranking: NodeRanking) -> str:
-    """Why a GPU type has no best layout, as it happened: "fits in memory" only where predictions said so.
-
-    A candidate the model could not predict says nothing about memory: where none was predicted at all, or
-    those that were did not fit while the others could not be predicted, the line says so with the model's own
-    reason."""
-    reason = ranking.skipped[0] if ranking.skipped else "no candidate to predict"
-    if ranking.predicted == 0:
-        return f"nothing could be predicted: {reason}"
-    if ranking.fitting == 0 and ranking.skipped:
-        return (
-            f"none of the {ranking.predicted} configurations predicted fits in memory; the others could not be "
-            f"predicted: {reason}"
-        )
+    """Why a GPU type has no best layout, as the ranking found it (:func:`tuner.predict.node.rank_layouts`)."""
     return ranking.error or "no configuration meets the SLO"
 
 

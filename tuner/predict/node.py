@@ -191,9 +191,14 @@ def rank_layouts(
     ranked.sort(key=lambda pair: pair[0])
     layouts = tuple(entry for _, entry in ranked)
     error = ""
-    if not layouts:
-        if predicted == 0 and reasons:
-            error = reasons[0]
+    if not layouts:  # what happened: "fits in memory" only where predictions said so
+        if predicted == 0:
+            error = f"nothing could be predicted: {reasons[0] if reasons else 'no candidate to predict'}"
+        elif fitting == 0 and reasons:
+            error = (
+                f"none of the {predicted} configurations predicted fits in memory; "
+                f"the others could not be predicted: {reasons[0]}"
+            )
         elif fitting == 0:
             error = "no configuration fits in memory"
         else:
