@@ -23,6 +23,7 @@ from tuner.serving.launcher import (
     API_SERVER_MODULE,
     LaunchError,
     ServerSpec,
+    StartCancelled,
     VllmServer,
     api_server_command,
     free_port,
@@ -266,6 +267,16 @@ def test_what_infertop_shows_of_the_server_log_is_masked_and_the_log_is_private(
     assert secret not in caught.value.summary + caught.value.log_tail + server.log_tail() + "\n".join(lines)
     assert any("api_key" in line for line in lines)
     assert server.log_path is not None and stat.S_IMODE(server.log_path.stat().st_mode) == 0o600
+
+
+def test_a_cancelled_start_stops_the_group_at_once(fake_server: Callable[..., VllmServer]) -> None:
+    """A SIGTERM'd tune must not wait out a long start-up: the wait for health watches ``cancelled``."""
+    asked_at = time.monotonic() + 1.0
+    server = fake_server("silent", startup_timeout_s=120.0, cancelled=lambda: time.monotonic() > asked_at)
+    with pytest.raises(StartCancelled, match="cancelled"):
+        server.start()
+    assert time.monotonic() - asked_at < 10.0
+    assert server.pid is not None and not _group_members(server.pid)
 
 
 def test_missing_model_directory_fails_before_launching(tmp_path: Path) -> None:

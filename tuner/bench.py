@@ -203,7 +203,7 @@ def run_bench(
     try:
         if launch is not None:
             status(f"launching vLLM: {' '.join(launch.argv(0)[:6])} …")
-            server = VllmServer(launch)
+            server = VllmServer(launch, cancelled=cancel.is_set)
             server.start()
             endpoint = server.url
             report.endpoint = endpoint

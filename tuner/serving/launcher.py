@@ -192,6 +192,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+class StartCancelled(KeyboardInterrupt):
+    """The run was asked to stop while vLLM started: handled like Ctrl-C (the server group is stopped)."""
+
+
 class LaunchError(Exception):
     """A vLLM server did not become healthy. ``str(error)`` is the one-line ``summary`` for people."""
 
@@ -229,7 +233,9 @@ class VllmServer:
     came back (plug NVML in there; without a GPU leave it None). ``on_log_line`` is called from the thread
     that waits in :meth:`start` with each new log line, for progress displays. ``on_spawned(pid, port)`` is
     called as soon as the process exists, before the wait for health: the tuner records the server there, so
-    that a later ``--resume`` can stop it if this process is killed while it starts.
+    that a later ``--resume`` can stop it if this process is killed while it starts. ``cancelled``, polled
+    while waiting for health, ends a start that is no longer wanted (a SIGTERM'd tune during a 10-minute load)
+    with :class:`StartCancelled`, the server group stopped.
     """
 
     def __init__(
@@ -239,6 +245,7 @@ class VllmServer:
         vram_used_by_pids: VramUsedByPids | None = None,
         on_log_line: Callable[[str], None] | None = None,
         on_spawned: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
         vram_release_timeout_s: float = DEFAULT_VRAM_RELEASE_TIMEOUT_S,
         failure_grace_s: float = FAILURE_GRACE_S,
@@ -247,6 +254,7 @@ class VllmServer:
         self._vram_used_by_pids = vram_used_by_pids
         self._on_log_line = on_log_line
         self._on_spawned = on_spawned
+        self._cancelled = cancelled or (lambda: False)
         self._stop_timeout_s = stop_timeout_s
         self._vram_release_timeout_s = vram_release_timeout_s
         self._failure_grace_s = failure_grace_s
@@ -393,6 +401,10 @@ class VllmServer:
                 raise self._failure(exit_code, FailureKind.EXITED)
             if self._healthy():
                 return
+            if self._cancelled():
+                raise StartCancelled(
+                    f"vLLM's start-up was cancelled after {time.monotonic() - started_at:.0f} s"
+                )
             now = time.monotonic()
             if failure_seen_at is not None and now - failure_seen_at > self._failure_grace_s:
                 raise self._failure(None, FailureKind.ENGINE_INIT_FAILED)

@@ -194,6 +194,7 @@ class TrialRunner:
         server = VllmServer(
             self.spec(args, log_name, placement),
             on_spawned=lambda pid, port: self.hooks.started(key, pid, port),
+            cancelled=self.cancelled,
         )
         try:
             server.start()
