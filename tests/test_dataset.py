@@ -1,6 +1,7 @@
-"""Prompt datasets: JSONL and ShareGPT files parse, bad ones fail in one line naming the file and line, the
-built-in samples load; tokenising asks /tokenize for each distinct text with the special tokens the server
-would add; and on the CPU build of vLLM the token ids we send count exactly as the server counts the text."""
+"""Prompt datasets: JSONL and ShareGPT files parse, a bad entry is left out and counted (a file of none fails in
+one line naming the file and the first entry at fault), the built-in samples load; tokenising asks /tokenize
+for each distinct text with the special tokens the server would add; and on the CPU build of vLLM the token
+ids we send count exactly as the server counts the text."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from tuner.loadgen.dataset import (
     BUILTINS,
@@ -129,41 +132,113 @@ def test_a_file_of_a_builtin_name_is_the_file(tmp_path: Path, monkeypatch: pytes
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("entry", "reason"),
     [
-        ('{"prompt": "a"}\n{"prompt": "b",\n', "line 2: not valid JSON"),
-        ('{"prompt": "a"}\n\n{"output_len": 3}\n', 'line 3: needs "prompt" (text) or "prompt_token_ids"'),
-        ('{"prompt": "a", "output_len": 0}\n', 'line 1: "output_len" must be a whole number >= 1, got 0'),
-        ('{"prompt": "a", "max_tokens": -4}\n', 'line 1: "max_tokens" must be a whole number >= 1, got -4'),
-        ('{"prompt": "a", "output_len": true}\n', '"output_len" must be a whole number >= 1, got True'),
-        ('{"prompt": "a", "output_len": 2.5}\n', '"output_len" must be a whole number >= 1, got 2.5'),
-        ('{"prompt_token_ids": [1, "2"]}\n', "line 1: \"prompt_token_ids\" must hold integers >= 0, got '2'"),
-        ('{"prompt_token_ids": [1, 2.0]}\n', '"prompt_token_ids" must hold integers >= 0, got 2.0'),
-        ('{"prompt_token_ids": [-1]}\n', '"prompt_token_ids" must hold integers >= 0, got -1'),
-        ('{"prompt_token_ids": []}\n', '"prompt_token_ids" must be a non-empty list'),
-        ('{"prompt": ""}\n', '"prompt" must be non-empty text'),
-        ('{"prompt": 3}\n', '"prompt" must be non-empty text'),
-        ('{"prompt": "a"}\n[1, 2]\n', "line 2: expected a JSON object, got list"),
-        ("[1, 2]\n", "entry 1: expected a JSON object, got int"),
-        ('{"turns": []}\n', 'line 1: "turns" must be a non-empty list'),
-        ('{"turns": [{"prompt": "a"}, {"output_len": 5}]}\n', "line 1: turn 2: needs"),
-        ("\n\n", "no prompts in it"),
-        ('[{"conversations": []}]', "no prompts in it (1 entries without one)"),
-        ('[\n{"conversations": [\n{"from": "human", "value": "x"},\n]}]', "line 4: not valid JSON"),
+        ('{"prompt": "b",', "not valid JSON"),
+        ('{"output_len": 3}', 'needs "prompt" (text) or "prompt_token_ids"'),
         (
-            '[{"conversations": [{"from": "robot", "value": "x"}]}]',
-            "entry 1: message 1: unknown speaker 'robot'",
+            '{"prompt": "a", "output_len": 0}',
+            '"output_len" must be a whole number from 1 to 10,000,000, got 0',
         ),
-        ('[{"prompt": "a"}, {"conversations": [{"from": "human"}]}]', "entry 2: message 1: needs"),
-        ('[{"conversations": "hi"}]', 'entry 1: "conversations" must be a list of messages'),
+        (
+            '{"prompt": "a", "max_tokens": -4}',
+            '"max_tokens" must be a whole number from 1 to 10,000,000, got -4',
+        ),
+        (
+            '{"prompt": "a", "output_len": true}',
+            '"output_len" must be a whole number from 1 to 10,000,000, got True',
+        ),
+        (
+            '{"prompt": "a", "output_len": 2.5}',
+            '"output_len" must be a whole number from 1 to 10,000,000, got 2.5',
+        ),
+        (
+            '{"prompt": "a", "output_len": 1e999}',
+            '"output_len" must be a whole number from 1 to 10,000,000, got inf',
+        ),
+        (
+            '{"prompt": "a", "output_len": 10000001}',
+            '"output_len" must be a whole number from 1 to 10,000,000, got 10000001',
+        ),
+        ('{"prompt_token_ids": [1, "2"]}', "\"prompt_token_ids\" must hold integers >= 0 (32-bit), got '2'"),
+        ('{"prompt_token_ids": [1, 2.0]}', '"prompt_token_ids" must hold integers >= 0 (32-bit), got 2.0'),
+        ('{"prompt_token_ids": [-1]}', '"prompt_token_ids" must hold integers >= 0 (32-bit), got -1'),
+        (
+            '{"prompt_token_ids": [4294967296]}',
+            '"prompt_token_ids" must hold integers >= 0 (32-bit), got 4294967296',
+        ),
+        ('{"prompt_token_ids": []}', '"prompt_token_ids" must be a list of 1 to 10,000,000 token ids'),
+        ('{"prompt": ""}', '"prompt" must be non-empty text'),
+        ('{"prompt": 3}', '"prompt" must be non-empty text'),
+        ('{"prompt": "a", "answer": 7}', '"answer" must be text'),
+        ('"text"', "expected a JSON object, got str"),
+        ('{"turns": []}', '"turns" must be a non-empty list'),
+        ('{"turns": [{"prompt": "a"}, {"output_len": 5}]}', "turn 2: needs"),
+        ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON"),  # nested past the stack
+        ('{"prompt": "a", "output_len": ' + "9" * 5000 + "}", "not valid JSON"),  # past int's 4,300 digits
+        ('{"conversations": [{"from": "robot", "value": "x"}]}', "message 1: unknown speaker 'robot'"),
+        ('{"conversations": [{"from": "human"}]}', "message 1: needs"),
+        ('{"conversations": "hi"}', '"conversations" must be a list of messages'),
+        ('{"conversations": []}', "no user message"),
     ],
 )
-def test_bad_input_is_one_line_naming_file_and_place(tmp_path: Path, text: str, expected: str) -> None:
-    path = _write(tmp_path, "bad.jsonl", text)
+def test_a_bad_entry_is_left_out_and_counted_and_a_file_of_none_is_one_line(
+    tmp_path: Path, entry: str, reason: str
+) -> None:
+    mixed = load_dataset(
+        _write(tmp_path, "mixed.jsonl", f'{{"prompt": "fine"}}\n\n{entry}\n{{"prompt": "too"}}\n')
+    )
+    assert [c.where for c in mixed.conversations] == ["line 1", "line 4"]
+    assert mixed.skipped == 1 and mixed.skip_reason.startswith("line 3: ") and reason in mixed.skip_reason
+    assert f"1 entry left out, the first at line 3: {reason}" in mixed.left_out()
+    path = _write(tmp_path, "bad.jsonl", entry + "\n")
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no prompts in it (1 entry left out, the first at line 1: ")
+    assert reason in message and "\n" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\n\n", "no prompts in it"),
+        (
+            '[{"conversations": []}]',
+            "no prompts in it (1 entry left out, the first at entry 1: no user message)",
+        ),
+        ('[\n{"conversations": [\n{"from": "human", "value": "x"},\n]}]', "line 4: not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON (maximum recursion depth"),
+        (
+            "[1, 2]\n",
+            "no prompts in it (2 entries left out, the first at entry 1: expected a JSON object, got int)",
+        ),
+    ],
+)
+def test_a_file_with_nothing_to_send_is_one_line_naming_it(tmp_path: Path, text: str, expected: str) -> None:
+    path = _write(tmp_path, "bad.json", text)
     with pytest.raises(DatasetError) as caught:
         load_dataset(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_long_texts_are_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.loadgen import dataset
+
+    monkeypatch.setattr(dataset, "MAX_TEXT_CHARS", 10)
+    rows = [
+        {"prompt": "short"},
+        {"prompt": "x" * 11},
+        {"prompt": "short", "answer": "y" * 11},
+        {"conversations": [{"from": "human", "value": "z" * 11}]},
+    ]
+    loaded = load_dataset(_write(tmp_path, "long.jsonl", _jsonl(*rows)))
+    assert len(loaded.conversations) == 1 and loaded.skipped == 3
+    assert loaded.skip_reason == "line 2: prompt longer than 10 characters"
+    monkeypatch.setattr(dataset, "MAX_FILE_BYTES", 100)
+    with pytest.raises(DatasetError, match="a dataset of over 0 MiB is not read"):
+        load_dataset(_write(tmp_path, "big.jsonl", _jsonl(*[{"prompt": "p"}] * 20)))
 
 
 def test_missing_files_and_unknown_builtins(tmp_path: Path) -> None:
@@ -417,8 +492,14 @@ def test_datasets_and_traces_are_told_apart_and_named_by_the_workload(tmp_path: 
     trace = _write(tmp_path, "t.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 2}\n' * 2)
     with pytest.raises(WorkloadError, match="same time"):  # a trace, read as one
         parse_workload(trace)
-    with pytest.raises(WorkloadError, match=r"bad\.jsonl: line 1"):
+    with pytest.raises(
+        WorkloadError, match=r"bad\.jsonl: no prompts in it \(1 entry left out, the first at line 1"
+    ):
         parse_workload(_write(tmp_path, "bad.jsonl", "{nope\n"))
+    some = parse_workload(
+        _write(tmp_path, "some.jsonl", '{"prompt_token_ids": [1, 2], "output_len": 2}\n{nope\n')
+    )
+    assert "(1 entry left out, the first at line 2: not valid JSON" in some.describe()
 
 
 def test_each_phase_sends_its_own_part_of_every_prompt_and_keeps_what_prompts_share(tmp_path: Path) -> None:
@@ -515,3 +596,84 @@ def test_a_logged_chat_with_timestamps_is_a_dataset_not_a_trace(tmp_path: Path) 
     ]
     w = parse_workload(_write(tmp_path, "chats.jsonl", "\n".join(json.dumps(r) for r in rows)))
     assert w.dataset is not None and w.trace is None
+
+
+# --- fuzzing: any file into the loader, a dataset or one clear error ---------------------------------------
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-5, max_value=2**40)
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10,
+)
+_KEYS = st.sampled_from(
+    ["prompt", "prompt_token_ids", "output_len", "max_tokens", "answer", "turns", "conversations", "messages"]
+)
+
+
+def _mostly(plausible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A plausible value nine times in ten, anything at all the tenth."""
+    return st.integers(0, 9).flatmap(lambda k: plausible if k else _VALUES)
+
+
+_TURN = st.fixed_dictionaries(
+    {"prompt": _mostly(st.text(min_size=1, max_size=20))},
+    optional={
+        "output_len": _mostly(st.integers(min_value=1, max_value=500)),
+        "answer": _mostly(st.text(max_size=20)),
+        "prompt_token_ids": _mostly(st.lists(st.integers(min_value=0, max_value=1000), max_size=5)),
+    },
+)
+_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "from": st.sampled_from(["human", "gpt", "system", "user", "robot", 3]),
+            "value": _mostly(st.text(max_size=20)),
+        }
+    ),
+    max_size=4,
+)
+_ROWS = (
+    _TURN
+    | st.fixed_dictionaries({"conversations": _MESSAGES})
+    | st.fixed_dictionaries({"turns": st.lists(_TURN, max_size=3)})
+    | st.dictionaries(_KEYS, _VALUES, max_size=4)
+    | _VALUES
+)
+_LINES = _ROWS.map(json.dumps) | st.text(max_size=40)
+
+
+@given(lines=st.lists(_LINES, max_size=8), as_array=st.booleans())
+def test_any_dataset_file_loads_or_fails_in_one_line(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[str], as_array: bool
+) -> None:
+    from tuner.loadgen.dataset import MAX_TOKENS
+    from tuner.loadgen.workload import WorkloadError, parse_workload
+
+    path = tmp_path_factory.getbasetemp() / "fuzz.jsonl"
+    text = "[" + ",".join(lines) + "]" if as_array else "\n".join(lines)
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        dataset = load_dataset(str(path))
+    except DatasetError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 1000
+    else:
+        event("a dataset")
+        assert dataset.conversations and dataset.skipped >= 0
+        for turn in (t for c in dataset.conversations for t in c.turns):
+            assert turn.prompt_text is not None or turn.prompt_ids is not None
+            assert all(isinstance(i, int) and 0 <= i < 2**31 for i in turn.prompt_ids or ())
+            assert turn.output_len is None or (
+                isinstance(turn.output_len, int) and 1 <= turn.output_len <= MAX_TOKENS
+            )
+    try:
+        parse_workload(str(path))
+    except WorkloadError as exc:
+        assert "\n" not in str(exc)

@@ -241,6 +241,34 @@ async def test_continuous_usage_chunks_still_count_as_text() -> None:
     assert stream.error is None and len(stream.chunk_times) == 2 and stream.output_tokens == 2
 
 
+async def test_a_line_over_the_cap_fails_the_request_at_the_cap() -> None:
+    """Fed 64 KiB at a time, one line without a newline fails once it passes 1 MiB: the buffer never holds
+    more, and no read re-joins more than that (no quadratic copying of a 60 MB line)."""
+    from tuner.loadgen.stream import MAX_LINE_BYTES
+
+    stream = Stream(time.perf_counter())
+    piece = b"a" * 65536
+    fed = 0
+    assert stream.feed(b'data: {"choices": [{"text": "', time.perf_counter())
+    while stream.feed(piece, time.perf_counter()):
+        fed += len(piece)
+        assert len(stream.pending) <= MAX_LINE_BYTES
+        assert fed < 2 * MAX_LINE_BYTES, "the line was never cut"
+    assert (
+        stream.error_kind == "line_too_long"
+        and stream.error == "an SSE line longer than 1 MiB (after 0 chunks)"
+    )
+    assert stream.pending == b""
+
+
+async def test_a_chunked_encoding_line_without_end_fails_the_request() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    stream, pool = await _parse_http(head + b"1" * 100_000, 1000)
+    assert stream.error_kind == "malformed_stream"
+    assert stream.error == "a chunked-encoding line longer than 4096 bytes (after 0 chunks)"
+    assert not pool.idle
+
+
 async def test_error_object_in_the_stream_is_a_server_error() -> None:
     stream = Stream(time.perf_counter())
     error = b'{"error":{"message":"engine dead","type":"InternalServerError","code":500}}'

@@ -5,12 +5,15 @@ exactly the prompt tokens the client meant to send, and its prefix cache sees th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tuner.loadgen import LoadSpec
 from tuner.loadgen.spec import make_conversations, make_requests
@@ -88,6 +91,9 @@ def test_inline_specs_and_files_parse(tmp_path: Path) -> None:
         ("in=100,out=10,turns=3,context=50", "does not fit a session context of 50"),
         ("in=100,out=10,turns=3,think=-1", "think time must be >= 0"),
         ("in=100,out=10,turns=3,context=lots", "context='lots'"),
+        ("in=uniform:1:1e15,out=10", "longer than any context"),
+        ("in=lognormal:500:1000,out=10", "longer than any context"),
+        ("in=100,out=normal:10:1e300", "longer than any context"),
     ],
 )
 def test_bad_workloads_are_one_line(spec: str, message: str) -> None:
@@ -294,5 +300,103 @@ def test_a_workload_is_kept_within_the_servers_context(tmp_path: Path) -> None:
     trace, note = fit_to_context(parse_workload(str(path)), 512)
     assert trace.trace is not None and len(trace.trace.rows) == 6 and trace.longest_sequence == 110
     assert note.startswith("3 trace requests longer than")
-    _, note = fit_to_context(parse_workload("in=uniform:100:900,out=10"), 512)
-    assert note.startswith("warning: requests of up to 910 tokens")
+    drawn, note = fit_to_context(parse_workload("in=uniform:100:900,out=10"), 512)
+    assert drawn.fit_within == 512 and drawn.longest_sequence == 512
+    # Uniform 100-900 within 512 - 10: 403 of 801 values fit, so about half the draws are drawn again (the line
+    # says so from a seeded sample), and the prompts' mean falls from 500 to 301.
+    assert note.startswith(
+        "requests longer than the server's 512-token context are drawn again (about 48.5 %"
+    )
+    assert "prompts mean 494 -> 300 tokens, p99 892 -> 499; answers mean 10 -> 10" in note
+    first_turns, note = fit_to_context(parse_workload("in=uniform:100:900,out=10,turns=2,context=2048"), 512)
+    assert first_turns.sessions is not None and first_turns.sessions.context == 512
+    assert note.startswith("conversations end within the server's 512-token context; first turns longer than")
+
+
+def test_draws_truncated_to_a_context_are_the_draws_that_fit_in_order() -> None:
+    """Drawn within a context, a workload's requests are exactly those of its unfitted draws that fit, in the
+    same order (the same seed, the same generator): a truncated distribution, deterministic by seed."""
+    chat = PRESETS["chat"]
+    fitted = dataclasses.replace(chat, fit_within=1024)
+    raw = random.Random(5)
+    fitting = []
+    while len(fitting) < 500:
+        d = chat.draw(raw)
+        assert d.redrawn == 0  # nothing is redrawn without a context
+        if d.input_len + d.output_len <= 1024:
+            fitting.append((d.input_len, d.output_len, d.prefix))
+    rng = random.Random(5)
+    draws = [fitted.draw(rng) for _ in range(500)]
+    assert [(d.input_len, d.output_len, d.prefix) for d in draws] == fitting
+    assert (
+        sum(d.redrawn for d in draws) > 50
+    )  # chat's lognormal prompts often outgrow 1024 with their answers
+    spec = LoadSpec(concurrency=4, num_requests=10, vocab_size=1000, workload=fitted, seed=2)
+    sent = list(itertools.islice(make_requests(spec), 400))
+    assert all(len(r.prompt_token_ids) + r.max_tokens <= 1024 for r in sent)
+    assert sent == list(itertools.islice(make_requests(spec), 400))  # deterministic by seed
+    assert sum(r.redrawn for r in sent) > 0
+
+
+def test_a_workload_without_a_context_draws_as_it_always_did() -> None:
+    """The draw order (input, output, then the prefix) is unchanged: a seed gives the prompts it gave before."""
+    chat = PRESETS["chat"]
+    assert chat.prefix is not None
+    rng, same = random.Random(9), random.Random(9)
+    for _ in range(200):
+        d = chat.draw(rng)
+        input_len, output_len = chat.input.draw(same), chat.output.draw(same)
+        prefix = same.randrange(chat.prefix.count)
+        assert (d.input_len, d.output_len, d.prefix) == (
+            max(input_len, chat.prefix.length + 1),
+            output_len,
+            prefix,
+        )
+
+
+def test_a_draw_that_keeps_missing_is_cut_to_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.loadgen import workload as module
+
+    monkeypatch.setattr(module, "MAX_REDRAWS", 0)
+    fitted = dataclasses.replace(
+        parse_workload("in=uniform:100:900,out=uniform:10:300,prefix=50x2"), fit_within=300
+    )
+    rng = random.Random(1)
+    draws = [fitted.draw(rng) for _ in range(300)]
+    assert all(d.input_len + d.output_len <= 300 and d.input_len > 50 and d.output_len >= 1 for d in draws)
+    assert any(d.redrawn == 0 and d.input_len + d.output_len == 300 for d in draws)  # the cut ones
+
+
+def test_a_context_that_almost_nothing_fits_is_refused() -> None:
+    from tuner.loadgen.workload import fit_to_context
+
+    with pytest.raises(
+        WorkloadError, match=r"only 0\.\d % of the workload's requests fit the server's 300-token"
+    ):
+        fit_to_context(parse_workload("in=uniform:100:30000,out=10"), 300)
+    with pytest.raises(WorkloadError, match="no request fits a 40-token context"):
+        dataclasses.replace(parse_workload("in=100,out=10,prefix=50x1"), fit_within=40)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from(
+    ["input", "output", "prefix", "turns", "context", "think_s", "name", "slo", "kind", "a", "b"]
+)
+
+
+@given(document=st.dictionaries(_FIELDS, _JSON, max_size=6) | _JSON)
+def test_any_workload_file_is_a_workload_or_one_line(
+    tmp_path_factory: pytest.TempPathFactory, document: object
+) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz.json"
+    path.write_text(json.dumps(document), encoding="utf-8", errors="surrogatepass")
+    try:
+        workload = parse_workload(str(path))
+    except WorkloadError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert workload.longest_sequence >= 1

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult
+from tuner.loadgen import CancelToken, FailFast, LoadSpec, PhaseProgress, PhaseResult, Timeouts
 from tuner.loadgen.steady import DEFAULT_CONFIDENCE, PhaseWindow, SteadyStats, steady_stats, steady_window
 from tuner.loadgen.workers import run_phase_workers
 from tuner.telemetry.model import BENIGN_CLOCK_EVENTS, GpuInfo, GpuSample, Snapshot
@@ -135,6 +135,7 @@ class MeasuredPhase:
             "cancelled": self.load.cancelled,
             "aborted": self.load.aborted,
             "failed_early": self.load.failed_early,
+            "draws_over_context": self.load.draws_over_context,
             "started_at_s": self.load.started_at_s,
             "ended_at_s": self.load.ended_at_s,
             "evidence": dataclasses.asdict(self.evidence),
@@ -447,6 +448,7 @@ async def measure_phase(
     fail_fast: FailFast | None = None,
     workers: int = 1,
     client_cpus: Collection[int] | None = None,
+    timeouts: Timeouts | None = None,
 ) -> MeasuredPhase:
     """Warm up, then run ``spec`` while recording telemetry; return the phase with its evidence and bound, its
     steady window's figures with their intervals (:mod:`tuner.loadgen.steady`) and whether other work on the
@@ -455,7 +457,9 @@ async def measure_phase(
     ``sampler`` is a started :class:`Sampler` (GPU, host and this server's /metrics); its snapshots inside the
     measured window are the evidence. ``server_pid`` lets the server's CPU use be measured. ``workers`` > 1
     runs the load from that many processes (pinned to ``client_cpus`` when given), merged into one phase
-    (:func:`tuner.loadgen.workers.run_phase_workers`); 1 runs it in this process.
+    (:func:`tuner.loadgen.workers.run_phase_workers`); 1 runs it in this process. Each request's deadline comes
+    from ``ttft_max_s`` and ``tpot_max_s`` (:meth:`~tuner.loadgen.spec.Timeouts.deadline_s`), or from
+    ``timeouts.total_s`` when given.
     """
     base_url = base_url.rstrip("/")
     if spec.warmup_requests > 0:
@@ -465,8 +469,9 @@ async def measure_phase(
             spec, num_requests=spec.warmup_requests, warmup_requests=0, duration_s=None, seed=spec.seed + 7919
         )
         warm_result = await run_phase_workers(
-            base_url, warm, workers, cpus=client_cpus, model=model, on_progress=on_progress, cancel=cancel
-        )
+            base_url, warm, workers, cpus=client_cpus, model=model, on_progress=on_progress, cancel=cancel,
+            ttft_max_s=ttft_max_s, tpot_max_s=tpot_max_s, timeouts=timeouts,  # the deadlines derive from them
+        )  # fmt: skip
         model = warm_result.model
     spec = dataclasses.replace(spec, warmup_requests=0)
 
@@ -499,6 +504,7 @@ async def measure_phase(
                 on_progress=on_progress,
                 cancel=cancel,
                 fail_fast=fail_fast,
+                timeouts=timeouts,
             )
         finally:
             if sampler is not None:

@@ -10,8 +10,10 @@ per concurrency. Metric definitions are vLLM ``bench serve``'s (see REFERENCE.md
 
 Failures a server can cause end up in the request they hit, as ``error_kind`` + a one-line ``error``: the
 server dying mid-phase ("connection closed after 17 chunks"), a non-JSON data line, a missing usage chunk, an
-HTTP error, silence for ``Timeouts.read_idle_s``. The other requests go on; a phase whose server stops
-accepting connections stops early (``PhaseResult.aborted``) with what it measured so far. A caller can stop a
+HTTP error, silence for ``Timeouts.read_idle_s``, a stream still open at the request's deadline (from its
+length and the SLO: ``Timeouts.deadline_s``), an SSE line over 1 MiB, more tokens than ``max_tokens``. The
+other requests go on; a phase whose server stops accepting connections, or holds a whole round of requests
+open past their deadlines, stops early (``PhaseResult.aborted``) with what it measured so far. A caller can stop a
 phase at any time through ``cancel`` (anything with ``is_set()``, e.g. a ``threading.Event`` set from another
 thread); in-flight requests are then recorded as ``cancelled`` and left out of the statistics.
 

@@ -26,6 +26,11 @@ Formats (:func:`load_dataset`), told apart by their first character (``[``: a JS
 
 :func:`tokenize_dataset` turns every text into token ids with the server's own ``POST /tokenize``, so the
 prompts sent as ids have exactly the length the server would have made of the text.
+
+A dataset is foreign data: an entry that is not JSON, lacks its prompt, or holds a value of the wrong type or
+out of range (a text over ``MAX_TEXT_CHARS``, a length over ``MAX_TOKENS``, a token id that is not a 32-bit
+id) is left out and counted in :attr:`Dataset.skipped`, the first reason kept for people; a file with no
+entry left is one error.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from tuner.loadgen.control import AskError, LoadgenError, Target, get_json, pick_model
+from tuner.loadgen.control import AskError, LoadgenError, Target, clip, get_json, pick_model
 
 # The server helpers (tuner.loadgen.transport, .vocab) are imported where they are used: transport imports
 # spec, which imports this module through workload.
@@ -52,6 +57,13 @@ BUILTINS = {"chat-sample": "chat-sample.jsonl", "sharegpt-sample": "sharegpt-sam
 _USER_ROLES = frozenset({"human", "user"})
 _ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model"})
 _TOKENIZE_WORKERS = 8  # /tokenize is quick; a few requests in flight hide the round trips
+MAX_TOKENS = 10_000_000
+"""The longest prompt or output length an entry may give: longer than any model's context."""
+MAX_TEXT_CHARS = 1 << 23
+"""The longest text an entry may hold (8 Mi characters: a 1M-token context holds about half of that)."""
+MAX_FILE_BYTES = 1 << 30
+"""The largest dataset file read (ShareGPT's full export is about 650 MB)."""
+_MAX_TOKEN_ID = 2**31 - 1
 
 
 class DatasetError(ValueError):
@@ -89,7 +101,8 @@ class Dataset:
     name: str
     source: str  # the file's path, or "builtin:NAME"
     conversations: tuple[Conversation, ...]
-    skipped: int = 0  # entries left out: ShareGPT entries with no user message
+    skipped: int = 0  # entries left out: bad ones, and ShareGPT entries with no user message
+    skip_reason: str = ""  # why the first was, for people ("line 4: ...")
     tokenized: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -158,7 +171,7 @@ class Dataset:
         )
         if not kept:
             raise DatasetError(f"{self.source}: no conversation fits the server's {max_len}-token context")
-        return Dataset(self.name, self.source, kept, self.skipped), len(self.conversations) - len(kept)
+        return dataclasses.replace(self, conversations=kept), len(self.conversations) - len(kept)
 
     def with_default_output_len(self, output_len: int) -> Dataset:
         """A copy where turns without an output length ask for ``output_len`` tokens; a turn with a recorded
@@ -178,7 +191,11 @@ class Dataset:
             dataclasses.replace(c, turns=tuple(change(c, k, t) for k, t in enumerate(c.turns)))
             for c in self.conversations
         )
-        return Dataset(self.name, self.source, conversations, self.skipped)
+        return dataclasses.replace(self, conversations=conversations)
+
+    def left_out(self) -> str:
+        """How many entries were left out and why the first was, for people ("" when none was)."""
+        return _left_out(self.skipped, self.skip_reason) if self.skipped else ""
 
     def _need_ids(self) -> None:
         for conversation in self.conversations:
@@ -214,37 +231,50 @@ def load_dataset(path_or_name: str) -> Dataset:
         resource = importlib.resources.files("tuner.loadgen").joinpath("data", BUILTINS[name])
         return _parse(resource.read_text(encoding="utf-8"), name, BUILTIN_PREFIX + name)
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise DatasetError(f"{spec}: a dataset of over {MAX_FILE_BYTES >> 20} MiB is not read")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DatasetError(f"{spec}: no such file (or a built-in dataset: {', '.join(BUILTINS)})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{spec}: cannot read it ({exc})") from None
+        raise DatasetError(f"{spec}: cannot read it ({clip(str(exc), 200)})") from None
     return _parse(text, path.stem, spec)
 
 
 def _parse(text: str, name: str, source: str) -> Dataset:
     conversations: list[Conversation] = []
-    skipped = 0
+    skipped, skip_reason = 0, ""
     for where, obj in _entries(text, source):
-        conversation = _conversation(obj, f"{source}: {where}")
+        try:
+            conversation = _conversation(obj, where)
+        except DatasetError as exc:
+            skipped, skip_reason = skipped + 1, skip_reason or str(exc)
+            continue
         if conversation is None:
-            skipped += 1
+            skipped, skip_reason = skipped + 1, skip_reason or f"{where}: no user message"
         else:
             conversations.append(dataclasses.replace(conversation, where=where))
     if not conversations:
         raise DatasetError(
-            f"{source}: no prompts in it" + (f" ({skipped} entries without one)" if skipped else "")
+            f"{source}: no prompts in it" + (f" ({_left_out(skipped, skip_reason)})" if skipped else "")
         )
-    return Dataset(name, source, tuple(conversations), skipped)
+    return Dataset(name, source, tuple(conversations), skipped, skip_reason)
+
+
+def _left_out(count: int, first_reason: str) -> str:
+    return f"{count} {'entry' if count == 1 else 'entries'} left out, the first at {first_reason}"
 
 
 def _entries(text: str, source: str) -> Iterator[tuple[str, Any]]:
-    """``(where, object)`` of each JSONL line or JSON array entry."""
+    """``(where, object)`` of each JSONL line or JSON array entry; a line that is not JSON, as its reason (a
+    :class:`DatasetError`) in place of the object."""
     if text.lstrip().startswith("["):
         try:
             document = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{source}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:
+            raise DatasetError(f"{source}: not valid JSON ({clip(str(exc), 200)})") from None
         for number, obj in enumerate(document, 1):
             yield f"entry {number}", obj
         return
@@ -255,13 +285,17 @@ def _entries(text: str, source: str) -> Iterator[tuple[str, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(
-                f"{source}: line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
-            ) from None
+            obj = DatasetError(f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})")
+        except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits; nesting past the stack
+            obj = DatasetError(f"line {number}: not valid JSON ({clip(str(exc))})")
         yield f"line {number}", obj
 
 
 def _conversation(obj: Any, where: str) -> Conversation | None:
+    """The conversation of one entry; None when it has no user message. Raises :class:`DatasetError`
+    saying why the entry is left out."""
+    if isinstance(obj, DatasetError):
+        raise obj
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "conversations" in obj or "messages" in obj:
@@ -282,20 +316,31 @@ def _turn(obj: Any, where: str) -> Turn:
         raise DatasetError(f'{where}: needs "prompt" (text) or "prompt_token_ids" (a list of token ids)')
     if text is not None and not (isinstance(text, str) and text):
         raise DatasetError(f'{where}: "prompt" must be non-empty text')
+    _check_text(text, "prompt", where)
     if ids is not None:
-        if not isinstance(ids, list) or not ids:
-            raise DatasetError(f'{where}: "prompt_token_ids" must be a non-empty list of token ids')
-        bad = [i for i in ids if not _is_int(i) or i < 0]
+        if not isinstance(ids, list) or not ids or len(ids) > MAX_TOKENS:
+            raise DatasetError(f'{where}: "prompt_token_ids" must be a list of 1 to {MAX_TOKENS:,} token ids')
+        bad = [i for i in ids if not _is_int(i) or not 0 <= i <= _MAX_TOKEN_ID]
         if bad:
-            raise DatasetError(f'{where}: "prompt_token_ids" must hold integers >= 0, got {bad[0]!r}')
+            raise DatasetError(
+                f'{where}: "prompt_token_ids" must hold integers >= 0 (32-bit), got {clip(repr(bad[0]))}'
+            )
     key = "output_len" if "output_len" in obj else "max_tokens"
     output_len = obj.get(key)
-    if output_len is not None and not (_is_int(output_len) and output_len > 0):
-        raise DatasetError(f'{where}: "{key}" must be a whole number >= 1, got {output_len!r}')
+    if output_len is not None and not (_is_int(output_len) and 1 <= output_len <= MAX_TOKENS):
+        raise DatasetError(
+            f'{where}: "{key}" must be a whole number from 1 to {MAX_TOKENS:,}, got {clip(repr(output_len))}'
+        )
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise DatasetError(f'{where}: "answer" must be text')
+    _check_text(answer, "answer", where)
     return Turn(text, tuple(ids) if ids is not None else None, output_len, answer or None)
+
+
+def _check_text(text: str | None, what: str, where: str) -> None:
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise DatasetError(f"{where}: {what} longer than {MAX_TEXT_CHARS:,} characters")
 
 
 def _is_int(value: Any) -> bool:
@@ -317,6 +362,7 @@ def _sharegpt(obj: dict[str, Any], where: str) -> Conversation | None:
         value = message.get("value", message.get("content"))
         if not isinstance(role, str) or not isinstance(value, str):
             raise DatasetError(f'{where}: message {number}: needs "from"/"role" and a text "value"/"content"')
+        _check_text(value, "the text", f"{where}: message {number}")
         role = role.lower()
         if role == "system":
             if not turns and pending is None:
@@ -330,7 +376,9 @@ def _sharegpt(obj: dict[str, Any], where: str) -> Conversation | None:
                 turns.append(Turn(pending, None, None, value or None))
             pending = None
         else:
-            raise DatasetError(f"{where}: message {number}: unknown speaker {role!r} (human, gpt, system...)")
+            raise DatasetError(
+                f"{where}: message {number}: unknown speaker {clip(repr(role))} (human, gpt, system...)"
+            )
     if pending:
         turns.append(Turn(pending, None, None))
     if not turns:

@@ -24,10 +24,10 @@ def merge_phase_results(results: Sequence[PhaseResult]) -> PhaseResult:
     Requests are re-based onto the earliest window's opening and re-indexed in the order they started;
     statistics are recomputed with :func:`~tuner.loadgen.stats.compute_stats` over the union's wall time
     (earliest opening to the last request's end) and the SLOs of the first phase. Arrival lateness is
-    concatenated (each phase's in its arrival order), stand-in answers and worker CPU summed. ``cancelled``
-    when any was; ``aborted`` and ``failed_early``: the first reason given. ``base_url``: the URL, or the
-    distinct URLs joined by ", " (replicas); ``model`` likewise. ``spec``: the first phase's, with the
-    request counts, rates and users (or caps) summed, None where any phase had none.
+    concatenated (each phase's in its arrival order), stand-in answers, worker CPU and draws over the context
+    summed. ``cancelled`` when any was; ``aborted`` and ``failed_early``: the first reason given.
+    ``base_url``: the URL, or the distinct URLs joined by ", " (replicas); ``model`` likewise. ``spec``: the
+    first phase's, with the request counts, rates and users (or caps) summed, None where any phase had none.
 
     Raises:
         ValueError: no phases.
@@ -64,6 +64,7 @@ def merge_phase_results(results: Sequence[PhaseResult]) -> PhaseResult:
         stand_in_answers=sum(r.stand_in_answers for r in results),
         arrivals_late_s=tuple(late for r in results for late in r.arrivals_late_s),
         worker_cpu_s=sum(r.worker_cpu_s for r in results),
+        draws_over_context=sum(r.draws_over_context for r in results),
     )
 
 

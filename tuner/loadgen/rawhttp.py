@@ -44,6 +44,8 @@ from tuner.loadgen.spec import Timeouts
 from tuner.loadgen.stream import Stream
 
 _HEAD, _BODY, _TRAILERS = 0, 1, 2
+_MAX_HEAD_BYTES = 65536  # the response's status line and headers
+_MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line, or one trailer line: a few bytes from any real server
 
 
 class _RawConnection(asyncio.Protocol):
@@ -107,8 +109,10 @@ class _RawConnection(asyncio.Protocol):
         if self.state == _HEAD:
             end = data.find(b"\r\n\r\n")
             if end < 0:
-                if len(data) > 65536:
-                    stream.fail("malformed_stream", "response headers longer than 64 KiB")
+                if len(data) > _MAX_HEAD_BYTES:
+                    stream.fail(
+                        "malformed_stream", f"response headers longer than {_MAX_HEAD_BYTES >> 10} KiB"
+                    )
                 else:
                     self.buffer = data
                 return
@@ -195,6 +199,12 @@ class _RawConnection(asyncio.Protocol):
             else:
                 self.chunk_left = chunk_size
         self.buffer = data[pos:]
+        if len(self.buffer) > _MAX_CHUNK_LINE_BYTES:  # the rest of an unfinished line: never this long
+            self.buffer = b""
+            stream.fail(
+                "malformed_stream", f"a chunked-encoding line longer than {_MAX_CHUNK_LINE_BYTES} bytes"
+            )
+            return
         if pieces:
             self._deliver(stream, pieces[0] if len(pieces) == 1 else b"".join(pieces), now_s)
 
@@ -235,8 +245,8 @@ class RawPool:
     def release(self, conn: _RawConnection) -> None:
         self.idle.append(conn)
 
-    async def _acquire(self) -> tuple[_RawConnection, bool]:
-        while self.idle:
+    async def _acquire(self, fresh: bool = False) -> tuple[_RawConnection, bool]:
+        while self.idle and not fresh:
             conn = self.idle.pop()
             if not conn.closed:
                 return conn, True
@@ -255,7 +265,7 @@ class RawPool:
         request = self.request_head + b"%d\r\n\r\n%s" % (len(body), body)
         for attempt in (1, 2):
             try:
-                conn, reused = await self._acquire()
+                conn, reused = await self._acquire(fresh=attempt == 2)
             except asyncio.TimeoutError:
                 stream.fail("connect_failed", f"cannot connect to {self.target.base_url}: timed out")
                 return

@@ -58,6 +58,9 @@ class PhaseResult:
     # CPU seconds the load generator spent in worker processes (tuner.loadgen.workers); 0 when it ran in the
     # caller's process, whose own CPU time then holds it.
     worker_cpu_s: float = 0.0
+    # Draws of the measured requests' lengths that outgrew the workload's context (Workload.fit_within) and were
+    # drawn again: the server would have refused them.
+    draws_over_context: int = 0
 
     @property
     def client_late_p99_s(self) -> float | None:
@@ -114,7 +117,11 @@ class CancelToken(Protocol):
 
 
 _CONNECT_FAILURES_TO_ABORT = 3  # in a row: the server is gone, stop issuing instead of failing every request
-_POLL_S = 0.1  # watchdog period: idle/total timeouts and the cancel token are checked this often
+# In a row, and at least as many as the phase keeps in flight (a whole round of them): requests still open at
+# their deadlines with none finishing between. A server that holds streams open (SSE comments, endless tokens)
+# would otherwise hold the phase for every request's deadline in turn.
+_DEADLINES_TO_ABORT = 3
+_POLL_S = 0.1  # watchdog period: idle timeouts, deadlines and the cancel token are checked this often
 
 
 class _Phase:
@@ -130,11 +137,15 @@ class _Phase:
         cancel: CancelToken | None,
         fail_fast: FailFast | None = None,
         measure_gate: Callable[[], Awaitable[None]] | None = None,
+        ttft_max_s: float | None = None,
+        tpot_max_s: float | None = None,
     ) -> None:
         self.client = client
         self.measure_gate = measure_gate
         self.spec = spec
         self.timeouts = timeouts
+        self.ttft_max_s = ttft_max_s  # the SLO: each request's deadline derives from it (Timeouts.deadline_s)
+        self.tpot_max_s = tpot_max_s
         self.on_progress = on_progress
         self.cancel = cancel
         self.stopping = asyncio.Event()
@@ -151,6 +162,8 @@ class _Phase:
         )
         self.in_flight: set[Stream] = set()
         self.connect_failures_in_row = 0
+        self.deadlines_in_row = 0
+        self.draws_over_context = 0
         body: dict[str, Any] = {
             "model": model,
             "stream": True,
@@ -206,7 +219,14 @@ class _Phase:
             request.max_tokens,
             self.body_tail_ids if want_ids else self.body_tail,
         )
-        stream = Stream(time.perf_counter(), want_ids=want_ids)
+        deadline_s = self.timeouts.deadline_s(
+            request.max_tokens, ttft_max_s=self.ttft_max_s, tpot_max_s=self.tpot_max_s
+        )
+        stream = Stream(
+            time.perf_counter(), want_ids=want_ids, max_tokens=request.max_tokens, deadline_s=deadline_s
+        )
+        if self.stage == "measure":
+            self.draws_over_context += request.redrawn
         self.in_flight.add(stream)
         try:
             await self.client.stream(stream, body)
@@ -224,6 +244,7 @@ class _Phase:
                 self.stopping.set()
         else:
             self.connect_failures_in_row = 0
+        self._count_deadline(result)
         if result.ok:
             self.tokens += result.output_tokens or 0
             limit = self.fail_fast.ttft_limit_s if self.fail_fast else None
@@ -233,6 +254,19 @@ class _Phase:
             self.failed_count += 1
         self._progress()
         return result, stream.token_ids
+
+    def _count_deadline(self, result: RequestResult) -> None:
+        """Stop issuing once a whole round of requests in a row was still open at its deadline."""
+        if result.error_kind == "cancelled":
+            return
+        if result.error_kind != "deadline":
+            self.deadlines_in_row = 0
+            return
+        self.deadlines_in_row += 1
+        if self.deadlines_in_row >= max(_DEADLINES_TO_ABORT, self.spec.concurrency or 0) and not self.aborted:
+            in_row = self.deadlines_in_row
+            self.aborted = f"{in_row} requests in a row were still open at their deadlines: {result.error}"
+            self.stopping.set()
 
     def _check_fail_fast(self, now_s: float) -> None:
         """Stop the measured stage once its TTFT p95 is certain to break the limit (see :class:`FailFast`)."""
@@ -252,7 +286,7 @@ class _Phase:
             self.stopping.set()
 
     async def _watchdog(self) -> None:
-        idle_s, total_s = self.timeouts.read_idle_s, self.timeouts.total_s
+        idle_s = self.timeouts.read_idle_s
         while True:
             await asyncio.sleep(_POLL_S)
             if self.stopping.is_set():
@@ -269,8 +303,10 @@ class _Phase:
                     stream.fail("cancelled", self.failed_early)
                 elif now_s - stream.last_rx_s > idle_s:
                     stream.fail("timeout", f"no data from the server for {idle_s:g} s")
-                elif total_s is not None and now_s - stream.start_s > total_s:
-                    stream.fail("timeout", f"request took longer than {total_s:g} s")
+                elif stream.deadline_s is not None and now_s - stream.start_s > stream.deadline_s:
+                    # Wall time, whatever bytes keep arriving: SSE comments and tokens reset only the idle limit.
+                    how = "the stream still open" if stream.last_rx_s > stream.start_s else "no answer yet"
+                    stream.fail("deadline", f"deadline of {_seconds(stream.deadline_s)} s passed with {how}")
 
     async def _closed_loop(
         self, requests: Iterator[RequestSpec], concurrency: int, deadline_s: float
@@ -302,7 +338,7 @@ class _Phase:
             try:
                 if self.no_more.is_set() or self.stopping.is_set() or time.perf_counter() >= deadline_s:
                     return
-                request = RequestSpec(self.issued, prompt, turn.max_tokens)
+                request = RequestSpec(self.issued, prompt, turn.max_tokens, turn.redrawn)
                 self.issued += 1
                 if limit is not None and self.issued >= limit:
                     self.no_more.set()  # the phase's requests are all issued: no conversation goes on
@@ -455,6 +491,10 @@ class _Phase:
             watchdog.cancel()
 
 
+def _seconds(value_s: float) -> str:
+    return f"{value_s:.0f}" if value_s >= 10 else f"{value_s:.2g}"
+
+
 def _take(requests: Iterator[RequestSpec], count: int) -> Iterator[RequestSpec]:
     for _ in range(count):
         yield next(requests)
@@ -482,9 +522,11 @@ async def run_phase(
     processes, :mod:`tuner.loadgen.workers`) wait there for each other, so that their windows open together.
 
     ``model`` defaults to the first one at ``/v1/models``. ``ttft_max_s``/``tpot_max_s`` are the SLOs for
-    goodput. ``on_progress`` is called on this event loop (keep it cheap). Setting ``cancel`` stops the phase
-    within ~0.1 s and returns what was measured. Raises :class:`LoadgenError` only when the phase cannot
-    start; failures of individual requests are in the result.
+    goodput, and set each request's deadline (:meth:`~tuner.loadgen.spec.Timeouts.deadline_s`, unless
+    ``timeouts.total_s`` gives one for all): a request still open at its deadline fails (``"deadline"``), and a
+    whole round of them in a row stops the phase (``aborted``). ``on_progress`` is called on this event loop
+    (keep it cheap). Setting ``cancel`` stops the phase within ~0.1 s and returns what was measured. Raises
+    :class:`LoadgenError` only when the phase cannot start; failures of individual requests are in the result.
     """
     target = Target.parse(base_url)
     timeouts = timeouts or Timeouts()
@@ -494,7 +536,9 @@ async def run_phase(
     client: Client = (
         RawPool(target, timeouts, headers) if transport == "raw" else HttpxClient(target, timeouts, headers)
     )
-    phase = _Phase(client, model, spec, timeouts, on_progress, cancel, fail_fast, measure_gate)
+    phase = _Phase(
+        client, model, spec, timeouts, on_progress, cancel, fail_fast, measure_gate, ttft_max_s, tpot_max_s
+    )
     try:
         results, wall_s, started_at_s, ended_at_s, warmup_s = await phase.run()
     finally:
@@ -514,6 +558,7 @@ async def run_phase(
         failed_early=phase.failed_early,
         stand_in_answers=phase.stand_in_answers,
         arrivals_late_s=tuple(phase.arrivals_late_s),
+        draws_over_context=phase.draws_over_context,
     )
 
 

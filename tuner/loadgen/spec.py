@@ -122,15 +122,47 @@ class RequestSpec:
     index: int  # 0-based within its phase; warm-up requests have their own numbering
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
+    redrawn: int = 0  # draws longer than the workload's context drawn again before this one (Workload.draw)
+
+
+DEADLINE_MARGIN = 3.0
+"""How many times the slowest time the SLO allows a request gets before it is cut off (see
+:meth:`Timeouts.deadline_s`): an SLO bounds a percentile, and a request in its tail may be slower."""
+FLOOR_TTFT_S = 60.0
+"""Without a TTFT limit: the longest wait for a first token taken as a server still working."""
+FLOOR_TOKENS_PER_S = 1.0
+"""Without a TPOT limit: the slowest per-user speed taken as a server still working (a CPU build at high
+concurrency streams several tokens a second; a GPU, tens)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Per-request limits. A request that hits one fails with ``error_kind == "timeout"``."""
+    """Per-request limits. A request that hits the idle limit fails with ``error_kind == "timeout"``, one
+    still open at its deadline with ``"deadline"`` (whatever bytes keep arriving: SSE comments, endless
+    tokens)."""
 
     connect_s: float = 10.0
     read_idle_s: float = 120.0  # no byte at all for this long (before the first token, too)
-    total_s: float | None = None  # whole request; None = only the idle limit applies
+    total_s: float | None = None  # every request's deadline; None = each its own, from its length and the SLO
+
+    def deadline_s(
+        self, max_tokens: int, *, ttft_max_s: float | None = None, tpot_max_s: float | None = None
+    ) -> float:
+        """The whole-request deadline of a request asking for ``max_tokens``, in seconds from its start:
+        ``total_s`` when given, else::
+
+            DEADLINE_MARGIN * (TTFT allowance + max_tokens * per-token allowance)
+
+        The allowances are the SLO's limits (``ttft_max_s``, ``tpot_max_s``: what a phase is judged by), or
+        without them the floors ``FLOOR_TTFT_S`` and 1 / ``FLOOR_TOKENS_PER_S``. A request asking for 128
+        tokens under a 2 s TTFT, 50 ms TPOT SLO has 3 x (2 + 6.4) = 25.2 s; with no SLO, 3 x (60 + 128) =
+        564 s.
+        """
+        if self.total_s is not None:
+            return self.total_s
+        ttft_s = ttft_max_s if ttft_max_s is not None else FLOOR_TTFT_S
+        per_token_s = tpot_max_s if tpot_max_s is not None else 1.0 / FLOOR_TOKENS_PER_S
+        return DEADLINE_MARGIN * (ttft_s + max_tokens * per_token_s)
 
 
 def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSpec]:
@@ -160,19 +192,19 @@ def make_requests(spec: LoadSpec, *, warmup: bool = False) -> Iterator[RequestSp
     )
     index = 0
     while True:
-        input_len, output_len = spec.input_len, spec.output_len
+        input_len, output_len, redrawn = spec.input_len, spec.output_len, 0
         head: tuple[int, ...] = ()
         if workload is not None:
-            input_len, output_len = workload.input.draw(rng), workload.output.draw(rng)
-            if prefixes:
-                head = prefixes[rng.randrange(len(prefixes))]
-                input_len = max(input_len, len(head) + 1)  # every prompt has a part of its own
+            drawn = workload.draw(rng)  # every prompt has a part of its own, after its shared prefix
+            input_len, output_len, redrawn = drawn.input_len, drawn.output_len, drawn.redrawn
+            if drawn.prefix is not None:
+                head = prefixes[drawn.prefix]
         elif spec.len_range_ratio > 0:
             r = spec.len_range_ratio
             input_len = _draw_len(rng, input_len, r)
             output_len = _draw_len(rng, output_len, r)
         ids = head + tuple(rng.choices(range(low_id, high_id), k=input_len - len(head)))
-        yield RequestSpec(index=index, prompt_token_ids=ids, max_tokens=output_len)
+        yield RequestSpec(index=index, prompt_token_ids=ids, max_tokens=output_len, redrawn=redrawn)
         index += 1
 
 
@@ -184,6 +216,7 @@ class Turn:
     message_ids: tuple[int, ...]
     max_tokens: int
     think_s: float = 0.0
+    redrawn: int = 0  # draws longer than the workload's context drawn again before this one (Workload.draw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +244,11 @@ def make_conversations(spec: LoadSpec, *, warmup: bool = False) -> Iterator[Conv
     while True:
         turns = []
         for k in range(max(1, sessions.turns.draw(rng))):
-            input_len, output_len = workload.input.draw(rng), workload.output.draw(rng)
-            head: tuple[int, ...] = ()
-            if k == 0 and prefixes:
-                head = prefixes[rng.randrange(len(prefixes))]
-                input_len = max(input_len, len(head) + 1)
-            ids = head + tuple(rng.choices(range(low_id, high_id), k=input_len - len(head)))
+            drawn = workload.draw(rng, with_prefix=k == 0)
+            head = prefixes[drawn.prefix] if drawn.prefix is not None else ()
+            ids = head + tuple(rng.choices(range(low_id, high_id), k=drawn.input_len - len(head)))
             think = rng.expovariate(1.0 / sessions.think_s) if k and sessions.think_s > 0 else 0.0
-            turns.append(Turn(ids, output_len, think))
+            turns.append(Turn(ids, drawn.output_len, think, drawn.redrawn))
         yield Conversation(tuple(turns), sessions.context)
 
 

@@ -27,8 +27,8 @@ class RequestResult:
     output_tokens: int | None  # usage.completion_tokens
     prompt_tokens: int | None  # usage.prompt_tokens
     chunks: int
-    error_kind: str | None = None  # connection_closed, connect_failed, timeout, http_error, server_error,
-    # malformed_stream, missing_usage, cancelled
+    error_kind: str | None = None  # connection_closed, connect_failed, timeout, deadline, http_error,
+    # server_error, malformed_stream, line_too_long, too_many_tokens, missing_usage, cancelled
     error: str | None = None
 
     @property

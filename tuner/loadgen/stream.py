@@ -12,23 +12,37 @@ from tuner.loadgen.control import clip
 from tuner.loadgen.spec import RequestSpec
 from tuner.loadgen.stats import RequestResult
 
+MAX_LINE_BYTES = 1 << 20
+"""The longest SSE line taken (vLLM's are a few hundred bytes, a few KiB with logprobs): a server sending a
+longer one fails its request, instead of the client buffering it without limit."""
+SPARE_CHUNKS = 16
+"""Text chunks a stream may carry beyond ``max_tokens`` (one token each at least; a server may add a few
+empty ones) before the server is taken to ignore ``max_tokens`` and the request fails."""
+
 
 class Stream:
     """The state of one request in flight, fed with decoded response body bytes by a transport.
 
     Hot path: a chunk that looks like vLLM's (``data: {...``, a non-empty ``"choices":[{``, no usage object)
     costs a timestamp append and a few substring searches. Everything else takes the careful path.
+
+    A stream asking for ``max_tokens`` fails once more text chunks than that (and ``SPARE_CHUNKS``) arrive, or
+    its usage counts more tokens: the server ignored ``max_tokens``. ``deadline_s`` is the whole request's
+    limit in seconds from ``start_s``, enforced by the phase's watchdog (:mod:`tuner.loadgen.runner`).
     """
 
     __slots__ = (
         "abort",
         "chunk_times",
+        "deadline_s",
         "done",
         "done_seen",
         "end_s",
         "error",
         "error_kind",
         "last_rx_s",
+        "max_chunks",
+        "max_tokens",
         "output_tokens",
         "pending",
         "prompt_tokens",
@@ -37,11 +51,21 @@ class Stream:
         "want_ids",
     )
 
-    def __init__(self, start_s: float, *, want_ids: bool = False) -> None:
+    def __init__(
+        self,
+        start_s: float,
+        *,
+        want_ids: bool = False,
+        max_tokens: int | None = None,
+        deadline_s: float | None = None,
+    ) -> None:
         self.start_s = start_s
         self.want_ids = (
             want_ids  # collect the answer's token ids (``return_token_ids``): every chunk is parsed
         )
+        self.max_tokens = max_tokens
+        self.max_chunks = max_tokens + SPARE_CHUNKS if max_tokens is not None else None
+        self.deadline_s = deadline_s
         self.rearm()
 
     def rearm(self) -> None:
@@ -62,9 +86,12 @@ class Stream:
     def feed(self, data: bytes, now_s: float) -> bool:
         """Take body bytes received at ``now_s``. False once the stream has failed (stop feeding)."""
         if self.pending:
-            data = self.pending + data
+            data = self.pending + data  # at most MAX_LINE_BYTES carried over: no re-joining without end
         lines = data.split(b"\n")
         self.pending = lines.pop()
+        if len(self.pending) > MAX_LINE_BYTES:
+            self.pending = b""
+            return self.fail("line_too_long", f"an SSE line longer than {MAX_LINE_BYTES >> 20} MiB")
         times = self.chunk_times
         for line in lines:
             if not line:
@@ -80,6 +107,11 @@ class Stream:
                 times.append(now_s)
             elif not self._careful_line(line, now_s):
                 return False
+        if self.max_chunks is not None and len(times) > self.max_chunks:
+            return self.fail(
+                "too_many_tokens",
+                f"{len(times)} text chunks for max_tokens {self.max_tokens}: the server ignores max_tokens",
+            )
         return True
 
     def _careful_line(self, line: bytes, now_s: float) -> bool:
@@ -112,14 +144,16 @@ class Stream:
         choices, usage = obj.get("choices"), obj.get("usage")
         if choices:
             self.chunk_times.append(now_s)
-            if self.token_ids is not None:
+            if self.token_ids is not None and isinstance(choices, list):
                 for choice in choices:
                     ids = choice.get("token_ids") if isinstance(choice, dict) else None
-                    if isinstance(ids, list):
+                    if isinstance(ids, list) and all(_is_count(i) for i in ids):
                         self.token_ids.extend(ids)
         if isinstance(usage, dict):
-            self.output_tokens = usage.get("completion_tokens")
-            self.prompt_tokens = usage.get("prompt_tokens")
+            output_tokens, prompt_tokens = usage.get("completion_tokens"), usage.get("prompt_tokens")
+            if not _is_count(output_tokens) or not (prompt_tokens is None or _is_count(prompt_tokens)):
+                return self.fail("malformed_stream", f"usage holds no token counts: {clip(value)}")
+            self.output_tokens, self.prompt_tokens = output_tokens, prompt_tokens
         elif choices is None:
             return self.fail("malformed_stream", f"data line has neither choices nor usage: {clip(value)}")
         return True
@@ -132,10 +166,15 @@ class Stream:
             return  # a last line without its newline, and it was bad
         if not self.done_seen:
             self.fail("malformed_stream", "the stream ended without data: [DONE]")
-        elif not isinstance(self.output_tokens, int):
+        elif self.output_tokens is None:
             self.fail("missing_usage", "no usage chunk: the server ignored stream_options.include_usage")
         elif not self.chunk_times:
             self.fail("malformed_stream", "the stream carried no text chunk")
+        elif self.max_tokens is not None and self.output_tokens > self.max_tokens:
+            self.fail(
+                "too_many_tokens",
+                f"{self.output_tokens} tokens for max_tokens {self.max_tokens}: the server ignores max_tokens",
+            )
         else:
             self._settle(now_s)
 
@@ -177,3 +216,8 @@ class Stream:
             error_kind=self.error_kind,
             error=self.error,
         )
+
+
+def _is_count(value: object) -> bool:
+    """A count of tokens (or a token id) as a server's JSON may hold it: a whole number >= 0, not ``true``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -17,11 +17,16 @@ R), so a tune's capacity search sweeps the same traffic faster or slower. A clos
 order as fast as its users allow. A phase starts at a row chosen by its seed (tune phases last seconds, a
 trace hours) and wraps around; each phase's blocks are its own, so a phase never hits the cache on the
 blocks of another.
+
+A trace is foreign data: a line that is not JSON, lacks a field, or holds a number that is not finite or out of
+range (a negative or non-finite time, a length of no tokens or of more than ``MAX_TOKENS``) is left out and
+counted (:attr:`Trace.skipped`, the first reason kept for people); a file with no request left is one error.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +34,12 @@ from pathlib import Path
 from typing import Any
 
 MOONCAKE_BLOCK_TOKENS = 512
+MAX_TOKENS = 10_000_000
+"""The longest prompt or answer (and block) a trace may give: longer than any model's context."""
+MAX_FILE_BYTES = 1 << 30
+"""The largest trace file read (published traces are a few MB)."""
+_MAX_LINE_BYTES = 1 << 20  # one row: a 10M-token prompt's hash ids take about 150 KB
+_MAX_HASH_ID = 2**63 - 1
 
 
 class TraceError(ValueError):
@@ -48,6 +59,8 @@ class TraceRow:
 class Trace:
     source: str
     rows: tuple[TraceRow, ...]
+    skipped: int = 0  # lines left out: not JSON, or a field missing or out of range
+    skip_reason: str = ""  # the first of them, for people ("line 4: ...")
 
     @property
     def span_s(self) -> float:
@@ -73,9 +86,10 @@ class Trace:
         return [mean] + [b.arrival_s - a.arrival_s for a, b in zip(self.rows, self.rows[1:], strict=False)]
 
     def describe(self) -> str:
+        skipped = f"; {_left_out(self.skipped, self.skip_reason)}" if self.skipped else ""
         return (
             f"trace {Path(self.source).name}: {len(self.rows)} requests over {self.span_s:.0f} s "
-            f"({self.rate_per_s:.2f} req/s), replayed at each load's rate"
+            f"({self.rate_per_s:.2f} req/s), replayed at each load's rate{skipped}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,60 +103,93 @@ class Trace:
 
 
 def load_trace(path: Path) -> Trace:
-    """Read a JSONL trace. Raises :class:`TraceError` naming the file and line."""
+    """Read a JSONL trace; bad lines are left out and counted (see the module docstring).
+
+    Raises:
+        TraceError: the file cannot be read, or fewer than two requests with distinct times are left; one
+            line naming the file (and the first line left out).
+    """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise TraceError(f"{path}: a trace of over {MAX_FILE_BYTES >> 20} MiB is not read")
+        data = path.read_bytes()
+    except OSError as exc:
         raise TraceError(f"{path}: cannot read the trace ({exc})") from None
     rows = []
-    for number, line in enumerate(lines, 1):
+    skipped, skip_reason = 0, ""
+    for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise TraceError(f"{where}: not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise TraceError(f"{where}: a trace line is one JSON object")
-        rows.append(_row(data, where))
+            rows.append(_row(line, f"line {number}"))
+        except TraceError as exc:
+            skipped, skip_reason = skipped + 1, skip_reason or str(exc)
+    why = f" ({_left_out(skipped, skip_reason)})" if skipped else ""
     if len(rows) < 2:
-        raise TraceError(f"{path}: a trace needs at least two requests to have a rate")
+        raise TraceError(f"{path}: a trace needs at least two requests to have a rate{why}")
     rows.sort(key=lambda r: r.arrival_s)
     if rows[-1].arrival_s <= rows[0].arrival_s:
-        raise TraceError(f"{path}: every request arrives at the same time: no rate to replay")
-    return Trace(str(path), tuple(rows))
+        raise TraceError(f"{path}: every request arrives at the same time: no rate to replay{why}")
+    return Trace(str(path), tuple(rows), skipped, skip_reason)
 
 
-def _row(data: dict[str, Any], where: str) -> TraceRow:
+def _left_out(count: int, first_reason: str) -> str:
+    return f"{count} line{'' if count == 1 else 's'} left out, the first at {first_reason}"
+
+
+def _row(line: bytes, where: str) -> TraceRow:
+    """One line's request. Raises :class:`TraceError` saying why it is left out."""
+    if len(line) > _MAX_LINE_BYTES:
+        raise TraceError(f"{where}: longer than {_MAX_LINE_BYTES >> 20} MiB")
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise TraceError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TraceError(f"{where}: a trace line is one JSON object")
+
     def number(*keys: str) -> float | None:
         for key in keys:
             value = data.get(key)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TraceError(f"{where}: {key!r} must be a number, got {value!r}")
-            return float(value)
+                raise TraceError(f"{where}: {key!r} must be a number, got {type(value).__name__}")
+            try:
+                finite = float(value)
+            except OverflowError:  # a whole number past any float
+                finite = math.inf
+            if not math.isfinite(finite) or finite < 0:
+                raise TraceError(f"{where}: {key!r} must be a finite number >= 0, got {finite:g}")
+            return finite
         return None
+
+    def tokens(*keys: str) -> int | None:
+        value = number(*keys)
+        if value is not None and not (value == int(value) and 1 <= value <= MAX_TOKENS):
+            raise TraceError(
+                f"{where}: {keys[0]!r} must be a whole number of tokens from 1 to {MAX_TOKENS:,}"
+            )
+        return None if value is None else int(value)
 
     ms, seconds = number("timestamp"), number("time_s")
     if ms is None and seconds is None:
         raise TraceError(f"{where}: no arrival time ('timestamp' in ms or 'time_s')")
     arrival = seconds if seconds is not None else (ms or 0.0) / 1000.0
-    input_len, output_len = number("input_length", "input_len"), number("output_length", "output_len")
-    if input_len is None or output_len is None or input_len < 1 or output_len < 1:
+    input_len, output_len = tokens("input_length", "input_len"), tokens("output_length", "output_len")
+    if input_len is None or output_len is None:
         raise TraceError(f"{where}: needs input_length and output_length >= 1")
-    block = number("block_tokens") or MOONCAKE_BLOCK_TOKENS
+    block = tokens("block_tokens") or MOONCAKE_BLOCK_TOKENS
     hashes = data.get("hash_ids") or []
     if not isinstance(hashes, list) or not all(
-        isinstance(h, int) and not isinstance(h, bool) for h in hashes
+        isinstance(h, int) and not isinstance(h, bool) and abs(h) <= _MAX_HASH_ID for h in hashes
     ):
-        raise TraceError(f"{where}: 'hash_ids' must be a list of whole numbers")
+        raise TraceError(f"{where}: 'hash_ids' must be a list of whole numbers (64-bit)")
     if (len(hashes) - 1) * block >= input_len:
         raise TraceError(
-            f"{where}: {len(hashes)} blocks of {block:g} tokens do not fit a {input_len:g}-token prompt"
+            f"{where}: {len(hashes)} blocks of {block} tokens do not fit a {input_len}-token prompt"
         )
-    return TraceRow(arrival, int(input_len), int(output_len), tuple(hashes), int(block))
+    return TraceRow(arrival, input_len, output_len, tuple(hashes), block)
 
 
 def trace_prompts(

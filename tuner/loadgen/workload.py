@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.loadgen.control import clip
 from tuner.loadgen.dataset import BUILTINS as DATASETS
 from tuner.loadgen.dataset import (
     Dataset,
@@ -48,11 +49,17 @@ from tuner.loadgen.dataset import (
     served_max_model_len,
     tokenize_dataset,
 )
+from tuner.loadgen.stats import percentile
 from tuner.loadgen.trace import Trace, TraceError, load_trace
 
 KINDS = ("fixed", "uniform", "normal", "lognormal", "empirical")
 DEFAULT_CONTEXT = 8192  # tokens a session may reach when its spec does not say
 _Z_999 = 3.09  # the 99.9th percentile of a standard normal: where a normal or lognormal is cut
+MAX_LENGTH = 10_000_000  # tokens a length may reach: past any context, yet a prompt that can be drawn
+MAX_REDRAWS = 1000
+"""Draws a request may take to fit the workload's context (:meth:`Workload.draw`) before the last one is cut."""
+_FIT_SAMPLE = 4000  # draws that describe how fitting a context changes a distribution (fit_to_context)
+_FIT_MIN_SHARE = 0.01  # below this share of draws fitting, a workload is not fitted: it is another workload
 
 
 class WorkloadError(ValueError):
@@ -79,6 +86,10 @@ class Lengths:
         if self.kind == "empirical":
             if not self.values or min(self.values) < 1:
                 raise WorkloadError("an empirical distribution needs lengths >= 1")
+            if max(self.values) > MAX_LENGTH:
+                raise WorkloadError(
+                    f"an empirical length of {max(self.values)} tokens is over {MAX_LENGTH:,}"
+                )
             object.__setattr__(self, "values", tuple(sorted(int(v) for v in self.values)))
             return
         if not (self.a >= 1 and math.isfinite(self.a)):
@@ -87,6 +98,15 @@ class Lengths:
             raise WorkloadError(f"a uniform length needs min <= max, got {self.a:g} and {self.b:g}")
         if self.kind in ("normal", "lognormal") and not (self.b >= 0 and math.isfinite(self.b)):
             raise WorkloadError(f"a {self.kind} length needs a spread >= 0, got {self.b:g}")
+        try:
+            longest = float(self.max)
+        except OverflowError:
+            longest = math.inf
+        if longest > MAX_LENGTH:
+            raise WorkloadError(
+                f"a {self.kind} length reaching {longest:g} tokens is longer than any context "
+                f"({MAX_LENGTH:,} at most)"
+            )
 
     @classmethod
     def fixed(cls, n: int) -> Lengths:
@@ -208,9 +228,24 @@ class Sessions:
 
 
 @dataclass(frozen=True, slots=True)
+class Draw:
+    """One request's lengths: prompt and answer tokens, the shared prefix it starts with (an index into the
+    workload's prefixes; None: none), and how many draws before it were too long and drawn again."""
+
+    input_len: int
+    output_len: int
+    prefix: int | None
+    redrawn: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """The traffic a bench or tune sends. ``input`` counts the whole prompt, the shared prefix included (with
-    ``sessions``: each turn's new message, the first turn's including the prefix)."""
+    ``sessions``: each turn's new message, the first turn's including the prefix).
+
+    ``fit_within``: a context no single request may outgrow (prompt plus answer): lengths are drawn from the
+    distributions truncated to it (:meth:`draw`), so that a server of that context refuses none of them.
+    """
 
     name: str
     input: Lengths
@@ -224,6 +259,7 @@ class Workload:
     # Send these prompts (tuner.loadgen.dataset); until tokenised (:func:`with_tokens`), lengths are unknown.
     dataset: Dataset | None = None
     shared_until: tuple[int, ...] = ()  # per conversation: how many first tokens it shares with another
+    fit_within: int | None = None
 
     @property
     def needs_tokens(self) -> bool:
@@ -235,15 +271,27 @@ class Workload:
             raise WorkloadError(
                 f"a {self.prefix.length}-token shared prefix leaves no room in prompts of at most {self.input.max}"
             )
+        if self.fit_within is not None and self.fit_within < self._shortest + 1:
+            raise WorkloadError(f"no request fits a {self.fit_within}-token context")
         if (
             self.sessions is not None
             and self.dataset is None  # a dataset's conversations were each checked against the context
-            and self.input.max + self.output.max > self.sessions.context
+            and self._longest_single > self.sessions.context
         ):
             raise WorkloadError(
-                f"a first turn of up to {self.input.max + self.output.max} tokens does not fit a session context "
+                f"a first turn of up to {self._longest_single} tokens does not fit a session context "
                 f"of {self.sessions.context}"
             )
+
+    @property
+    def _shortest(self) -> int:
+        """The shortest prompt a draw can give: one token of its own after the shared prefix."""
+        return self.prefix.length + 1 if self.prefix is not None else 1
+
+    @property
+    def _longest_single(self) -> int:
+        single = self.input.max + self.output.max
+        return single if self.fit_within is None else min(single, self.fit_within)
 
     @property
     def longest_sequence(self) -> int:
@@ -252,10 +300,37 @@ class Workload:
             return max(r.input_len + r.output_len for r in self.trace.rows)
         if self.dataset is not None:
             return self.dataset.longest_sequence()
-        single = self.input.max + self.output.max
         if self.sessions is None:
-            return single
-        return min(self.sessions.context, self.sessions.turns.max * single)
+            return self._longest_single
+        return min(self.sessions.context, self.sessions.turns.max * self._longest_single)
+
+    def draw(self, rng: random.Random, *, with_prefix: bool = True) -> Draw:
+        """One request's lengths, and its shared prefix unless ``with_prefix`` is False (a later turn).
+
+        With ``fit_within``, a draw whose prompt and answer outgrow it is drawn again: the distributions
+        truncated to the context, as the server can serve them (:func:`fit_to_context` says how that changes
+        them). After ``MAX_REDRAWS`` misses the last draw is cut to fit, so no request is ever longer.
+        """
+        limit = self.fit_within
+        redrawn = 0
+        while True:
+            input_len, output_len, prefix = self._draw_once(rng, with_prefix)
+            if limit is None or input_len + output_len <= limit:
+                return Draw(input_len, output_len, prefix, redrawn)
+            if redrawn == MAX_REDRAWS:
+                output_len = max(1, min(output_len, limit - input_len))
+                input_len = max(
+                    self._shortest if prefix is not None else 1, min(input_len, limit - output_len)
+                )
+                return Draw(input_len, output_len, prefix, redrawn)
+            redrawn += 1
+
+    def _draw_once(self, rng: random.Random, with_prefix: bool) -> tuple[int, int, int | None]:
+        input_len, output_len = self.input.draw(rng), self.output.draw(rng)
+        if not with_prefix or self.prefix is None:
+            return input_len, output_len, None
+        prefix = rng.randrange(self.prefix.count)
+        return max(input_len, self.prefix.length + 1), output_len, prefix
 
     @property
     def mean_prompt(self) -> float:
@@ -282,12 +357,14 @@ class Workload:
             else ""
         )
         sessions = f"; {self.sessions.describe()}" if self.sessions else ""
+        fit = f", drawn to fit {self.fit_within} tokens" if self.fit_within is not None else ""
         if self.trace is not None:
             means = f"{self.input.mean:.0f} in / {self.output.mean:.0f} out on average"
             return f"{self.name}: {self.trace.describe()}, {means}"
         if self.dataset is not None:
             d = self.dataset
             what = f"dataset {d.source}: {len(d.conversations)} conversations, {d.turns} prompts"
+            what += f" ({d.left_out()})" if d.skipped else ""
             if self.needs_tokens:
                 return f"{self.name}: {what} (not tokenised yet)"
             turns = (
@@ -297,7 +374,7 @@ class Workload:
             )
             means = f"{self.input.mean:.0f} in / {self.output.mean:.0f} out per prompt on average"
             return f"{self.name}: {what}{turns}, {means}"
-        return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}{sessions}"
+        return f"{self.name}: {self.input.describe()} in, {self.output.describe()} out{prefix}{fit}{sessions}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -318,6 +395,8 @@ class Workload:
                 "prompts": self.dataset.turns,
             },
             "describe": self.describe(),
+            # Only when fitted: a tune stored before fitting existed resumes under the same traffic.
+            **({"fit_within": self.fit_within} if self.fit_within is not None else {}),
         }
 
 
@@ -484,13 +563,13 @@ def _first_char(path: Path) -> str:
 def _is_trace(path: Path) -> bool:
     """A JSONL file whose first row has an arrival time is a trace; any other JSONL, a dataset of prompts."""
     try:
-        with path.open(encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-    except (OSError, UnicodeDecodeError) as exc:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            first = next((line for line in iter(lambda: f.readline(1 << 20), "") if line.strip()), "")
+    except OSError as exc:
         raise WorkloadError(f"{path}: cannot read it ({exc})") from None
     try:
         row = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False  # the dataset reader names the line
     if not isinstance(row, dict) or any(
         k in row for k in ("prompt", "prompt_token_ids", "turns", "messages")
@@ -582,12 +661,14 @@ def for_server(
 
 def fit_to_context(workload: Workload, context: int, where: str = "") -> tuple[Workload, str]:
     """``workload`` kept within ``context`` tokens (prompt plus answer), and what that changed ("" if nothing):
-    a dataset's longer conversations and a trace's longer requests are left out, sessions end sooner. Single
-    requests drawn from a distribution cannot be cut: the line warns that the server will refuse the longer ones.
-    ``where`` names the limit in that line (default: the server's context).
+    a dataset's longer conversations and a trace's longer requests are left out, sessions end sooner, and
+    lengths drawn from distributions are drawn truncated to the context (:meth:`Workload.draw`), the line then
+    saying how often a draw is drawn again and how the prompt and answer lengths change. A server refuses
+    nothing it is sent, so its error rate counts only what it got wrong. ``where`` names the limit in that
+    line (default: the server's context).
 
     Raises:
-        WorkloadError: nothing fits.
+        WorkloadError: nothing fits, or so little of a distribution that it would be another workload.
     """
     if workload.longest_sequence <= context:
         return workload, ""
@@ -612,13 +693,41 @@ def fit_to_context(workload: Workload, context: int, where: str = "") -> tuple[W
     if workload.sessions is not None:
         try:
             sessions = dataclasses.replace(workload.sessions, context=context)
-            return dataclasses.replace(workload, sessions=sessions), f"conversations end within {where}"
         except WorkloadError as exc:
             raise WorkloadError(f"{where}: {exc}") from None
-    return workload, (
-        f"warning: requests of up to {workload.longest_sequence} tokens exceed {where}: the server will "
-        "refuse them"
+        if workload.input.max + workload.output.max <= context:
+            return dataclasses.replace(workload, sessions=sessions), f"conversations end within {where}"
+        fitted, note = _truncated(workload, context, where, "first turns")
+        return fitted, f"conversations end within {where}; {note}"
+    return _truncated(workload, context, where, "requests")
+
+
+def _truncated(workload: Workload, context: int, where: str, what: str) -> tuple[Workload, str]:
+    """``workload`` drawn truncated to ``context`` tokens, and one line on how that changes its draws,
+    estimated from a seeded sample: the draws that fit are a sample of the truncated distribution."""
+    rng = random.Random("fit")
+    draws = [workload._draw_once(rng, True) for _ in range(_FIT_SAMPLE)]
+    kept = [d for d in draws if d[0] + d[1] <= context]
+    share_redrawn = 1.0 - len(kept) / len(draws)
+    if len(kept) < _FIT_MIN_SHARE * len(draws):
+        raise WorkloadError(
+            f"only {100 * (1 - share_redrawn):.1f} % of the workload's {what} fit {where}: give shorter lengths"
+        )
+    sessions = workload.sessions and dataclasses.replace(workload.sessions, context=context)
+    fitted = dataclasses.replace(workload, fit_within=context, sessions=sessions)
+
+    before_in, after_in = sorted(float(d[0]) for d in draws), sorted(float(d[0]) for d in kept)
+    before_out, after_out = [float(d[1]) for d in draws], [float(d[1]) for d in kept]
+    return fitted, (
+        f"{what} longer than {where} are drawn again (about {100 * share_redrawn:.1f} % of draws; the server "
+        f"would refuse them): prompts mean {_mean(before_in):,.0f} -> {_mean(after_in):,.0f} tokens, p99 "
+        f"{percentile(before_in, 99) or 0:,.0f} -> {percentile(after_in, 99) or 0:,.0f}; answers mean "
+        f"{_mean(before_out):,.0f} -> {_mean(after_out):,.0f}"
     )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _from_trace(path: Path) -> Workload:
@@ -641,10 +750,20 @@ def _from_file(path: Path) -> Workload:
     of numbers is an empirical distribution (e.g. the lengths of a day's requests)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise WorkloadError(f"{path}: cannot read a JSON workload ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise WorkloadError(f"{path}: cannot read a JSON workload ({clip(str(exc), 200)})") from None
     if not isinstance(data, dict):
         raise WorkloadError(f"{path}: a workload file holds one JSON object")
+    try:
+        return _workload_of(data, path)
+    except WorkloadError:
+        raise
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise WorkloadError(f"{path}: not a workload ({type(exc).__name__}: {clip(str(exc))})") from None
+
+
+def _workload_of(data: dict[str, Any], path: Path) -> Workload:
+    """The workload a JSON workload file's object describes."""
 
     def lengths(key: str) -> Lengths:
         value = data.get(key)
