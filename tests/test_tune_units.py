@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,24 @@ def test_the_python_behind_a_vllm_executable_is_found_from_its_launcher(tmp_path
     (sh / "vllm").write_text("#!/bin/sh\nexec something-else\n")
     monkeypatch.setenv("PATH", str(sh))
     assert python_of(("vllm", "serve")) is None  # a shell script that names no python: not /bin/sh
+
+
+def test_a_length_distribution_longer_than_a_pinned_max_model_len_is_drawn_within_it(tmp_path: Path) -> None:
+    """vLLM refuses a request longer than its max-model-len, and a refusal would count against the server:
+    the tuner draws the workload's lengths again within it, and says how often and what that changed."""
+    from tuner.loadgen.workload import parse_workload
+
+    model = write_tiny_model(tmp_path / "m")
+    config = TuneConfig(
+        model=str(model), slo=parse_slo("ttft=2"), pins={"max_model_len": 512}, gpus=False,
+        workload=parse_workload("in=lognormal:300:0.8,out=uniform:50:200"),  # a long tail past 512 tokens
+        store_path=tmp_path / "t.sqlite", out_dir=tmp_path / "o",
+    )  # fmt: skip
+    tuner = Tuner(config)
+    workload = tuner.config.workload
+    assert workload is not None and tuner.config.pins["max_model_len"] == 512
+    assert "drawn again" in tuner.workload_note and "max-model-len 512" in tuner.workload_note
+    rng = random.Random(1)
+    draws = [workload.draw(rng) for _ in range(400)]
+    assert all(d.input_len + d.output_len <= 512 for d in draws)
+    assert sum(d.redrawn for d in draws) > 0  # the tail was there, and was drawn again

@@ -340,10 +340,10 @@ class Tuner:
         context = self.shape.max_position_embeddings
         pin = config.pins.get("max_model_len")  # None: pinned to vLLM's default, the model's own context
         limit = context if pin is None else int(pin)
-        cuttable = workload.dataset is not None or workload.trace is not None or workload.sessions is not None
-        if cuttable and workload.longest_sequence > limit:
-            # Conversations and trace requests longer than the model's context (or a pinned max-model-len) are
-            # left out; sessions end within it.
+        if workload.longest_sequence > limit:
+            # Nothing vLLM must refuse is sent: conversations and trace requests longer than the model's context
+            # (or a pinned max-model-len) are left out, sessions end within it, and lengths drawn from a
+            # distribution are drawn again within it (the note says how often and what that changes).
             where = f"the model's {context}-token context" if pin is None else f"max-model-len {limit}"
             try:
                 workload, self.workload_note = fit_to_context(workload, limit, where)
