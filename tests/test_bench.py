@@ -242,3 +242,51 @@ def test_the_results_file_keeps_a_file_that_appeared_since_the_check_then_replac
     report.error = None
     ResultsFile(path, force=True).save(report)  # --force: whatever is there
     assert json.loads(path.read_text())["error"] is None
+
+
+def test_fixed_lengths_the_server_must_refuse_are_never_sent(tmp_path: Path) -> None:
+    """A server with a 1,024-token context refuses 900 + 200 tokens (the stand-in answers 400 above it, as
+    vLLM does): the bench says so in one line before a request is sent, rather than count the refusals
+    against the server."""
+    from tests.fakes.hostile_server import HostileServer
+    from tuner.bench import BenchError
+
+    server = HostileServer("context", context=1024).start()
+    try:
+        plan = BenchPlan(input_len=900, output_len=200, concurrencies=(1,), vocab_size=1000, model="hostile")
+        with pytest.raises(BenchError, match=r"up to 1100 tokens .* exceed the server's 1024-token context"):
+            run_bench(server.url, plan, tmp_path / "r.json", with_gpus=False)
+        ranged = BenchPlan(
+            input_len=600, output_len=300, len_range_ratio=0.5, concurrencies=(1,), vocab_size=1000
+        )
+        with pytest.raises(
+            BenchError, match=r"up to 1350 tokens \(--input-len 600 \+ --output-len 300 \(±0.5\)\)"
+        ):
+            run_bench(server.url, ranged, tmp_path / "s.json", with_gpus=False)
+        assert server.prompts == []
+    finally:
+        server.stop()
+
+
+def test_bench_workload_chat_against_a_small_context_sends_nothing_it_would_refuse(tmp_path: Path) -> None:
+    """The finding as a user met it: `bench --workload chat` against a 1,024-token server warned, then sent
+    requests of up to 3,691 tokens and 2 of 24 failed. Now every request fits and the phase line says how
+    many draws were drawn again."""
+    from tests.fakes.hostile_server import HostileServer
+
+    server = HostileServer("context", context=1024).start()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "tui.cli", "bench", "--endpoint", server.url, "--workload", "chat",
+             "--concurrency", "4", "--num-requests", "24", "--vocab-size", "1000", "--no-gpu",
+             "--out", str(tmp_path / "b.json")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr
+    assert server.refused == 0 and all(p + m <= 1024 for p, m in server.prompts)
+    assert "are drawn again" in run.stderr
+    assert re.search(
+        r"phase 1: \d+ ok, 0 failed \(\d+ draws longer than the context drawn again\)", run.stderr
+    )

@@ -148,8 +148,10 @@ class ProgressLine:
         if self.tty:
             sys.stderr.write("\r" + " " * 110 + "\r")
         s = phase.load.stats
+        redrawn = phase.load.draws_over_context
+        fitted = f" ({redrawn} draws longer than the context drawn again)" if redrawn else ""
         sys.stderr.write(
-            f"phase {index + 1}: {s.requests_ok} ok, {s.requests_failed} failed, "
+            f"phase {index + 1}: {s.requests_ok} ok, {s.requests_failed} failed{fitted}, "
             f"{s.output_tokens_per_s:,.0f} tok/s — bound: {phase.bound.kind.value}\n"
         )
 

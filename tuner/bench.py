@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.loadgen import LoadgenError, LoadMode, LoadSpec, PhaseProgress
+from tuner.loadgen.dataset import served_max_model_len
 from tuner.loadgen.vocab import vocab_size_from_dir, vocab_size_from_server
 from tuner.loadgen.workload import Workload, WorkloadError, for_server
 from tuner.measure import MeasuredPhase, measure_phase
@@ -35,6 +37,22 @@ _MIN_VOCAB_SIZE = 10  # LoadSpec's own minimum
 
 class BenchError(RuntimeError):
     """A bench that could not run (or not go on); the message is one line for people."""
+
+
+def _check_fits(plan: BenchPlan, context: int | None) -> None:
+    """Fixed lengths the server must refuse are never sent: a refusal would count against the server's error
+    rate for what the bench asked wrongly. (A ``--workload`` is drawn within the context instead.)"""
+    if context is None:
+        return
+    r = plan.len_range_ratio
+    longest = math.ceil(plan.input_len * (1 + r)) + math.ceil(plan.output_len * (1 + r))
+    if longest <= context:
+        return
+    lengths = f"--input-len {plan.input_len} + --output-len {plan.output_len}" + (f" (±{r:g})" if r else "")
+    raise BenchError(
+        f"requests of up to {longest} tokens ({lengths}) exceed the server's {context}-token context, which "
+        "would refuse them: give shorter lengths, or a --workload (drawn within the context)"
+    )
 
 
 @dataclass(frozen=True)
@@ -225,7 +243,9 @@ def run_bench(
             status(f"vocabulary: {found} token ids ({source})")
         report.vocab_size, report.vocab_source = found or FALLBACK_VOCAB_SIZE, source
         plan = dataclasses.replace(plan, vocab_size=report.vocab_size)
-        if plan.workload is not None:
+        if plan.workload is None:
+            _check_fits(plan, served_max_model_len(endpoint, plan.model))
+        else:
             workload, notes = for_server(plan.workload, endpoint, plan.model, report.vocab_size)
             for note in notes:
                 status(note)
