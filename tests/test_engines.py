@@ -7,13 +7,16 @@ buckets as the server builds them); every expected figure below is worked out by
 from __future__ import annotations
 
 import http.server
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hostile_peers import Flood, page_server, raw_server, trickle
 
-from tuner.telemetry.engines import EngineScraper, engine_title, parse_metrics
+from tuner.telemetry.engines import MAX_SERIES, EngineScraper, engine_title, parse_metrics
 
 DATA = Path(__file__).parent / "data"
 ENGINE_DATA = DATA / "engines"
@@ -325,3 +328,78 @@ async def test_each_engines_panel_from_its_own_page(
     for piece in shown:
         assert piece in text, (piece, text)
     assert "energy n/a" in text  # no energy figure handed over: n/a, never a number
+
+
+# --- a hostile or broken server ------------------------------------------------------------------------------
+
+
+def test_a_server_that_trickles_its_metrics_times_out_within_the_deadline() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    with raw_server(trickle(head, b"vllm:num_requests_running 1\n" * 5000, 0.05)) as server:
+        started = time.monotonic()
+        (sample,) = scrape(server.url, [1.0], timeout_s=0.5)
+        took = time.monotonic() - started
+    assert took < 1.5 and sample.error == "timed out (no complete answer within 0.5 s)"
+
+
+def test_a_50_mb_metrics_page_is_refused_at_the_cap() -> None:
+    flood = Flood(50 * 2**20, declare_length=False)
+    with raw_server(flood) as server:
+        (sample,) = scrape(server.url, [1.0], timeout_s=10.0)
+        assert flood.done.wait(5.0)
+    assert sample.error is not None and sample.error.startswith("page too large (over 8 MiB")
+    assert flood.sent < 30 * 2**20
+
+
+def test_a_page_of_hostile_values_reads_as_n_a_never_as_infinity() -> None:
+    hostile = (
+        "vllm:num_requests_running 1e999\n"
+        "vllm:num_requests_waiting -Inf\n"
+        "vllm:kv_cache_usage_perc 1e300\n"  # 1e302 % of the cache
+        "vllm:generation_tokens_total 1e308\nvllm:generation_tokens_total 1e308\n"
+        'vllm:prompt_tokens_total{model_name="\x1b[2J' + "m" * 100_000 + '"} -5\n'
+        'vllm:time_to_first_token_seconds_bucket{le="1e300"} 1e308\n'
+        'vllm:time_to_first_token_seconds_bucket{le="+Inf"} 1e308\n'
+        "vllm:time_to_first_token_seconds_count 1e308\nvllm:time_to_first_token_seconds_sum 1e308\n"
+        "garbage {{{ \x00\xff\n"
+    )
+    pages = [hostile.replace("1e308", "1"), hostile]
+    with page_server(
+        lambda request: (200, pages.pop(0).encode() if len(pages) > 1 else pages[0].encode())
+    ) as url:
+        first, second = scrape(url, [1.0, 2.0])
+    for sample in (first, second):
+        assert sample.error is None
+        assert sample.requests_running is None and sample.requests_waiting is None
+        assert sample.kv_cache_usage_pct is None and sample.prompt_tokens_total is None
+        figures = [v for v in vars_of(sample) if isinstance(v, float)]
+        assert all(math.isfinite(v) for v in figures), sample
+    assert second.generation_tokens_total is None and second.generation_tokens_per_s is None
+    assert first.model_name is not None and len(first.model_name) == 257 and "\x1b" not in first.model_name
+
+
+def vars_of(sample: object) -> list[object]:
+    import dataclasses
+
+    return [getattr(sample, f.name) for f in dataclasses.fields(sample)]  # type: ignore[arg-type]
+
+
+def test_a_page_of_endless_series_keeps_the_first_few_thousand() -> None:
+    page = parse_metrics("".join(f"vllm:made_up_{i} 1\n" for i in range(3 * MAX_SERIES)))
+    assert len(page.values) == MAX_SERIES
+    page = parse_metrics("".join(f'vllm:ttft_bucket{{le="{i}"}} {i}\n' for i in range(10_000)))
+    assert len(page.histograms["vllm:ttft"].buckets) == 512
+
+
+def test_credentials_in_a_server_url_are_sent_but_never_named() -> None:
+    sent: list[str | None] = []
+
+    def pages(request: http.server.BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        sent.append(request.headers.get("Authorization"))
+        return 200, page("sglang_a.txt").encode()
+
+    with page_server(pages) as url:
+        (sample,) = scrape(url.replace("http://", "http://ops:s3cret-pw@"), [1.0])
+    assert sample.error is None and sample.requests_running == 12
+    assert sent == ["Basic b3BzOnMzY3JldC1wdw=="]  # ops:s3cret-pw
+    assert sample.url == url and "s3cret" not in repr(sample)

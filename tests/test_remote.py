@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
+import json
 import socket
 import threading
 import time
@@ -13,14 +15,27 @@ from typing import Any
 
 import pytest
 from helpers import FixedHost, prime, scripted_app, scripted_exporter
+from hostile_peers import (
+    Flood,
+    TlsFiles,
+    locked_server,
+    make_tls_files,
+    page_server,
+    raw_server,
+    snapshot_document,
+    trickle,
+)
 
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter
+from tuner.telemetry.fetch import basic_auth
 from tuner.telemetry.remote import (
+    RemoteAuth,
     RemoteHost,
     RemoteWatcher,
     host_url,
     mean_dram_pct,
+    parse_snapshot_page,
     read_hosts_file,
     summarise_host,
 )
@@ -97,12 +112,13 @@ class _Page(http.server.BaseHTTPRequestHandler):
         (b"<html>a web server</html>", "not JSON"),
         (b'{"format": 99}', "format differs"),
         (b'{"format": 1, "info": {}, "snapshot": null}', "no reading yet"),
-        (b'{"format": 1, "info": {"gpus": []}, "snapshot": {"time_s": 1, "host": [1, 2]}}', "unreadable"),
         (
-            b'{"format": 1, "info": {"gpus": []}, "snapshot": {"time_s": 1, "host": null, "gpus": '
-            b'[{"index": 0, "time_s": 1, "power_w": "12"}]}}',
-            "power_w is not a number",
+            b'{"format": 1, "info": {"gpus": []}, "snapshot": {"time_s": 1e999}}',
+            "no valid time_s (not finite",
         ),
+        (b'{"format": 1, "info": [], "snapshot": {"time_s": 1}}', "no reading yet"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),  # deeper than the JSON parser's recursion
+        (b'{"format": 1, "x": ' + b"9" * 5000 + b"}", "not JSON"),  # an integer past Python's digit limit
     ],
 )
 def test_whatever_a_host_answers_its_reader_lives_on_and_says_why(body: bytes, why: str) -> None:
@@ -122,6 +138,251 @@ def test_whatever_a_host_answers_its_reader_lives_on_and_says_why(body: bytes, w
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- a hostile or broken peer -------------------------------------------------------------------------------
+
+
+def _read(url: str, **kwargs: Any) -> RemoteHost:
+    """One read of one host, on this thread."""
+    watcher = RemoteWatcher([url], **kwargs)
+    try:
+        watcher.read_all_once()
+        return watcher.latest()[0]
+    finally:
+        watcher.stop()
+
+
+def _serving(body: bytes) -> contextlib.AbstractContextManager[str]:
+    return page_server(lambda request: (200, body))
+
+
+def _spoiled(field: str, raw: bytes) -> bytes:
+    """A real /snapshot.json whose first GPU's ``field`` holds ``raw``, as bytes on the wire."""
+    doc = snapshot_document()
+    doc["snapshot"]["gpus"][0][field] = "__SPOILED__"
+    return json.dumps(doc).encode().replace(b'"__SPOILED__"', raw)
+
+
+def test_a_vram_of_1e999_is_na_with_its_reason_and_the_host_still_reads() -> None:
+    with _serving(_spoiled("vram_used_bytes", b"1e999")) as url:
+        host = _read(url)
+    assert host.state(time.time()) == "ok" and host.snapshot is not None
+    first, second = host.snapshot.gpus
+    assert first.vram_used_bytes is None and first.power_w is not None  # that figure, not the GPU
+    assert second.vram_used_bytes is not None
+    assert host.bad_fields == 1 and host.bad_field_reasons == ("gpus[0].vram_used_bytes: not finite (inf)",)
+    assert summarise_host(host.info, host.snapshot).vram_used_bytes == second.vram_used_bytes
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "why"),
+    [
+        ("power_w", b'"12"', "not a number"),
+        ("gpu_temp_c", b"NaN", "not finite (nan)"),
+        ("power_w", b"-Infinity", "not finite (-inf)"),
+        ("vram_used_bytes", b"-5", "out of range (-5)"),
+        ("power_w", b"1e300", "out of range (1e+300)"),
+        ("sm_clock_mhz", b"true", "not a number"),
+        ("sm_clock_mhz", b"1.5", "not a whole number"),
+        ("pstate", b"1" + b"0" * 400, "out of range"),  # past a float: int() would raise
+        ("clock_event_reasons", b'"sw_power_cap"', "not a list"),
+        ("processes", b'{"pid": 1}', "not a list"),
+        ("gpu_util_pct", b"[]", "not a number"),
+    ],
+)
+def test_one_bad_field_is_na_with_its_reason_and_the_rest_reads(field: str, raw: bytes, why: str) -> None:
+    page = parse_snapshot_page(json.loads(_spoiled(field, raw)))
+    first = page.snapshot.gpus[0]
+    assert getattr(first, field) is None and first.vram_total_bytes is not None
+    assert (
+        page.problems.first == [f"gpus[0].{field}: {why}"] if why.endswith(")") else page.problems.count == 1
+    )
+    assert why in page.problems.first[0]
+
+
+def test_a_record_without_what_it_cannot_exist_without_is_left_out() -> None:
+    doc = snapshot_document(3)
+    del doc["snapshot"]["gpus"][1]["index"]
+    doc["snapshot"]["gpus"][2]["index"] = 0  # a second GPU 0
+    doc["snapshot"]["host"] = [1, 2]
+    doc["snapshot"]["engines"] = [{"time_s": 1.0}, "x"]
+    doc["info"]["gpus"][0]["name"] = 7
+    doc["info"]["state"] = "melted"
+    page = parse_snapshot_page(doc)
+    assert [g.index for g in page.snapshot.gpus] == [0]
+    assert page.snapshot.host is None and page.snapshot.engines == ()
+    assert page.info.gpus[0].name == "" and page.info.state.value == "error"
+    assert "gpus[1]: index missing: left out" in page.problems.first
+    assert page.problems.count == 7
+
+
+def test_foreign_text_is_cut_and_cannot_drive_the_terminal() -> None:
+    doc = snapshot_document()
+    doc["snapshot"]["host"]["hostname"] = "\x1b[2J\x1b]0;owned\x07" + "n" * 1_000_000
+    doc["snapshot"]["gpus"][0]["clock_event_reasons"] = ["x" * 300] * 5000
+    page = parse_snapshot_page(doc)
+    assert page.snapshot.host is not None
+    name = page.snapshot.host.hostname
+    assert name.startswith("?[2J?]0;owned?nnn") and len(name) == 257 and name.endswith("…")
+    reasons = page.snapshot.gpus[0].clock_event_reasons or ()
+    assert len(reasons) == 1024 and len(reasons[0]) == 257
+    assert "5000 items, the first 1024 kept" in page.problems.first[0]
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_a_host_that_trickles_is_down_within_the_deadline(phase: str) -> None:
+    # A byte every 50 ms: no per-read timeout ever fires, only a deadline on the whole read ends it.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    serve = trickle(b"", head, 0.05) if phase == "headers" else trickle(head, b" " * 100_000, 0.05)
+    with raw_server(serve) as server:
+        watcher = RemoteWatcher([server.url], timeout_s=0.5)
+        started = time.monotonic()
+        reading = threading.Thread(target=watcher.read_all_once, daemon=True)
+        reading.start()
+        reading.join(5.0)
+        took = time.monotonic() - started
+    assert not reading.is_alive(), "the read outlived its deadline by seconds"
+    (host,) = watcher.latest()
+    watcher.stop()
+    assert took < 1.5 and host.state(time.time()) == "down"
+    assert host.error == "timed out (no complete answer within 0.5 s)"
+
+
+def test_a_host_that_answered_and_then_trickles_turns_stale() -> None:
+    body = json.dumps(snapshot_document()).encode()
+    good = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    slow = trickle(b"", b"HTTP/1.1 200 OK\r\n" * 100, 0.05)
+
+    def serve(conn: socket.socket, stopping: threading.Event) -> None:
+        (slow if server.connections > 1 else lambda c, s: c.sendall(good))(conn, stopping)
+
+    now = [1000.0]
+    with raw_server(serve) as server:
+        watcher = RemoteWatcher([server.url], timeout_s=0.5, clock=lambda: now[0])
+        watcher.read_all_once()
+        assert watcher.latest()[0].state(now[0]) == "ok"
+        now[0] += 2
+        started = time.monotonic()
+        watcher.read_all_once()
+        took = time.monotonic() - started
+    (host,) = watcher.latest()
+    watcher.stop()
+    assert took < 1.5 and host.state(now[0]) == "stale" and host.snapshot is not None
+    assert host.error is not None and host.error.startswith("timed out")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "no-length"])
+def test_a_50_mb_page_is_refused_at_the_cap_without_reading_it_all(declared: bool) -> None:
+    flood = Flood(50 * 2**20, declare_length=declared)
+    with raw_server(flood) as server:
+        host = _read(server.url, timeout_s=10.0)
+        assert flood.done.wait(5.0)  # the reader hung up: the server's next send failed
+    assert host.state(time.time()) == "down" and "page too large" in (host.error or "")
+    assert "8 MiB" in (host.error or "")
+    assert flood.sent < 30 * 2**20  # what left the server: the cap and the sockets' buffers, not 50 MB
+
+
+def test_a_wrong_password_shows_as_unauthorized() -> None:
+    with page_server(lambda request: (401, b"who are you")) as url:
+        host = _read(url, auth=RemoteAuth(username="ops", password="guess"))
+    assert host.state(time.time()) == "down" and (host.error or "").startswith("unauthorized (401)")
+
+
+def test_credentials_in_a_host_url_are_sent_but_never_shown() -> None:
+    sent: list[str | None] = []
+
+    def pages(request: http.server.BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        sent.append(request.headers.get("Authorization"))
+        return 503, b""
+
+    with page_server(pages) as url:
+        watcher = RemoteWatcher([host_url(url.replace("http://", "http://ops:s3cret-pw@"))], interval_s=0.05)
+        watcher.start()
+        try:
+            time.sleep(0.2)
+            names = [t.name for t in threading.enumerate()]
+        finally:
+            watcher.stop()
+    (host,) = watcher.latest()
+    assert sent and sent[0] == basic_auth("ops", "s3cret-pw")
+    assert host.error == "HTTP 503 from its exporter" and host.name == "127.0.0.1"
+    shown = [host.shown_url, host.name, host.error, *names]
+    assert not any("s3cret" in text for text in shown), shown
+
+
+def test_a_bad_host_with_credentials_is_refused_without_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from tui.cli import main
+
+    assert main(["--host", "ftp://ops:s3cret-pw@node"]) == 2
+    err = capsys.readouterr().err
+    assert "--host" in err and "s3cret" not in err
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    files = make_tls_files(tmp_path_factory.mktemp("tls"))
+    if files is None:
+        pytest.skip("no openssl command to make test certificates")
+    return files
+
+
+def test_an_exporter_locked_with_tls_a_client_certificate_and_a_password(tls_files: TlsFiles) -> None:
+    auth = RemoteAuth(
+        ca_file=tls_files.ca,
+        cert_file=tls_files.client_cert,
+        key_file=tls_files.client_key,
+        username="ops",
+        password="s3cret-pw",
+    )
+    with locked_server(tls_files, json.dumps(snapshot_document()).encode(), "ops", "s3cret-pw") as url:
+        assert url.startswith("https://")
+        unlocked = _read(url, auth=auth)
+        wrong_password = _read(url, auth=dataclasses.replace(auth, password="guess"))
+        untrusted = _read(url, auth=dataclasses.replace(auth, ca_file=None))
+        no_certificate = _read(
+            url, auth=RemoteAuth(ca_file=tls_files.ca, username="ops", password="s3cret-pw")
+        )
+        plain = _read(url.replace("https://", "http://"), auth=auth)
+    now = time.time()
+    assert unlocked.state(now) == "ok" and unlocked.snapshot is not None and len(unlocked.snapshot.gpus) == 2
+    assert (wrong_password.error or "").startswith("unauthorized (401)")
+    assert untrusted.error == "TLS: its certificate is not trusted here (give the CA that signed it)"
+    assert no_certificate.state(now) == "down" and no_certificate.error in (
+        "TLS: it asks for a client certificate",
+        "connection lost mid-answer",  # the server's alert lost to its reset: the race is the kernel's
+    )
+    assert plain.error == "not an HTTP answer (an https:// server read as http://?)"
+    assert "s3cret" not in repr(auth)
+
+
+def test_unusable_tls_files_are_refused_in_words(tls_files: TlsFiles, tmp_path: Path) -> None:
+    def watcher(auth: RemoteAuth) -> RemoteWatcher:
+        return RemoteWatcher(["https://node:9400"], auth=auth)
+
+    with pytest.raises(ValueError, match=r"^CA file .*missing.pem: No such file"):
+        watcher(RemoteAuth(ca_file=tmp_path / "missing.pem"))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ValueError, match=r"^client certificate .*junk.pem: not usable"):
+        watcher(RemoteAuth(cert_file=junk))
+    with pytest.raises(ValueError, match=r"not usable .*MISMATCH"):
+        watcher(RemoteAuth(cert_file=tls_files.client_cert, key_file=tls_files.server_key))
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(_encrypted(tls_files.client_key))
+    with pytest.raises(ValueError, match="encrypted"):  # and no passphrase prompt on the terminal
+        watcher(RemoteAuth(cert_file=tls_files.client_cert, key_file=encrypted))
+    with pytest.raises(ValueError, match="a password without a user name"):
+        RemoteAuth(password="x")
+
+
+def _encrypted(key: Path) -> bytes:
+    import subprocess
+
+    out = subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:x"], capture_output=True, check=True
+    )
+    return out.stdout
 
 
 def test_a_host_whose_exporter_is_stuck_shows_as_stale(three_exporters: list[Exporter]) -> None:
@@ -384,3 +645,41 @@ async def test_an_opened_host_shows_its_inference_servers_with_their_energy_per_
         exporter.stop()
     assert "vLLM" in (panel.border_title or "") and "500 tok/s" in text
     assert "J/token" in text and "on GPU 1" in text, text  # the server's GPU, not the host's two
+
+
+async def test_the_fleet_draws_whatever_its_hosts_sent() -> None:
+    from tui.widgets.fleet import HostRow
+
+    # GPUs named nothing useful or in markup, a vram of 1e999, a dead host whose URL holds a password.
+    now = time.time()
+    hosts = []
+    for i, gpu_name in enumerate(["NVIDIA ", "", "[/]", "NVIDIA H100 80GB HBM3"]):
+        doc = json.loads(_spoiled("vram_used_bytes", b"1e999" if i == 3 else b"1"))
+        for gpu in doc["info"]["gpus"]:
+            gpu["name"] = gpu_name
+        page = parse_snapshot_page(doc)
+        host = RemoteHost(
+            f"http://node-{i}:9400", page.info, page.snapshot, None, now, (None, 50.0), page.age_s
+        )
+        reasons = tuple(page.problems.first)
+        hosts.append(dataclasses.replace(host, bad_fields=page.problems.count, bad_field_reasons=reasons))
+    hosts.append(RemoteHost("http://ops:s3cret-pw@node-9:9400", error="unauthorized (401)"))
+    clock = scripted.ManualClock()
+    app = scripted_app(scripted.h100_sxm(1, clock=clock), clock)
+    app.remote = app.monitor.remote = StaticFleet(tuple(hosts), now)  # type: ignore[assignment]
+    async with app.run_test(size=(160, 60)) as pilot:
+        prime(app, clock, ticks=4)
+        app.monitor.query_one("#fleet").set_class(True, "shown")
+        app.monitor.show_fleet()
+        await pilot.pause()
+        rows = list(app.monitor.query(HostRow))
+        for row in rows:
+            row.action_open_host()
+        app.monitor.show_fleet()
+        await pilot.pause()
+        text = [str(r.render()) for r in rows]
+        cards = [str(card.render()) for card in app.monitor.query("HostGroup GpuCard")]
+    assert all("2×?" in line for line in text[:2]) and "2×[/]" in text[2]
+    assert "2×H100" in text[3] and "?1 field n/a: gpus[0].vram_used_bytes: not finite (inf)" in text[3]
+    assert "down" in text[4] and "unauthorized (401)" in text[4] and "s3cret" not in text[4]
+    assert len(cards) == 8 and all("VRAM" in card for card in cards)

@@ -63,6 +63,23 @@ def test_older_kv_cache_metric_name_is_accepted() -> None:
     assert engine_sample("u", 0, page, None, None).kv_cache_usage_pct == 50.0
 
 
+def test_values_that_are_not_finite_are_skipped_and_sums_that_overflow_are_none() -> None:
+    page = parse_metrics(
+        "vllm:num_requests_running inf\n"
+        "vllm:num_requests_waiting NaN\n"
+        'vllm:generation_tokens_total{engine="0"} 1e308\n'
+        'vllm:generation_tokens_total{engine="1"} 1e308\n'  # finite each, infinite summed
+        'vllm:time_to_first_token_seconds_bucket{le="nan"} 5\n'
+        'vllm:time_to_first_token_seconds_bucket{le="1e999"} 5\n'
+        "vllm:kv_cache_usage_perc 0.5\n"
+    )
+    assert "vllm:num_requests_running" not in page.values and "vllm:num_requests_waiting" not in page.values
+    assert page.histograms == {}  # bounds that are no finite number say nothing
+    sample = engine_sample("u", 0.0, page, None, None)
+    assert sample.requests_running is None and sample.generation_tokens_total is None  # n/a, not inf
+    assert sample.kv_cache_usage_pct == 50.0
+
+
 def test_quantile_beyond_last_finite_bucket_is_its_lower_bound() -> None:
     cur = Histogram(buckets={1.0: 0.0, float("inf"): 10.0}, total_sum=50.0, count=10.0)
     assert histogram_delta_quantile(None, cur, 0.95) == 1.0

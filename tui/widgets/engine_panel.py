@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from rich.console import RenderableType
 from rich.text import Text
+from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui import format as fmt
+from tuner.redact import redact_url
 from tuner.telemetry.energy import EnginePower
 from tuner.telemetry.engines import engine_title
 from tuner.telemetry.model import EngineSample
@@ -86,7 +88,8 @@ class EnginePanel(Widget):
         self.engines = engines
 
     def watch_engines(self, engines: tuple[EngineSample, ...]) -> None:
-        self.border_title = panel_title(engines) if engines else "Inference servers"
+        # Plain text: an engine's name from another host is not markup.
+        self.border_title = Content(panel_title(engines)) if engines else "Inference servers"
 
     def render(self) -> RenderableType:
         width = max(20, self.size.width)
@@ -98,7 +101,7 @@ class EnginePanel(Widget):
         head = Text()
         if mixed:
             head.append(f"{engine_title(e.engine)} ", style="bold")
-        head.append(e.url, style="bold")
+        head.append(redact_url(e.url), style="bold")  # a reading from elsewhere may still carry credentials
         if e.model_name:
             head.append(f"  {e.model_name}", style="dim")
         if e.error:

@@ -67,7 +67,7 @@ class HostRow(Widget, can_focus=True):
         if h.snapshot is None:
             line.append(state, style=STATE_STYLE[state])
             if h.error:
-                line.append(f"  {h.url}: {h.error}", style="dim")
+                line.append(f"  {h.shown_url}: {h.error}", style="dim")
             line.truncate(width)
             return line
         s = summarise_host(h.info, h.snapshot)
@@ -76,7 +76,8 @@ class HostRow(Widget, can_focus=True):
             age = h.age_s(self.now_s)
             line.append(f"{state} {age:.0f}s " if age is not None else f"{state} ", style=STATE_STYLE[state])
         dim_from = len(line)
-        line.append(f"{s.gpus}×{s.gpu_name.split()[0][:5]:<5} ", style="dim")
+        model = (s.gpu_name.split() or ["?"])[0]  # "H100 80GB HBM3" -> "H100"
+        line.append(f"{s.gpus}×{model[:5]:<5} ", style="dim")
         source = h.info.source if h.info is not None else "nvml"
         if source != "nvml":  # a simulated machine (exporter --simulate) or a replay says so
             line.append("SIM " if source == "scripted" else "REPLAY ", style="bold magenta")
@@ -103,6 +104,10 @@ class HostRow(Widget, can_focus=True):
             line.append(f" !{s.throttled} throttled", style="bold red")
         if s.lost:
             line.append(f" !{s.lost} lost", style="bold red")
+        if h.bad_fields:  # what its reading held that could not be read: shown n/a, and why
+            word = "field" if h.bad_fields == 1 else "fields"
+            why = f": {h.bad_field_reasons[0]}" if h.bad_field_reasons else ""
+            line.append(f" ?{h.bad_fields} {word} n/a{why}", style="yellow")
         if dim_all:
             line.stylize("dim", dim_from)  # its last state, dimmed; the name and the state stay readable
         line.truncate(width)

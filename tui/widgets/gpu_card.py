@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import RenderableType
 from rich.text import Text
+from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
@@ -94,7 +95,7 @@ class GpuCard(Widget):
         self.series: Series = {}
         self.readings_per_cell = 4  # one sparkline cell per second at the default 4 Hz
         self.history_needed = SPARK_MAX_W * self.readings_per_cell
-        self.border_title = f"GPU {info.index} · {info.name}"
+        self.border_title = Content(f"GPU {info.index} · {info.name}")  # plain text: a name is not markup
         self._update_subtitle()
 
     def show(self, sample: GpuSample, series: Series) -> None:

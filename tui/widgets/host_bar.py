@@ -44,6 +44,6 @@ class HostBar(Widget):
         line.append(f"{fmt.gib(s.ram_used_bytes)} / {fmt.gib(s.ram_total_bytes)}", style="bold")
         if s.load_avg_1m is not None:
             line.append("  load ", style="dim")
-            line.append(f"{s.load_avg_1m:.2f} {s.load_avg_5m:.2f} {s.load_avg_15m:.2f}")
+            line.append(" ".join(fmt.number(v, 2) for v in (s.load_avg_1m, s.load_avg_5m, s.load_avg_15m)))
         line.truncate(max(1, self.size.width))
         return line

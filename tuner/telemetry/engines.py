@@ -8,23 +8,38 @@ requests observed over a window (60 s by default), from bucket deltas against th
 The parser is a small line-tolerant one rather than ``prometheus_client``'s: that one renames samples (TGI's
 counter ``tgi_request_success`` comes back as ``tgi_request_success_total``) and gives up on the whole page at
 the first line it cannot read.
+
+A server's page is foreign data: it is read within a deadline and a size cap (:mod:`tuner.telemetry.fetch`),
+a value that is not finite is skipped, a page of endless series keeps only the first :data:`MAX_SERIES`, and
+every figure handed on is finite and within its unit's range (:mod:`tuner.telemetry.foreign`) or None.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
+from tuner.redact import redact_url
+from tuner.telemetry.fetch import PageError, PageReader
+from tuner.telemetry.foreign import BadValue, checked_number, printable
 from tuner.telemetry.model import EngineSample
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 DEFAULT_LATENCY_WINDOW_S = 60.0
+MAX_SERIES = 4096
+"""The most metric names kept from one page (a real server publishes a few hundred): the scraper keeps a
+minute of pages, so a page of a million names would otherwise hold gigabytes."""
+MAX_BUCKETS = 512
+"""The most buckets kept per histogram (vLLM's have under 30)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +172,8 @@ def _engine_of_name(name: str) -> str | None:
 
 def parse_metrics(text: str) -> MetricsText:
     """Parse the Prometheus text format, keeping the metrics of known engines. Label sets are summed (several
-    engines or ranks of one server); lines that do not parse are skipped."""
+    engines or ranks of one server); lines that do not parse, values that are not finite, and series past
+    :data:`MAX_SERIES` are skipped. Never raises, whatever the page holds."""
     values: dict[str, float] = defaultdict(float)
     series: dict[str, int] = defaultdict(int)
     histograms: dict[str, Histogram] = defaultdict(Histogram)
@@ -171,13 +187,8 @@ def parse_metrics(text: str) -> MetricsText:
             continue
         name, labels_text, raw = m.group(1), m.group(3) or "", m.group(4)
         engine = _engine_of_name(name)
-        if engine is None:
-            continue
-        try:
-            value = float(raw)
-        except ValueError:
-            continue
-        if math.isnan(value):
+        value = _finite(raw)
+        if engine is None or value is None:
             continue
         per_engine[engine] += 1
         labels = dict(_LABEL.findall(labels_text)) if labels_text else {}
@@ -186,13 +197,14 @@ def parse_metrics(text: str) -> MetricsText:
             model_name = labels.get("model_name") or (labels.get("name") if engine == "sglang" else None)
         le = labels.get("le") if name.endswith("_bucket") else None
         if le is not None:
-            hist = histograms[name[: -len("_bucket")]]
-            try:
-                bound = math.inf if le in ("+Inf", "Inf") else float(le)
-            except ValueError:
-                continue  # a bucket bound that is no number: that line says nothing
-            hist.buckets[bound] = hist.buckets.get(bound, 0.0) + value
-        else:
+            base = name[: -len("_bucket")]
+            bound = math.inf if le in ("+Inf", "Inf") else _finite(le)
+            if bound is None or not _room(base, histograms, values):
+                continue  # a bucket bound that is no number says nothing
+            hist = histograms[base]
+            if bound in hist.buckets or len(hist.buckets) < MAX_BUCKETS:
+                hist.buckets[bound] = hist.buckets.get(bound, 0.0) + value
+        elif _room(name, values, histograms):
             values[name] += value
             series[name] += 1
     # `_sum` and `_count` may come before the buckets: attach them once every histogram is known.
@@ -200,7 +212,22 @@ def parse_metrics(text: str) -> MetricsText:
         hist.total_sum = values.pop(base + "_sum", 0.0)
         hist.count = values.pop(base + "_count", 0.0)
     engine = max(per_engine, key=per_engine.__getitem__) if per_engine else None
-    return MetricsText(dict(values), dict(histograms), model_name, engine, dict(series))
+    model = printable(model_name) if model_name else None
+    return MetricsText(dict(values), dict(histograms), model, engine, dict(series))
+
+
+def _finite(text: str) -> float | None:
+    """A sample value or bucket bound as a finite float; None for NaN, infinities and anything else."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _room(name: str, mine: Mapping[str, object], other: Mapping[str, object]) -> bool:
+    """Whether ``name`` is known already or the page may still add a series."""
+    return name in mine or len(mine) + len(other) < MAX_SERIES
 
 
 def _first(page: MetricsText | None, names: tuple[str, ...], *, mean: bool = False) -> float | None:
@@ -323,30 +350,46 @@ def engine_sample(
         if tpot_cur is None and names.generation_seconds:
             tpot_mean = _ratio_of_deltas(page, window_base, names.generation_seconds, names.generation_tokens)
         window_s = now_s - window_base_time_s
-    return EngineSample(
-        url=url,
-        time_s=now_s,
-        engine=names.engine,
-        model_name=page.model_name,
-        requests_running=_first(page, names.running),
-        requests_waiting=_first(page, names.waiting),
-        kv_cache_usage_pct=kv * 100.0 if kv is not None else None,
-        generation_tokens_total=gen,
-        prompt_tokens_total=prompt,
-        preemptions_total=_first(page, names.preemptions),
-        requests_success_total=_first(page, names.requests_success),
-        generation_tokens_per_s=gen_rate,
-        prompt_tokens_per_s=_rate(prompt, _first(prev, names.prompt_tokens), dt_s) if prev else None,
-        ttft_mean_s=ttft_mean,
-        ttft_p50_s=ttft[0],
-        ttft_p95_s=ttft[1],
-        ttft_p99_s=ttft[2],
-        itl_mean_s=tpot_mean,
-        tpot_p50_s=tpot[0],
-        tpot_p95_s=tpot[1],
-        tpot_p99_s=tpot[2],
-        latency_window_s=window_s,
+    return _in_range(
+        EngineSample(
+            url=url,
+            time_s=now_s,
+            engine=names.engine,
+            model_name=page.model_name,
+            requests_running=_first(page, names.running),
+            requests_waiting=_first(page, names.waiting),
+            kv_cache_usage_pct=kv * 100.0 if kv is not None else None,
+            generation_tokens_total=gen,
+            prompt_tokens_total=prompt,
+            preemptions_total=_first(page, names.preemptions),
+            requests_success_total=_first(page, names.requests_success),
+            generation_tokens_per_s=gen_rate,
+            prompt_tokens_per_s=_rate(prompt, _first(prev, names.prompt_tokens), dt_s) if prev else None,
+            ttft_mean_s=ttft_mean,
+            ttft_p50_s=ttft[0],
+            ttft_p95_s=ttft[1],
+            ttft_p99_s=ttft[2],
+            itl_mean_s=tpot_mean,
+            tpot_p50_s=tpot[0],
+            tpot_p95_s=tpot[1],
+            tpot_p99_s=tpot[2],
+            latency_window_s=window_s,
+        )
     )
+
+
+def _in_range(sample: EngineSample) -> EngineSample:
+    """Each figure finite and within its unit's range, else None: sums of a hostile page's huge values, and
+    rates or quantiles over them, must not reach the screen as infinity or NaN."""
+    bad: dict[str, Any] = {}
+    for f in dataclasses.fields(sample):
+        value = getattr(sample, f.name)
+        if isinstance(value, float) and f.name != "time_s":
+            try:
+                checked_number(value, f.name)
+            except BadValue:
+                bad[f.name] = None
+    return dataclasses.replace(sample, **bad) if bad else sample
 
 
 def _went_backwards(prev: MetricsText, page: MetricsText, names: EngineMetricNames) -> bool:
@@ -371,7 +414,10 @@ def fetch_metrics(client: httpx.Client, base_url: str) -> MetricsText:
 
 class EngineScraper:
     """Scrapes one inference server. Keeps the pages of the last ``window_s`` seconds: the previous one turns
-    counters into rates, the oldest one gives the window's latency quantiles."""
+    counters into rates, the oldest one gives the window's latency quantiles.
+
+    Each read ends within ``timeout_s`` and refuses a page over ``MAX_PAGE_BYTES`` (a server found on the box
+    is not trusted to behave). Readings name the server by its URL without credentials."""
 
     def __init__(
         self,
@@ -379,27 +425,27 @@ class EngineScraper:
         *,
         engine: str | None = None,
         timeout_s: float = 0.8,
-        client: httpx.Client | None = None,
+        reader: PageReader | None = None,
         window_s: float = DEFAULT_LATENCY_WINDOW_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.url = redact_url(self.base_url)  # how its readings name it
         self.engine = engine  # None: told by the page's metric names
         self.window_s = window_s
-        self._client = client or httpx.Client(timeout=timeout_s)
+        self._reader = reader or PageReader(deadline_s=timeout_s)
         self._pages: deque[tuple[float, MetricsText]] = deque()
 
     def scrape(self, now_s: float) -> EngineSample:
         """One reading. Any failure becomes ``EngineSample.error`` (the server may come and go)."""
         try:
-            page = fetch_metrics(self._client, self.base_url)
-        except httpx.HTTPError as exc:
+            body = self._reader.get(f"{self.base_url}/metrics")
+        except PageError as exc:
             self._pages.clear()
-            return EngineSample(
-                url=self.base_url, time_s=now_s, engine=self.engine, error=self._describe(exc)
-            )
+            return EngineSample(url=self.url, time_s=now_s, engine=self.engine, error=self._describe(exc))
+        page = parse_metrics(body.decode("utf-8", errors="replace"))
         if not page.values and not page.histograms:
             return EngineSample(
-                url=self.base_url,
+                url=self.url,
                 time_s=now_s,
                 engine=self.engine,
                 error="no inference-server metrics at /metrics",
@@ -412,7 +458,7 @@ class EngineScraper:
         prev_time_s, prev = self._pages[-1] if self._pages else (None, None)
         base_time_s, base = self._pages[0] if self._pages else (None, None)
         sample = engine_sample(
-            self.base_url,
+            self.url,
             now_s,
             page,
             prev,
@@ -424,16 +470,12 @@ class EngineScraper:
         self._pages.append((now_s, page))
         return sample
 
-    def _describe(self, exc: httpx.HTTPError) -> str:
-        if isinstance(exc, httpx.ConnectError):
-            return "not reachable (connection refused)"
-        if isinstance(exc, httpx.TimeoutException):
-            return "timed out"
-        if isinstance(exc, httpx.HTTPStatusError):
-            hint = ENGINES[self.engine].enable_metrics if self.engine in ENGINES else ""
-            off = exc.response.status_code in (404, 501) and hint
-            return f"HTTP {exc.response.status_code} from /metrics" + (f" ({hint})" if off else "")
-        return type(exc).__name__
+    def _describe(self, exc: PageError) -> str:
+        if exc.status is None:
+            return str(exc)
+        hint = ENGINES[self.engine].enable_metrics if self.engine in ENGINES else ""
+        off = exc.status in (404, 501) and hint
+        return f"HTTP {exc.status} from /metrics" + (f" ({hint})" if off else "")
 
     def close(self) -> None:
-        self._client.close()
+        self._reader.close()
