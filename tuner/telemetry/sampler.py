@@ -20,6 +20,7 @@ from typing import Protocol
 
 import httpx
 
+from tuner.redact import redact_text, redact_url
 from tuner.telemetry.backend import GpuBackend, GpuLostError
 from tuner.telemetry.discovery import DiscoveredServer
 from tuner.telemetry.engines import EngineScraper
@@ -204,8 +205,11 @@ class EngineWatcher:
                 try:
                     sample = scraper.scrape(time.time())
                 except Exception as exc:  # a page no parser foresaw: that server says so, the others go on
-                    log.exception("reading %s failed", url)
-                    sample = EngineSample(url=url, time_s=time.time(), error=f"unreadable /metrics ({exc})")
+                    shown = redact_url(url)  # a URL's credentials reach neither the log nor the screen
+                    log.exception("reading %s failed", shown)
+                    sample = EngineSample(
+                        url=shown, time_s=time.time(), error=redact_text(f"unreadable /metrics ({exc})")
+                    )
                 if server is not None:
                     sample = dataclasses.replace(sample, server_pids=server.pids)
                 with self._lock:
