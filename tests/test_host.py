@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 from helpers import prime, scripted_app
+from textual.widgets import Label
 
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.process_table import ProcessTable
 from tuner.telemetry import nvml as nvml_module
 from tuner.telemetry import scripted
-from tuner.telemetry.host import HostProcesses, holds_gpu
+from tuner.telemetry.host import COMMAND_MAX_CHARS, HostProcesses, holds_gpu
 
 
 @pytest.fixture
@@ -135,3 +136,48 @@ async def test_k_refuses_a_pid_of_another_namespace(
         await pilot.press("y")
         await pilot.pause()
         assert sleeper.poll() is None
+
+
+def test_a_command_line_is_masked_argument_by_argument_before_it_is_cut(tmp_path: Path) -> None:
+    """Masked per argument (a value may hold spaces) and before the cut (a cut secret no longer looks like one)."""
+    argv = [
+        "import time; time.sleep(60)",
+        "--api-key",
+        "SECRET with spaces",
+        "x" * 200,
+        "HF_TOKEN=SECRETtoken",
+    ]
+    child = subprocess.Popen([sys.executable, "-c", *argv])
+    try:
+        proc, dev = fake_roots(tmp_path, {}, devices=False)
+        command = HostProcesses(proc_root=proc, dev_root=dev).read([child.pid])[child.pid]["command"]
+    finally:
+        child.kill()
+        child.wait()
+    assert "--api-key *** xxx" in command and "SECRET" not in command
+    assert len(command) == COMMAND_MAX_CHARS and command.endswith("…")
+
+
+async def test_k_names_a_command_line_that_looks_like_markup_as_it_is(tmp_path: Path) -> None:
+    """A command line is anyone's text: in the question it is neither markup that fails nor a click action."""
+    argv0 = "[/] [@click=app.quit]x"  # what the process calls itself comes first in its command line
+    child = subprocess.Popen([argv0, "-c", "import time; time.sleep(60)"], executable=sys.executable)
+    try:
+        clock = scripted.ManualClock()
+        nvml = scripted.h100_sxm(1, clock=clock, processes=[scripted.FakeProcess(child.pid, 0, 1024 * 2**20)])
+        app = scripted_app(nvml, clock)
+        async with app.run_test(size=(160, 30)) as pilot:
+            prime(app, clock, ticks=2)
+            await pilot.pause()
+            app.monitor.query_one(ProcessTable).focus()
+            await pilot.press("k")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            question = str(app.screen.query_one(Label).render())
+            assert f"process {child.pid} ({argv0} -c import" in question
+            await pilot.press("n")
+            await pilot.pause()
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()

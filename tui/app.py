@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +19,7 @@ from tui.screens.help import HelpScreen
 from tui.screens.monitor import MonitorScreen
 from tui.widgets.process_table import ProcessTable
 from tui.widgets.status_bar import StatusBar
+from tuner.outputs import OutputError
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.recording import Recorder, ReplaySource
@@ -56,10 +59,13 @@ class InfertopApp(App[None]):
         self.recorder: Recorder | None = None
         self.remote = remote
         self.monitor = MonitorScreen(sampler.history, redraw_interval_s=redraw_interval_s, remote=remote)
+        self._quits_on_sigterm = False
+        self.recording_error: str | None = None  # why the last recording could not be put in place
 
     async def on_mount(self) -> None:
         await self.push_screen(self.monitor)
         self.monitor.query_one(StatusBar).rate_hz = self.rate_hz
+        self._quit_on_sigterm()
         if self.autostart and self.remote is not None:
             self.remote.start()
         if self.autostart:
@@ -75,13 +81,29 @@ class InfertopApp(App[None]):
         self.sampler.on_ended = self._replay_ended
         self.sampler.start()
 
+    def _quit_on_sigterm(self) -> None:
+        """SIGTERM quits as ``q`` does: a recording in progress is finished and renamed into place, and the
+        terminal is given back. Textual leaves SIGTERM to its default, which does neither."""
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not a Unix
+            return
+        self._quits_on_sigterm = True
+
     def _replay_ended(self) -> None:
         self.monitor.post_message(ReplayEnded())
+        source = self.sampler.source
+        damage = source.damage.summary() if isinstance(source, ReplaySource) else None
+        if damage:
+            message = f"Parts of this recording could not be read: {damage}"
+            self.notify(message, severity="warning", timeout=10, markup=False)
 
     def _snapshot_taken(self, snap: Snapshot) -> None:
         self.monitor.post_message(SnapshotTaken(snap))  # thread-safe
 
     def on_unmount(self) -> None:
+        if self._quits_on_sigterm:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         if self.remote is not None:
             self.remote.stop()
         self.stop_recording()
@@ -99,29 +121,43 @@ class InfertopApp(App[None]):
 
     def action_toggle_record(self) -> None:
         if self.recorder is not None:
-            path = self.recorder.path
-            self.stop_recording()
-            self.notify(f"Recording saved to {path}")
-        else:
-            name = time.strftime("infertop-%Y%m%d-%H%M%S.ndjson")
-            self.start_recording(self.record_dir / name)
+            path = self.stop_recording()
+            if path is not None:
+                self.notify(f"Recording saved to {path}", markup=False)
+            return
+        try:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.notify(
+                f"Cannot record to {self.record_dir}: {exc.strerror or exc}", severity="error", markup=False
+            )
+            return
+        self.start_recording(fresh_recording_path(self.record_dir))
 
     def start_recording(self, path: Path) -> None:
+        """Record to ``path``, a file that must not exist yet (a recording never replaces one)."""
         try:
             self.recorder = Recorder(path, self.sampler.info)
-        except OSError as exc:
-            self.notify(f"Cannot record to {path}: {exc.strerror or exc}", severity="error")
+        except OutputError as exc:
+            self.notify(str(exc), severity="error", markup=False)
             return
         self.sampler.add_listener(self.recorder)
         self.monitor.query_one(StatusBar).recording_to = path.name
 
-    def stop_recording(self) -> None:
+    def stop_recording(self) -> Path | None:
+        """Stop recording and rename the file into place; its path, or None if there was none or it failed."""
         if self.recorder is None:
-            return
-        self.sampler.remove_listener(self.recorder)
-        self.recorder.close()
-        self.recorder = None
-        self.monitor.query_one(StatusBar).recording_to = None
+            return None
+        recorder, self.recorder = self.recorder, None
+        self.sampler.remove_listener(recorder)
+        for bar in self.monitor.query(StatusBar):  # none when the app is quitting: its widgets are gone
+            bar.recording_to = None
+        try:
+            return recorder.close()
+        except OutputError as exc:
+            self.recording_error = str(exc)  # also said on the terminal if this was at quitting time
+            self.notify(self.recording_error, severity="error", markup=False)
+            return None
 
     def action_terminate_process(self) -> None:
         proc = self.monitor.query_one(ProcessTable).selected_process
@@ -135,6 +171,7 @@ class InfertopApp(App[None]):
                 severity="warning",
             )
             return
+        # The command line as the table shows it (secrets masked), never read as markup: it is anyone's text.
         label = f"{proc.pid} ({(proc.command or proc.name or '?')[:50]})"
 
         def answered(yes: bool | None) -> None:
@@ -142,13 +179,31 @@ class InfertopApp(App[None]):
                 return
             try:
                 psutil.Process(proc.pid).terminate()
-                self.notify(f"Sent SIGTERM to {label}")
+                self.notify(f"Sent SIGTERM to {label}", markup=False)
             except psutil.NoSuchProcess:
                 self.notify(f"Process {proc.pid} already ended")
             except psutil.AccessDenied:
                 self.notify(f"Not allowed to signal {proc.pid} (run as its user or root)", severity="error")
 
-        self.push_screen(ConfirmScreen(f"Send SIGTERM to process {label}?"), answered)
+        self.push_screen(ConfirmScreen(f"Send SIGTERM to process {as_plain_markup(label)}?"), answered)
+
+
+def as_plain_markup(text: str) -> str:
+    """``text`` as Textual markup that shows it as it is: every ``[`` escaped. (``textual.markup.escape`` leaves
+    ``[X=1]``, ``[$var]`` and ``[ b]`` to be read as markup, and a command line is anyone's text.)"""
+    return text.replace("[", "\\[")
+
+
+def fresh_recording_path(directory: Path) -> Path:
+    """A recording's name in ``directory`` that no file has: infertop-DATE-TIME.ndjson, with -2, -3… after it
+    when a recording of the same second is already there."""
+    stem = time.strftime("infertop-%Y%m%d-%H%M%S")
+    path = directory / f"{stem}.ndjson"
+    n = 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = directory / f"{stem}-{n}.ndjson"
+    return path
 
 
 def make_live_sampler(

@@ -4,15 +4,21 @@ them, so `infertop --help` answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import signal
+import stat
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tuner.settings import Settings, SettingsError, load_settings
 
 SUBCOMMANDS = ("monitor", "record", "exporter", "bench", "tune", "predict")
+MAX_HOSTS_FILE_BYTES = 2**20
+"""A list of hosts is a few lines; a larger file is something else (and is not read whole)."""
 
 EPILOG = """\
 subcommands:
@@ -59,6 +65,7 @@ def monitor_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--record", type=Path, metavar="FILE", help="record to FILE (NDJSON) while monitoring"
     )
+    parser.add_argument("--force", action="store_true", help="let --record replace an existing FILE")
     parser.add_argument(
         "--host",
         action="append",
@@ -76,7 +83,10 @@ def record_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infertop record", description="Record GPU, host and vLLM telemetry to NDJSON, without a UI."
     )
-    parser.add_argument("file", type=Path, help="output file (.ndjson, or .ndjson.gz to compress)")
+    parser.add_argument(
+        "file", type=Path, help="output file (.ndjson, or .ndjson.gz to compress), private to you (0600)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace FILE if it exists")
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     parser.add_argument("--label", help="a note stored in the recording and shown on replay")
     _common(parser)
@@ -114,25 +124,24 @@ def _sampler_config(settings: Settings):  # type: ignore[no-untyped-def]
 def run_monitor(argv: Sequence[str]) -> int:
     args = monitor_parser().parse_args(argv)
     settings = _settings(args)
-    if args.replay is not None:
-        from tuner.telemetry.recording import RecordingError, read_header
-
-        if args.speed <= 0:
-            return _fail("--speed must be greater than 0")
-        try:
-            read_header(args.replay)
-        except RecordingError as exc:
-            return _fail(str(exc))
-    from tuner.telemetry.remote import host_url, read_hosts_file
+    if not _positive(args.speed):
+        return _fail("--speed must be a number greater than 0")
+    if args.host_interval is not None and not _positive(args.host_interval):
+        return _fail("--host-interval must be a number greater than 0")
+    from tuner.outputs import OutputError, check_new
+    from tuner.telemetry.recording import RecordingError
+    from tuner.telemetry.remote import host_url
 
     try:
+        if args.replay is not None:
+            _check_replay(args.replay)
+        if args.record is not None:
+            check_new(args.record, force=args.force)
         remote_urls = [host_url(h) for h in args.host or ()]
         if args.hosts is not None:
-            remote_urls += read_hosts_file(args.hosts)
-    except ValueError as exc:
+            remote_urls += _hosts_file(args.hosts)
+    except (RecordingError, OutputError, ValueError) as exc:
         return _fail(str(exc))
-    if args.host_interval is not None and args.host_interval <= 0:
-        return _fail("--host-interval must be greater than 0")
     from tui.app import make_app
 
     app = make_app(
@@ -148,49 +157,109 @@ def run_monitor(argv: Sequence[str]) -> int:
         redraw_interval_s=settings.redraw_interval_s,
     )
     app.run()
+    if app.recording_error:
+        return _fail(app.recording_error)
     return 0
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _check_replay(path: Path) -> None:
+    """RecordingError, in one line, unless ``path`` is a recording with a snapshot that can be shown: found
+    here, before Textual starts, so that a bad file is an error message and never a traceback on screen."""
+    from tuner.telemetry.recording import ReplaySource
+
+    source = ReplaySource(path)
+    try:
+        source.open()
+    finally:
+        source.close()
+
+
+def _hosts_file(path: Path) -> list[str]:
+    """The hosts ``path`` lists; ValueError naming it when it is not a readable text file of hosts. A FIFO or a
+    device (``/dev/zero``) is refused before it is read: reading it could block or never end."""
+    from tuner.telemetry.remote import read_hosts_file
+
+    try:
+        mode = path.stat()
+    except OSError as exc:
+        raise ValueError(f"--hosts {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode.st_mode):
+        raise ValueError(f"--hosts {path}: a directory, not a file of hosts")
+    if not stat.S_ISREG(mode.st_mode):
+        raise ValueError(f"--hosts {path}: not a regular file")
+    if mode.st_size > MAX_HOSTS_FILE_BYTES:
+        raise ValueError(f"--hosts {path}: {mode.st_size} bytes is no list of hosts (one per line)")
+    try:
+        return read_hosts_file(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"--hosts {path}: not a text file (one host per line)") from None
 
 
 def run_record(argv: Sequence[str]) -> int:
     args = record_parser().parse_args(argv)
     settings = _settings(args)
+    if args.duration is not None and not _positive(args.duration):
+        return _fail("--duration must be a number of seconds greater than 0")
+    from tuner.outputs import OutputError, check_new
     from tuner.telemetry.nvml import NvmlBackend
     from tuner.telemetry.recording import Recorder
     from tuner.telemetry.sampler import LiveSource, Sampler
 
+    try:
+        check_new(args.file, force=args.force)  # before the GPUs are even opened: a refusal costs nothing
+    except OutputError as exc:
+        return _fail(str(exc))
     config = _sampler_config(settings)
     sampler = Sampler(LiveSource(NvmlBackend(), config=config, vllm_urls=settings.vllm_urls), history_len=16)
     info = sampler.open()
     try:
-        recorder = Recorder(args.file, info, label=args.label)
-    except OSError as exc:
+        recorder = Recorder(args.file, info, label=args.label, force=args.force)
+    except OutputError as exc:
         sampler.stop()
-        return _fail(f"cannot write {args.file}: {exc.strerror or exc}")
+        return _fail(str(exc))
     what = ", ".join(g.name for g in info.gpus) or f"no GPUs ({info.message})"
     print(
         f"infertop: recording {what} to {args.file} every {config.interval_s:g} s; Ctrl-C stops",
         file=sys.stderr,
     )
     sampler.add_listener(recorder)
-    stop = {"now": False}
-
-    def _interrupt(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    sampler.start()
-    started = time.monotonic()
+    with _stop_requested() as stop:
+        sampler.start()
+        started = time.monotonic()
+        try:
+            while not stop.is_set():
+                if args.duration is not None and time.monotonic() - started >= args.duration:
+                    break
+                time.sleep(0.05)
+        finally:
+            sampler.stop()
     try:
-        while not stop["now"]:
-            if args.duration is not None and time.monotonic() - started >= args.duration:
-                break
-            time.sleep(0.05)
-    finally:
-        sampler.stop()
         recorder.close()
+    except OutputError as exc:
+        return _fail(str(exc))
     print(f"infertop: wrote {recorder.snapshots_written} snapshots to {args.file}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_requested() -> Iterator[threading.Event]:
+    """An event SIGINT (Ctrl-C) and SIGTERM (a service manager) set instead of ending infertop, so that the
+    recording is finished and put in place whichever stops it; the previous handlers come back after."""
+    stop = threading.Event()
+
+    def _interrupt(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fail(message: str) -> int:

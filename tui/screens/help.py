@@ -19,9 +19,21 @@ HELP = """\
 | `c` | compact GPU rows / full cards |
 | `s` / `r` | process sort (VRAM, CPU, GPU, PID) / reverse it |
 | `↑` `↓` | select a process |
-| `k` | terminate the selected process (asks first) |
-| `R` | start / stop recording to NDJSON (replay with `infertop --replay FILE`) |
+| `k` | send SIGTERM to the selected process, after asking (see *Processes* below) |
+| `R` | start / stop recording to a new NDJSON file (replay with `infertop --replay FILE`) |
 | `tab`, `enter` | in the fleet (`infertop --host URL`): move to a host, open or close its GPUs and servers |
+
+## Processes
+- **COMMAND** shows each command line with its secrets masked (`--api-key ***`, `HF_TOKEN=***`, a URL's user
+  and password). infertop masks them as it reads them, so nothing it shows, records or reports holds them and
+  a screenshot or a shared terminal leaks none; the exporter serves no command lines at all. `ps -o args -p PID`
+  shows the full line to whoever may read it.
+- **`k`** asks first (`y`/`n`), then sends SIGTERM (a request to stop, never SIGKILL) as the user running
+  infertop: the system lets it reach that user's own processes only (any process when infertop runs as root),
+  and another user's process gets "not allowed". A pid of another PID namespace (a container's) is never
+  signalled: here that number names a different process.
+- **Recordings** (`R`, `--record`, `infertop record`) are private to you (mode 0600) and replace no file
+  unless told to (`--force`).
 
 ## What the numbers are
 - **DRAM BW** — real DRAM bandwidth from NVML GPM (Hopper and newer): % of the GPU's peak, and GB/s

@@ -10,9 +10,12 @@ from typing import Any
 
 import psutil
 
+from tuner.redact import redact_argv
+from tuner.telemetry.foreign import MAX_TEXT
 from tuner.telemetry.model import HostSample
 
-COMMAND_MAX_CHARS = 300
+COMMAND_MAX_CHARS = MAX_TEXT
+"""As long as a replay or another host's view keeps text, so a recording replays as it was recorded."""
 
 
 class HostReader:
@@ -48,7 +51,8 @@ class HostReader:
 
 
 class HostProcesses:
-    """Host facts of the processes NVML lists on the GPUs: user, name, command line, CPU %, RSS.
+    """Host facts of the processes NVML lists on the GPUs: user, name, command line (secrets masked), CPU %,
+    RSS.
 
     NVML gives pids as the driver sees them, in the host's PID namespace. Inside a container the same number
     can name an unrelated process (or none), so a pid's facts are attached only once it is verified to hold
@@ -145,9 +149,15 @@ def holds_gpu(pid: int, proc_root: str = "/proc", dev_root: str = "/dev") -> boo
 
 
 def _command_line(cmdline: list[str] | None) -> str | None:
+    """The command line with its secrets masked, cut to :data:`COMMAND_MAX_CHARS`.
+
+    Masked here, at the source, so that no snapshot (nor anything made of one: a recording, the exporter, the
+    screen) ever holds an ``--api-key`` value. Masked per argument, before joining (an argument may hold
+    spaces) and before cutting (a cut secret would no longer look like one).
+    """
     if not cmdline:
         return None
-    command = " ".join(cmdline)
+    command = " ".join(redact_argv(cmdline))
     return command if len(command) <= COMMAND_MAX_CHARS else command[: COMMAND_MAX_CHARS - 1] + "…"
 
 
