@@ -309,7 +309,7 @@ def step_serve(run: Run, limit_s: float) -> str:
     label = f"gpu-check {run.mode.name} on {gpu}, {dt.date.today().isoformat()}: vLLM {run.mode.model_preset}"
     run.recorder = subprocess.Popen(
         run.infertop("record", str(run.work / "recording.ndjson.gz"), "--vllm", url, "--no-discover",
-                     "--label", label),
+                     "--label", label, "--force"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=open(run.work / "record.log", "wb"),  # noqa: SIM115 (the child holds it)
@@ -454,7 +454,7 @@ def _infertop_bench(
         run.infertop("bench", "--endpoint", url, "--concurrency", str(c), "--num-requests", str(num),
                      "--warmup", str(min(c, 32)), "--input-len", str(run.mode.input_len),
                      "--output-len", str(run.mode.output_len), "--vocab-size", str(vocab), "--seed", str(seed),
-                     "--out", str(out)),
+                     "--out", str(out), "--force"),
         timeout_s=left_s, log=run.work / "bench-infertop.log",
     )  # fmt: skip
     row: dict[str, Any] = {
@@ -530,7 +530,7 @@ def step_tune(run: Run, limit_s: float) -> str:
     done = run_command(
         run.infertop("tune", str(run.model_dir), "--headless", "--budget", "2", "--phase-seconds", "3",
                      "--production-seconds", "10", "--out", str(out), "--store", str(run.work / "tune.sqlite"),
-                     "--vllm-python", run.mode.vllm_python, *args, "--", *extra),
+                     "--force", "--vllm-python", run.mode.vllm_python, *args, "--", *extra),
         timeout_s=limit_s, log=run.work / "tune.log", env=dict(run.mode.vllm_env),
     )  # fmt: skip
     report_path = out / "report.json"

@@ -43,7 +43,7 @@ def make_demo_recording(path: Path) -> None:
     sampler = Sampler(source)
     info = sampler.open()
     label = "SYNTHETIC demo: scripted NVML, not a real GPU"
-    recorder = Recorder(path, info, label=label)
+    recorder = Recorder(path, info, label=label, force=True)  # the demo is remade in place
     sampler.add_listener(recorder)
     for _ in range(int(SECONDS * RATE_HZ)):
         clock.advance(1 / RATE_HZ)

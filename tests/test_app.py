@@ -230,3 +230,24 @@ async def test_the_shipped_demo_recording_replays_with_dram_bandwidth() -> None:
         assert app.sampler.info.label and "SYNTHETIC" in app.sampler.info.label  # never passed off as real
         text = text_of(app.monitor.query_one(GpuCard))
         assert "DRAM BW" in text and "GB/s" in text
+
+
+async def test_anyones_text_is_never_read_as_markup() -> None:
+    """A user name, NVML's message or a recording's words are shown as they are: `[/]` would crash the table,
+    and `[@click=app.quit]` would make the banner an action."""
+    from tuner.telemetry.model import GpuProcess
+
+    clock = scripted.ManualClock()
+    app = scripted_app(scripted.h100_sxm(), clock)
+    async with app.run_test(size=(120, 40)) as pilot:
+        prime(app, clock, 2)
+        table = app.monitor.query_one(ProcessTable)
+        table.set_processes(
+            [GpuProcess(pid=4242, gpu_index=0, vram_used_bytes=2**30, kind="compute", user="[/]")]
+        )
+        hostile = "[@click=app.quit]press me[/] [/]"
+        app.monitor.show_banner(hostile, error=True)
+        await pilot.pause()
+        assert hostile in text_of(app.monitor.query_one(StateBanner))
+        assert "[/]" in str(table.get_row_at(0)[2])
+        await pilot.press("q")

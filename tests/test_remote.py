@@ -683,3 +683,42 @@ async def test_the_fleet_draws_whatever_its_hosts_sent() -> None:
     assert "2×H100" in text[3] and "?1 field n/a: gpus[0].vram_used_bytes: not finite (inf)" in text[3]
     assert "down" in text[4] and "unauthorized (401)" in text[4] and "s3cret" not in text[4]
     assert len(cards) == 8 and all("VRAM" in card for card in cards)
+
+
+def test_the_monitor_flags_for_locked_hosts(
+    tls_files: TlsFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--host-ca/--host-cert/--host-key/--host-user and a password from a file or the environment (never a
+    flag: ps shows argv to everyone) reach the hosts' reader; what cannot work is one line, exit 2."""
+    from tui import cli
+
+    monkeypatch.delenv("INFERTOP_HOST_PASSWORD", raising=False)
+    password_file = tmp_path / "pass"
+    password_file.write_text("s3cret-pw\n")
+    args = cli.monitor_parser().parse_args(
+        ["--host", "https://node:9400", "--host-ca", str(tls_files.ca), "--host-cert", str(tls_files.client_cert),
+         "--host-key", str(tls_files.client_key), "--host-user", "ops", "--host-password-file", str(password_file)]
+    )  # fmt: skip
+    auth = cli._remote_auth(args, ["https://node:9400"])
+    assert auth == RemoteAuth(tls_files.ca, tls_files.client_cert, tls_files.client_key, "ops", "s3cret-pw")
+    monkeypatch.setenv("INFERTOP_HOST_PASSWORD", "from-env")
+    args = cli.monitor_parser().parse_args(["--host", "node", "--host-user", "ops"])
+    assert cli._remote_auth(args, ["http://node:9400"]).password == "from-env"
+    assert "password in clear" in capsys.readouterr().err
+    monkeypatch.delenv("INFERTOP_HOST_PASSWORD")
+
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("hello")
+    for argv, said in [
+        (["--host", "node", "--host-ca", str(not_pem)], f"CA file {not_pem}"),
+        (["--host", "node", "--host-key", str(tls_files.client_key)], "--host-key without --host-cert"),
+        (["--host-ca", str(tls_files.ca)], "apply to --host or --hosts"),
+        (["--host", "node", "--host-password-file", str(password_file)], "without --host-user"),
+        (
+            ["--host", "node", "--host-user", "u", "--host-password-file", str(tmp_path / "no")],
+            "--host-password-file",
+        ),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "s3cret" not in err, err

@@ -23,7 +23,7 @@ from tuner.outputs import OutputError
 from tuner.telemetry.model import Snapshot
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.recording import Recorder, ReplaySource
-from tuner.telemetry.remote import RemoteWatcher
+from tuner.telemetry.remote import RemoteAuth, RemoteWatcher
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig, SnapshotSource
 
 
@@ -220,11 +220,13 @@ def make_live_sampler(
     return Sampler(source, history_len=config.history_len)
 
 
-def _remote(urls: Iterable[str], interval_s: float | None) -> RemoteWatcher | None:
+def _remote(urls: Iterable[str], interval_s: float | None, auth: RemoteAuth | None) -> RemoteWatcher | None:
     urls = list(urls)
     if not urls:
         return None
-    return RemoteWatcher(urls) if interval_s is None else RemoteWatcher(urls, interval_s=interval_s)
+    if interval_s is None:
+        return RemoteWatcher(urls, auth=auth)
+    return RemoteWatcher(urls, interval_s=interval_s, auth=auth)
 
 
 def make_app(
@@ -242,6 +244,7 @@ def make_app(
     redraw_interval_s: float = 0.5,
     remote_urls: Iterable[str] = (),
     remote_interval_s: float | None = None,
+    remote_auth: RemoteAuth | None = None,
     remote: RemoteWatcher | None = None,
 ) -> InfertopApp:
     """Build the monitor app: live by default, over a recording with ``replay``, or over any ``source``."""
@@ -257,5 +260,5 @@ def make_app(
         record_dir=record_dir,
         autostart=autostart,
         redraw_interval_s=redraw_interval_s,
-        remote=remote if remote is not None else _remote(remote_urls, remote_interval_s),
+        remote=remote if remote is not None else _remote(remote_urls, remote_interval_s, remote_auth),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import stat
 import sys
@@ -76,6 +77,18 @@ def monitor_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host-interval", type=float, metavar="S", help="seconds between readings of each host (default 2)"
     )
+    locked = parser.add_argument_group(
+        "hosts whose exporter is locked (exporter --web-config)",
+        "One set for every host. The password is read from a file or INFERTOP_HOST_PASSWORD, never taken on the "
+        "command line, where ps shows it to every user.",
+    )
+    locked.add_argument("--host-ca", type=Path, metavar="FILE", help="trust this CA (PEM) for https:// hosts")
+    locked.add_argument("--host-cert", type=Path, metavar="FILE", help="a client certificate (PEM), for mTLS")
+    locked.add_argument("--host-key", type=Path, metavar="FILE", help="its private key (PEM, unencrypted)")
+    locked.add_argument("--host-user", metavar="USER", help="basic-auth user name")
+    locked.add_argument(
+        "--host-password-file", type=Path, metavar="FILE", help="basic-auth password: the file's first line"
+    )
     return parser
 
 
@@ -140,6 +153,7 @@ def run_monitor(argv: Sequence[str]) -> int:
         remote_urls = [host_url(h) for h in args.host or ()]
         if args.hosts is not None:
             remote_urls += _hosts_file(args.hosts)
+        remote_auth = _remote_auth(args, remote_urls)
     except (RecordingError, OutputError, ValueError) as exc:
         return _fail(str(exc))
     from tui.app import make_app
@@ -147,6 +161,7 @@ def run_monitor(argv: Sequence[str]) -> int:
     app = make_app(
         remote_urls=remote_urls,
         remote_interval_s=args.host_interval,
+        remote_auth=remote_auth,
         config=_sampler_config(settings),
         vllm_urls=settings.vllm_urls,
         replay=args.replay,
@@ -160,6 +175,36 @@ def run_monitor(argv: Sequence[str]) -> int:
     if app.recording_error:
         return _fail(app.recording_error)
     return 0
+
+
+def _remote_auth(args: argparse.Namespace, urls: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The TLS files and credentials for locked hosts, checked now (ValueError in one line): a CA that is not
+    PEM or a key not of its certificate is said before the screen opens, not as every host failing."""
+    from tuner.telemetry.remote import RemoteAuth
+
+    password = os.environ.get("INFERTOP_HOST_PASSWORD")
+    if args.host_password_file is not None:
+        try:
+            password = args.host_password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            why = "empty" if isinstance(exc, IndexError) else getattr(exc, "strerror", None) or "not text"
+            raise ValueError(f"--host-password-file {args.host_password_file}: {why}") from None
+    given = (args.host_ca, args.host_cert, args.host_key, args.host_user)
+    if all(v is None for v in given) and password is None:
+        return None
+    if not urls:
+        raise ValueError(
+            "--host-ca, --host-cert, --host-key and --host-user apply to --host or --hosts: give one"
+        )
+    if password is not None and args.host_user is None:
+        raise ValueError("a host password without --host-user")
+    if args.host_key is not None and args.host_cert is None:
+        raise ValueError("--host-key without --host-cert")
+    auth = RemoteAuth(args.host_ca, args.host_cert, args.host_key, args.host_user, password)
+    auth.ssl_context()  # ValueError naming the file
+    if args.host_user is not None and any(u.startswith("http://") for u in urls):
+        print("infertop: warning: --host-user over http:// sends the password in clear", file=sys.stderr)
+    return auth
 
 
 def _positive(value: float) -> bool:

@@ -30,7 +30,9 @@ MASK = "***"
 _SUBSTRING_SECRETS = ("password", "passwd", "secret", "credential", "auth", "cookie")
 _WORD_SUFFIX_SECRETS = ("key", "token")
 _ENV_ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$", re.DOTALL)
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+# The lookbehind anchors a scheme at the start of its word: without it a long run of letters is tried from
+# every position (quadratic on hostile text).
+_URL_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
 _HEADER = re.compile(
     r"(?i)^(\s*(?:proxy-)?authorization\s*:\s*|\s*(?:x-)?api-key\s*:\s*|\s*cookie\s*:\s*)(.+)$"
 )
@@ -39,7 +41,7 @@ _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 # A named value in free text: ``'api_key': 'sk-…'`` (vLLM logs its non-default arguments as a dict),
 # ``"token": "…"``, ``password=…``. Masked when the name says secret (``max_num_batched_tokens`` does not).
 _NAMED_VALUE = re.compile(
-    r"""(?P<q>['"]?)(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P=q)(?P<sep>\s*[:=]\s*)"""
+    r"""(?<![A-Za-z0-9_.-])(?P<q>['"]?)(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P=q)(?P<sep>\s*[:=]\s*)"""
     r"""(?P<vq>['"]?)(?P<value>[^'"\s,}\])]+)(?P=vq)"""
 )
 _KNOWN_TOKEN = re.compile(

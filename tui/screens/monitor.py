@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -89,7 +90,7 @@ class MonitorScreen(Screen[None]):
 
     def show_banner(self, text: str, *, error: bool) -> None:
         banner = self.query_one(StateBanner)
-        banner.update(text)
+        banner.update(Text(text))  # NVML's and a recording's words, never read as markup ([@click=...])
         banner.set_class(True, "shown")
         banner.set_class(error, "error")
 

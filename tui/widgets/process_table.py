@@ -117,7 +117,7 @@ class ProcessTable(DataTable[Text | str]):
             self.add_row(
                 str(p.gpu_index),
                 str(p.pid),
-                p.user or fmt.NA,
+                Text(p.user or fmt.NA),  # anyone's text: a user named [/] is not markup
                 Text(fmt.vram_short(p.vram_used_bytes), justify="right"),
                 Text(fmt.pct(p.sm_util_pct), justify="right"),
                 Text(fmt.pct(p.mem_util_pct), justify="right"),
