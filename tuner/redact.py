@@ -32,7 +32,9 @@ _WORD_SUFFIX_SECRETS = ("key", "token")
 _ENV_ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$", re.DOTALL)
 # The lookbehind anchors a scheme at the start of its word: without it a long run of letters is tried from
 # every position (quadratic on hostile text).
-_URL_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+_URL_USERINFO = re.compile(
+    r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@"
+)
 _HEADER = re.compile(
     r"(?i)^(\s*(?:proxy-)?authorization\s*:\s*|\s*(?:x-)?api-key\s*:\s*|\s*cookie\s*:\s*)(.+)$"
 )
