@@ -189,6 +189,11 @@ def fake_server(tmp_path: Path) -> Iterator[Callable[..., VllmServer]]:
         server.stop()
 
 
+# A shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+# SIGINT: a suite run as `./.ci/run &` would hand that to these owners, and Ctrl-C would never reach them.
+_SIGINT_NOTE = "Ctrl-C raises KeyboardInterrupt, whatever this process inherited"
+
+
 def _group_members(pgid: int) -> list[int]:
     members = []
     for proc in psutil.process_iter():
@@ -356,7 +361,8 @@ def test_ctrl_c_during_start_leaves_no_server(tmp_path: Path) -> None:
     script.write_text(FAKE_SERVER)
     owner_code = textwrap.dedent(
         f"""\
-        import sys
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # {_SIGINT_NOTE}
         from tuner.serving.launcher import ServerSpec, VllmServer
         spec = ServerSpec(model="silent", command=(sys.executable, {str(script)!r}), startup_timeout_s=60)
         server = VllmServer(spec, on_log_line=print)
@@ -390,6 +396,7 @@ def test_ctrl_c_between_the_spawn_and_its_registration_still_stops_the_server(tm
     owner_code = textwrap.dedent(
         f"""\
         import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # {_SIGINT_NOTE}
         from tuner.serving import launcher, reaper
         from tuner.serving.launcher import ServerSpec, VllmServer
         watch = reaper.watch

@@ -211,11 +211,19 @@ def test_tune_cli_takes_a_workload_and_its_slo(tmp_path: Path, capsys: pytest.Ca
     assert "give --workload or --input-len/--output-len, not both" in err and err.count("\n") == 1
 
 
-def test_a_workload_longer_than_the_models_context_is_refused_in_one_line(tmp_path: Path) -> None:
-    from tuner.loadgen.workload import PRESETS
+def test_a_workload_longer_than_the_models_context_is_drawn_within_it_or_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """vLLM refuses what outgrows its context: a distribution with a tail past it is drawn again within it
+    (and the run says so); fixed lengths that cannot fit are refused in one line."""
+    from tuner.loadgen.workload import PRESETS, parse_workload
     from tuner.tuning.tune import TuneError
 
     model = write_tiny_model(tmp_path / "m")  # a 2,048-token context; chat prompts reach ~3,200 tokens
-    with pytest.raises(TuneError, match="longer than the model's 2048-token context") as info:
-        Tuner(TuneConfig(model=str(model), slo=parse_slo("aa-100"), gpus=False, workload=PRESETS["chat"]))
-    assert "\n" not in str(info.value)
+    tuner = Tuner(TuneConfig(model=str(model), slo=parse_slo("aa-100"), gpus=False, workload=PRESETS["chat"]))
+    assert tuner.config.workload is not None and tuner.config.workload.longest_sequence <= 2048
+    assert "drawn again" in tuner.workload_note and "the model's 2048-token context" in tuner.workload_note
+    fixed = parse_workload("in=3000,out=200")
+    with pytest.raises(TuneError) as info:
+        Tuner(TuneConfig(model=str(model), slo=parse_slo("aa-100"), gpus=False, workload=fixed))
+    assert "2048" in str(info.value) and "\n" not in str(info.value)
