@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.hostile_server import HostileServer, StartHostile
 from hypothesis import HealthCheck, settings
 
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer, api_server_command
@@ -109,4 +110,19 @@ def serving(spec: ServerSpec) -> Iterator[VllmServer]:
     try:
         yield server
     finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_hostile() -> Iterator[StartHostile]:
+    """Start hostile servers (tests/fakes/hostile_server.py) of the given behaviours; all stop after the test."""
+    started: list[HostileServer] = []
+
+    def start(behaviour: str, **knobs: int) -> HostileServer:
+        server = HostileServer(behaviour, **knobs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
         server.stop()

@@ -7,32 +7,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
-from fakes.hostile_server import HostileServer
+from fakes.hostile_server import StartHostile
 
 from tuner.loadgen import LoadSpec, Timeouts, Transport, run_phase
 from tuner.loadgen.spec import DEADLINE_MARGIN, FLOOR_TOKENS_PER_S, FLOOR_TTFT_S
 from tuner.loadgen.stream import SPARE_CHUNKS, Stream
-
-StartHostile = Callable[..., HostileServer]
-
-
-@pytest.fixture
-def start_hostile() -> Iterator[StartHostile]:
-    """Start hostile servers of the given behaviours; all are stopped after the test."""
-    started: list[HostileServer] = []
-
-    def start(behaviour: str, **knobs: int) -> HostileServer:
-        server = HostileServer(behaviour, **knobs).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
 
 # --- the deadline: one formula ------------------------------------------------------------------------------
 

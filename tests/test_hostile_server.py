@@ -8,30 +8,12 @@ import asyncio
 import dataclasses
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
 
 import pytest
-from fakes.hostile_server import HostileServer
+from fakes.hostile_server import StartHostile
 
 from tuner.loadgen import LoadSpec, Transport, run_phase
 from tuner.loadgen.workload import PRESETS, for_server
-
-StartHostile = Callable[..., HostileServer]
-
-
-@pytest.fixture
-def start_hostile() -> Iterator[StartHostile]:
-    """Start hostile servers of the given behaviours; all are stopped after the test."""
-    started: list[HostileServer] = []
-
-    def start(behaviour: str, **knobs: int) -> HostileServer:
-        server = HostileServer(behaviour, **knobs).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.mark.parametrize("transport", ["raw", "httpx"])

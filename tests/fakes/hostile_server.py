@@ -21,6 +21,7 @@ import http.server
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 _PING_EVERY_S = 0.05
@@ -139,3 +140,6 @@ class HostileServer:
         self.httpd.server_close()
         self.thread.join(timeout=5)
         time.sleep(0.05)  # let the connection threads see the stop and return
+
+
+StartHostile = Callable[..., HostileServer]  # the start_hostile fixture of conftest.py
