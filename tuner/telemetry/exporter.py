@@ -44,6 +44,7 @@ from tuner.telemetry.model import (
     SystemInfo,
     to_jsonable,
 )
+from tuner.telemetry.ports import DEFAULT_PORT
 from tuner.telemetry.webconfig import WebConfig
 from tuner.telemetry.webserver import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, WORKERS, WebServer
 
@@ -481,7 +482,7 @@ def make_registry(collector: SnapshotCollector, *, process_metrics: bool = True)
     return registry
 
 
-def parse_listen(text: str, default_port: int = 9400) -> tuple[str, int]:
+def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """'127.0.0.1:9400', ':9400', '9400' (this machine only), '[::1]:9400', '::1' or a bare host -> (host, port).
     Raises ValueError in words."""
     text = text.strip()
@@ -551,7 +552,7 @@ class Exporter:
         sampler: Sampler,
         *,
         host: str = "127.0.0.1",
-        port: int = 9400,
+        port: int = DEFAULT_PORT,
         version: str = "",
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,

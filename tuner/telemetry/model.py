@@ -85,11 +85,15 @@ class GpuSample:
     vram_total_bytes: int | None = None
     gpu_util_pct: float | None = None  # duty cycle: % of time a kernel was running
     mem_busy_pct: float | None = None  # duty cycle: % of time memory was read or written; NOT bandwidth
-    dram_bw_util_pct: float | None = None  # GPM: % of peak DRAM bandwidth actually used
-    dram_bw_gbps: float | None = None  # GPM: DRAM bandwidth in GB/s
-    sm_active_pct: float | None = None  # GPM: % of SMs busy, averaged
-    sm_occupancy_pct: float | None = None  # GPM: warps resident vs maximum
-    tensor_active_pct: float | None = None  # GPM: any tensor pipe active
+    # Measured by the GPU's profiling counters: GPM through NVML (Hopper and newer), or DCGM's profiling
+    # module (DCGM_FI_PROF_*, on Ampere/Ada datacenter GPUs too). ``profiling_source`` says which.
+    dram_bw_util_pct: float | None = None  # % of peak DRAM bandwidth actually used (DCGM: DRAM active)
+    dram_bw_gbps: float | None = None  # DRAM bandwidth in GB/s (the share times the GPU's peak)
+    sm_active_pct: float | None = None  # % of SMs busy, averaged
+    sm_occupancy_pct: float | None = None  # warps resident vs maximum
+    tensor_active_pct: float | None = None  # any tensor pipe active
+    profiling_source: str | None = None  # "gpm" or "dcgm": where the five figures above came from
+    profiling_age_s: float | None = None  # DCGM: how old its values were when read (it samples on its own)
     power_w: float | None = None
     power_limit_w: float | None = None
     energy_counter_j: float | None = None  # energy since the driver loaded; read at most once a second
@@ -110,6 +114,14 @@ class GpuSample:
     # Why a GPM-capable GPU gives no GPM values now, for people (e.g. DCGM holds the profiling counters);
     # None while GPM works, and on GPUs without GPM (GpuInfo.gpm_supported says so).
     gpm_unavailable_reason: str | None = None
+    # A model ESTIMATE of DRAM traffic, never a measurement: the bytes an inference server's decode steps must
+    # read on this GPU (weights per rank + the KV cache of running sequences) times its step rate. Set only
+    # while a server runs on the GPU and nothing measured the bandwidth; kept apart from the measured fields.
+    dram_bw_est_gbps: float | None = None
+    dram_bw_est_pct: float | None = None  # the estimate as % of the GPU's peak
+    dram_bw_est_basis: str | None = (
+        None  # how it was made, for people: "8.0 GB weights + 2.7 GB KV x 120 steps/s"
+    )
     error: str | None = None
 
     @property
@@ -182,6 +194,14 @@ class EngineSample:
     tpot_p95_s: float | None = None
     tpot_p99_s: float | None = None
     latency_window_s: float | None = None  # what the latency figures cover, seconds up to time_s
+    # What a decode-traffic estimate needs from the server itself (vLLM: vllm:iteration_tokens_total's count
+    # rate, vllm:cache_config_info's labels). None where the engine does not publish them.
+    steps_per_s: float | None = None  # engine steps (forward passes) per second over the last interval
+    kv_cache_blocks: int | None = (
+        None  # KV cache blocks per engine (per rank: each rank holds its heads' share)
+    )
+    kv_block_size_tokens: int | None = None  # tokens per KV cache block
+    kv_cache_dtype: str | None = None  # the engine's KV cache dtype as it names it ("auto", "fp8", ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +227,9 @@ class Snapshot:
     gpus: tuple[GpuSample, ...] = ()
     engines: tuple[EngineSample, ...] = ()
     gpu_error: str | None = None  # NVML failed for the whole machine this tick (driver gone)
+    # DCGM as this tick saw it, one line for people: where its profiling values come from and how often DCGM
+    # samples them, or why it gives none ("DCGM runs but watches no DRAM active"); None: no DCGM looked for.
+    dcgm_status: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,5 +298,6 @@ def snapshot_from_dict(d: dict[str, Any]) -> Snapshot:
         gpus=tuple(gpu_sample_from_dict(g) for g in d.get("gpus", ())),
         engines=tuple(engine_sample_from_dict(e) for e in d.get("engines", ())),
         gpu_error=d.get("gpu_error"),
+        dcgm_status=d.get("dcgm_status"),
         extra=d.get("extra", {}),
     )

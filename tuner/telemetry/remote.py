@@ -38,10 +38,11 @@ from tuner.telemetry.foreign import (
     checked_system_info,
 )
 from tuner.telemetry.model import Snapshot, SystemInfo
+from tuner.telemetry.ports import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPORTER_PORT = 9400
+DEFAULT_EXPORTER_PORT = DEFAULT_PORT
 SNAPSHOT_FORMAT = 1  # tuner.telemetry.exporter.SNAPSHOT_FORMAT (not imported: it pulls prometheus_client in)
 DEFAULT_INTERVAL_S = 2.0
 """How often a remote host is read: a fleet overview; the local GPUs keep their own 4 Hz (BENCHMARKS.md §10)."""
