@@ -92,7 +92,7 @@ async def test_l4_has_no_gpm_and_says_so_instead_of_inventing_bandwidth() -> Non
         prime(app, clock, ticks=8)
         await pilot.pause()
         text = text_of(app.monitor.query_one(GpuCard))
-        assert "DRAM BW n/a (no GPM)" in text
+        assert "DRAM BW n/a (no GPM, no DCGM)" in text
         assert "GB/s" not in text  # no bandwidth figure is made up from the duty cycle
         assert "Mem busy" in text and "duty cycle, not BW" in text and "GPU util" in text
 

@@ -45,6 +45,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-discover", action="store_true", help="do not look for vLLM servers running on this machine"
     )
+    parser.add_argument(
+        "--dcgm",
+        metavar="SPEC",
+        help="where DCGM's profiling counters are read, for DRAM bandwidth on GPUs without GPM (L4, A100): auto "
+        "(default: a local nv-hostengine or dcgm-exporter), off, a dcgm-exporter URL "
+        "(http://127.0.0.1:9400/metrics), or hostengine[:HOST:PORT]",
+    )
+    parser.add_argument(
+        "--dcgm-watch",
+        action="store_true",
+        help="ask DCGM to watch the profiling fields it does not yet (changes its sampling for every reader)",
+    )
 
 
 def monitor_parser() -> argparse.ArgumentParser:
@@ -119,6 +131,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             "redraw_interval_s": getattr(args, "redraw", None),
             "vllm_urls": tuple(args.vllm) if args.vllm else None,
             "discover_vllm": False if args.no_discover else None,
+            "dcgm": args.dcgm,
+            "dcgm_watch": True if args.dcgm_watch else None,
         }
     )
 
@@ -131,6 +145,8 @@ def _sampler_config(settings: Settings):  # type: ignore[no-untyped-def]
         slow_every=settings.slow_every,
         history_len=settings.history_len,
         discover_vllm=settings.discover_vllm,
+        dcgm=settings.dcgm,
+        dcgm_watch=settings.dcgm_watch,
     )
 
 

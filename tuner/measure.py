@@ -42,6 +42,13 @@ CLIENT_LATE_MAX_S = 0.02
 loop busy) offered a lower and burstier load than asked: the phase is disturbed."""
 
 
+MEMORY_BOUND_PCT = 60.0
+"""Measured DRAM bandwidth (GPM, DCGM) at or above this share of peak: the phase was memory-bandwidth bound."""
+ESTIMATE_MEMORY_BOUND_PCT = 45.0
+"""The same judgement on the decode-traffic estimate, which counts only the reads a decode step must make and so
+reads below the counters (BENCHMARKS.md, "Decode-traffic estimate"): 45 % estimated is about 60 % measured."""
+
+
 class BoundKind(str, enum.Enum):
     """What limited a phase."""
 
@@ -65,7 +72,11 @@ class Evidence:
     """Telemetry averaged (or maximised) over the measured window. None: not available."""
 
     gpu_samples: int = 0
-    dram_bw_util_pct_mean: float | None = None
+    dram_bw_util_pct_mean: float | None = None  # measured: GPM or DCGM (dram_bw_source says which)
+    dram_bw_source: str | None = None  # "GPM", "DCGM", "GPM and DCGM"; None: nothing measured it
+    dram_bw_est_pct_mean: float | None = (
+        None  # ESTIMATED from the model's decode reads, where nothing measured
+    )
     sm_active_pct_mean: float | None = None
     tensor_active_pct_mean: float | None = None
     gpu_util_pct_mean: float | None = None
@@ -188,6 +199,8 @@ def summarise_snapshots(
         "throttle_reasons": tuple(reasons),
         "gpu_samples": len(gpu_rows),
         "dram_bw_util_pct_mean": _mean([g.dram_bw_util_pct for g in gpu_rows]),
+        "dram_bw_source": _sources(gpu_rows),
+        "dram_bw_est_pct_mean": _mean([g.dram_bw_est_pct for g in gpu_rows if g.dram_bw_util_pct is None]),
         "sm_active_pct_mean": _mean([g.sm_active_pct for g in gpu_rows]),
         "tensor_active_pct_mean": _mean([g.tensor_active_pct for g in gpu_rows]),
         "gpu_util_pct_mean": _mean([g.gpu_util_pct for g in gpu_rows]),
@@ -202,6 +215,15 @@ def summarise_snapshots(
         "requests_waiting_mean": _mean([e.requests_waiting for e in engines]),
         "kv_cache_usage_pct_max": _max([e.kv_cache_usage_pct for e in engines]),
     }
+
+
+def _sources(rows: Sequence[GpuSample]) -> str | None:
+    """What measured the DRAM figures of ``rows``: 'GPM', 'DCGM', or both joined (GPM before DCGM)."""
+    found = {g.profiling_source for g in rows if g.dram_bw_util_pct is not None}
+    names = [name for key, name in (("gpm", "GPM"), ("dcgm", "DCGM")) if key in found]
+    if None in found:
+        names = names or ["GPM"]  # readings recorded before the source was: only GPM measured then
+    return " and ".join(names) or None
 
 
 def _energy_j(ticks: Sequence[tuple[float, Sequence[GpuSample]]], window_s: float) -> float | None:
@@ -279,8 +301,18 @@ def classify_bound(evidence: Evidence, concurrency: int | None) -> Bound:
             f"the load generator used {e.client_cpu_pct:.0f} % of a core: its numbers understate the server",
         )
     dram, sm = e.dram_bw_util_pct_mean, e.sm_active_pct_mean
-    if dram is not None and dram >= 60:
-        return Bound(BoundKind.GPU_MEMORY_BANDWIDTH, f"DRAM bandwidth {dram:.0f} % of peak (GPM)")
+    if dram is not None and dram >= MEMORY_BOUND_PCT:
+        return Bound(
+            BoundKind.GPU_MEMORY_BANDWIDTH,
+            f"DRAM bandwidth {dram:.0f} % of peak ({e.dram_bw_source or 'GPM'})",
+        )
+    est = e.dram_bw_est_pct_mean if dram is None else None
+    if est is not None and est >= ESTIMATE_MEMORY_BOUND_PCT:
+        return Bound(
+            BoundKind.GPU_MEMORY_BANDWIDTH,
+            f"DRAM bandwidth ~{est:.0f} % of peak, ESTIMATED from the model's decode reads (no counter measured "
+            "it on this GPU)",
+        )
     if sm is not None and (sm >= 70 or (e.tensor_active_pct_mean or 0) >= 50):
         return Bound(
             BoundKind.GPU_COMPUTE, f"SM active {sm:.0f} %, tensor {e.tensor_active_pct_mean or 0:.0f} %"
@@ -304,11 +336,22 @@ def classify_bound(evidence: Evidence, concurrency: int | None) -> Bound:
                 BoundKind.ENGINE, f"no GPU telemetry; the vLLM server used {e.server_cpu_pct:.0f} % of a core"
             )
         return Bound(BoundKind.UNKNOWN, "no GPU telemetry and no server process to watch")
-    return Bound(
-        BoundKind.UNKNOWN,
-        f"nothing saturated (DRAM {dram if dram is not None else float('nan'):.0f} %, SM "
-        f"{sm if sm is not None else float('nan'):.0f} %): more concurrency would likely help",
-    )
+    return Bound(BoundKind.UNKNOWN, f"nothing saturated ({_seen(e)}): more concurrency would likely help")
+
+
+def _seen(e: Evidence) -> str:
+    """The GPU figures a phase had, each named for what it is: 'DRAM 41 % (DCGM), SM 35 %' or, without a
+    counter, 'DRAM ~30 % est., GPU util 80 % (duty cycle)'."""
+    parts = []
+    if e.dram_bw_util_pct_mean is not None:
+        parts.append(f"DRAM {e.dram_bw_util_pct_mean:.0f} % ({e.dram_bw_source or 'GPM'})")
+    elif e.dram_bw_est_pct_mean is not None:
+        parts.append(f"DRAM ~{e.dram_bw_est_pct_mean:.0f} % est.")
+    if e.sm_active_pct_mean is not None:
+        parts.append(f"SM {e.sm_active_pct_mean:.0f} %")
+    if e.dram_bw_util_pct_mean is None and e.gpu_util_pct_mean is not None:
+        parts.append(f"GPU util {e.gpu_util_pct_mean:.0f} % (duty cycle)")
+    return ", ".join(parts) or "no DRAM or SM figures on this GPU"
 
 
 def check_tokens(client_tokens: int, server_tokens: float | None) -> TokenCheck:

@@ -43,6 +43,14 @@ class Settings:
     record_dir: str = "."
     """Where the `R` key writes recordings."""
 
+    dcgm: str = "auto"
+    """Where DCGM's profiling counters are read (DRAM bandwidth on GPUs without GPM): "auto" (a local
+    nv-hostengine or dcgm-exporter), "off", a dcgm-exporter /metrics URL, or "hostengine[:HOST:PORT]"."""
+
+    dcgm_watch: bool = False
+    """Ask DCGM to watch the profiling fields it does not watch yet (this changes DCGM's sampling for every tool
+    reading those fields: off unless asked)."""
+
     def validate(self) -> Settings:
         if not 0.01 <= self.interval_s <= 60:
             raise SettingsError(f"interval_s must be between 0.01 and 60 seconds, not {self.interval_s}")
@@ -54,6 +62,14 @@ class Settings:
             raise SettingsError(f"slow_every must be at least 1, not {self.slow_every}")
         if not 10 <= self.history_len <= 100_000:
             raise SettingsError(f"history_len must be between 10 and 100000, not {self.history_len}")
+        try:
+            from tuner.telemetry.dcgm import parse_dcgm_spec  # TEMP-GUARD: move out of the try
+
+            parse_dcgm_spec(self.dcgm)
+        except ImportError:
+            pass
+        except ValueError as exc:
+            raise SettingsError(f"dcgm: {exc}") from None
         return self
 
 

@@ -36,13 +36,19 @@ HELP = """\
   unless told to (`--force`).
 
 ## What the numbers are
-- **DRAM BW** — real DRAM bandwidth from NVML GPM (Hopper and newer): % of the GPU's peak, and GB/s
-  (10⁹ bytes/s) = % × peak. Decode is memory-bound, so this is the number that says how hard inference works
-  the GPU. `n/a` on GPUs without GPM (A100, L4…), and with the reason where GPM stops answering (for example
-  when DCGM holds the profiling counters): the card then shows the duty cycles below instead.
+- **DRAM BW** — real DRAM bandwidth: % of the GPU's peak, and GB/s (10⁹ bytes/s) = % × peak. Decode is
+  memory-bound, so this is the number that says how hard inference works the GPU. Three sources, each named:
+  - **GPM** (NVML, Hopper and newer): measured, every reading.
+  - **DCGM** (`DCGM` on the card, `via DCGM n s old` below): DCGM's profiling counter "DRAM active", read from a
+    local nv-hostengine or dcgm-exporter (`--dcgm`). Measured on A100, L4 and Hopper alike, but sampled by
+    DCGM at its own interval (dcgm-exporter: every 30 s by default), so it lags.
+  - **est.** (italic, yellow): an ESTIMATE, not a measurement, while an inference server runs on the GPU and
+    nothing measures it: the bytes its decode steps must read (weights per GPU + the KV cache in use) × its
+    step rate. It counts no activations, prefill or writes, so it reads below the counters (BENCHMARKS.md).
+  `n/a` where none applies (with the reason where GPM stops answering); the card then shows the duty cycles.
 - **mem busy** — NVML's older "memory utilization": the % of time memory was read or written (a duty cycle).
   It is *not* bandwidth: 60 % busy is often 25 % of peak bandwidth.
-- **util** — % of time any kernel ran (duty cycle). **SM active** (GPM) — how many SMs were busy;
+- **util** — % of time any kernel ran (duty cycle). **SM active** (GPM or DCGM) — how many SMs were busy;
   **tensor** — tensor-core pipes active.
 - **Power** — board power now (W, NVML's instantaneous reading; its 1 s average where the driver has no
   instantaneous one) against the enforced limit. **energy** — counter since the driver loaded.

@@ -333,7 +333,10 @@ class TuneScreen(Screen[None]):
     @staticmethod
     def _bandwidth_series(history: History, sample: GpuSample) -> list[float | None]:
         """A GPU's recent DRAM bandwidth, or its memory duty cycle where there is no bandwidth counter."""
-        name = "dram_bw_util_pct" if sample.dram_bw_util_pct is not None else "mem_busy_pct"
+        if sample.dram_bw_util_pct is not None:
+            name = "dram_bw_util_pct"
+        else:
+            name = "dram_bw_est_pct" if sample.dram_bw_est_pct is not None else "mem_busy_pct"
         return history.gpu_series(sample.index, name, 4 * 30)
 
     def _candidate_engine(self, engines: tuple[EngineSample, ...]) -> EngineSample | None:

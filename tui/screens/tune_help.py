@@ -49,7 +49,8 @@ straddled a limit after measuring more, which counts as not passing. On a narrow
 Trials run at once on the node's GPUs, one per slot. The node panel has a line (a cell, on a narrow screen)
 per GPU: the trial holding it (`#3`, in that trial's colour) and what it does (`start`: its server is
 starting, `scout`, `judged`, `proof`, `prod`: the production check), or `idle`; then the GPU's readings:
-**BW** DRAM bandwidth in % of peak (GPM; `busy` is the memory duty cycle where there is no GPM), power against
+**BW** DRAM bandwidth in % of peak (GPM or DCGM; `~` marks the decode-traffic estimate; `busy` is the memory duty
+cycle where there is neither), power against
 its limit, VRAM. **ETA** in the header: the tuner's estimate of the time left, counted down; `?` until it can
 tell (or once it has run out).
 

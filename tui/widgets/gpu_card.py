@@ -16,7 +16,7 @@ Series = dict[str, list[float | None]]
 
 LABEL_W = 10
 VALUE_W = 24
-PCT_SERIES = ("dram_bw_util_pct", "sm_active_pct", "gpu_util_pct", "mem_busy_pct")
+PCT_SERIES = ("dram_bw_util_pct", "dram_bw_est_pct", "sm_active_pct", "gpu_util_pct", "mem_busy_pct")
 CARD_SERIES = (*PCT_SERIES, "power_w", "time_s", *THROTTLE_SERIES)
 """The history a card draws: the sampler keeps more series than a card shows."""
 REASON_SHORT = {
@@ -107,6 +107,7 @@ class GpuCard(Widget):
         self.set_class(bool(sample and sample.throttled), "throttled")
         self.set_class(bool(sample and sample.error), "lost")
         self._update_subtitle()
+        self._update_tooltip(sample)
 
     def watch_compact(self, compact: bool) -> None:
         self.set_class(compact, "compact")
@@ -140,9 +141,29 @@ class GpuCard(Widget):
             return fmt.pct_sparkline(values, width, per_cell=self.readings_per_cell)
         return fmt.sparkline(values, width, hi=hi, per_cell=self.readings_per_cell)
 
-    def _gpm_live(self, s: GpuSample) -> bool:
-        """GPM values to show: a GPM GPU whose counters answer (not, e.g., held by DCGM)."""
+    def _measured(self, s: GpuSample) -> bool:
+        """Profiling counters to show: GPM's (a GPM GPU whose counters answer), or DCGM's (an L4, an A100, a
+        Hopper whose counters DCGM holds). Recordings older than ``profiling_source`` are GPM's or nothing."""
+        if s.profiling_source is not None:
+            return True
         return self.info.gpm_supported and s.gpm_unavailable_reason is None
+
+    def _update_tooltip(self, s: GpuSample | None) -> None:
+        """Where the bandwidth figure comes from, in full: the card has room for a word of it."""
+        if s is None or s.error:
+            self.tooltip = None
+        elif s.profiling_source == "dcgm":
+            age = f", {s.profiling_age_s:.0f} s old" if s.profiling_age_s is not None else ""
+            self.tooltip = f"DRAM BW, SM and tensor active measured by DCGM's profiling counters{age}"
+        elif s.profiling_source == "gpm":
+            self.tooltip = "DRAM BW, SM and tensor active measured by GPM (NVML)"
+        elif s.dram_bw_est_gbps is not None:
+            self.tooltip = (
+                "DRAM BW ESTIMATED, not measured: the bytes the inference server's decode steps must read "
+                f"(weights and KV cache) times its step rate. {s.dram_bw_est_basis or ''}"
+            )
+        else:
+            self.tooltip = None
 
     def _spark_width(self, width: int) -> int:
         return min(SPARK_MAX_W, width - LABEL_W - VALUE_W - 1)
@@ -165,15 +186,28 @@ class GpuCard(Widget):
 
     def _render_full(self, s: GpuSample, width: int) -> Text:
         lines: list[Text] = []
-        if self._gpm_live(s):
+        if self._measured(s):
             value = Text.assemble(
                 (fmt.pct(s.dram_bw_util_pct).rjust(4), "bold"), "  ", fmt.gbps(s.dram_bw_gbps)
             )
+            if s.profiling_source == "dcgm":
+                value.append("  DCGM", style="dim")
             lines.append(self._row("DRAM BW", value, "dram_bw_util_pct", 100.0, width))
             value = Text.assemble(
                 (fmt.pct(s.sm_active_pct).rjust(4), "bold"), f"  tensor {fmt.pct(s.tensor_active_pct)}"
             )
             lines.append(self._row("SM active", value, "sm_active_pct", 100.0, width))
+        elif s.dram_bw_est_pct is not None:
+            # A model's estimate, never shown as a measurement: its own row style, its own word, its own series.
+            value = Text.assemble(
+                (fmt.pct(s.dram_bw_est_pct).rjust(4), "italic yellow"),
+                "  ",
+                (fmt.gbps(s.dram_bw_est_gbps), "italic"),
+                ("  est.", "yellow"),
+            )
+            lines.append(self._row("DRAM BW", value, "dram_bw_est_pct", 100.0, width))
+            value = Text.assemble((fmt.pct(s.mem_busy_pct).rjust(4), "bold"), ("  duty cycle, not BW", "dim"))
+            lines.append(self._row("Mem busy", value, "mem_busy_pct", 100.0, width))
         else:
             # Without GPM (or while another client holds it) there is no bandwidth counter: show the duty
             # cycles, named as such.
@@ -200,9 +234,25 @@ class GpuCard(Widget):
 
     def _details_line(self, s: GpuSample) -> Text:
         line = Text()
+        if s.profiling_source == "dcgm":
+            line.append("via DCGM", style="dim")
+            if s.profiling_age_s is not None:
+                line.append(f" {s.profiling_age_s:.0f} s old", style="dim")
+            line.append("  util ", style="dim")
+            line.append(fmt.pct(s.gpu_util_pct), style="bold")
+            line.append("  mem busy ", style="dim")
+            line.append(fmt.pct(s.mem_busy_pct), style="bold")
+            line.append("  temp ", style="dim")
+            return self._temps(line, s)
+        if s.dram_bw_est_pct is not None and not self._measured(s):
+            line.append("est.: decode reads, not measured", style="yellow")
+            line.append("  util ", style="dim")
+            line.append(fmt.pct(s.gpu_util_pct), style="bold")
+            line.append("  temp ", style="dim")
+            return self._temps(line, s)
         if not self.info.gpm_supported:
             line.append("DRAM BW ", style="dim")
-            line.append("n/a (no GPM)", style="dim")
+            line.append("n/a (no GPM, no DCGM)", style="dim")
             line.append("  temp ", style="dim")
             return self._temps(line, s)
         if s.gpm_unavailable_reason is not None:
@@ -275,8 +325,8 @@ class GpuCard(Widget):
         name = self.info.name.replace("NVIDIA ", "")
         line.append(f"{self.info.index} ", style="bold")
         line.append(f"{name[:9]:<9} ", style="dim")
-        if self._gpm_live(s):
-            line.append("DRAM ", style="dim")
+        if self._measured(s):
+            line.append("DRAM " if s.profiling_source != "dcgm" else "DCGM ", style="dim")
             line.append(
                 f"{fmt.pct(s.dram_bw_util_pct):>4} {fmt.gbps(s.dram_bw_gbps).replace(' ', ''):>10} ",
                 style="bold",
@@ -284,6 +334,15 @@ class GpuCard(Widget):
             line.append(self._spark("dram_bw_util_pct", spark_w, 100.0), style="cyan")
             line.append(" SM ", style="dim")
             line.append(f"{fmt.pct(s.sm_active_pct):>4}", style="bold")
+        elif s.dram_bw_est_pct is not None:
+            line.append("est. ", style="yellow")
+            line.append(
+                f"{fmt.pct(s.dram_bw_est_pct):>4} {fmt.gbps(s.dram_bw_est_gbps).replace(' ', ''):>10} ",
+                style="italic yellow",
+            )
+            line.append(self._spark("dram_bw_est_pct", spark_w, 100.0), style="yellow")
+            line.append(" busy ", style="dim")
+            line.append(f"{fmt.pct(s.mem_busy_pct):>4}", style="bold")
         else:
             line.append("busy ", style="dim")
             line.append(f"{fmt.pct(s.mem_busy_pct):>4}", style="bold")

@@ -51,14 +51,16 @@ def who(slot: NodeSlot) -> Text:
 
 
 def readings(sample: GpuSample | None) -> list[Text]:
-    """The GPU's readings, most telling first: DRAM bandwidth (or the memory duty cycle without GPM), power
-    against its limit, VRAM."""
+    """The GPU's readings, most telling first: DRAM bandwidth (measured by GPM or DCGM, else the decode-traffic
+    estimate marked ``~``, else the memory duty cycle), power against its limit, VRAM."""
     if sample is None:
         return [Text("no reading yet", style="dim")]
     if sample.error:
         return [Text(f"! {sample.error}", style="bold red")]
     if sample.dram_bw_util_pct is not None:
         first = Text.assemble(("BW ", "dim"), (fmt.pct(sample.dram_bw_util_pct).rjust(3), "bold"))
+    elif sample.dram_bw_est_pct is not None:  # the decode-traffic estimate: marked, never shown as measured
+        first = Text.assemble(("BW~", "yellow"), (fmt.pct(sample.dram_bw_est_pct).rjust(3), "italic yellow"))
     else:  # a duty cycle, not bandwidth: named as such
         first = Text.assemble(("busy ", "dim"), (fmt.pct(sample.mem_busy_pct).rjust(3), "bold"))
     power = "n/a" if sample.power_w is None else f"{sample.power_w:.0f}"

@@ -829,8 +829,9 @@ def _reading_notes(run: Run) -> list[Block]:
                 ),
                 (
                     bold("Bound by"),
-                    " is read from the phase's telemetry (GPU memory bandwidth via NVML GPM, SM activity, the "
-                    "server's queue and KV cache, client and server CPU).",
+                    " is read from the phase's telemetry (GPU memory bandwidth measured by NVML GPM or DCGM's DRAM "
+                    "active, each named; where neither measures it, the decode-traffic estimate, labelled "
+                    "ESTIMATED; SM activity, the server's queue and KV cache, client and server CPU).",
                 ),
             )
         ),

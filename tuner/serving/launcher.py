@@ -251,6 +251,7 @@ class VllmServer:
         failure_grace_s: float = FAILURE_GRACE_S,
     ) -> None:
         self.spec = spec
+        self._argv: list[str] = []  # the command line it was started with, once started
         self._vram_used_by_pids = vram_used_by_pids
         self._on_log_line = on_log_line
         self._on_spawned = on_spawned
@@ -284,6 +285,12 @@ class VllmServer:
     def pid(self) -> int | None:
         """Pid of the server's main process (also its process-group id); None before start."""
         return self._process.pid if self._process is not None else None
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The command line the server was started with (empty before :meth:`start`); in memory only: it may
+        hold secrets."""
+        return tuple(self._argv)
 
     @property
     def startup_s(self) -> float | None:
@@ -324,7 +331,7 @@ class VllmServer:
                 f"vLLM not started (model not found): no such directory: {self.spec.model}",
             )
         self._port = self.spec.port if self.spec.port is not None else free_port(self.spec.host)
-        argv = self.spec.argv(self._port)
+        argv = self._argv = self.spec.argv(self._port)
         env = {**os.environ, **self.spec.env}
         try:
             self._log_path = (

@@ -84,6 +84,7 @@ class _Gauge:
     name: str
     help: str
     read: Callable[[GpuSample, GpuInfo | None], float | None]
+    sourced: bool = False  # a profiling counter: labelled with what measured it (source="gpm" or "dcgm")
 
 
 def _ratio(pct: float | None) -> float | None:
@@ -97,13 +98,27 @@ def _times(value: float | None, factor: float) -> float | None:
 GPU_GAUGES: tuple[_Gauge, ...] = (
     _Gauge(
         "gpu_dram_bandwidth_ratio",
-        "GPM: DRAM bandwidth used, share of the GPU's peak (0-1); real bandwidth, not a duty cycle",
+        "DRAM bandwidth used, share of the GPU's peak (0-1), measured by the profiling counters (source: gpm = "
+        "NVML GPM, dcgm = DCGM's DRAM active); real bandwidth, not a duty cycle",
         lambda s, i: _ratio(s.dram_bw_util_pct),
+        sourced=True,
     ),
     _Gauge(
         "gpu_dram_bandwidth_bytes_per_second",
-        "GPM: DRAM bandwidth used, bytes/s (the share times the GPU's peak)",
+        "DRAM bandwidth used, bytes/s (the measured share times the GPU's peak; source as above)",
         lambda s, i: _times(s.dram_bw_gbps, 1e9),
+        sourced=True,
+    ),
+    _Gauge(
+        "gpu_dram_bandwidth_estimate_bytes_per_second",
+        "ESTIMATE, not a measurement: the bytes/s an inference server's decode steps must read on this GPU "
+        "(weights per rank + KV cache of running sequences, times its step rate); only where nothing measured it",
+        lambda s, i: _times(s.dram_bw_est_gbps, 1e9),
+    ),
+    _Gauge(
+        "gpu_dram_bandwidth_estimate_ratio",
+        "ESTIMATE, not a measurement: the decode-traffic estimate as a share of the GPU's peak (0-1)",
+        lambda s, i: _ratio(s.dram_bw_est_pct),
     ),
     _Gauge(
         "gpu_dram_peak_bandwidth_bytes_per_second",
@@ -111,17 +126,22 @@ GPU_GAUGES: tuple[_Gauge, ...] = (
         lambda s, i: _times(i.peak_dram_bw_gbps, 1e9) if i is not None else None,
     ),
     _Gauge(
-        "gpu_sm_active_ratio", "GPM: share of SMs busy, averaged (0-1)", lambda s, i: _ratio(s.sm_active_pct)
+        "gpu_sm_active_ratio",
+        "Share of SMs busy, averaged (0-1), measured by the profiling counters (source: gpm or dcgm)",
+        lambda s, i: _ratio(s.sm_active_pct),
+        sourced=True,
     ),
     _Gauge(
         "gpu_sm_occupancy_ratio",
-        "GPM: warps resident over the maximum (0-1)",
+        "Warps resident over the maximum (0-1), measured by the profiling counters (source: gpm or dcgm)",
         lambda s, i: _ratio(s.sm_occupancy_pct),
+        sourced=True,
     ),
     _Gauge(
         "gpu_tensor_active_ratio",
-        "GPM: share of time any tensor pipe was active (0-1)",
+        "Share of time any tensor pipe was active (0-1), measured by the profiling counters (source: gpm or dcgm)",
         lambda s, i: _ratio(s.tensor_active_pct),
+        sourced=True,
     ),
     _Gauge(
         "gpu_kernel_duty_cycle_ratio",
@@ -151,6 +171,11 @@ def _filled(
             family.add_metric(labels, float(value))
     if family.samples:
         yield family
+
+
+def _source(s: GpuSample) -> str:
+    """What measured a GPU's profiling figures: 'gpm' or 'dcgm' (readings from before infertop said: GPM's)."""
+    return s.profiling_source or "gpm"
 
 
 def _labels(*pairs: tuple[str, str]) -> tuple[list[str], list[str]]:
@@ -257,6 +282,14 @@ class SnapshotCollector(Collector):
             reason = f"no reading for {stale_s:.0f} s (telemetry stuck)"
         up.add_metric([], 0.0 if reason else 1.0)
         yield up
+        if snap is not None and snap.dcgm_status:
+            dcgm = InfoMetricFamily(
+                f"{PREFIX}_dcgm",
+                'DCGM as this exporter finds it: where profiling figures labelled source="dcgm" come from, how '
+                "often DCGM samples them, or why it gives none",
+            )
+            dcgm.add_metric([], {"status": snap.dcgm_status})
+            yield dcgm
         if reason:
             why = InfoMetricFamily(f"{PREFIX}_gpu_telemetry_error", "Why GPU telemetry is down")
             why.add_metric([], {"reason": reason})
@@ -310,8 +343,13 @@ class SnapshotCollector(Collector):
             yield error
         readable = [s for s in snap.gpus if not s.error]
         for gauge in GPU_GAUGES:
-            family = GaugeMetricFamily(f"{PREFIX}_{gauge.name}", gauge.help, labels=base)
-            yield from _filled(family, [(key(s), gauge.read(s, by_index.get(s.index))) for s in readable])
+            if gauge.sourced:
+                family = GaugeMetricFamily(f"{PREFIX}_{gauge.name}", gauge.help, labels=[*base, "source"])
+                rows = [([*key(s), _source(s)], gauge.read(s, by_index.get(s.index))) for s in readable]
+            else:
+                family = GaugeMetricFamily(f"{PREFIX}_{gauge.name}", gauge.help, labels=base)
+                rows = [(key(s), gauge.read(s, by_index.get(s.index))) for s in readable]
+            yield from _filled(family, rows)
         yield from self._gpu_labelled(readable, key, base)
         yield from self._processes(readable, key, base)
 

@@ -58,7 +58,11 @@ _NAMED_RANGES: dict[str, tuple[float, float]] = {
     "local_cpus": (0, 1e6),
     "requests_running": (0.0, 1e9),
     "requests_waiting": (0.0, 1e9),
+    "kv_cache_blocks": (0, 1e12),
+    "kv_block_size_tokens": (0, 1e6),
 }
+PROFILING_SOURCES = frozenset({"gpm", "dcgm"})
+"""What may have measured a GPU's profiling figures; anything else read from elsewhere is dropped."""
 _UNIT_RANGES: tuple[tuple[str, tuple[float, float]], ...] = (
     ("_bytes_per_s", (0.0, 1e15)),
     ("_per_s", (0.0, 1e12)),
@@ -284,14 +288,34 @@ def checked_snapshot(raw: object, problems: Problems) -> Snapshot:
         host = checked_record(HostSample, raw["host"], "host", problems, fallbacks)
     gpus = _records(GpuSample, raw.get("gpus"), "gpus", problems, fallbacks, MAX_GPUS)
     engines = _records(EngineSample, raw.get("engines"), "engines", problems, fallbacks, MAX_ENGINES)
-    gpu_error = raw.get("gpu_error")
-    if gpu_error is not None and not isinstance(gpu_error, str):
-        problems.add("gpu_error", "not text")
-        gpu_error = None
+    for i, gpu in enumerate(gpus):
+        if gpu.profiling_source is not None and gpu.profiling_source not in PROFILING_SOURCES:
+            problems.add(f"gpus[{i}].profiling_source", "no source infertop knows: its figures left out")
+            gpus[i] = dataclasses.replace(gpu, **dict.fromkeys(_MEASURED_FIELDS))
     return Snapshot(
         time_s,
         host,
         tuple(gpus),
         tuple(engines),
-        gpu_error=printable(gpu_error) if gpu_error is not None else None,
+        gpu_error=_text(raw, "gpu_error", problems),
+        dcgm_status=_text(raw, "dcgm_status", problems),
     )
+
+
+_MEASURED_FIELDS = (
+    "dram_bw_util_pct",
+    "dram_bw_gbps",
+    "sm_active_pct",
+    "sm_occupancy_pct",
+    "tensor_active_pct",
+    "profiling_source",
+    "profiling_age_s",
+)
+
+
+def _text(raw: Mapping[str, Any], key: str, problems: Problems) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        problems.add(key, "not text")
+        return None
+    return printable(value) if value is not None else None

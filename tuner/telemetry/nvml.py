@@ -803,6 +803,7 @@ class NvmlBackend:
                 gpu.gpm_unavailable_reason = self._gpm_unavailable_reason(gpu, now_s)
             else:
                 dram_pct = gpm.get(GPM_DRAM_BW_UTIL)
+                values["profiling_source"] = "gpm"
                 values["dram_bw_util_pct"] = dram_pct
                 values["dram_bw_gbps"] = gpm_dram_gbps(dram_pct, gpu.info.peak_dram_bw_gbps)
                 values["sm_active_pct"] = gpm.get(GPM_SM_UTIL)

@@ -323,7 +323,8 @@ def _as_shown(snap: Snapshot, problems: Problems) -> Snapshot:
         gpus.append(replace(gpu, processes=tuple(processes)) if gpu.processes is not None else gpu)
     engines = tuple(replace(e, url=redact_url(e.url)) for e in snap.engines)
     gpu_error = snap.gpu_error.translate(_NO_BRACKETS) if snap.gpu_error is not None else None
-    return replace(snap, gpus=tuple(gpus), engines=engines, gpu_error=gpu_error)
+    dcgm_status = snap.dcgm_status.translate(_NO_BRACKETS) if snap.dcgm_status is not None else None
+    return replace(snap, gpus=tuple(gpus), engines=engines, gpu_error=gpu_error, dcgm_status=dcgm_status)
 
 
 def _system_info(raw: object, damage: Damage) -> SystemInfo | None:

@@ -14,11 +14,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
+import psutil
 
 from tuner.redact import redact_text, redact_url
 from tuner.telemetry.backend import GpuBackend, GpuLostError
@@ -28,12 +29,17 @@ from tuner.telemetry.host import HostReader
 from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
 from tuner.telemetry.throttle import THROTTLE_SERIES, throttle_flags
 
+if TYPE_CHECKING:
+    from tuner.telemetry.bwestimate import ModelFacts
+    from tuner.telemetry.dcgm import DcgmReading, DcgmWatcher
+
 log = logging.getLogger(__name__)
 
 # The per-GPU series kept for sparklines and tuner plots.
 GPU_SERIES = (
     "dram_bw_util_pct",
     "dram_bw_gbps",
+    "dram_bw_est_pct",  # a model's estimate, its own series: never drawn as the measured one
     "sm_active_pct",
     "gpu_util_pct",
     "mem_busy_pct",
@@ -57,6 +63,15 @@ class SamplerConfig:
     discover_vllm: bool = True  # look for vLLM servers on this machine
     discover_every_s: float = 5.0
     history_len: int = 480  # 2 minutes at 4 Hz
+    # DCGM's profiling counters where GPM gives no bandwidth (L4, A100; a Hopper whose counters DCGM holds):
+    # "auto" finds a local nv-hostengine or dcgm-exporter, "off", a dcgm-exporter URL, or "hostengine[:HOST:PORT]".
+    dcgm: str = "auto"
+    dcgm_watch: bool = (
+        False  # ask DCGM to watch the fields it does not (changes its sampling for every reader)
+    )
+    estimate_bandwidth: bool = (
+        True  # a labelled model estimate where nothing measures it (tuner.telemetry.bwestimate)
+    )
 
 
 class SnapshotSource(Protocol):
@@ -147,11 +162,21 @@ def _same_local_server(url: str, servers: Iterable[DiscoveredServer]) -> Discove
     return next((s for s in servers if httpx.URL(s.url).port == port), None)
 
 
+@dataclass(frozen=True)
+class LaunchedServer:
+    """A server this process started (the tuner's candidates): what discovery would otherwise find out."""
+
+    pid: int  # its topmost process; its descendants hold the GPUs
+    argv: tuple[str, ...]  # how it was started: the model and dtypes a bandwidth estimate needs
+    engine: str = "vllm"
+
+
 class EngineWatcher:
     """Scrapes inference servers on its own thread; the sampler takes the latest readings each tick.
 
     Discovered servers keep their engine and process tree: each reading carries the server's pids, which is how
-    energy per token finds the GPUs a server uses.
+    energy per token finds the GPUs a server uses. Their command lines, kept in memory only, tell what model
+    they serve: the facts a decode-traffic estimate needs (:func:`facts`).
     """
 
     def __init__(self, urls: Iterable[str], config: SamplerConfig) -> None:
@@ -159,6 +184,13 @@ class EngineWatcher:
         self._config = config
         self._scrapers: dict[str, EngineScraper] = {}
         self._latest: dict[str, EngineSample] = {}
+        self._launched: dict[str, LaunchedServer] = {}
+        self._trees: dict[
+            str, tuple[int, ...]
+        ] = {}  # launched URL -> its process and descendants (this thread's)
+        self._facts: dict[
+            str, tuple[tuple[str, ...], ModelFacts | str]
+        ] = {}  # url -> (argv, facts or why not)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="infertop-engines", daemon=True)
@@ -167,35 +199,71 @@ class EngineWatcher:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def set_urls(self, urls: Iterable[str]) -> None:
-        """Watch these servers from now on (besides discovered ones); readings of others are dropped."""
+    def set_urls(self, urls: Iterable[str], launched: Mapping[str, LaunchedServer] | None = None) -> None:
+        """Watch these servers from now on (besides discovered ones); readings of others are dropped.
+        ``launched`` names the processes of servers this process started, by URL."""
         with self._lock:
             self._fixed = [u.rstrip("/") for u in urls]
             self._latest = {u: s for u, s in self._latest.items() if u in self._fixed}
+            self._launched = {u.rstrip("/"): s for u, s in (launched or {}).items()}
         self.start()
 
     def latest(self) -> tuple[EngineSample, ...]:
         with self._lock:
             return tuple(self._latest.values())
 
-    def _servers(self, last_discovery: list[float], discovered: dict[str, DiscoveredServer]) -> list[str]:
-        if (
-            self._config.discover_vllm
-            and time.monotonic() - last_discovery[0] >= self._config.discover_every_s
-        ):
-            from tuner.telemetry.discovery import discover_servers
+    def facts(self) -> dict[str, ModelFacts]:
+        """What each watched server serves, by URL, where its command line and model files tell."""
+        with self._lock:
+            return {url: facts for url, (_, facts) in self._facts.items() if not isinstance(facts, str)}
 
-            discovered.clear()
-            discovered.update((s.url, s) for s in discover_servers())
-            last_discovery[0] = time.monotonic()
+    def _learn(self, url: str, argv: tuple[str, ...]) -> None:
+        """Read the model's facts once per command line (config.json and safetensors headers: file reads, on
+        this thread, never the sampler's)."""
+        if not self._config.estimate_bandwidth or not argv:
+            return
+        known = self._facts.get(url)
+        if known is not None and known[0] == argv:
+            return
+        try:
+            from tuner.telemetry.bwestimate import facts_from_argv  # TEMP-GUARD: move out of the try
+
+            facts = facts_from_argv(argv)
+        except Exception as exc:  # a model directory nobody foresaw costs the estimate, never the monitor
+            log.exception("reading the model of %s failed", redact_url(url))
+            facts = f"model facts unreadable ({exc})"
+        with self._lock:
+            self._facts[url] = (argv, facts)
+
+    def _servers(self, last_discovery: list[float], discovered: dict[str, DiscoveredServer]) -> list[str]:
+        """The URLs to read this round. ``discovered`` is refreshed every ``discover_every_s``: servers found on
+        this machine (when discovery is on) and the process trees of those this process launched (whose
+        workers appear after they start)."""
+        now = time.monotonic()
         with self._lock:
             fixed = list(self._fixed)
+            launched = dict(self._launched)
+        due = now - last_discovery[0] >= self._config.discover_every_s
+        if due:
+            discovered.clear()
+            if self._config.discover_vllm:
+                from tuner.telemetry.discovery import discover_servers
+
+                discovered.update((s.url, s) for s in discover_servers())
+            last_discovery[0] = now
+        for url in [u for u in self._trees if u not in launched]:
+            del self._trees[url]  # the tuner stopped that server
+        for url, server in launched.items():
+            if due or url not in self._trees:
+                self._trees[url] = process_tree(server.pid)
         return fixed + [u for u in discovered if u not in fixed]
 
     def _run(self) -> None:
         last_discovery, discovered = [-1e9], dict[str, DiscoveredServer]()
         while not self._stop.is_set():
             urls = self._servers(last_discovery, discovered)
+            with self._lock:
+                launched = dict(self._launched)
             for url in urls:
                 server = discovered.get(url) or _same_local_server(url, discovered.values())
                 scraper = self._scrapers.get(url)
@@ -210,13 +278,19 @@ class EngineWatcher:
                     sample = EngineSample(
                         url=shown, time_s=time.time(), error=redact_text(f"unreadable /metrics ({exc})")
                     )
-                if server is not None:
+                if url in launched:
+                    sample = dataclasses.replace(sample, server_pids=self._trees.get(url))
+                    self._learn(url, launched[url].argv)
+                elif server is not None:
                     sample = dataclasses.replace(sample, server_pids=server.pids)
+                    self._learn(url, getattr(server, "argv", ()))
                 with self._lock:
                     self._latest[url] = sample
             with self._lock:  # a discovered server that went away disappears from the screen
                 for gone in set(self._latest) - set(urls):
                     del self._latest[gone]
+                for gone in set(self._facts) - set(urls):
+                    del self._facts[gone]
             self._stop.wait(self._config.engine_interval_s)
         for scraper in self._scrapers.values():
             scraper.close()
@@ -225,6 +299,14 @@ class EngineWatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
+
+
+def process_tree(pid: int) -> tuple[int, ...]:
+    """A process and its descendants (a vLLM server's GPU workers are its children); just ``pid`` when gone."""
+    try:
+        return (pid, *(c.pid for c in psutil.Process(pid).children(recursive=True)))
+    except psutil.Error:
+        return (pid,)
 
 
 class LiveSource:
@@ -247,6 +329,8 @@ class LiveSource:
         self._gpu_error: str | None = None
         self._engines = EngineWatcher(vllm_urls, self._config)
         self._watch_engines = bool(vllm_urls) or self._config.discover_vllm
+        self._dcgm: DcgmWatcher | None = None
+        self._gpus_of_pid: dict[int, frozenset[int]] = {}  # from the last process lists (read once a second)
         self.info = SystemInfo(state=GpuState.NO_GPU, message="not opened")
 
     def open(self) -> SystemInfo:
@@ -258,6 +342,13 @@ class LiveSource:
             self.info = SystemInfo(state=GpuState.NO_GPU, message="GPU telemetry disabled", source="none")
         if self._watch_engines:
             self._engines.start()
+        if self.info.state is GpuState.OK and self._config.dcgm != "off":
+            try:  # TEMP-GUARD
+                from tuner.telemetry.dcgm import DcgmWatcher
+            except ImportError:
+                return self.info
+            self._dcgm = DcgmWatcher(self._config.dcgm, watch=self._config.dcgm_watch)
+            self._dcgm.start()
         return self.info
 
     def next_snapshot(self) -> Snapshot:
@@ -273,19 +364,65 @@ class LiveSource:
                 self._gpu_error = str(exc) or "NVIDIA driver stopped answering"
                 log.warning("GPU telemetry stopped: %s", self._gpu_error)
         host = self._host.read(now) if self._host is not None else None
+        engines = self._engines.latest()
+        dcgm = self._dcgm.latest() if self._dcgm is not None else None
+        if gpus:
+            gpus = self._fill_bandwidth(gpus, engines, dcgm, now)
         return Snapshot(
-            time_s=now, host=host, gpus=gpus, engines=self._engines.latest(), gpu_error=self._gpu_error
+            time_s=now,
+            host=host,
+            gpus=gpus,
+            engines=engines,
+            gpu_error=self._gpu_error,
+            dcgm_status=dcgm.status if dcgm is not None else None,
         )
+
+    def _fill_bandwidth(
+        self,
+        gpus: tuple[GpuSample, ...],
+        engines: tuple[EngineSample, ...],
+        dcgm: DcgmReading | None,
+        now: float,
+    ) -> tuple[GpuSample, ...]:
+        """Bandwidth where GPM measured none: DCGM's measurement, else (while a server runs there) the model's
+        estimate, kept in its own fields."""
+        if dcgm is not None:
+            from tuner.telemetry.dcgm import apply_dcgm
+
+            gpus = apply_dcgm(gpus, self.info.gpus, dcgm, now)
+        if not self._config.estimate_bandwidth or not engines:
+            return gpus
+        if any(g.processes is not None for g in gpus):
+            holders: dict[int, set[int]] = {}
+            for g in gpus:
+                for p in g.processes or ():
+                    holders.setdefault(p.pid, set()).add(g.index)
+            self._gpus_of_pid = {pid: frozenset(held) for pid, held in holders.items()}
+        if all(g.dram_bw_util_pct is not None for g in gpus):
+            return gpus
+        facts = self._engines.facts()
+        if not facts:
+            return gpus
+        try:  # TEMP-GUARD
+            from tuner.telemetry.bwestimate import apply_estimates
+        except ImportError:
+            return gpus
+        return apply_estimates(gpus, self.info.gpus, engines, facts, self._gpus_of_pid)
 
     def next_delay_s(self) -> float:
         return self._config.interval_s
 
-    def set_engine_urls(self, urls: Iterable[str]) -> None:
-        """Change which vLLM servers are scraped (the tuner points it at each candidate in turn)."""
-        self._engines.set_urls(urls)
+    def set_engine_urls(
+        self, urls: Iterable[str], launched: Mapping[str, LaunchedServer] | None = None
+    ) -> None:
+        """Change which vLLM servers are scraped (the tuner points it at each candidate in turn); ``launched``:
+        the processes of those this process started, by URL."""
+        self._engines.set_urls(urls, launched)
 
     def close(self) -> None:
         self._engines.stop()
+        if self._dcgm is not None:
+            self._dcgm.stop()
         if self._backend is not None:
             self._backend.close()
 

@@ -83,6 +83,9 @@ def _merge_evidence(items: Sequence[Evidence]) -> Evidence:
     return Evidence(
         gpu_samples=sum(e.gpu_samples for e in items),
         dram_bw_util_pct_mean=_mean([e.dram_bw_util_pct_mean for e in items]),
+        dram_bw_source=" and ".join(dict.fromkeys(e.dram_bw_source for e in items if e.dram_bw_source))
+        or None,
+        dram_bw_est_pct_mean=_mean([e.dram_bw_est_pct_mean for e in items]),
         sm_active_pct_mean=_mean([e.sm_active_pct_mean for e in items]),
         tensor_active_pct_mean=_mean([e.tensor_active_pct_mean for e in items]),
         gpu_util_pct_mean=_mean([e.gpu_util_pct_mean for e in items]),

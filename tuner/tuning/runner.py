@@ -33,7 +33,7 @@ from tuner.loadgen.workload import Workload
 from tuner.measure import MeasuredPhase, measure_phase
 from tuner.serving.affinity import CpuPlan, cpu_list
 from tuner.serving.launcher import ServerSpec, VllmServer
-from tuner.telemetry.sampler import LiveSource, Sampler
+from tuner.telemetry.sampler import LaunchedServer, LiveSource, Sampler
 from tuner.tuning import events as ev
 from tuner.tuning.nodeload import merge_measured, split_load
 from tuner.tuning.placement import Placement
@@ -84,22 +84,28 @@ class EngineUrls:
     def __init__(self, sampler: Sampler | None) -> None:
         self._sampler = sampler
         self._urls: set[str] = set()
+        self._launched: dict[str, LaunchedServer] = {}
         self._lock = threading.Lock()
 
-    def add(self, url: str) -> None:
+    def add(self, url: str, launched: LaunchedServer | None = None) -> None:
+        """Scrape ``url`` from now on; ``launched``: its process and command line (which GPUs it holds, and the
+        model a bandwidth estimate reads)."""
         with self._lock:
             self._urls.add(url)
+            if launched is not None:
+                self._launched[url] = launched
             self._apply()
 
     def remove(self, url: str) -> None:
         with self._lock:
             self._urls.discard(url)
+            self._launched.pop(url, None)
             self._apply()
 
     def _apply(self) -> None:
         source = self._sampler.source if self._sampler else None
         if isinstance(source, LiveSource):
-            source.set_engine_urls(sorted(self._urls))
+            source.set_engine_urls(sorted(self._urls), dict(self._launched))
 
 
 @dataclass
@@ -204,7 +210,10 @@ class TrialRunner:
             raise
         self.emit(ev.ServerReady(key, server.url, server.startup_s or 0.0, server.pid))
         assert self.engines is not None
-        self.engines.add(server.url)
+        launched = (
+            LaunchedServer(server.pid, tuple(server.argv)) if server.pid is not None and server.argv else None
+        )
+        self.engines.add(server.url, launched)
         try:
             yield server
         finally:
