@@ -22,6 +22,7 @@ from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter, dashboard_json, parse_listen
 from tuner.telemetry.httpmessage import is_loopback
 from tuner.telemetry.model import EngineSample, Snapshot
+from tuner.telemetry.ports import DEFAULT_PORT
 
 REPO = Path(__file__).resolve().parents[1]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -162,11 +163,11 @@ def test_when_the_driver_goes_away_every_gpu_stays_a_series_at_0() -> None:
         (":9500", ("127.0.0.1", 9500)),
         ("0.0.0.0:9400", ("0.0.0.0", 9400)),
         ("[::1]:9401", ("::1", 9401)),
-        ("10.0.0.5", ("10.0.0.5", 9400)),
+        ("10.0.0.5", ("10.0.0.5", DEFAULT_PORT)),
         ("9401", ("127.0.0.1", 9401)),  # a port alone: this machine only, like the default
         ("[::ffff:127.0.0.1]:9401", ("::ffff:127.0.0.1", 9401)),
-        ("::ffff:127.0.0.1", ("::ffff:127.0.0.1", 9400)),  # no port: cannot be read as ADDRESS:PORT
-        ("::1", ("::1", 9400)),
+        ("::ffff:127.0.0.1", ("::ffff:127.0.0.1", DEFAULT_PORT)),  # no port: cannot be read as ADDRESS:PORT
+        ("::1", ("::1", DEFAULT_PORT)),
     ],
 )
 def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:

@@ -29,6 +29,7 @@ from hostile_peers import (
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter
 from tuner.telemetry.fetch import basic_auth
+from tuner.telemetry.ports import DEFAULT_PORT
 from tuner.telemetry.remote import (
     RemoteAuth,
     RemoteHost,
@@ -432,10 +433,10 @@ def test_a_host_summary_adds_up_its_gpus(three_exporters: list[Exporter]) -> Non
 @pytest.mark.parametrize(
     ("text", "url"),
     [
-        ("gpu-node-2", "http://gpu-node-2:9400"),
+        ("gpu-node-2", f"http://gpu-node-2:{DEFAULT_PORT}"),
         ("gpu-node-2:9500", "http://gpu-node-2:9500"),
         ("http://10.0.0.7:9400/metrics", "http://10.0.0.7:9400"),
-        ("https://node.example/", "https://node.example:9400"),
+        ("https://node.example/", f"https://node.example:{DEFAULT_PORT}"),
     ],
 )
 def test_host_urls(text: str, url: str) -> None:
@@ -451,7 +452,7 @@ def test_bad_hosts_are_refused_in_words(text: str) -> None:
 def test_a_hosts_file_skips_comments_and_names_a_bad_line(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("# the rack\ngpu-node-1\n\ngpu-node-2:9500  # the new one\n")
-    assert read_hosts_file(hosts) == ["http://gpu-node-1:9400", "http://gpu-node-2:9500"]
+    assert read_hosts_file(hosts) == [f"http://gpu-node-1:{DEFAULT_PORT}", "http://gpu-node-2:9500"]
     hosts.write_text("gpu-node-1\nftp://bad\n")
     with pytest.raises(ValueError, match=r"hosts:2: "):
         read_hosts_file(hosts)

@@ -25,7 +25,7 @@ EPILOG = """\
 subcommands:
   infertop [monitor] [options]   live GPU monitor (the default)
   infertop record FILE           record telemetry to NDJSON without a UI (Ctrl-C stops)
-  infertop exporter              serve the readings to Prometheus at 127.0.0.1:9400/metrics
+  infertop exporter              serve the readings to Prometheus at 127.0.0.1:20400/metrics
   infertop bench ...             load-test a vLLM server: TTFT, TPOT, tokens/s, what bound it
   infertop tune MODEL ...        find the vLLM config with the most tokens/s within latency targets
 
@@ -83,7 +83,7 @@ def monitor_parser() -> argparse.ArgumentParser:
         "--host",
         action="append",
         metavar="URL",
-        help="another host's `infertop exporter` to show beside this one, e.g. gpu-node-2:9400 (repeatable)",
+        help="another host's `infertop exporter` to show beside this one, e.g. gpu-node-2:20400 (repeatable)",
     )
     parser.add_argument("--hosts", type=Path, metavar="FILE", help="a file of such hosts, one per line")
     parser.add_argument(

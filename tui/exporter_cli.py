@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+from tuner.telemetry.ports import DEFAULT_PORT, port_holder
 
 DEMO_MACHINES = ("h100x8", "h100x4", "h100x1", "l4x2")
 WEB_CONFIG_HELP = """\
@@ -48,10 +51,10 @@ def exporter_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
-        default="127.0.0.1:9400",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
         metavar="ADDR:PORT",
-        help="where to serve (default 127.0.0.1:9400, this machine only; a port alone is on 127.0.0.1; "
-        "0.0.0.0:9400 for a fleet's Prometheus, with --web-config)",
+        help=f"where to serve (default 127.0.0.1:{DEFAULT_PORT}, this machine only; a port alone is on 127.0.0.1; "
+        f"0.0.0.0:{DEFAULT_PORT} for a fleet's Prometheus, with --web-config; not 9400, which is dcgm-exporter's)",
     )
     parser.add_argument(
         "--web-config",
@@ -76,6 +79,18 @@ def exporter_parser() -> argparse.ArgumentParser:
         "--vllm", action="append", metavar="URL", help="an inference server to watch besides those discovered"
     )
     parser.add_argument("--no-discover", action="store_true", help="do not look for inference servers here")
+    parser.add_argument(
+        "--dcgm",
+        default="auto",
+        metavar="SPEC",
+        help="where DCGM's profiling counters are read (DRAM bandwidth where GPM gives none: L4, A100): auto "
+        "(default), off, a dcgm-exporter URL (http://127.0.0.1:9400/metrics), or hostengine[:HOST:PORT]",
+    )
+    parser.add_argument(
+        "--dcgm-watch",
+        action="store_true",
+        help="ask DCGM to watch the profiling fields it does not yet (changes its sampling for every reader)",
+    )
     parser.add_argument(
         "--simulate",
         choices=DEMO_MACHINES,
@@ -130,6 +145,10 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
         Settings(interval_s=args.interval).validate()
     except SettingsError as exc:
         return _fail(f"--interval: {exc}")
+    try:
+        Settings(dcgm=args.dcgm).validate()
+    except SettingsError as exc:
+        return _fail(f"--{exc}")
     web_config = WebConfig()
     if args.web_config is not None:
         try:
@@ -146,6 +165,8 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
         slow_every=max(1, round(1.0 / args.interval)),  # energy and processes about once a second
         discover_vllm=not args.no_discover and args.simulate is None,
         history_len=8,
+        dcgm="off" if args.simulate else args.dcgm,  # a simulated GPU has no DCGM
+        dcgm_watch=args.dcgm_watch,
     )
     backend = simulated_backend(args.simulate) if args.simulate else NvmlBackend()
     reader = HostReader(hostname=args.hostname) if args.hostname else None
@@ -170,7 +191,7 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
         info = exporter.start()
     except OSError as exc:
         exporter.sampler.stop()
-        return _fail(f"cannot listen on {args.listen}: {exc.strerror or exc}", code=1)
+        return _fail(_cannot_listen(host, port, exc), code=1)
     what = f"{len(info.gpus)} GPU(s)" if info.gpus else f"no GPUs: {info.message}"
     if args.simulate:
         what += f", SIMULATED {args.simulate}"
@@ -193,6 +214,16 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
     finally:
         exporter.stop()
     return 0
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why the address cannot be had, in one line: for a port in use, who holds it and what to do."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno != errno.EADDRINUSE:
+        return f"cannot listen on {address}: {exc.strerror or exc}"
+    holder = port_holder(host, port)
+    held = f"in use by {holder}" if holder else "the port is in use"
+    return f"cannot listen on {address}: {held}; choose another port with --listen HOST:PORT"
 
 
 def _hash_password() -> int:
