@@ -148,7 +148,7 @@ def run_exporter_cli(argv: Sequence[str]) -> int:
     try:
         Settings(dcgm=args.dcgm).validate()
     except SettingsError as exc:
-        return _fail(f"--{exc}")
+        return _fail(str(exc))
     web_config = WebConfig()
     if args.web_config is not None:
         try:

@@ -62,14 +62,12 @@ class Settings:
             raise SettingsError(f"slow_every must be at least 1, not {self.slow_every}")
         if not 10 <= self.history_len <= 100_000:
             raise SettingsError(f"history_len must be between 10 and 100000, not {self.history_len}")
-        try:
-            from tuner.telemetry.dcgm import parse_dcgm_spec  # TEMP-GUARD: move out of the try
+        from tuner.telemetry.dcgm import parse_dcgm_spec
 
+        try:
             parse_dcgm_spec(self.dcgm)
-        except ImportError:
-            pass
         except ValueError as exc:
-            raise SettingsError(f"dcgm: {exc}") from None
+            raise SettingsError(str(exc)) from None
         return self
 
 

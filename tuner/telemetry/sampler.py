@@ -342,12 +342,14 @@ class LiveSource:
             self.info = SystemInfo(state=GpuState.NO_GPU, message="GPU telemetry disabled", source="none")
         if self._watch_engines:
             self._engines.start()
-        if self.info.state is GpuState.OK and self._config.dcgm != "off":
-            try:  # TEMP-GUARD
-                from tuner.telemetry.dcgm import DcgmWatcher
-            except ImportError:
-                return self.info
-            self._dcgm = DcgmWatcher(self._config.dcgm, watch=self._config.dcgm_watch)
+        # DCGM reads real GPUs: a scripted or replayed machine meets it only when told where (tests' fake pages).
+        explicit = self._config.dcgm not in ("auto", "", "off")
+        if self.info.state is GpuState.OK and (
+            explicit or (self._config.dcgm == "auto" and self.info.source == "nvml")
+        ):
+            from tuner.telemetry.dcgm import DcgmWatcher
+
+            self._dcgm = DcgmWatcher(self._config.dcgm, watch=self._config.dcgm_watch, clock=self._clock)
             self._dcgm.start()
         return self.info
 
