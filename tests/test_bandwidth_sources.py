@@ -7,6 +7,14 @@ the real ones.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +26,12 @@ from helpers import FixedHost, prime, scripted_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from tui.widgets.gpu_card import GpuCard
+from tuner.measure import BoundKind, Evidence, classify_bound
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter
 from tuner.telemetry.model import GpuSample, Snapshot
 from tuner.telemetry.recording import Recorder, ReplaySource
-from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+from tuner.telemetry.sampler import LaunchedServer, LiveSource, Sampler, SamplerConfig
 
 L4_PEAK_GBPS = 300.0
 
@@ -191,3 +200,191 @@ def test_without_dcgm_an_l4_exports_no_bandwidth_at_all() -> None:
     assert "infertop_gpu_dram_bandwidth_ratio" not in got  # never a made-up 0
     assert "infertop_gpu_dram_bandwidth_estimate_ratio" not in got
     assert "infertop_gpu_memory_duty_cycle_ratio" in got  # the duty cycle, under its own name
+
+
+# --- the estimate: a server on a GPU nothing measures -----------------------------------------------------------
+
+FAKE_VLLM = Path(__file__).parent / "fakes" / "fake_vllm.py"
+LLAMA_8B_SHAPE = Path(__file__).parent / "data" / "llama-3.1-8b-shape"
+
+
+@pytest.fixture
+def busy_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The stand-in vLLM (tests/fakes/fake_vllm.py), kept decoding by 8 streams for as long as the test runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, str(FAKE_VLLM), "serve", str(LLAMA_8B_SHAPE), "--port", str(port)]
+    argv += ["--max-num-seqs", "8", "--kv-cache-dtype", "fp8"]
+    env = {**os.environ, "FAKE_VLLM_STEP_S": "0.07"}  # an L4's pace for an 8B model in 16 bits: ~8 steps/s
+    server = subprocess.Popen(
+        argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+
+    def stream() -> None:
+        body = {"model": str(LLAMA_8B_SHAPE), "prompt": "x", "max_tokens": 400, "stream": True}
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                with (
+                    contextlib.suppress(httpx.HTTPError),
+                    client.stream("POST", f"{url}/v1/completions", json=body) as answer,
+                ):
+                    for _ in answer.iter_bytes():
+                        if stop.is_set():
+                            break
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None, "the stand-in vLLM did not start"
+            time.sleep(0.1)
+        streams = [threading.Thread(target=stream, daemon=True) for _ in range(8)]
+        for t in streams:
+            t.start()
+        yield server, url
+    finally:
+        stop.set()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+
+
+def _until_estimate(sampler: Sampler, clock: scripted.ManualClock, timeout_s: float = 20.0) -> Snapshot:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        clock.advance(0.25)
+        snap = sampler.tick()
+        assert snap is not None
+        if snap.gpus[0].dram_bw_est_gbps:
+            return snap
+        assert time.monotonic() < deadline, (
+            f"no estimate after {timeout_s} s: {snap.gpus[0].dram_bw_est_basis} {snap.engines}"
+        )
+        time.sleep(0.05)
+
+
+def _serving_l4(server_pid: int, url: str, clock: scripted.ManualClock, argv: tuple[str, ...]) -> Sampler:
+    """A scripted L4 pair whose GPU 0 holds the server's process; the server as the tuner hands it over."""
+    nvml = scripted.l4(2, clock=clock, processes=[scripted.FakeProcess(server_pid, 0, 20 * 2**30)])
+    config = SamplerConfig(discover_vllm=False, dcgm="off", engine_interval_s=0.25)
+    source = LiveSource(scripted.scripted_backend(nvml), config=config, host=FixedHost(), clock=clock)  # type: ignore[arg-type]
+    sampler = Sampler(source)
+    sampler.open()
+    source.set_engine_urls([url], {url: LaunchedServer(server_pid, argv)})
+    return sampler
+
+
+def test_an_l4_running_a_server_shows_the_estimate_apart_from_any_measurement(
+    busy_server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    server, url = busy_server
+    clock = scripted.ManualClock()
+    sampler = _serving_l4(
+        server.pid, url, clock, ("vllm", "serve", str(LLAMA_8B_SHAPE), "--kv-cache-dtype", "fp8")
+    )
+    try:
+        snap = _until_estimate(sampler, clock)
+    finally:
+        sampler.stop()
+    busy, idle = snap.gpus
+    engine = next(e for e in snap.engines if e.url == url)
+    assert engine.steps_per_s and engine.kv_cache_blocks and engine.kv_cache_dtype == "fp8"
+    assert (
+        busy.dram_bw_util_pct is None and busy.profiling_source is None
+    )  # nothing measured: nothing claims to
+    # By hand: the Llama-3.1-8B shape's weights (16-bit, every weight but the input embedding's once a step:
+    # 15.01 GB) plus the KV cache in use (FP8: 64 KiB a token) times the server's steps per second.
+    kv_bytes = (engine.kv_cache_usage_pct or 0) / 100 * engine.kv_cache_blocks * 16 * 32 * 8 * 128 * 2
+    by_hand = (15.01e9 + kv_bytes) * engine.steps_per_s
+    assert busy.dram_bw_est_gbps == pytest.approx(by_hand / 1e9, rel=0.05)
+    assert busy.dram_bw_est_pct == pytest.approx(100 * busy.dram_bw_est_gbps / L4_PEAK_GBPS)
+    assert busy.dram_bw_est_basis and "est." in busy.dram_bw_est_basis
+    assert idle.dram_bw_est_gbps is None  # the server's GPU only
+
+
+def test_a_model_it_cannot_read_says_why_instead_of_estimating(
+    busy_server: tuple[subprocess.Popen[bytes], str], tmp_path: Path
+) -> None:
+    server, url = busy_server
+    clock = scripted.ManualClock()
+    sampler = _serving_l4(server.pid, url, clock, ("vllm", "serve", str(tmp_path / "no-such-model")))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            clock.advance(0.25)
+            snap = sampler.tick()
+            assert snap is not None
+            if snap.gpus[0].dram_bw_est_basis or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        sampler.stop()
+    gpu = snap.gpus[0]
+    assert gpu.dram_bw_est_gbps is None
+    assert gpu.dram_bw_est_basis and gpu.dram_bw_est_basis.startswith("no estimate")
+
+
+async def test_the_card_marks_the_estimate_as_one() -> None:
+    clock = scripted.ManualClock()
+    app = scripted_app(scripted.l4(1, clock=clock), clock)
+    async with app.run_test(size=(110, 30)) as pilot:
+        prime(app, clock, ticks=2)
+        snap = app.sampler.latest
+        assert snap is not None
+        estimated = dataclasses.replace(
+            snap.gpus[0],
+            dram_bw_est_gbps=96.0,
+            dram_bw_est_pct=32.0,
+            dram_bw_est_basis="15.0 GB x 6 steps/s (est.)",
+        )
+        app.monitor.show_snapshot(dataclasses.replace(snap, gpus=(estimated,)))
+        await pilot.pause()
+        card = app.monitor.query(GpuCard).first()
+        text = text_of(card)
+    first = text.splitlines()[0]
+    assert first.startswith("DRAM BW") and "32%" in first and "96 GB/s" in first and "est." in first
+    assert "decode reads, not measured" in text
+    assert "ESTIMATED" in str(card.tooltip)
+
+
+def test_the_exporter_never_exports_the_estimate_as_a_measurement(
+    busy_server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    server, url = busy_server
+    clock = scripted.ManualClock()
+    sampler = _serving_l4(server.pid, url, clock, ("vllm", "serve", str(LLAMA_8B_SHAPE)))
+    exporter = Exporter(sampler, port=0, clock=clock)
+    exporter.start(sampling=False)
+    try:
+        snap = _until_estimate(sampler, clock)
+        got = _families(httpx.get(exporter.url, timeout=5).text)
+    finally:
+        exporter.stop()
+    assert "infertop_gpu_dram_bandwidth_ratio" not in got
+    assert "infertop_gpu_dram_bandwidth_bytes_per_second" not in got
+    (estimate,) = got["infertop_gpu_dram_bandwidth_estimate_bytes_per_second"]
+    assert estimate[0]["gpu"] == "0"
+    assert estimate[1] == pytest.approx(
+        snap.gpus[0].dram_bw_est_gbps * 1e9, rel=0.5
+    )  # a later tick's reading
+
+
+def test_bound_attribution_names_its_source_and_judges_the_estimate_on_its_own_threshold() -> None:
+    measured = classify_bound(Evidence(gpu_samples=40, dram_bw_util_pct_mean=71.0, dram_bw_source="DCGM"), 64)
+    assert measured.kind is BoundKind.GPU_MEMORY_BANDWIDTH and "(DCGM)" in measured.reason
+    estimated = classify_bound(Evidence(gpu_samples=40, dram_bw_est_pct_mean=52.0), 64)
+    assert estimated.kind is BoundKind.GPU_MEMORY_BANDWIDTH and "ESTIMATED" in estimated.reason
+    low = classify_bound(Evidence(gpu_samples=40, dram_bw_est_pct_mean=20.0, gpu_util_pct_mean=80.0), 64)
+    assert low.kind is BoundKind.UNKNOWN
+    assert (
+        "DRAM ~20 % est." in low.reason
+        and "GPU util 80 % (duty cycle)" in low.reason
+        and "nan" not in low.reason
+    )
+    # A measurement wins over an estimate of the same phase.
+    both = classify_bound(Evidence(gpu_samples=40, dram_bw_util_pct_mean=30.0, dram_bw_est_pct_mean=90.0), 64)
+    assert both.kind is not BoundKind.GPU_MEMORY_BANDWIDTH

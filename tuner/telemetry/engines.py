@@ -33,6 +33,7 @@ from tuner.telemetry.model import EngineSample
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_WORD = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 
 DEFAULT_LATENCY_WINDOW_S = 60.0
 MAX_SERIES = 4096
@@ -40,6 +41,10 @@ MAX_SERIES = 4096
 minute of pages, so a page of a million names would otherwise hold gigabytes."""
 MAX_BUCKETS = 512
 """The most buckets kept per histogram (vLLM's have under 30)."""
+MAX_INFO_LABELS = 64
+"""The most labels kept from an info metric's series (vLLM's cache_config_info has about 30)."""
+MAX_LABEL_CHARS = 64
+"""The longest label value kept from an info metric; longer is cut."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,21 @@ class EngineMetricNames:
     tpot: tuple[str, ...] = ()  # histogram, seconds: time per output token / inter-token latency
     generation_seconds: tuple[str, ...] = ()  # counter of generating time: mean TPOT without histogram
     generation_rate: tuple[str, ...] = ()  # gauge in tok/s, used only until two pages give a counter rate
+    engine_steps: tuple[str, ...] = ()  # counter of engine steps (forward passes)
+    cache_info: tuple[str, ...] = ()  # info gauge (value 1) whose labels describe the KV cache
     enable_metrics: str = ""  # what turns /metrics on, for the error line when it is off
 
 
 # vllm/v1/metrics/loggers.py (PrometheusStatLogger); kv_cache_usage_perc was gpu_cache_usage_perc before v0.10,
 # and time_per_output_token_seconds became inter_token_latency_seconds.
+# Engine steps: the histogram iteration_tokens_total gets one observation per engine step that produced output for
+# a request (PrometheusStatLogger.record observes it once per IterationStats; AsyncLLM's output handler makes one
+# IterationStats per EngineCoreOutputs batch, and EngineCore sends one per executed step and API-server client),
+# so its _count's rate is steps/s, summed over data-parallel engines (label `engine`). With --api-server-count
+# above 1 each API server observes the steps that carried its requests, so one step may count once per API server
+# (vLLM's own TODO at the histogram). Steps that only advance a chunked prefill make no output and no count.
+# cache_config_info is an info gauge (value 1) whose labels are CacheConfig.metrics_info(): num_gpu_blocks (per
+# engine; each rank holds that many blocks of its own KV heads), block_size, cache_dtype...
 VLLM = EngineMetricNames(
     engine="vllm",
     title="vLLM",
@@ -79,6 +94,8 @@ VLLM = EngineMetricNames(
     requests_success=("vllm:request_success_total",),
     ttft=("vllm:time_to_first_token_seconds",),
     tpot=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    engine_steps=("vllm:iteration_tokens_total_count",),
+    cache_info=("vllm:cache_config_info",),
 )
 
 # sgl-project/sglang python/sglang/srt/metrics/collector.py (SchedulerMetricsCollector, TokenizerMetricsCollector).
@@ -135,6 +152,8 @@ LLAMACPP = EngineMetricNames(
 )
 
 ENGINES: dict[str, EngineMetricNames] = {e.engine: e for e in (VLLM, SGLANG, TGI, LLAMACPP)}
+INFO_METRICS = frozenset(name for e in ENGINES.values() for name in e.cache_info)
+"""Info metrics whose labels are kept (the first series of each); every other metric's labels are summed away."""
 
 
 def engine_title(engine: str | None) -> str:
@@ -161,6 +180,9 @@ class MetricsText:
     model_name: str | None
     engine: str | None = None  # the engine whose metrics fill most of the page
     series: dict[str, int] = field(default_factory=dict)  # label sets summed into each value
+    # The labels of the first series of each of INFO_METRICS on the page: at most MAX_INFO_LABELS of them,
+    # each value printable and at most MAX_LABEL_CHARS long.
+    info: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _engine_of_name(name: str) -> str | None:
@@ -173,8 +195,10 @@ def _engine_of_name(name: str) -> str | None:
 def parse_metrics(text: str) -> MetricsText:
     """Parse the Prometheus text format, keeping the metrics of known engines. Label sets are summed (several
     engines or ranks of one server); lines that do not parse, values that are not finite, and series past
-    :data:`MAX_SERIES` are skipped. Never raises, whatever the page holds."""
+    :data:`MAX_SERIES` are skipped. The labels of an info metric (:data:`INFO_METRICS`) are kept, bounded.
+    Never raises, whatever the page holds."""
     values: dict[str, float] = defaultdict(float)
+    info: dict[str, dict[str, str]] = {}
     series: dict[str, int] = defaultdict(int)
     histograms: dict[str, Histogram] = defaultdict(Histogram)
     per_engine: dict[str, int] = defaultdict(int)
@@ -192,6 +216,10 @@ def parse_metrics(text: str) -> MetricsText:
             continue
         per_engine[engine] += 1
         labels = dict(_LABEL.findall(labels_text)) if labels_text else {}
+        if name in INFO_METRICS and name not in info:
+            info[name] = {
+                key: printable(text, MAX_LABEL_CHARS) for key, text in list(labels.items())[:MAX_INFO_LABELS]
+            }
         if model_name is None:
             # SGLang releases before model_name labelled their metrics with `name`.
             model_name = labels.get("model_name") or (labels.get("name") if engine == "sglang" else None)
@@ -213,7 +241,7 @@ def parse_metrics(text: str) -> MetricsText:
         hist.count = values.pop(base + "_count", 0.0)
     engine = max(per_engine, key=per_engine.__getitem__) if per_engine else None
     model = printable(model_name) if model_name else None
-    return MetricsText(dict(values), dict(histograms), model, engine, dict(series))
+    return MetricsText(dict(values), dict(histograms), model, engine, dict(series), info)
 
 
 def _finite(text: str) -> float | None:
@@ -243,6 +271,32 @@ def _first(page: MetricsText | None, names: tuple[str, ...], *, mean: bool = Fal
             if hist is not None:
                 return hist.total_sum if suffix == "_sum" else hist.count
     return None
+
+
+def _info_label(page: MetricsText, names: tuple[str, ...], label: str) -> str | None:
+    for name in names:
+        if name in page.info:
+            return page.info[name].get(label)
+    return None
+
+
+def _info_count(page: MetricsText, names: tuple[str, ...], label: str, field_name: str) -> int | None:
+    """A positive whole number from an info metric's label, within the range of ``field_name``; None for
+    anything else (vLLM writes "None" where it has not set a value)."""
+    text = _info_label(page, names, label)
+    if text is None or not text.isascii() or not text.isdecimal() or len(text) > 15:
+        return None
+    try:
+        count = int(checked_number(int(text), field_name, int))
+    except BadValue:
+        return None
+    return count or None
+
+
+def _info_word(page: MetricsText, names: tuple[str, ...], label: str) -> str | None:
+    """A short identifier ("auto", "fp8_e4m3") from an info metric's label; None for anything else."""
+    text = _info_label(page, names, label)
+    return text if text is not None and _WORD.fullmatch(text) else None
 
 
 def _hist(page: MetricsText | None, names: tuple[str, ...]) -> Histogram | None:
@@ -374,6 +428,12 @@ def engine_sample(
             tpot_p95_s=tpot[1],
             tpot_p99_s=tpot[2],
             latency_window_s=window_s,
+            steps_per_s=_rate(_first(page, names.engine_steps), _first(prev, names.engine_steps), dt_s)
+            if prev
+            else None,
+            kv_cache_blocks=_info_count(page, names.cache_info, "num_gpu_blocks", "kv_cache_blocks"),
+            kv_block_size_tokens=_info_count(page, names.cache_info, "block_size", "kv_block_size_tokens"),
+            kv_cache_dtype=_info_word(page, names.cache_info, "cache_dtype"),
         )
     )
 
@@ -394,7 +454,7 @@ def _in_range(sample: EngineSample) -> EngineSample:
 
 def _went_backwards(prev: MetricsText, page: MetricsText, names: EngineMetricNames) -> bool:
     """A counter or histogram count that fell: the server restarted, older pages no longer subtract."""
-    for counter in (names.generation_tokens, names.prompt_tokens):
+    for counter in (names.generation_tokens, names.prompt_tokens, names.engine_steps):
         before, now = _first(prev, counter), _first(page, counter)
         if before is not None and now is not None and now < before:
             return True

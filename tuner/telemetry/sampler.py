@@ -16,22 +16,21 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import httpx
 import psutil
 
 from tuner.redact import redact_text, redact_url
 from tuner.telemetry.backend import GpuBackend, GpuLostError
+from tuner.telemetry.bwestimate import apply_estimates
+from tuner.telemetry.dcgm import DcgmReading, DcgmWatcher, apply_dcgm
 from tuner.telemetry.discovery import DiscoveredServer
 from tuner.telemetry.engines import EngineScraper
 from tuner.telemetry.host import HostReader
 from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
+from tuner.telemetry.modelfacts import HF_CACHE_ENV, ModelFacts, facts_from_argv
 from tuner.telemetry.throttle import THROTTLE_SERIES, throttle_flags
-
-if TYPE_CHECKING:
-    from tuner.telemetry.bwestimate import ModelFacts
-    from tuner.telemetry.dcgm import DcgmReading, DcgmWatcher
 
 log = logging.getLogger(__name__)
 
@@ -212,23 +211,24 @@ class EngineWatcher:
         with self._lock:
             return tuple(self._latest.values())
 
-    def facts(self) -> dict[str, ModelFacts]:
-        """What each watched server serves, by URL, where its command line and model files tell."""
+    def facts(self) -> dict[str, ModelFacts | str]:
+        """What each watched server serves, by URL, where its command line and model files tell; else why not
+        (a reason the card shows in place of an estimate)."""
         with self._lock:
-            return {url: facts for url, (_, facts) in self._facts.items() if not isinstance(facts, str)}
+            return {url: facts for url, (_, facts) in self._facts.items()}
 
-    def _learn(self, url: str, argv: tuple[str, ...]) -> None:
+    def _learn(self, url: str, argv: tuple[str, ...], pid: int) -> None:
         """Read the model's facts once per command line (config.json and safetensors headers: file reads, on
-        this thread, never the sampler's)."""
+        this thread, never the sampler's). The server's working directory resolves a relative model path and
+        its Hugging Face cache variables a model id; nothing else of its environment is read."""
         if not self._config.estimate_bandwidth or not argv:
             return
         known = self._facts.get(url)
         if known is not None and known[0] == argv:
             return
+        cwd, env = _cwd_and_cache_env(pid)
         try:
-            from tuner.telemetry.bwestimate import facts_from_argv  # TEMP-GUARD: move out of the try
-
-            facts = facts_from_argv(argv)
+            facts = facts_from_argv(argv, env, cwd)
         except Exception as exc:  # a model directory nobody foresaw costs the estimate, never the monitor
             log.exception("reading the model of %s failed", redact_url(url))
             facts = f"model facts unreadable ({exc})"
@@ -280,10 +280,10 @@ class EngineWatcher:
                     )
                 if url in launched:
                     sample = dataclasses.replace(sample, server_pids=self._trees.get(url))
-                    self._learn(url, launched[url].argv)
+                    self._learn(url, launched[url].argv, launched[url].pid)
                 elif server is not None:
                     sample = dataclasses.replace(sample, server_pids=server.pids)
-                    self._learn(url, getattr(server, "argv", ()))
+                    self._learn(url, server.argv, server.pid)
                 with self._lock:
                     self._latest[url] = sample
             with self._lock:  # a discovered server that went away disappears from the screen
@@ -299,6 +299,18 @@ class EngineWatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
+
+
+def _cwd_and_cache_env(pid: int) -> tuple[str | None, dict[str, str]]:
+    """A server's working directory and the Hugging Face cache variables of its environment (only those: the
+    environment may hold HF_TOKEN); (None, {}) where they cannot be read (another user's process)."""
+    try:
+        process = psutil.Process(pid)
+        cwd = process.cwd()
+        environ = process.environ()
+    except (psutil.Error, OSError):
+        return None, {}
+    return cwd, {key: environ[key] for key in HF_CACHE_ENV if key in environ}
 
 
 def process_tree(pid: int) -> tuple[int, ...]:
@@ -347,8 +359,6 @@ class LiveSource:
         if self.info.state is GpuState.OK and (
             explicit or (self._config.dcgm == "auto" and self.info.source == "nvml")
         ):
-            from tuner.telemetry.dcgm import DcgmWatcher
-
             self._dcgm = DcgmWatcher(self._config.dcgm, watch=self._config.dcgm_watch, clock=self._clock)
             self._dcgm.start()
         return self.info
@@ -389,8 +399,6 @@ class LiveSource:
         """Bandwidth where GPM measured none: DCGM's measurement, else (while a server runs there) the model's
         estimate, kept in its own fields."""
         if dcgm is not None:
-            from tuner.telemetry.dcgm import apply_dcgm
-
             gpus = apply_dcgm(gpus, self.info.gpus, dcgm, now)
         if not self._config.estimate_bandwidth or not engines:
             return gpus
@@ -404,10 +412,6 @@ class LiveSource:
             return gpus
         facts = self._engines.facts()
         if not facts:
-            return gpus
-        try:  # TEMP-GUARD
-            from tuner.telemetry.bwestimate import apply_estimates
-        except ImportError:
             return gpus
         return apply_estimates(gpus, self.info.gpus, engines, facts, self._gpus_of_pid)
 
