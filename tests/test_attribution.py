@@ -14,6 +14,7 @@ from tuner.telemetry import scripted
 from tuner.telemetry.model import GpuInfo, GpuSample, Snapshot
 from tuner.telemetry.nvml import NvmlBackend
 from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+from tuner.tuning.placement import Placement
 from tuner.tuning.points import Load
 from tuner.tuning.runner import MeasurePlan, ServerHooks, TrialRunner
 from tuner.tuning.slo import parse_slo
@@ -118,3 +119,46 @@ def test_the_no_gpu_hint_does_not_blame_cuda_visible_devices() -> None:
 
     hint = HINTS[GpuState.NO_GPU]
     assert "ignores CUDA_VISIBLE_DEVICES" in hint  # NVML sees every GPU whatever that variable says
+
+
+FAKE_VLLM = Path(__file__).resolve().parent / "fakes" / "fake_vllm.py"
+LLAMA_8B_SHAPE = Path(__file__).resolve().parent / "data" / "llama-3.1-8b-shape"
+
+
+def test_a_trial_on_an_l4_without_counters_is_judged_on_the_decode_estimate_labelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An L4 pair with no GPM and no DCGM, whose process lists show nothing (as in a container): the trial's
+    # server is known by what the tuner gave it (GPU 1) and how it started it (the model, for the estimate).
+    monkeypatch.setenv("FAKE_VLLM_STEP_S", "0.04")  # about an L4's pace for an 8B model in 16 bits
+    nvml = scripted.l4(2, processes=[])
+    backend = NvmlBackend(nvml, source="scripted", energy_interval_s=0.0)
+    config = SamplerConfig(
+        discover_vllm=False, interval_s=0.1, slow_every=2, engine_interval_s=0.25, dcgm="off"
+    )
+    sampler = Sampler(LiveSource(backend, config=config))
+    sampler.open()
+    sampler.start()
+    runner = TrialRunner(
+        model=str(LLAMA_8B_SHAPE),
+        slo=parse_slo("ttft=5,tps=1"),
+        plan=MeasurePlan(input_len=16, output_len=16, vocab_size=1000, min_phase_s=2.0, min_requests=8),
+        command=(sys.executable, str(FAKE_VLLM), "serve"),
+        log_dir=tmp_path,
+        sampler=sampler,
+        placement=Placement(gpus=(1,)),
+    )
+    try:
+        with runner.serve("trial", ("--max-num-seqs", "8"), "fake") as session:
+            point = session.measure(Load.users(8), "judged")
+    finally:
+        sampler.stop()
+    evidence = point.evidence
+    assert list(evidence["gpu_indices"]) == [1]
+    assert (
+        evidence["dram_bw_util_pct_mean"] is None and evidence["dram_bw_source"] is None
+    )  # nothing measured
+    # 15 GB of weights a step at ~8 steps/s on a 300 GB/s L4: tens of % of peak, never a made-up 0.
+    assert 20 < evidence["dram_bw_est_pct_mean"] < 120
+    assert point.bound["kind"] != "unknown", point.bound
+    assert "est" in point.bound["reason"].lower(), point.bound

@@ -168,6 +168,9 @@ class LaunchedServer:
     pid: int  # its topmost process; its descendants hold the GPUs
     argv: tuple[str, ...]  # how it was started: the model and dtypes a bandwidth estimate needs
     engine: str = "vllm"
+    gpus: tuple[
+        int, ...
+    ] = ()  # the GPUs it was given (CUDA_VISIBLE_DEVICES), when NVML cannot show its processes
 
 
 class EngineWatcher:
@@ -210,6 +213,17 @@ class EngineWatcher:
     def latest(self) -> tuple[EngineSample, ...]:
         with self._lock:
             return tuple(self._latest.values())
+
+    def launched_gpus(self) -> dict[int, frozenset[int]]:
+        """The GPUs each launched server was given, by its pid (its process and descendants, as last seen)."""
+        with self._lock:
+            launched = dict(self._launched)
+        return {
+            pid: frozenset(server.gpus)
+            for url, server in launched.items()
+            if server.gpus
+            for pid in self._trees.get(url, (server.pid,))
+        }
 
     def facts(self) -> dict[str, ModelFacts | str]:
         """What each watched server serves, by URL, where its command line and model files tell; else why not
@@ -413,7 +427,11 @@ class LiveSource:
         facts = self._engines.facts()
         if not facts:
             return gpus
-        return apply_estimates(gpus, self.info.gpus, engines, facts, self._gpus_of_pid)
+        held = {
+            **self._gpus_of_pid,
+            **self._engines.launched_gpus(),
+        }  # what the tuner gave wins over NVML's view
+        return apply_estimates(gpus, self.info.gpus, engines, facts, held)
 
     def next_delay_s(self) -> float:
         return self._config.interval_s

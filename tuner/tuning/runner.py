@@ -210,8 +210,11 @@ class TrialRunner:
             raise
         self.emit(ev.ServerReady(key, server.url, server.startup_s or 0.0, server.pid))
         assert self.engines is not None
+        gpus = placement.gpus if placement is not None else ()
         launched = (
-            LaunchedServer(server.pid, tuple(server.argv)) if server.pid is not None and server.argv else None
+            LaunchedServer(server.pid, tuple(server.argv), gpus=gpus)
+            if server.pid is not None and server.argv
+            else None
         )
         self.engines.add(server.url, launched)
         try:
