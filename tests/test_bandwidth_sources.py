@@ -26,6 +26,7 @@ from helpers import FixedHost, prime, scripted_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from tui.widgets.gpu_card import GpuCard
+from tui.widgets.host_bar import HostBar
 from tuner.measure import BoundKind, Evidence, classify_bound
 from tuner.telemetry import scripted
 from tuner.telemetry.exporter import Exporter
@@ -87,13 +88,15 @@ async def test_the_card_names_dcgm_and_the_duty_cycles_stay_duty_cycles(l4_page:
     app = scripted_app(
         scripted.l4(2, clock=clock), clock, config=SamplerConfig(discover_vllm=False, dcgm=l4_page)
     )
-    async with app.run_test(size=(110, 30)) as pilot:
+    async with app.run_test(size=(200, 30)) as pilot:
         prime(app, clock, ticks=2)
         snap = _until_dcgm(app.sampler, clock)
         app.monitor.show_snapshot(snap)
         await pilot.pause()
         text = text_of(app.monitor.query(GpuCard).first())
+        host = text_of(app.monitor.query_one(HostBar))
     first_line = text.splitlines()[0]
+    assert "DCGM" in host and "dcgm-exporter" in host  # where the figures come from, on the host's line
     assert first_line.startswith("DRAM BW") and "62%" in first_line and "DCGM" in first_line
     assert "186 GB/s" in first_line
     assert "via DCGM" in text and "n/a (no GPM" not in text

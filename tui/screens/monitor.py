@@ -126,6 +126,7 @@ class MonitorScreen(Screen[None]):
             self.query_one(StatusBar).replay_position_s = snap.extra["replay_position_s"]
         if snap.host is not None:
             host = self.query_one(HostBar)
+            host.dcgm_status = snap.dcgm_status
             host.show(snap.host, self.history.host_cpu_series())
         for sample in snap.gpus:
             card = self.cards.get(sample.index)

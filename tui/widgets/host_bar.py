@@ -1,4 +1,5 @@
-"""One line about the host: CPU, RAM and load, so a starved CPU is never mistaken for a slow GPU."""
+"""One line about the host: CPU, RAM and load, so a starved CPU is never mistaken for a slow GPU; then DCGM, where
+it runs (what it gives the GPU cards, or why nothing)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ class HostBar(Widget):
     sample: reactive[HostSample | None] = reactive(None)
     """The latest host reading."""
 
+    dcgm_status: reactive[str | None] = reactive(None)
+    """DCGM as the sampler finds it (where bandwidth on GPUs without GPM comes from, or why not); None: no DCGM."""
+
     cpu_history: list[float | None]
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.cpu_history = []
+
+    def watch_dcgm_status(self, status: str | None) -> None:
+        self.tooltip = status  # in full: the line may cut it
 
     def show(self, sample: HostSample, cpu_history: list[float | None]) -> None:
         self.cpu_history = cpu_history
@@ -45,5 +52,8 @@ class HostBar(Widget):
         if s.load_avg_1m is not None:
             line.append("  load ", style="dim")
             line.append(" ".join(fmt.number(v, 2) for v in (s.load_avg_1m, s.load_avg_5m, s.load_avg_15m)))
+        if self.dcgm_status:
+            line.append("  DCGM ", style="dim")
+            line.append(self.dcgm_status.removeprefix("DCGM ").removeprefix("DCGM: "))  # text, never markup
         line.truncate(max(1, self.size.width))
         return line
