@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 
 from tuner.telemetry.foreign import BadValue, checked_number, printable
 from tuner.telemetry.model import EngineSample, GpuInfo, GpuSample
-from tuner.telemetry.modelfacts import ModelFacts, facts_for, facts_from_argv
+from tuner.telemetry.modelfacts import ModelFacts, facts_for
+from tuner.telemetry.vllmargs import facts_from_argv
 
 __all__ = ["DecodeEstimate", "ModelFacts", "apply_estimates", "estimate", "facts_for", "facts_from_argv"]
 

@@ -29,8 +29,9 @@ from tuner.telemetry.discovery import DiscoveredServer
 from tuner.telemetry.engines import EngineScraper
 from tuner.telemetry.host import HostReader
 from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
-from tuner.telemetry.modelfacts import HF_CACHE_ENV, ModelFacts, facts_from_argv
+from tuner.telemetry.modelfacts import HF_CACHE_ENV, ModelFacts
 from tuner.telemetry.throttle import THROTTLE_SERIES, throttle_flags
+from tuner.telemetry.vllmargs import facts_from_argv
 
 log = logging.getLogger(__name__)
 
