@@ -312,6 +312,94 @@ async def tune_node_screenshots() -> None:
             _save(app, name)
 
 
+async def sources_screenshot(name: str, size: tuple[int, int], wait_s: float = 10.0) -> None:
+    """Three SIMULATED L4s, one per source of DRAM bandwidth, through the real sampler, readers and app: GPU 0
+    read from a dcgm-exporter page in its real format (tests/fakes/dcgm_exporter_page.py, on loopback); GPU 1
+    running the stand-in vLLM (tests/fakes/fake_vllm.py) on the Llama-3.1-8B shape, kept busy by 8 streams, so
+    the decode-traffic estimate applies; GPU 2 with neither (n/a)."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    import httpx
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from fakes.dcgm_exporter_page import exporter_page, l4_gpus, serving_page
+
+    from tui.app import make_app
+    from tuner.telemetry import scripted
+    from tuner.telemetry.host import HostReader
+    from tuner.telemetry.sampler import LaunchedServer, LiveSource, SamplerConfig
+
+    model = REPO / "tests" / "data" / "llama-3.1-8b-shape"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        sys.executable,
+        str(REPO / "tests" / "fakes" / "fake_vllm.py"),
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        [*argv, "--max-num-seqs", "8"], start_new_session=True, stdout=subprocess.DEVNULL,
+        env={**os.environ, "FAKE_VLLM_STEP_S": "0.07"},
+    )  # fmt: skip
+    url, stop = f"http://127.0.0.1:{port}", threading.Event()
+
+    def stream() -> None:
+        body = {"model": str(model), "prompt": "x", "max_tokens": 400, "stream": True}
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                with (
+                    contextlib.suppress(httpx.HTTPError),
+                    client.stream("POST", f"{url}/v1/completions", json=body),
+                ):
+                    stop.wait(5.0)
+
+    try:
+        while httpx.get(f"{url}/health", timeout=1).status_code != 200:  # up in well under a second
+            time.sleep(0.1)
+    except httpx.HTTPError:
+        time.sleep(0.5)
+    for _ in range(8):
+        threading.Thread(target=stream, daemon=True).start()
+    clock = scripted.ManualClock()
+    nvml = scripted.l4(3, clock=clock, processes=[scripted.FakeProcess(server.pid, 1, 20 * 2**30)])
+    try:
+        with serving_page(exporter_page(l4_gpus(1))) as page:
+            config = SamplerConfig(discover_vllm=False, dcgm=page.url, engine_interval_s=0.5)
+            source = LiveSource(
+                scripted.scripted_backend(nvml), config=config, host=HostReader(), clock=clock
+            )
+            app = make_app(config=config, source=source, autostart=False)
+            async with app.run_test(size=size) as pilot:
+                app.monitor.show_system(app.sampler.open())
+                source.set_engine_urls(
+                    [url], {url: LaunchedServer(server.pid, ("vllm", "serve", str(model)))}
+                )
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline:  # real time: DCGM and the server are read on their threads
+                    clock.advance(0.25)
+                    snap = app.sampler.tick()
+                    await pilot.pause(0.05)
+                assert snap is not None
+                app.monitor.show_snapshot(snap)
+                await pilot.pause(0.3)
+                _save(app, name)
+                app.sampler.stop()
+    finally:
+        stop.set()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+
+
 async def _until(pilot: Pilot[Any], condition: Any, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -331,6 +419,11 @@ def main() -> int:
     parser.add_argument(
         "--tune-node", action="store_true", help="only the tuner on a scripted 8-GPU node, trials in parallel"
     )
+    parser.add_argument(
+        "--sources",
+        action="store_true",
+        help="only three L4s, one per source of DRAM bandwidth (DCGM, est., n/a)",
+    )
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     parser.add_argument(
         "--live", type=Path, metavar="DIR", help="only: the live monitor now, to DIR/monitor.svg"
@@ -348,6 +441,9 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     if args.tune_node:
         asyncio.run(tune_node_screenshots())
+        return 0
+    if args.sources:
+        asyncio.run(sources_screenshot("monitor-l4-bandwidth-sources-110x46", (110, 46)))
         return 0
     if args.fleet:
         asyncio.run(fleet_screenshots())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fakes.dcgm_exporter_page import exporter_page, h100_gpu, l4_gpus, serving_page
+from fakes.dcgm_exporter_page import a100_gpu, exporter_page, h100_gpu, l4_gpus, serving_page
 from helpers import FixedHost, prime, scripted_app
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -100,6 +100,36 @@ async def test_the_card_names_dcgm_and_the_duty_cycles_stay_duty_cycles(l4_page:
     assert first_line.startswith("DRAM BW") and "62%" in first_line and "DCGM" in first_line
     assert "186 GB/s" in first_line
     assert "via DCGM" in text and "n/a (no GPM" not in text
+
+
+def test_an_a100_with_dcgm_shows_its_bandwidth_on_its_own_peak() -> None:
+    clock = scripted.ManualClock()
+    with serving_page(exporter_page([a100_gpu(0, dram_active=0.35)])) as server:
+        sampler = Sampler(_source(scripted.a100_80gb(1, clock=clock), clock, server.url))
+        sampler.open()
+        try:
+            snap = _until_dcgm(sampler, clock)
+        finally:
+            sampler.stop()
+    gpu = snap.gpus[0]
+    peak = sampler.info.gpus[0].peak_dram_bw_gbps
+    assert peak is not None and peak > 1500  # the A100 80GB SXM's HBM2e, not the L4's GDDR6
+    assert gpu.dram_bw_util_pct == pytest.approx(35.0) and gpu.dram_bw_gbps == pytest.approx(0.35 * peak)
+
+
+@pytest.mark.parametrize("machine", [scripted.l4, scripted.a100_80gb])
+async def test_without_dcgm_or_a_server_the_card_says_na_and_why(machine) -> None:  # type: ignore[no-untyped-def]
+    clock = scripted.ManualClock()
+    app = scripted_app(machine(1, clock=clock), clock, config=SamplerConfig(discover_vllm=False, dcgm="off"))
+    async with app.run_test(size=(110, 30)) as pilot:
+        prime(app, clock, ticks=8)
+        await pilot.pause()
+        text = text_of(app.monitor.query_one(GpuCard))
+    assert "DRAM BW n/a (no GPM, no DCGM)" in text
+    assert (
+        text.splitlines()[0].startswith("Mem busy") and "duty cycle, not BW" in text
+    )  # named for what it is
+    assert "est." not in text and "DCGM " not in text
 
 
 def test_a_hopper_whose_gpm_dcgm_holds_shows_dcgms_values() -> None:

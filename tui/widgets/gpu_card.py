@@ -168,13 +168,21 @@ class GpuCard(Widget):
     def _spark_width(self, width: int) -> int:
         return min(SPARK_MAX_W, width - LABEL_W - VALUE_W - 1)
 
-    def _row(self, label: str, value: Text, series: str | None, hi: float | None, width: int) -> Text:
+    def _row(
+        self,
+        label: str,
+        value: Text,
+        series: str | None,
+        hi: float | None,
+        width: int,
+        spark_style: str = "cyan",
+    ) -> Text:
         line = Text(label.ljust(LABEL_W), style="dim")
         value.truncate(VALUE_W, pad=True)
         line.append_text(value)
         spark_w = self._spark_width(width)
         if series and spark_w >= 6:
-            line.append(" " + self._spark(series, spark_w, hi), style="cyan")
+            line.append(" " + self._spark(series, spark_w, hi), style=spark_style)
         return line
 
     def _gauge_row(self, label: str, value: Text, fraction: float | None, width: int) -> Text:
@@ -205,7 +213,7 @@ class GpuCard(Widget):
                 (fmt.gbps(s.dram_bw_est_gbps), "italic"),
                 ("  est.", "yellow"),
             )
-            lines.append(self._row("DRAM BW", value, "dram_bw_est_pct", 100.0, width))
+            lines.append(self._row("DRAM BW", value, "dram_bw_est_pct", 100.0, width, spark_style="yellow"))
             value = Text.assemble((fmt.pct(s.mem_busy_pct).rjust(4), "bold"), ("  duty cycle, not BW", "dim"))
             lines.append(self._row("Mem busy", value, "mem_busy_pct", 100.0, width))
         else:
