@@ -309,7 +309,8 @@ def test_l4s_get_dcgm_bandwidth_from_the_page() -> None:
     assert [s.dram_bw_util_pct for s in out] == [pytest.approx(62.0), pytest.approx(63.0)]
     assert out[0].dram_bw_gbps == pytest.approx(0.62 * 300)  # the L4's datasheet peak
     assert out[1].sm_active_pct == pytest.approx(42.0) and out[1].tensor_active_pct == pytest.approx(23.0)
-    assert out[0].profiling_source == "dcgm" and out[0].profiling_age_s == pytest.approx(2.0)
+    # Read 2 s ago from a page that gives no sample times: at most 2 s + one 30 s interval old.
+    assert out[0].profiling_source == "dcgm" and out[0].profiling_age_s == pytest.approx(32.0)
     # PCIe: NVML's own figure stays where it has one; DCGM's fills it only where NVML left None.
     expected_tx = samples[0].pcie_tx_bytes_per_s if samples[0].pcie_tx_bytes_per_s is not None else 1234
     assert out[0].pcie_tx_bytes_per_s == expected_tx

@@ -27,7 +27,7 @@ from tuner.outputs import OutputError, write_private
 from tuner.serving.launcher import LaunchError, ServerSpec, VllmServer
 from tuner.telemetry.model import GpuState, SystemInfo
 from tuner.telemetry.nvml import NvmlBackend
-from tuner.telemetry.sampler import LiveSource, Sampler, SamplerConfig
+from tuner.telemetry.sampler import LaunchedServer, LiveSource, Sampler, SamplerConfig
 
 # When neither the model's files nor the server tell the vocabulary: ids below 1000 are valid in every real
 # tokenizer (tiny test models have 259 and up, and say so in their config.json).
@@ -253,6 +253,10 @@ def run_bench(
                 status(f"workload {workload.describe()}")
             plan = dataclasses.replace(plan, workload=workload)
         sampler = make_sampler(endpoint, with_gpus=with_gpus)
+        if server is not None and server.pid is not None and isinstance(sampler.source, LiveSource):
+            # The server bench launched: its processes and model, for the decode estimate where nothing
+            # measures the bandwidth (its GPUs from NVML's process lists).
+            sampler.source.set_engine_urls([endpoint], {endpoint: LaunchedServer(server.pid, server.argv)})
         report.system = sampler.open()
         if report.system.state is not GpuState.OK:
             status(f"no GPU telemetry: {report.system.message}")

@@ -119,7 +119,8 @@ def _engine_metrics(engine: Engine, model: str, kv_cache_dtype: str) -> str:
     """vllm:iteration_tokens_total and vllm:cache_config_info as vLLM writes them: one series per engine (label
     ``engine``; data-parallel ranks step together, so each counts every step), labels in alphabetical order."""
     name = model.replace("\\", "\\\\").replace('"', '\\"')
-    blocks = engine.max_seqs // engine.ranks * 4096 // KV_BLOCK_TOKENS  # each sequence may reach 4096 tokens
+    # Each sequence may reach 4096 tokens; vLLM writes the engines' blocks summed on every engine's series.
+    blocks = engine.max_seqs * 4096 // KV_BLOCK_TOKENS
     lines = [
         "# HELP vllm:iteration_tokens_total Histogram of number of tokens per engine_step.",
         "# TYPE vllm:iteration_tokens_total histogram",

@@ -39,9 +39,9 @@ HELP = """\
 - **DRAM BW** — real DRAM bandwidth: % of the GPU's peak, and GB/s (10⁹ bytes/s) = % × peak. Decode is
   memory-bound, so this is the number that says how hard inference works the GPU. Three sources, each named:
   - **GPM** (NVML, Hopper and newer): measured, every reading.
-  - **DCGM** (`DCGM` on the card, `via DCGM n s old` below): DCGM's profiling counter "DRAM active", read from a
-    local nv-hostengine or dcgm-exporter (`--dcgm`). Measured on A100, L4 and Hopper alike, but sampled by
-    DCGM at its own interval (dcgm-exporter: every 30 s by default), so it lags.
+  - **DCGM** (`DCGM` on the card; below, `via DCGM ≤n s old`: how old it may be): DCGM's profiling counter
+    "DRAM active", read from a local nv-hostengine or dcgm-exporter (`--dcgm`). Measured on A100, L4 and
+    Hopper alike, but sampled by DCGM at its own interval (dcgm-exporter: every 30 s by default), so it lags.
   - **est.** (italic, yellow): an ESTIMATE, not a measurement, while an inference server runs on the GPU and
     nothing measures it: the bytes its decode steps must read (weights per GPU + the KV cache in use) × its
     step rate. It counts no activations, prefill or writes, so it reads below the counters (BENCHMARKS.md).

@@ -153,7 +153,7 @@ class GpuCard(Widget):
         if s is None or s.error:
             self.tooltip = None
         elif s.profiling_source == "dcgm":
-            age = f", {s.profiling_age_s:.0f} s old" if s.profiling_age_s is not None else ""
+            age = f", at most {s.profiling_age_s:.0f} s old" if s.profiling_age_s is not None else ""
             self.tooltip = f"DRAM BW, SM and tensor active measured by DCGM's profiling counters{age}"
         elif s.profiling_source == "gpm":
             self.tooltip = "DRAM BW, SM and tensor active measured by GPM (NVML)"
@@ -244,8 +244,8 @@ class GpuCard(Widget):
         line = Text()
         if s.profiling_source == "dcgm":
             line.append("via DCGM", style="dim")
-            if s.profiling_age_s is not None:
-                line.append(f" {s.profiling_age_s:.0f} s old", style="dim")
+            if s.profiling_age_s is not None:  # at most this old: DCGM samples at its own interval
+                line.append(f" ≤{s.profiling_age_s:.0f} s old", style="dim")
             line.append("  util ", style="dim")
             line.append(fmt.pct(s.gpu_util_pct), style="bold")
             line.append("  mem busy ", style="dim")
@@ -256,6 +256,12 @@ class GpuCard(Widget):
             line.append("est.: decode reads, not measured", style="yellow")
             line.append("  util ", style="dim")
             line.append(fmt.pct(s.gpu_util_pct), style="bold")
+            line.append("  temp ", style="dim")
+            return self._temps(line, s)
+        if s.dram_bw_est_basis and s.dram_bw_est_pct is None and not self._measured(s):
+            # A server runs here but its traffic cannot be estimated: say why, not just n/a.
+            line.append("DRAM BW n/a, ", style="dim")
+            line.append(s.dram_bw_est_basis, style="yellow")
             line.append("  temp ", style="dim")
             return self._temps(line, s)
         if not self.info.gpm_supported:

@@ -73,7 +73,8 @@ def estimate(facts: ModelFacts, engine: EngineSample) -> DecodeEstimate | str:
         tokens_in_use = min(usage, 100.0) / 100.0 * engine.kv_cache_blocks * engine.kv_block_size_tokens
         # Each rank holds its KV heads' share (all of one head when heads < TP) of its stage's layers, and
         # with pipeline parallelism a step carries 1/PP of the running sequences.
-        kv = tokens_in_use * per_token / (min(tp, facts.kv_heads) * pp) / pp
+        # vLLM sums the KV blocks of its data-parallel engines (core_client.py), each engine on its own GPUs.
+        kv = tokens_in_use * per_token / (min(tp, facts.kv_heads) * pp) / pp / facts.data_parallel
     per_engine = " per engine" if facts.data_parallel > 1 else ""
     if steps > 0:
         basis = f"{_size(weights)} weights + {_size(kv)} KV per step x {steps:.0f} steps/s{per_engine}{how} (est.)"

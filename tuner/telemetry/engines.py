@@ -79,8 +79,9 @@ class EngineMetricNames:
 # so its _count's rate is steps/s, summed over data-parallel engines (label `engine`). With --api-server-count
 # above 1 each API server observes the steps that carried its requests, so one step may count once per API server
 # (vLLM's own TODO at the histogram). Steps that only advance a chunked prefill make no output and no count.
-# cache_config_info is an info gauge (value 1) whose labels are CacheConfig.metrics_info(): num_gpu_blocks (per
-# engine; each rank holds that many blocks of its own KV heads), block_size, cache_dtype...
+# cache_config_info is an info gauge (value 1) whose labels are CacheConfig.metrics_info(): num_gpu_blocks (summed
+# over the server's data-parallel engines, vllm/v1/engine/core_client.py, and the same total on every engine's
+# series; each TP rank holds that many blocks of its own KV heads), block_size, cache_dtype...
 VLLM = EngineMetricNames(
     engine="vllm",
     title="vLLM",

@@ -93,7 +93,7 @@ class GpuSample:
     sm_occupancy_pct: float | None = None  # warps resident vs maximum
     tensor_active_pct: float | None = None  # any tensor pipe active
     profiling_source: str | None = None  # "gpm" or "dcgm": where the five figures above came from
-    profiling_age_s: float | None = None  # DCGM: how old its values were when read (it samples on its own)
+    profiling_age_s: float | None = None  # DCGM: how old its values may be, at most (it samples on its own)
     power_w: float | None = None
     power_limit_w: float | None = None
     energy_counter_j: float | None = None  # energy since the driver loaded; read at most once a second
@@ -119,9 +119,8 @@ class GpuSample:
     # while a server runs on the GPU and nothing measured the bandwidth; kept apart from the measured fields.
     dram_bw_est_gbps: float | None = None
     dram_bw_est_pct: float | None = None  # the estimate as % of the GPU's peak
-    dram_bw_est_basis: str | None = (
-        None  # how it was made, for people: "8.0 GB weights + 2.7 GB KV x 120 steps/s"
-    )
+    # How it was made, for people ("8.0 GB weights + 2.7 GB KV x 120 steps/s"), or why a server here has none.
+    dram_bw_est_basis: str | None = None
     error: str | None = None
 
     @property
@@ -197,9 +196,9 @@ class EngineSample:
     # What a decode-traffic estimate needs from the server itself (vLLM: vllm:iteration_tokens_total's count
     # rate, vllm:cache_config_info's labels). None where the engine does not publish them.
     steps_per_s: float | None = None  # engine steps (forward passes) per second over the last interval
-    kv_cache_blocks: int | None = (
-        None  # KV cache blocks per engine (per rank: each rank holds its heads' share)
-    )
+    # KV cache blocks: summed over a server's data-parallel engines (as vLLM sums them); each TP rank holds that
+    # many blocks of its own KV heads.
+    kv_cache_blocks: int | None = None
     kv_block_size_tokens: int | None = None  # tokens per KV cache block
     kv_cache_dtype: str | None = None  # the engine's KV cache dtype as it names it ("auto", "fp8", ...)
 

@@ -49,6 +49,8 @@ GPU_SERIES = (
     "gpu_temp_c",
     "time_s",  # when each reading was taken: how many seconds a window of readings covers
 )
+FACTS_RETRY_S = 30.0
+"""A server whose model could not be read is read again this much later (a model still downloading)."""
 ENGINE_SERIES = ("generation_tokens_per_s", "requests_running", "requests_waiting", "kv_cache_usage_pct")
 
 
@@ -66,12 +68,10 @@ class SamplerConfig:
     # DCGM's profiling counters where GPM gives no bandwidth (L4, A100; a Hopper whose counters DCGM holds):
     # "auto" finds a local nv-hostengine or dcgm-exporter, "off", a dcgm-exporter URL, or "hostengine[:HOST:PORT]".
     dcgm: str = "auto"
-    dcgm_watch: bool = (
-        False  # ask DCGM to watch the fields it does not (changes its sampling for every reader)
-    )
-    estimate_bandwidth: bool = (
-        True  # a labelled model estimate where nothing measures it (tuner.telemetry.bwestimate)
-    )
+    # Ask DCGM to watch the fields it does not (changes its sampling for every reader).
+    dcgm_watch: bool = False
+    # A labelled model estimate where nothing measures the bandwidth (tuner.telemetry.bwestimate).
+    estimate_bandwidth: bool = True
 
 
 class SnapshotSource(Protocol):
@@ -188,12 +188,11 @@ class EngineWatcher:
         self._scrapers: dict[str, EngineScraper] = {}
         self._latest: dict[str, EngineSample] = {}
         self._launched: dict[str, LaunchedServer] = {}
-        self._trees: dict[
-            str, tuple[int, ...]
-        ] = {}  # launched URL -> its process and descendants (this thread's)
-        self._facts: dict[
-            str, tuple[tuple[str, ...], ModelFacts | str]
-        ] = {}  # url -> (argv, facts or why not)
+        # A launched server's URL -> its process and descendants (written on this watcher's thread, under _lock).
+        self._trees: dict[str, tuple[int, ...]] = {}
+        # A server's URL -> (its argv, its model's facts or why not, when they were read: a failed read is tried
+        # again, as a model still downloading appears later).
+        self._facts: dict[str, tuple[tuple[str, ...], ModelFacts | str, float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="infertop-engines", daemon=True)
@@ -218,19 +217,21 @@ class EngineWatcher:
     def launched_gpus(self) -> dict[int, frozenset[int]]:
         """The GPUs each launched server was given, by its pid (its process and descendants, as last seen)."""
         with self._lock:
-            launched = dict(self._launched)
+            launched, trees = dict(self._launched), dict(self._trees)
         return {
             pid: frozenset(server.gpus)
             for url, server in launched.items()
             if server.gpus
-            for pid in self._trees.get(url, (server.pid,))
+            for pid in trees.get(url, (server.pid,))
         }
 
     def facts(self) -> dict[str, ModelFacts | str]:
         """What each watched server serves, by URL, where its command line and model files tell; else why not
         (a reason the card shows in place of an estimate)."""
         with self._lock:
-            return {url: facts for url, (_, facts) in self._facts.items()}
+            return {
+                redact_url(url): facts for url, (_, facts, _) in self._facts.items()
+            }  # as samples name it
 
     def _learn(self, url: str, argv: tuple[str, ...], pid: int) -> None:
         """Read the model's facts once per command line (config.json and safetensors headers: file reads, on
@@ -239,7 +240,10 @@ class EngineWatcher:
         if not self._config.estimate_bandwidth or not argv:
             return
         known = self._facts.get(url)
-        if known is not None and known[0] == argv:
+        read_again = (
+            known is not None and isinstance(known[1], str) and time.monotonic() - known[2] >= FACTS_RETRY_S
+        )
+        if known is not None and known[0] == argv and not read_again:
             return
         cwd, env = _cwd_and_cache_env(pid)
         try:
@@ -248,7 +252,7 @@ class EngineWatcher:
             log.exception("reading the model of %s failed", redact_url(url))
             facts = f"model facts unreadable ({exc})"
         with self._lock:
-            self._facts[url] = (argv, facts)
+            self._facts[url] = (argv, facts, time.monotonic())
 
     def _servers(self, last_discovery: list[float], discovered: dict[str, DiscoveredServer]) -> list[str]:
         """The URLs to read this round. ``discovered`` is refreshed every ``discover_every_s``: servers found on
@@ -266,11 +270,14 @@ class EngineWatcher:
 
                 discovered.update((s.url, s) for s in discover_servers())
             last_discovery[0] = now
-        for url in [u for u in self._trees if u not in launched]:
-            del self._trees[url]  # the tuner stopped that server
+        with self._lock:
+            trees = dict(self._trees)
+        trees = {u: pids for u, pids in trees.items() if u in launched}  # the tuner stopped the others
         for url, server in launched.items():
-            if due or url not in self._trees:
-                self._trees[url] = process_tree(server.pid)
+            if due or url not in trees:
+                trees[url] = process_tree(server.pid)
+        with self._lock:
+            self._trees = trees
         return fixed + [u for u in discovered if u not in fixed]
 
     def _run(self) -> None:
@@ -294,7 +301,9 @@ class EngineWatcher:
                         url=shown, time_s=time.time(), error=redact_text(f"unreadable /metrics ({exc})")
                     )
                 if url in launched:
-                    sample = dataclasses.replace(sample, server_pids=self._trees.get(url))
+                    with self._lock:
+                        tree = self._trees.get(url)
+                    sample = dataclasses.replace(sample, server_pids=tree)
                     self._learn(url, launched[url].argv, launched[url].pid)
                 elif server is not None:
                     sample = dataclasses.replace(sample, server_pids=server.pids)
@@ -428,6 +437,10 @@ class LiveSource:
         facts = self._engines.facts()
         if not facts:
             return gpus
+        # A reading the engine thread has not renewed for a while (a slow model directory, a stuck server) is
+        # no step rate of now. Engine readings carry wall-clock times, whatever clock the sampler keeps.
+        fresh_s, wall_s = max(3 * self._config.engine_interval_s, 5.0), time.time()
+        engines = tuple(e for e in engines if wall_s - e.time_s <= fresh_s)
         held = {
             **self._gpus_of_pid,
             **self._engines.launched_gpus(),

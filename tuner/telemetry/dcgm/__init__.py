@@ -100,10 +100,13 @@ def stale_after_s(reading: DcgmReading) -> float:
 
 
 def dcgm_age_s(reading: DcgmReading, values: DcgmGpuValues, now_s: float) -> float:
-    """How old ``values`` are at ``now_s``: since DCGM sampled them where it says, else since infertop read
-    them (dcgm-exporter gives no times: its values may be up to one interval older than that)."""
-    at_s = values.sampled_at_s if values.sampled_at_s is not None else reading.time_s
-    return max(0.0, now_s - at_s)
+    """How old ``values`` may be at ``now_s``, at most: since DCGM sampled them where it says (hostengine
+    timestamps); else (dcgm-exporter gives no times) since infertop read the page plus one of DCGM's sampling
+    intervals, where it is known. An upper bound is what a reader needs: the tuner drops a reading that may
+    come from before its phase began (tuner.measure)."""
+    if values.sampled_at_s is not None:
+        return max(0.0, now_s - values.sampled_at_s)
+    return max(0.0, now_s - reading.time_s) + (reading.interval_s or 0.0)
 
 
 def apply_dcgm(
@@ -117,7 +120,9 @@ def apply_dcgm(
     filled only where NVML left them None."""
     if reading is None or not reading.gpus:
         return gpus
-    whole = [v for v in reading.gpus if v.gpu_instance_id is None and v.has_values()]
+    # DRAM active is the figure DCGM stands in for: without it, a GPU's other DCGM fields (PCIe bytes alone) do
+    # not make its card read as measured.
+    whole = [v for v in reading.gpus if v.gpu_instance_id is None and v.dram_active is not None]
     by_uuid = {v.uuid: v for v in whole if v.uuid}
     by_index = {v.index: v for v in whole if not v.uuid and v.index is not None}
     uuid_of = {info.index: info.uuid for info in infos}

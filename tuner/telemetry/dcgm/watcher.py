@@ -138,7 +138,9 @@ class DcgmWatcher:
         return found
 
     def _forget_if_failing(self, now_s: float, reading: DcgmReading) -> None:
-        if reading.error is None:
+        """Look again after ``rediscover_s`` of errors, or of readings with no values (a hostengine that watches
+        nothing, an exporter without the DCP set): a dcgm-exporter started since may give them."""
+        if reading.error is None and any(g.has_values() for g in reading.gpus):
             self._failing_since_s = None
         elif self._failing_since_s is None:
             self._failing_since_s = now_s
@@ -174,7 +176,11 @@ class DcgmWatcher:
         for proc in self._processes():
             if proc.name == "dcgm-exporter":
                 own_url, interval_s, note = exporter_settings(proc)
-                if httpx.URL(own_url).port == httpx.URL(url).port:
+                try:  # its -a may name an address no URL can hold ('[zz]:9400'): that exporter is not this one
+                    same = httpx.URL(own_url).port == httpx.URL(url).port
+                except httpx.InvalidURL:
+                    continue
+                if same:
                     return interval_s, note
         return None, ""
 
@@ -194,7 +200,12 @@ class DcgmWatcher:
         answered: tuple[Source, DcgmReading] | None = None
         failed: DcgmReading | None = None
         for spec, interval in candidates:
-            made = self._make(spec, interval)
+            try:
+                made = self._make(spec, interval)
+            except (httpx.InvalidURL, ValueError) as exc:  # an address from another process's flags
+                if answered is None and failed is None:
+                    failed = DcgmReading(now_s, _via(spec), None, (), f"{_via(spec)}: {exc}", str(exc))
+                continue
             if isinstance(made, str):
                 if engines and failed is None:  # a hostengine runs, but infertop cannot speak to it
                     failed = DcgmReading(
