@@ -747,9 +747,10 @@ def test_a_real_vllm_publishes_what_the_estimate_needs(vllm_server: Any, tiny_mo
     assert before.kv_cache_blocks == after.kv_cache_blocks
     assert after.steps_per_s is not None and after.generation_tokens_per_s is not None
     # One count per engine step, not per token: 8 overlapping requests of 200 tokens take at least 200 steps and
-    # far fewer than the 1,600 tokens they make.
+    # fewer than the 1,600 tokens they make (a count per token would be 1,600 exactly). How much they overlap
+    # depends on this 2-core machine: one run here batched 2 a step on average (803 steps), others 4-8.
     steps = after.steps_per_s / after.generation_tokens_per_s * users * tokens
-    assert tokens <= steps < users * tokens / 2
+    assert tokens <= steps < 0.9 * users * tokens
     found = facts_from_argv(["vllm", "serve", str(tiny_model_dir)])
     assert isinstance(found, ModelFacts)
     assert isinstance(estimate(found, after), DecodeEstimate)
