@@ -144,7 +144,8 @@ def _environ(pid: int, engine: str) -> dict[str, str]:
         return {}
 
 
-def _tree(pid: int) -> tuple[int, ...]:
+def process_tree(pid: int) -> tuple[int, ...]:
+    """A process and its descendants (a server's GPU workers are its children); just ``pid`` when gone."""
     try:
         return (pid, *(c.pid for c in psutil.Process(pid).children(recursive=True)))
     except psutil.Error:
@@ -195,7 +196,7 @@ def discover_servers() -> list[DiscoveredServer]:
         if url not in found:
             argv = tuple(a if len(a) <= MAX_ARG_CHARS else "" for a in root.cmdline[:MAX_ARGV])
             found[url] = DiscoveredServer(
-                url=url, engine=root.engine, pid=root.pid, pids=_tree(root.pid), argv=argv
+                url=url, engine=root.engine, pid=root.pid, pids=process_tree(root.pid), argv=argv
             )
     return list(found.values())
 

@@ -25,7 +25,7 @@ from tuner.redact import redact_text, redact_url
 from tuner.telemetry.backend import GpuBackend, GpuLostError
 from tuner.telemetry.bwestimate import apply_estimates
 from tuner.telemetry.dcgm import DcgmReading, DcgmWatcher, apply_dcgm
-from tuner.telemetry.discovery import DiscoveredServer
+from tuner.telemetry.discovery import DiscoveredServer, process_tree
 from tuner.telemetry.engines import EngineScraper
 from tuner.telemetry.host import HostReader
 from tuner.telemetry.model import EngineSample, GpuSample, GpuState, Snapshot, SystemInfo
@@ -335,14 +335,6 @@ def _cwd_and_cache_env(pid: int) -> tuple[str | None, dict[str, str]]:
     except (psutil.Error, OSError):
         return None, {}
     return cwd, {key: environ[key] for key in HF_CACHE_ENV if key in environ}
-
-
-def process_tree(pid: int) -> tuple[int, ...]:
-    """A process and its descendants (a vLLM server's GPU workers are its children); just ``pid`` when gone."""
-    try:
-        return (pid, *(c.pid for c in psutil.Process(pid).children(recursive=True)))
-    except psutil.Error:
-        return (pid,)
 
 
 class LiveSource:
